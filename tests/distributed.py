@@ -1,0 +1,59 @@
+"""Run a function on N gloo ranks in spawned processes, with a hard timeout so a hang fails the test."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world_size: int, store_path: str, out_dir: str, timeout_s: float,
+            fn: Callable[..., Any], args: tuple) -> None:
+    torch.set_num_threads(1)
+    os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"result_{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"error_{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0) -> list[Any]:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the results by rank.
+
+    ``fn`` must be importable (module level). Raises ``RuntimeError`` with every failing rank's
+    traceback, or ``TimeoutError`` (after killing all ranks) when the ranks do not finish in time.
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        store_path = os.path.join(out_dir, "store")
+        context = mp.start_processes(_worker, args=(world_size, store_path, out_dir, timeout_s, fn, args),
+                                     nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not context.join(timeout=0.5):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{world_size} ranks did not finish within {timeout_s:.0f} s")
+        except mp.ProcessRaisedException as error:
+            errors = [open(os.path.join(out_dir, name)).read() for name in sorted(os.listdir(out_dir))
+                      if name.startswith("error_")]
+            raise RuntimeError("\n".join(errors) or str(error)) from None
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+        return [torch.load(os.path.join(out_dir, f"result_{rank}.pt"), weights_only=False)
+                for rank in range(world_size)]
