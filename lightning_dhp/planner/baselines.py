@@ -1,0 +1,72 @@
+"""Static baselines on the same cost model: Megatron-style ring CP with one fixed degree."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from lightning_dhp.planner.cost_model import CostModel, padded_lengths
+from lightning_dhp.planner.dhp import PlannedGroup, _checked, build_plan
+from lightning_dhp.planner.inputs import check_fits, min_degrees
+from lightning_dhp.planner.plan import Plan, PlanError
+from lightning_dhp.planner.rounds import balanced_assignment, lower_bound, minimum_rounds
+
+
+def divisors(number: int) -> list[int]:
+    """All positive divisors of ``number``, ascending."""
+    return [candidate for candidate in range(1, number + 1) if number % candidate == 0]
+
+
+def static_plan(
+    lengths: Sequence[int] | np.ndarray,
+    num_devices: int,
+    tokens_per_device: int,
+    degree: int,
+    cost_model: CostModel | None = None,
+) -> Plan:
+    """Every group has exactly ``degree`` ranks (``num_devices / degree`` groups per round).
+
+    Samples go heaviest first to the least-loaded group slot with memory left, over the fewest
+    rounds that hold them. ``degree`` must divide ``num_devices``.
+    """
+    lengths_array, num_devices, tokens_per_device, _ = _checked(lengths, num_devices, tokens_per_device, None)
+    valid = divisors(num_devices)
+    if isinstance(degree, bool) or not isinstance(degree, int | np.integer) or degree not in valid:
+        raise PlanError(f"degree={degree!r} does not divide num_devices={num_devices}; use one of {valid}")
+    degree = int(degree)
+    cost = cost_model or CostModel.default()
+    min_degree = min_degrees(lengths_array, tokens_per_device)
+    check_fits(lengths_array, min_degree, num_devices, tokens_per_device)
+    padded = padded_lengths(lengths_array, degree)
+    too_long = np.flatnonzero(padded > degree * tokens_per_device)
+    if too_long.size:
+        index = int(too_long[0])
+        fitting = [d for d in valid if d >= min_degree[index]]
+        per_device = -(-int(padded[index]) // degree)
+        raise PlanError(
+            f"sample {index} has length {int(lengths_array[index])} tokens and needs {per_device} tokens "
+            f"per device at degree {degree}, over tokens_per_device={tokens_per_device}; use a degree in "
+            f"{fitting} or raise tokens_per_device to >= {per_device}"
+        )
+    groups_per_round = num_devices // degree
+    work = cost.sample_costs(lengths_array, degree)
+    num_rounds = minimum_rounds(padded, num_devices, tokens_per_device)
+    while (
+        slots := balanced_assignment(work, padded, num_rounds * groups_per_round, degree * tokens_per_device)
+    ) is None:
+        num_rounds += 1
+    rounds: list[list[PlannedGroup]] = []
+    for round_index in range(num_rounds):
+        planned = [
+            PlannedGroup(tuple(sorted(members)), degree, position * degree)
+            for position, members in enumerate(
+                slots[round_index * groups_per_round : (round_index + 1) * groups_per_round]
+            )
+            if members
+        ]
+        if planned:
+            rounds.append(planned)
+    fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
+    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, None)
+    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, None, bound)

@@ -1,0 +1,268 @@
+"""Cost model: predicted seconds for one context-parallel group running a bin of samples.
+
+For a group of degree ``d`` holding samples of padded lengths ``P_i`` (see :func:`padded_length`):
+
+    time = overhead
+         + (a * sum P_i^2 + b * sum P_i) / d                          # attention + linear work
+         + [d > 1] * (d - 1) * (1 - overlap) * (step_latency + kv_bytes * sum P_i / d / bandwidth)
+
+The last line is the ring: ``d - 1`` steps, each sending the local K/V shard (``sum P_i / d``
+tokens) to the next rank; ``overlap`` is the fraction hidden behind compute. Groups that cross a
+node boundary use ``inter_node_bytes_per_s``. Every term except the overhead and the per-step
+latency is a sum over samples, so a group's time is ``fixed(d) + sum_i sample_cost(L_i, d)``;
+the planner relies on that to move samples between groups in O(1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def padded_length(length: int, degree: int) -> int:
+    """Tokens a sample of ``length`` occupies at CP degree ``degree`` (zigzag needs 2*degree chunks).
+
+    Degree 1 keeps the length as it is; otherwise the length is rounded up to a multiple of
+    ``2 * degree``.
+    """
+    if degree == 1:
+        return length
+    chunk = 2 * degree
+    return -(-length // chunk) * chunk
+
+
+def padded_lengths(lengths: np.ndarray, degree: int) -> np.ndarray:
+    """Vectorised :func:`padded_length` over an int64 array."""
+    if degree == 1:
+        return lengths
+    chunk = 2 * degree
+    return -(-lengths // chunk) * chunk
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """Fit quality of :meth:`CostModel.fit` in absolute percent error over the measurements."""
+
+    median_abs_pct_error: float
+    p90_abs_pct_error: float
+    max_abs_pct_error: float
+    num_measurements: int
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Predicted group time in seconds (formula in the module docstring).
+
+    The defaults describe a 7B-class decoder (32 layers, 8 KV heads of 128 dims, bf16) on one
+    H100-class device, forward plus backward: ~6*7e9 FLOP/token at ~400 TFLOP/s for the linear
+    part, causal attention ~1.6e6 FLOP per token pair per layer stack, K/V plus their gradients on
+    the ring (~3 * 128 KiB per token), 100 GB/s inside a node and 25 GB/s across nodes.
+    """
+
+    attention_s_per_token2: float = 2.0e-9
+    linear_s_per_token: float = 1.0e-4
+    overhead_s: float = 5.0e-3
+    ring_step_latency_s: float = 1.0e-3
+    kv_bytes_per_token: float = 3 * 131072.0
+    intra_node_bytes_per_s: float = 100e9
+    inter_node_bytes_per_s: float = 25e9
+    comm_overlap: float = 0.5
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"CostModel.{field.name}={value!r} must be a finite number >= 0")
+        if self.comm_overlap > 1:
+            raise ValueError(f"CostModel.comm_overlap={self.comm_overlap} must lie in [0, 1]")
+        if self.intra_node_bytes_per_s == 0 or self.inter_node_bytes_per_s == 0:
+            raise ValueError("CostModel bandwidths must be > 0 bytes/s")
+
+    @classmethod
+    def default(cls) -> CostModel:
+        """The documented default coefficients (used when a planner call gets no model)."""
+        return cls()
+
+    def fixed_time(self, degree: int, *, crosses_node: bool = False) -> float:
+        """Seconds a group of ``degree`` pays regardless of its samples (overhead + ring latency)."""
+        ring = (degree - 1) * (1.0 - self.comm_overlap) * self.ring_step_latency_s
+        return self.overhead_s + ring
+
+    def _comm_s_per_token(self, degree: int, crosses_node: bool) -> float:
+        if degree == 1:
+            return 0.0
+        bandwidth = self.inter_node_bytes_per_s if crosses_node else self.intra_node_bytes_per_s
+        return (degree - 1) * (1.0 - self.comm_overlap) * self.kv_bytes_per_token / bandwidth
+
+    def sample_costs(self, lengths: np.ndarray, degree: int, *, crosses_node: bool = False) -> np.ndarray:
+        """Each sample's additive share of a degree-``degree`` group's time (float64 seconds)."""
+        padded = padded_lengths(np.asarray(lengths, dtype=np.int64), degree).astype(np.float64)
+        per_token = self.linear_s_per_token + self._comm_s_per_token(degree, crosses_node)
+        return (self.attention_s_per_token2 * padded * padded + per_token * padded) / degree
+
+    def group_time(self, lengths: Iterable[int], degree: int, *, crosses_node: bool = False) -> float:
+        """Predicted seconds for one group of ``degree`` devices running ``lengths`` together."""
+        costs = self.sample_costs(np.fromiter(lengths, dtype=np.int64), degree, crosses_node=crosses_node)
+        return self.fixed_time(degree, crosses_node=crosses_node) + math.fsum(costs)
+
+    def times_over_degrees(
+        self, lengths: np.ndarray, degrees: np.ndarray, *, node_size: int | None = None
+    ) -> np.ndarray:
+        """Group time of the same ``lengths`` at each of ``degrees`` (vectorised).
+
+        ``lengths`` has shape ``(samples,)`` or ``(samples, len(degrees))`` and ``degrees`` any
+        shape broadcasting against it; the sum runs over axis 0. A group larger than
+        ``node_size`` crosses a node and pays the inter-node bandwidth.
+        """
+        degrees = np.asarray(degrees, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.ndim == 1:
+            lengths = lengths.reshape((-1,) + (1,) * degrees.ndim)
+        chunk = 2 * degrees
+        padded = np.where(degrees == 1, lengths, -(-lengths // chunk) * chunk).astype(np.float64)
+        sum_padded = padded.sum(axis=0)
+        sum_squares = (padded * padded).sum(axis=0)
+        return self.times_from_sums(sum_padded, sum_squares, degrees, node_size=node_size)
+
+    def times_from_sums(
+        self,
+        sum_padded: np.ndarray,
+        sum_squares: np.ndarray,
+        degrees: np.ndarray,
+        *,
+        node_size: int | None = None,
+    ) -> np.ndarray:
+        """Group times from the padded token sum and the sum of squared padded lengths."""
+        degrees = np.asarray(degrees, dtype=np.int64)
+        ring_steps = (degrees - 1) * (1.0 - self.comm_overlap)
+        if node_size is None:
+            bandwidth = self.intra_node_bytes_per_s
+        else:
+            bandwidth = np.where(
+                degrees > node_size, self.inter_node_bytes_per_s, self.intra_node_bytes_per_s
+            )
+        per_token = self.linear_s_per_token + ring_steps * self.kv_bytes_per_token / bandwidth
+        work = self.attention_s_per_token2 * sum_squares + per_token * sum_padded
+        return self.overhead_s + ring_steps * self.ring_step_latency_s + work / degrees
+
+    # -- fitting ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _features(lengths: Sequence[int], degree: int) -> list[float]:
+        padded = padded_lengths(np.asarray(lengths, dtype=np.int64), degree).astype(np.float64)
+        tokens_per_rank = padded.sum() / degree
+        ring_steps = degree - 1
+        return [
+            float((padded * padded).sum() / degree),
+            float(tokens_per_rank),
+            1.0,
+            float(ring_steps),
+            float(ring_steps * tokens_per_rank),
+        ]
+
+    @classmethod
+    def fit(
+        cls,
+        measurements: Iterable[tuple[Sequence[int], int, float]],
+        *,
+        base: CostModel | None = None,
+    ) -> tuple[CostModel, FitReport]:
+        """Least-squares fit (non-negative, relative error) from ``(lengths, degree, seconds)``.
+
+        Fits the attention, linear, overhead and (when some degree is > 1) the exposed ring
+        latency and per-token ring cost; the fitted ring terms are stored with ``comm_overlap=0``.
+        Terms the measurements cannot identify (no degree > 1) keep ``base``'s values (default:
+        :meth:`default`). Returns the model and its fit error.
+        """
+        base = base or cls.default()
+        measurements = [
+            (list(lengths), int(degree), float(seconds)) for lengths, degree, seconds in measurements
+        ]
+        rows = [(cls._features(lengths, degree), seconds) for lengths, degree, seconds in measurements]
+        if len(rows) < 3:
+            raise ValueError(f"CostModel.fit needs at least 3 measurements, got {len(rows)}")
+        if any(seconds <= 0 or not math.isfinite(seconds) for _, seconds in rows):
+            raise ValueError("CostModel.fit: every measured time must be a finite number of seconds > 0")
+        features = np.array([row for row, _ in rows])
+        seconds = np.array([s for _, s in rows])
+        active = [0, 1, 2] + ([3, 4] if np.any(features[:, 3] > 0) else [])
+        coefficients = _nonnegative_relative_lstsq(features, seconds, active)
+        if len(active) == 5:
+            per_step_token = coefficients[4]
+            model = dataclasses.replace(
+                base,
+                attention_s_per_token2=coefficients[0],
+                linear_s_per_token=coefficients[1],
+                overhead_s=coefficients[2],
+                ring_step_latency_s=coefficients[3],
+                comm_overlap=0.0,
+                intra_node_bytes_per_s=(
+                    base.kv_bytes_per_token / per_step_token if per_step_token > 0 else 1e18
+                ),
+            )
+        else:
+            model = dataclasses.replace(
+                base,
+                attention_s_per_token2=coefficients[0],
+                linear_s_per_token=coefficients[1],
+                overhead_s=coefficients[2],
+            )
+        predicted = np.array([model.group_time(lengths, degree) for lengths, degree, _ in measurements])
+        errors = np.abs(predicted - seconds) / seconds * 100.0
+        report = FitReport(
+            median_abs_pct_error=float(np.median(errors)),
+            p90_abs_pct_error=float(np.percentile(errors, 90)),
+            max_abs_pct_error=float(errors.max()),
+            num_measurements=len(rows),
+        )
+        return model, report
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        """The coefficients as a JSON object string."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CostModel:
+        """Inverse of :meth:`to_json`; unknown keys are an error naming them."""
+        data: dict[str, Any] = json.loads(text)
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown CostModel field(s) {unknown} in JSON; known fields: {sorted(known)}")
+        return cls(**{key: float(value) for key, value in data.items()})
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`to_json` to ``path``."""
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CostModel:
+        """Read a model written by :meth:`save`."""
+        return cls.from_json(Path(path).read_text())
+
+
+def _nonnegative_relative_lstsq(features: np.ndarray, seconds: np.ndarray, active: list[int]) -> np.ndarray:
+    """Coefficients >= 0 minimising the squared *relative* error; inactive columns stay 0.
+
+    A small active-set loop: solve, pin every negative coefficient to zero, solve again.
+    """
+    coefficients = np.zeros(features.shape[1])
+    weighted = features / seconds[:, None]
+    free = list(active)
+    while free:
+        solution, *_ = np.linalg.lstsq(weighted[:, free], np.ones(len(seconds)), rcond=None)
+        if np.all(solution >= 0):
+            coefficients[free] = solution
+            break
+        free = [column for column, value in zip(free, solution, strict=True) if value > 0]
+    return coefficients

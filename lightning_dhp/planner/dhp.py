@@ -1,0 +1,213 @@
+"""``plan_batch``: the DHP planner for one global batch.
+
+Pipeline per batch: check inputs and minimum degrees; split into the fewest rounds (memory lower
+bound, then one more round at a time if a round cannot be packed), balancing device-seconds; per
+round: size and pack bins (:mod:`.packing`), exact min-max degree allocation with leftover devices
+(:mod:`.allocation`), node-aware placement (:mod:`.placement`), then alternate refinement and
+re-allocation while the round's makespan drops. Everything is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lightning_dhp.planner.allocation import allocate, bin_min_degree, build_table, spend_leftover
+from lightning_dhp.planner.cost_model import CostModel, padded_lengths
+from lightning_dhp.planner.inputs import check_count, check_fits, check_lengths, min_degrees
+from lightning_dhp.planner.packing import RoundProblem, pack_round, refine, size_round
+from lightning_dhp.planner.placement import PlacementFailure, place
+from lightning_dhp.planner.plan import Group, Plan, Round
+from lightning_dhp.planner.rounds import balanced_assignment, device_seconds, lower_bound, minimum_rounds
+
+REFINE_PASSES = 6
+REFINE_STEPS_PER_PASS = 64
+
+
+@dataclass(frozen=True)
+class PlannedGroup:
+    """A group before it becomes a :class:`Group`: global sample indices, degree, first rank."""
+
+    samples: tuple[int, ...]
+    degree: int
+    first_rank: int
+
+
+def plan_batch(
+    lengths: Sequence[int] | np.ndarray,
+    num_devices: int,
+    tokens_per_device: int,
+    cost_model: CostModel | None = None,
+    *,
+    node_size: int | None = None,
+) -> Plan:
+    """Plan one global batch: rounds of context-parallel groups of any degree.
+
+    ``lengths`` are token counts per sample, ``tokens_per_device`` the per-device token capacity
+    (padded tokens, see :func:`padded_length`), ``node_size`` the ranks per node when groups that
+    fit in a node must not cross one. Raises :class:`PlanError` on bad input.
+    """
+    lengths_array, num_devices, tokens_per_device, node_size = _checked(
+        lengths, num_devices, tokens_per_device, node_size
+    )
+    cost = cost_model or CostModel.default()
+    min_degree = min_degrees(lengths_array, tokens_per_device)
+    check_fits(lengths_array, min_degree, num_devices, tokens_per_device)
+    work = device_seconds(lengths_array, min_degree, cost, node_size)
+    fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
+    for num_rounds in range(fewest, len(lengths_array) + 1):
+        assignment = balanced_assignment(work, lengths_array, num_rounds, num_devices * tokens_per_device)
+        if assignment is None:
+            continue
+        planned = [
+            _solve_round(
+                np.array(sorted(members), dtype=np.int64),
+                lengths_array,
+                min_degree,
+                num_devices,
+                tokens_per_device,
+                cost,
+                node_size,
+            )
+            for members in assignment
+        ]
+        if all(groups is not None for groups in planned):
+            break
+    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size)
+    return build_plan(planned, lengths_array, num_devices, tokens_per_device, cost, node_size, bound)
+
+
+def _checked(
+    lengths: Sequence[int] | np.ndarray, num_devices: int, tokens_per_device: int, node_size: int | None
+) -> tuple[np.ndarray, int, int, int | None]:
+    lengths_array = check_lengths(lengths)
+    num_devices = check_count(num_devices, "num_devices", "use at least one device")
+    tokens_per_device = check_count(
+        tokens_per_device, "tokens_per_device", "give each device room for >= 1 token"
+    )
+    if node_size is not None:
+        node_size = check_count(node_size, "node_size", "pass the ranks per node, or None for one flat node")
+    return lengths_array, num_devices, tokens_per_device, node_size
+
+
+def _solve_round(
+    samples: np.ndarray,
+    all_lengths: np.ndarray,
+    all_min_degree: np.ndarray,
+    num_devices: int,
+    tokens_per_device: int,
+    cost: CostModel,
+    node_size: int | None,
+) -> list[PlannedGroup] | None:
+    """Groups of one round (global sample indices), or None if the round cannot be packed."""
+    lengths, min_degree = all_lengths[samples], all_min_degree[samples]
+    bound = lower_bound(lengths, min_degree, num_devices, 1, cost, node_size)
+    problem = RoundProblem(lengths, min_degree, num_devices, tokens_per_device, cost, node_size, bound)
+    sized = size_round(problem)
+    members = pack_round(problem, *sized) if sized is not None else None
+    if members is None:
+        return None
+    best: tuple[float, list[PlannedGroup]] | None = None
+    for _ in range(REFINE_PASSES):
+        members = [bin_members for bin_members in members if bin_members]
+        allocated = _allocate_and_place(problem, members)
+        if allocated is None:
+            break
+        degrees, starts, times = allocated
+        makespan = float(times.max())
+        if best is not None and makespan >= best[0]:
+            break
+        best = (
+            makespan,
+            [
+                PlannedGroup(tuple(sorted(samples[bin_members].tolist())), int(degree), int(start))
+                for bin_members, degree, start in zip(members, degrees.tolist(), starts, strict=True)
+            ],
+        )
+        if not refine(problem, members, degrees, times, REFINE_STEPS_PER_PASS):
+            break
+    return best[1] if best is not None else None
+
+
+def _allocate_and_place(
+    problem: RoundProblem, members: list[list[int]]
+) -> tuple[np.ndarray, list[int], np.ndarray] | None:
+    """Exact degrees (plus leftover devices) and first ranks for fixed bins, or None.
+
+    When node-aware placement fails, the failing bin's degree is capped at the widest free range
+    and the allocation is solved again.
+    """
+    num_devices = problem.num_devices
+    bin_lengths = [problem.lengths[bin_members] for bin_members in members]
+    min_degree = np.array(
+        [
+            bin_min_degree(
+                lengths, problem.tokens_per_device, int(problem.min_degree[bin_members].max()), num_devices
+            )
+            for lengths, bin_members in zip(bin_lengths, members, strict=True)
+        ],
+        dtype=np.int64,
+    )
+    if min_degree.sum() > num_devices:
+        return None
+    max_degree = num_devices - (int(min_degree.sum()) - min_degree)
+    for _ in range(len(members) * num_devices + 1):
+        table = build_table(
+            bin_lengths, min_degree, max_degree, problem.lower_bound, problem.cost, problem.node_size
+        )
+        allocation = allocate(table, num_devices)
+        if allocation is None:
+            return None
+        degrees = spend_leftover(table, allocation[0], num_devices)
+        starts = place(degrees.tolist(), num_devices, problem.node_size)
+        if not isinstance(starts, PlacementFailure):
+            times = np.array([table.time_at(b, d) for b, d in enumerate(degrees.tolist())])
+            return degrees, starts, times
+        if starts.largest_free < min_degree[starts.bin_index]:
+            return None
+        max_degree[starts.bin_index] = min(int(max_degree[starts.bin_index]), starts.largest_free)
+    return None
+
+
+def build_plan(
+    rounds: list[list[PlannedGroup]],
+    lengths: np.ndarray,
+    num_devices: int,
+    tokens_per_device: int,
+    cost: CostModel,
+    node_size: int | None,
+    bound: float,
+) -> Plan:
+    """Turn planned groups into a :class:`Plan`, timing every group with the cost model."""
+    plan_rounds = []
+    for planned in rounds:
+        groups = []
+        for group in sorted(planned, key=lambda planned_group: planned_group.first_rank):
+            group_lengths = lengths[list(group.samples)]
+            last_rank = group.first_rank + group.degree - 1
+            crosses = node_size is not None and group.first_rank // node_size != last_rank // node_size
+            tokens = int(padded_lengths(group_lengths, group.degree).sum())
+            groups.append(
+                Group(
+                    ranks=tuple(range(group.first_rank, last_rank + 1)),
+                    samples=group.samples,
+                    predicted_time=cost.group_time(
+                        group_lengths.tolist(), group.degree, crosses_node=crosses
+                    ),
+                    tokens_per_rank=tokens // group.degree,
+                )
+            )
+        plan_rounds.append(Round(groups=tuple(groups)))
+    predicted = math.fsum(round_.predicted_time for round_ in plan_rounds)
+    return Plan(
+        rounds=tuple(plan_rounds),
+        lengths=tuple(int(length) for length in lengths.tolist()),
+        num_devices=num_devices,
+        tokens_per_device=tokens_per_device,
+        predicted_time=predicted,
+        lower_bound=bound,
+        node_size=node_size,
+    )

@@ -1,0 +1,69 @@
+"""Input checks shared by every planner entry point, and each sample's minimum CP degree."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import numpy as np
+
+from lightning_dhp.planner.plan import PlanError
+
+
+def check_count(value: object, name: str, fix: str) -> int:
+    """``value`` as an int >= 1, or a PlanError naming ``name`` and ``fix``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise PlanError(f"{name}={value!r} must be an integer >= 1; {fix}")
+    return int(value)
+
+
+def check_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Lengths as an int64 array; each must be a positive integer (integral floats are accepted)."""
+    values = list(lengths)
+    if not values:
+        raise PlanError("lengths is empty; pass the token length of at least one sample")
+    for index, value in enumerate(values):
+        is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not is_number or not math.isfinite(value) or value != int(value) or value < 1:
+            raise PlanError(
+                f"sample {index} has length {value!r}; every length must be a positive integer number "
+                f"of tokens (>= 1); drop that sample or fix its length"
+            )
+    return np.array([int(value) for value in values], dtype=np.int64)
+
+
+def min_degrees(lengths: np.ndarray, tokens_per_device: int) -> np.ndarray:
+    """Smallest degree at which each sample fits: padded(L, d) <= d * tokens_per_device.
+
+    Degree 1 needs ``L <= C``. For ``d >= 2`` the padded length is ``2d * ceil(L / 2d)``, so the
+    rule reads ``ceil(L / 2d) <= C // 2``, i.e. ``d >= ceil(L / (2 * (C // 2)))``. With ``C == 1``
+    no degree above 1 fits; such samples get a huge sentinel degree.
+    """
+    half = tokens_per_device // 2
+    if half == 0:
+        multi = np.full(lengths.shape, np.iinfo(np.int64).max // 4, dtype=np.int64)
+    else:
+        multi = np.maximum(2, -(-lengths // (2 * half)))
+    return np.where(lengths <= tokens_per_device, 1, multi)
+
+
+def check_fits(lengths: np.ndarray, degrees: np.ndarray, num_devices: int, tokens_per_device: int) -> None:
+    """PlanError for the first sample whose minimum degree exceeds ``num_devices``."""
+    too_long = np.flatnonzero(degrees > num_devices)
+    if too_long.size == 0:
+        return
+    index = int(too_long[0])
+    length = int(lengths[index])
+    needed_capacity = length if num_devices == 1 else min(length, 2 * -(-length // (2 * num_devices)))
+    if tokens_per_device == 1:
+        needs = "it needs tokens_per_device >= 2 to be split across devices at all"
+        devices_fix = ""
+    else:
+        needs = f"it needs {int(degrees[index])} devices at tokens_per_device={tokens_per_device}"
+        devices_fix = f" or use >= {int(degrees[index])} devices"
+    raise PlanError(
+        f"sample {index} has length {length} tokens and cannot fit even on all num_devices={num_devices} "
+        f"devices ({needs}); raise tokens_per_device to >= {needed_capacity}{devices_fix}, "
+        f"or drop/truncate that sample"
+    )

@@ -1,0 +1,299 @@
+"""Stage 1 of a round: size the groups, pack samples into bins, and refine bin membership.
+
+Sizing: for a makespan ``T`` every sample that cannot run on one device within ``T`` (it needs
+more memory than one device, or its degree-1 time exceeds ``T``) gets a group of its own at the
+fewest devices reaching ``T``; the rest form a pool of degree-1 bins, ``max(ceil(tokens / C),
+ceil(work / (T - overhead)))`` of them. A binary search finds the smallest ``T`` that fits the
+devices. Packing: the singles open their groups, every remaining device becomes a degree-1 bin,
+and the pool samples go longest first to the bin where they finish earliest among those with
+memory left (memory-aware longest-processing-time / best-fit decreasing). Refinement moves or
+swaps samples out of the slowest bin while that strictly shortens it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from lightning_dhp.planner.allocation import build_table
+from lightning_dhp.planner.cost_model import CostModel
+
+
+@dataclass(frozen=True)
+class RoundProblem:
+    """One round's inputs: sample lengths (local positions), their minimum degrees, the limits."""
+
+    lengths: np.ndarray
+    min_degree: np.ndarray
+    num_devices: int
+    tokens_per_device: int
+    cost: CostModel
+    node_size: int | None
+    lower_bound: float
+
+    def padded(self, lengths: np.ndarray, degrees: np.ndarray) -> np.ndarray:
+        chunk = 2 * degrees
+        return np.where(degrees == 1, lengths, -(-lengths // chunk) * chunk)
+
+    def sample_costs(self, lengths: np.ndarray, degrees: np.ndarray) -> np.ndarray:
+        """Additive time share of each length at each degree (broadcasting)."""
+        padded = self.padded(lengths, degrees).astype(np.float64)
+        with_work = self.cost.times_from_sums(padded, padded * padded, degrees, node_size=self.node_size)
+        return with_work - self.cost.times_from_sums(0.0, 0.0, degrees, node_size=self.node_size)
+
+
+def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(single positions, their degrees, pool positions) for the smallest feasible makespan.
+
+    None when even minimum degrees and a memory-full pool need more devices than there are.
+    """
+    lengths, min_degree = problem.lengths, problem.min_degree
+    capacity, overhead = problem.tokens_per_device, problem.cost.overhead_s
+    alone_time = overhead + problem.sample_costs(lengths, np.ones_like(lengths))
+    multi = min_degree > 1
+    candidates = np.flatnonzero(multi | (alone_time > problem.lower_bound))
+    table = build_table(
+        [lengths[i : i + 1] for i in candidates.tolist()],
+        min_degree[candidates],
+        np.full(len(candidates), problem.num_devices, dtype=np.int64),
+        problem.lower_bound,
+        problem.cost,
+        problem.node_size,
+    )
+    entries = np.sort(table.entries()) if len(candidates) else np.zeros(0)
+    multi_devices = int(min_degree[multi].sum())
+    single_pool = np.flatnonzero(~multi)
+    pool_work = alone_time[single_pool] - overhead
+    pool_tokens = lengths[single_pool]
+    # dmin-1 candidates by degree-1 time, longest first: the first k of them leave the pool at T
+    # when k = #{alone_time > T}.
+    leaving = candidates[~multi[candidates]]
+    leaving = leaving[np.argsort(-alone_time[leaving], kind="stable")]
+    leaving_times = -alone_time[leaving]  # ascending for searchsorted
+    work_left = np.concatenate([[0.0], np.cumsum(alone_time[leaving] - overhead)])
+    tokens_left = np.concatenate([[0], np.cumsum(lengths[leaving])])
+    total_work, total_tokens = float(pool_work.sum()), int(pool_tokens.sum())
+
+    def needed(makespan: float) -> float:
+        above = len(entries) - int(np.searchsorted(entries, makespan, side="right"))
+        leaving_count = int(np.searchsorted(leaving_times, -makespan, side="left"))
+        pool_size = len(single_pool) - leaving_count
+        devices = multi_devices + above + leaving_count
+        if pool_size:
+            work = total_work - work_left[leaving_count]
+            tokens = total_tokens - int(tokens_left[leaving_count])
+            if makespan <= overhead:
+                return math.inf
+            devices += max(1, -(-tokens // capacity), math.ceil(work / (makespan - overhead) - 1e-9))
+        return devices
+
+    low = max(problem.lower_bound, table.floor_time() if len(candidates) else 0.0)
+    if needed(math.inf) > problem.num_devices:
+        return None
+    high = max(low, 1e-9) * 2
+    while needed(high) > problem.num_devices:
+        high *= 2
+    if needed(low) <= problem.num_devices:
+        high = low
+    for _ in range(100):
+        if high - low <= 1e-9 * high:
+            break
+        middle = 0.5 * (low + high)
+        if needed(middle) <= problem.num_devices:
+            high = middle
+        else:
+            low = middle
+    makespan = high
+    single_degrees = table.degrees_at(makespan) if len(candidates) else np.zeros(0, dtype=np.int64)
+    is_single = multi[candidates] | (alone_time[candidates] > makespan)
+    singles = candidates[is_single]
+    in_pool = np.ones(len(lengths), dtype=bool)
+    in_pool[singles] = False
+    return singles, single_degrees[is_single], np.flatnonzero(in_pool)
+
+
+def pack_round(
+    problem: RoundProblem, singles: np.ndarray, single_degrees: np.ndarray, pool: np.ndarray
+) -> list[list[int]] | None:
+    """Bins (lists of local positions): one per single, plus degree-1 bins for the pool samples.
+
+    Pool samples go longest first to the bin that finishes earliest with them among those with
+    memory left. None when some sample fits no bin.
+    """
+    capacity = problem.tokens_per_device
+    pool_bins = min(problem.num_devices - int(single_degrees.sum()), len(pool))
+    if len(pool) and pool_bins < 1:
+        return None
+    degrees = np.concatenate([single_degrees, np.ones(pool_bins, dtype=np.int64)]).astype(np.int64)
+    members: list[list[int]] = [[int(position)] for position in singles.tolist()] + [
+        [] for _ in range(pool_bins)
+    ]
+    tokens = problem.padded(problem.lengths[singles], single_degrees).tolist() + [0] * pool_bins
+    times = (
+        problem.cost.times_from_sums(0.0, 0.0, degrees, node_size=problem.node_size)
+        + np.concatenate(
+            [problem.sample_costs(problem.lengths[singles], single_degrees), np.zeros(pool_bins)]
+        )
+    ).tolist()
+    classes = np.unique(degrees).tolist()
+    heaps: dict[int, list[tuple[float, int]]] = {degree: [] for degree in classes}
+    for bin_index, degree in enumerate(degrees.tolist()):
+        heaps[degree].append((times[bin_index], bin_index))
+    for heap in heaps.values():
+        heapq.heapify(heap)
+    pool_costs = problem.sample_costs(problem.lengths[pool][:, None], np.array(classes)[None, :])
+    pool_padded = problem.padded(problem.lengths[pool][:, None], np.array(classes)[None, :])
+    order = np.lexsort((pool, -pool_costs[:, 0]))
+    smallest_left = np.minimum.accumulate(problem.lengths[pool][order][::-1])[::-1]
+    for rank_in_order, item in enumerate(order.tolist()):
+        best: tuple[float, int, int] | None = None  # (finish time, class position, bin)
+        for class_position, degree in enumerate(classes):
+            heap = heaps[degree]
+            need = int(pool_padded[item, class_position])
+            skipped = []
+            while heap:
+                entry_time, candidate = heap[0]
+                if entry_time != times[candidate]:
+                    heapq.heappop(heap)  # stale: the bin has grown since this entry was pushed
+                elif tokens[candidate] + need > degree * capacity:
+                    heapq.heappop(heap)
+                    if capacity * degree - tokens[candidate] >= smallest_left[rank_in_order]:
+                        skipped.append((entry_time, candidate))  # may still take a shorter sample
+                else:
+                    break
+            if heap:
+                finish = heap[0][0] + float(pool_costs[item, class_position])
+                if best is None or finish < best[0]:
+                    best = (finish, class_position, heap[0][1])
+            for entry in skipped:
+                heapq.heappush(heap, entry)
+        if best is None:
+            return None
+        finish, class_position, bin_index = best
+        times[bin_index] = finish
+        tokens[bin_index] += int(pool_padded[item, class_position])
+        members[bin_index].append(int(pool[item]))
+        heapq.heappush(heaps[classes[class_position]], (finish, bin_index))
+    return [bin_members for bin_members in members if bin_members]
+
+
+def refine(
+    problem: RoundProblem, members: list[list[int]], degrees: np.ndarray, times: np.ndarray, max_steps: int
+) -> bool:
+    """Move or swap samples out of the slowest bin while that strictly shortens it (in place).
+
+    Degrees stay fixed; ``members`` and ``times`` are updated. Returns whether anything moved.
+    Each accepted step lowers the larger of the two touched bins' times, so it cannot cycle.
+    """
+    capacity = problem.tokens_per_device
+    lengths = problem.lengths
+    classes, bin_class = np.unique(degrees, return_inverse=True)
+    owner = np.empty(len(lengths), dtype=np.int64)
+    for bin_index, bin_members in enumerate(members):
+        owner[bin_members] = bin_index
+    sample_costs = problem.sample_costs(lengths[:, None], classes[None, :])  # (samples, classes)
+    sample_padded = problem.padded(lengths[:, None], classes[None, :])
+    own_cost = sample_costs[np.arange(len(lengths)), bin_class[owner]]
+    own_padded = sample_padded[np.arange(len(lengths)), bin_class[owner]]
+    tokens = np.bincount(owner, weights=own_padded, minlength=len(members)).astype(np.int64)
+    limits = degrees * capacity
+    moved = False
+    for _ in range(max_steps):
+        slowest = int(np.argmax(times))
+        here = np.array(members[slowest], dtype=np.int64)
+        relieved = times[slowest] - own_cost[here]  # slowest bin's time without each member
+        # single moves: member s -> bin g
+        arrive = times[None, :] + sample_costs[here][:, bin_class]
+        room = tokens[None, :] + sample_padded[here][:, bin_class] <= limits[None, :]
+        room[:, slowest] = False
+        score = np.where(room, np.maximum(relieved[:, None], arrive), np.inf)
+        position = int(np.argmin(score))
+        s_row, target = divmod(position, len(members))
+        best_score = score[s_row, target]
+        swap_with = -1
+        # swaps: member s <-> sample t of another bin
+        others = np.flatnonzero(owner != slowest)
+        if others.size:
+            slow_class = bin_class[slowest]
+            to_slow = sample_costs[others, slow_class]
+            to_slow_padded = sample_padded[others, slow_class]
+            other_bins = owner[others]
+            slow_after = relieved[:, None] + to_slow[None, :]
+            other_after = (times[other_bins] - own_cost[others])[None, :] + sample_costs[here][
+                :, bin_class[other_bins]
+            ]
+            fits_slow = (
+                tokens[slowest] - own_padded[here][:, None] + to_slow_padded[None, :] <= limits[slowest]
+            )
+            fits_other = (tokens[other_bins] - own_padded[others])[None, :] + sample_padded[here][
+                :, bin_class[other_bins]
+            ] <= limits[other_bins][None, :]
+            swap_score = np.where(fits_slow & fits_other, np.maximum(slow_after, other_after), np.inf)
+            swap_position = int(np.argmin(swap_score))
+            swap_row, swap_column = divmod(swap_position, len(others))
+            if swap_score[swap_row, swap_column] < best_score:
+                best_score = swap_score[swap_row, swap_column]
+                s_row, swap_with = swap_row, int(others[swap_column])
+                target = int(owner[swap_with])
+        if not best_score < times[slowest] * (1 - 1e-12):
+            break
+        sample = int(here[s_row])
+        _transfer(
+            sample,
+            slowest,
+            target,
+            members,
+            owner,
+            times,
+            tokens,
+            own_cost,
+            own_padded,
+            sample_costs,
+            sample_padded,
+            bin_class,
+        )
+        if swap_with >= 0:
+            _transfer(
+                swap_with,
+                target,
+                slowest,
+                members,
+                owner,
+                times,
+                tokens,
+                own_cost,
+                own_padded,
+                sample_costs,
+                sample_padded,
+                bin_class,
+            )
+        moved = True
+    return moved
+
+
+def _transfer(
+    sample: int,
+    source: int,
+    target: int,
+    members: list[list[int]],
+    owner: np.ndarray,
+    times: np.ndarray,
+    tokens: np.ndarray,
+    own_cost: np.ndarray,
+    own_padded: np.ndarray,
+    sample_costs: np.ndarray,
+    sample_padded: np.ndarray,
+    bin_class: np.ndarray,
+) -> None:
+    members[source].remove(sample)
+    members[target].append(sample)
+    times[source] -= own_cost[sample]
+    tokens[source] -= own_padded[sample]
+    owner[sample] = target
+    own_cost[sample] = sample_costs[sample, bin_class[target]]
+    own_padded[sample] = sample_padded[sample, bin_class[target]]
+    times[target] += own_cost[sample]
+    tokens[target] += own_padded[sample]

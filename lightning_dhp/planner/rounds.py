@@ -1,0 +1,80 @@
+"""Splitting a batch into rounds, the balanced assignment it uses, and the makespan lower bound."""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+from lightning_dhp.planner.cost_model import CostModel
+
+
+def minimum_rounds(lengths: np.ndarray, num_devices: int, tokens_per_device: int) -> int:
+    """Rounds needed by memory alone: every token occupies at least one slot of one device."""
+    return max(1, -(-int(lengths.sum()) // (num_devices * tokens_per_device)))
+
+
+def balanced_assignment(
+    work: np.ndarray, size: np.ndarray, num_bins: int, capacity: int
+) -> list[list[int]] | None:
+    """Items heaviest first to the least-loaded bin with room (LPT); None if one fits nowhere.
+
+    Ties break on the lower item and bin index, so the result is deterministic.
+    """
+    order = np.lexsort((np.arange(len(work)), -work))
+    heap = [(0.0, bin_index) for bin_index in range(num_bins)]
+    used = [0] * num_bins
+    members: list[list[int]] = [[] for _ in range(num_bins)]
+    for item in order.tolist():
+        skipped = []
+        while heap and used[heap[0][1]] + int(size[item]) > capacity:
+            skipped.append(heapq.heappop(heap))
+        if not heap:
+            return None
+        load, bin_index = heapq.heappop(heap)
+        used[bin_index] += int(size[item])
+        members[bin_index].append(item)
+        heapq.heappush(heap, (load + float(work[item]), bin_index))
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+    return members
+
+
+def device_seconds(
+    lengths: np.ndarray, min_degree: np.ndarray, cost: CostModel, node_size: int | None
+) -> np.ndarray:
+    """Lower bound on the device-seconds each sample costs at any degree it can run at.
+
+    ``d * sample_cost(L, d) = a P^2 + (b + ring(d)) P`` with ``P >= L`` and ``ring`` growing in
+    ``d``, so evaluating at ``P = L`` and ``d = min_degree`` bounds it from below.
+    """
+    lengths_f = lengths.astype(np.float64)
+    one_token = cost.times_from_sums(1.0, 0.0, min_degree, node_size=node_size)
+    per_token = (one_token - cost.times_from_sums(0.0, 0.0, min_degree, node_size=node_size)) * min_degree
+    return cost.attention_s_per_token2 * lengths_f * lengths_f + per_token * lengths_f
+
+
+def lower_bound(
+    lengths: np.ndarray,
+    min_degree: np.ndarray,
+    num_devices: int,
+    num_rounds: int,
+    cost: CostModel,
+    node_size: int | None,
+) -> float:
+    """Lower bound on the summed round makespans of any plan with at least ``num_rounds`` rounds.
+
+    ``max(rounds * overhead + total device-seconds / devices, best time of the longest sample
+    + (rounds - 1) * overhead)``: every round pays the overhead, the work has to be spread over at
+    most ``num_devices``, and the longest sample runs somewhere at its fastest degree at best.
+    """
+    spread = (
+        num_rounds * cost.overhead_s
+        + float(device_seconds(lengths, min_degree, cost, node_size).sum()) / num_devices
+    )
+    longest = int(np.argmax(lengths))
+    degrees = np.arange(int(min_degree[longest]), num_devices + 1)
+    fastest = float(
+        cost.times_over_degrees(lengths[longest : longest + 1], degrees, node_size=node_size).min()
+    )
+    return max(spread, fastest + (num_rounds - 1) * cost.overhead_s)
