@@ -1,0 +1,249 @@
+"""cp_attention against a float64 oracle: dense masked attention per sequence, forward and gradients.
+
+All degrees 1..8 run in one spawn of 8 gloo ranks: each partition of the 8 ranks into contiguous groups
+(8 | 7+1 | 6+2 | 5+3 | 4+4 | 3+3+2) runs its groups side by side, for every configuration.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_dhp.attention import ZigzagLayout, blocks, cp_attention
+from lightning_dhp.distributed.context import CPContext, cp_context, require_cp_context
+from tests.distributed import run_distributed
+
+WORLD_SIZE = 8
+PARTITIONS = ((8,), (7, 1), (6, 2), (5, 3), (4, 4), (3, 3, 2))
+# (implementation, group-free ring?, causal, per-sequence calls instead of packed tiles?, dtype, heads)
+CONFIGS = [
+    (implementation, group_free, causal, per_sequence, torch.float64, (4, 2))
+    for (implementation, group_free), causal, per_sequence in itertools.product(
+        [("ring", False), ("ring", True), ("allgather", False)], [True, False], [False, True]
+    )
+] + [("ring", True, causal, False, torch.float32, (2, 2)) for causal in (True, False)]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+HEAD_DIM = 4
+
+
+def packed_lengths(degree: int, seed: int) -> list[int]:
+    """A pack mixing long sequences, sequences shorter than 2 * degree and zero-length ones."""
+    generator = torch.Generator().manual_seed(seed)
+    long = torch.randint(2 * degree, 6 * degree + 9, (2,), generator=generator).tolist()
+    short = torch.randint(1, 2 * degree, (3,), generator=generator).tolist()
+    return [long[0], 0, *short[:2], 4 * degree, long[1], 0, short[2]]
+
+
+def random_inputs(num_tokens: int, heads: tuple[int, int], dtype: torch.dtype, seed: int):
+    """q, k, v and an upstream gradient for the packed batch (same on every rank of a group)."""
+    generator = torch.Generator().manual_seed(seed)
+    heads_q, heads_kv = heads
+    shapes = [
+        (num_tokens, heads_q, HEAD_DIM),
+        (num_tokens, heads_kv, HEAD_DIM),
+        (num_tokens, heads_kv, HEAD_DIM),
+        (num_tokens, heads_q, HEAD_DIM),
+    ]
+    return [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in shapes]
+
+
+def dense_attention(q, k, v, seq_lens, causal, scale=None):
+    """The oracle: float64 softmax attention of each sequence on its own, GQA by repeating k/v heads."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    outputs, start = [], 0
+    for length in seq_lens:
+        rows = slice(start, start + length)
+        start += length
+        scores = torch.einsum("qhd,khd->hqk", q[rows], k[rows].repeat_interleave(groups, 1)) * scale
+        if causal:
+            scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+        outputs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[rows].repeat_interleave(groups, 1)))
+    return torch.cat(outputs)
+
+
+def oracle_with_grads(q, k, v, upstream, seq_lens, causal):
+    """Oracle output and dq, dk, dv for ``upstream``, all in float64."""
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out = dense_attention(*leaves, seq_lens, causal)
+    return (out.detach(), *torch.autograd.grad(out, leaves, upstream.double()))
+
+
+def max_errors(layout, local_results, oracle_results) -> list[float]:
+    """Worst error of each local result against the oracle's shard (padding rows must be exactly 0)."""
+    return [
+        (local.double() - layout.shard(full)).abs().max().item() if local.numel() else 0.0
+        for local, full in zip(local_results, oracle_results, strict=True)
+    ]
+
+
+def run_case(layout, group, ranks, config, seed) -> list[float]:
+    implementation, _, causal, _, dtype, heads = config
+    q, k, v, upstream = random_inputs(sum(layout.seq_lens), heads, dtype, seed)
+    local = [layout.shard(x).requires_grad_() for x in (q, k, v)]
+    out = cp_attention(*local, layout, group, causal=causal, implementation=implementation, ranks=ranks)
+    local_grads = torch.autograd.grad(out, local, layout.shard(upstream, pad_value=5.0))
+    assert out.dtype == dtype
+    return max_errors(
+        layout, [out, *local_grads], oracle_with_grads(q, k, v, upstream, layout.seq_lens, causal)
+    )
+
+
+def _check_all_degrees(rank: int, world_size: int) -> dict[str, list[float]]:
+    errors = {}
+    for partition_index, partition in enumerate(PARTITIONS):
+        starts = [sum(partition[:i]) for i in range(len(partition))]
+        # new_group is collective over the world: every rank creates every group, in order.
+        subgroups = [
+            dist.group.WORLD if degree == world_size else dist.new_group(list(range(start, start + degree)))
+            for start, degree in zip(starts, partition, strict=True)
+            if degree > 1
+        ]
+        group_index = max(i for i, start in enumerate(starts) if start <= rank)
+        degree, position = partition[group_index], rank - starts[group_index]
+        subgroup = subgroups[group_index] if degree > 1 else None
+        ring_ranks = list(range(starts[group_index], starts[group_index] + degree))
+        for config_index, config in enumerate(CONFIGS):
+            implementation, group_free, causal, per_sequence, dtype, heads = config
+            seed = 1000 * partition_index + 100 * group_index + config_index
+            layout = ZigzagLayout(packed_lengths(degree, seed), degree, position)
+            group, ranks = (dist.group.WORLD, ring_ranks) if group_free else (subgroup, None)
+            blocks.SMALL_BLOCK_ROWS = 0 if per_sequence else 64
+            blocks.block_calls.cache_clear()
+            name = (
+                f"degree {degree} (partition {partition}) {implementation} group_free={group_free} "
+                f"causal={causal} per_sequence={per_sequence} {dtype} heads={heads} lens={layout.seq_lens}"
+            )
+            errors[name] = run_case(layout, group, ranks, config, seed)
+    return errors
+
+
+def test_all_degrees_match_the_dense_oracle():
+    results = run_distributed(_check_all_degrees, WORLD_SIZE, timeout_s=240)
+    checked_degrees = set()
+    for rank_errors in results:
+        for name, (out_error, dq_error, dk_error, dv_error) in rank_errors.items():
+            tolerance = TOLERANCE[torch.float32 if "float32" in name else torch.float64]
+            assert max(out_error, dq_error, dk_error, dv_error) < tolerance, (
+                f"{name}: out {out_error:.2e} dq {dq_error:.2e} dk {dk_error:.2e} dv {dv_error:.2e}"
+            )
+            checked_degrees.add(int(name.split()[1]))
+    assert checked_degrees == set(range(1, 9))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kernel", [None, "math"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_local_packed_attention_matches_the_oracle(causal, kernel, dtype):
+    seq_lens = [13, 0, 3, 1, 90, 2, 5, 70]
+    layout = ZigzagLayout(seq_lens, 1, 0)
+    q, k, v, upstream = random_inputs(sum(seq_lens), (4, 2), dtype, seed=7)
+    local = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = cp_attention(*local, layout, causal=causal, kernel=kernel)
+    grads = torch.autograd.grad(out, local, upstream)
+    errors = max_errors(layout, [out, *grads], oracle_with_grads(q, k, v, upstream, seq_lens, causal))
+    assert max(errors) < TOLERANCE[dtype], errors
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_accumulates_in_float32(dtype):
+    seq_lens = [40, 7, 100]
+    q, k, v, _ = random_inputs(sum(seq_lens), (2, 1), dtype, seed=3)
+    out = cp_attention(q, k, v, ZigzagLayout(seq_lens, 1, 0))
+    reference = dense_attention(q.double(), k.double(), v.double(), seq_lens, causal=True)
+    assert out.dtype == dtype
+    # One rounding of the output, not an accumulation of them: within a few ulps of the format.
+    assert (out.double() - reference).abs().max().item() < 4 * torch.finfo(dtype).eps
+
+
+def test_without_layout_or_context_all_rows_are_one_sequence():
+    q, k, v, _ = random_inputs(30, (2, 2), torch.float64, seed=1)
+    expected = dense_attention(q, k, v, [30], causal=False)
+    assert (cp_attention(q, k, v, causal=False) - expected).abs().max() < 1e-12
+
+
+def test_current_context_supplies_the_layout():
+    seq_lens = [5, 9]
+    q, k, v, _ = random_inputs(14, (2, 2), torch.float64, seed=2)
+    context = CPContext(ZigzagLayout(seq_lens, 1, 0), None, (0,))
+    with cp_context(context):
+        out = cp_attention(q, k, v)
+    assert (out - dense_attention(q, k, v, seq_lens, causal=True)).abs().max() < 1e-12
+
+
+def test_required_context_raises_the_strategy_reason():
+    q = torch.zeros(4, 1, 2)
+    with (
+        require_cp_context("attention outside a planned batch"),
+        pytest.raises(RuntimeError, match="attention outside a planned batch"),
+    ):
+        cp_attention(q, q, q)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "kwargs", "message"),
+    [
+        (
+            ((6, 2, 4), (6, 2, 4), (6, 2, 4)),
+            {"layout": ZigzagLayout([3, 4], 1, 0)},
+            r"have 6 rows but ZigzagLayout\(seq_lens=\[3, 4\], degree=1, rank=0\) holds 7",
+        ),
+        (((6, 3, 4), (6, 2, 4), (6, 2, 4)), {}, "q has 3 heads and k/v 2"),
+        (((6, 2, 4), (6, 2, 4), (6, 1, 4)), {}, r"k has shape \(6, 2, 4\) but v has \(6, 1, 4\)"),
+        (((6, 2, 4), (5, 2, 4), (5, 2, 4)), {}, "same number of rows and the same head_dim"),
+        (((6, 8), (6, 2, 4), (6, 2, 4)), {}, r"q has shape \(6, 8\); expected \(T_local, heads, head_dim\)"),
+        (((6, 2, 4),) * 3, {"implementation": "ulysses"}, "unknown implementation 'ulysses'"),
+        (((6, 2, 4),) * 3, {"kernel": "triton"}, "unknown attention kernel 'triton'"),
+        (((4, 2, 4),) * 3, {"layout": ZigzagLayout([8], 2, 0)}, "torch.distributed is not initialised"),
+    ],
+)
+def test_bad_input_is_rejected_with_the_offending_value(shapes, kwargs, message):
+    q, k, v = (torch.zeros(shape) for shape in shapes)
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        cp_attention(q, k, v, **kwargs)
+
+
+def _bad_group_messages(rank: int, world_size: int) -> list[str]:
+    pair = dist.new_group([0, 1])
+    if rank == 2:
+        return []
+    attempts = [
+        {"layout": ZigzagLayout([8], 2, rank)},  # no group
+        {"layout": ZigzagLayout([6], 3, rank), "group": pair},  # degree 3 on a group of 2
+        {"layout": ZigzagLayout([8], 2, 1 - rank), "group": pair},  # layout rank is the other process
+        {"layout": ZigzagLayout([8], 2, rank), "group": pair, "ranks": [1, 0]},  # ranks out of group order
+        {
+            "layout": ZigzagLayout([8], 2, rank),
+            "group": dist.group.WORLD,
+            "ranks": [0, 1],
+            "implementation": "allgather",
+        },  # allgather over part of the world
+        {"layout": ZigzagLayout([8], 2, rank), "group": dist.group.WORLD, "ranks": [0, 0]},
+    ]
+    messages = []
+    for kwargs in attempts:
+        x = torch.zeros(kwargs["layout"].num_local_tokens, 1, 2)
+        try:
+            cp_attention(x, x, x, **kwargs)
+        except ValueError as error:
+            messages.append(str(error))
+        else:
+            messages.append("no error")
+    return messages
+
+
+def test_bad_groups_are_rejected_before_any_communication():
+    messages = run_distributed(_bad_group_messages, 3, timeout_s=60)[0]
+    expected = [
+        "spans 2 ranks and needs their process group",
+        "has degree 3 but the ring has 2 ranks [0, 1]",
+        "this process is global rank 0 but the layout's rank 1 is global rank 1",
+        "ranks=[1, 0] differ from the group's ranks [0, 1]",
+        "implementation='allgather' runs collectives over its group",
+        "must be 2 distinct global ranks",
+    ]
+    for message, fragment in zip(messages, expected, strict=True):
+        assert fragment in message, message
