@@ -18,13 +18,14 @@ import numpy as np
 from lightning_dhp.planner.allocation import allocate, bin_min_degree, build_table, spend_leftover
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
 from lightning_dhp.planner.inputs import check_count, check_fits, check_lengths, min_degrees
-from lightning_dhp.planner.packing import RoundProblem, pack_round, refine, size_round
+from lightning_dhp.planner.packing import RoundProblem, pack_round, size_round
 from lightning_dhp.planner.placement import PlacementFailure, place
 from lightning_dhp.planner.plan import Group, Plan, Round
+from lightning_dhp.planner.refine import Refiner
 from lightning_dhp.planner.rounds import balanced_assignment, device_seconds, lower_bound, minimum_rounds
 
-REFINE_PASSES = 6
-REFINE_STEPS_PER_PASS = 64
+REFINE_PASSES = 8
+REFINE_STEP_BUDGET = 4096  # refinement steps per round: this over the round's samples, within [4, 64]
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def plan_batch(
     cost = cost_model or CostModel.default()
     min_degree = min_degrees(lengths_array, tokens_per_device)
     check_fits(lengths_array, min_degree, num_devices, tokens_per_device)
-    work = device_seconds(lengths_array, min_degree, cost, node_size)
+    work = device_seconds(lengths_array, min_degree, cost)
     fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
     for num_rounds in range(fewest, len(lengths_array) + 1):
         assignment = balanced_assignment(work, lengths_array, num_rounds, num_devices * tokens_per_device)
@@ -111,6 +112,7 @@ def _solve_round(
     if members is None:
         return None
     best: tuple[float, list[PlannedGroup]] | None = None
+    steps_left = max(4, min(64, REFINE_STEP_BUDGET // len(samples)))
     for _ in range(REFINE_PASSES):
         members = [bin_members for bin_members in members if bin_members]
         allocated = _allocate_and_place(problem, members)
@@ -127,8 +129,12 @@ def _solve_round(
                 for bin_members, degree, start in zip(members, degrees.tolist(), starts, strict=True)
             ],
         )
-        if not refine(problem, members, degrees, times, REFINE_STEPS_PER_PASS):
+        refiner = Refiner(problem, members, degrees, times)
+        steps = refiner.run(steps_left)
+        steps_left -= steps
+        if steps == 0 or steps_left <= 0:
             break
+        members = refiner.members
     return best[1] if best is not None else None
 
 

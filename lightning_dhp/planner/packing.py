@@ -6,8 +6,8 @@ fewest devices reaching ``T``; the rest form a pool of degree-1 bins, ``max(ceil
 ceil(work / (T - overhead)))`` of them. A binary search finds the smallest ``T`` that fits the
 devices. Packing: the singles open their groups, every remaining device becomes a degree-1 bin,
 and the pool samples go longest first to the bin where they finish earliest among those with
-memory left (memory-aware longest-processing-time / best-fit decreasing). Refinement moves or
-swaps samples out of the slowest bin while that strictly shortens it.
+memory left (memory-aware longest-processing-time / best-fit decreasing). Refinement (:mod:`.refine`)
+then improves bin membership.
 """
 
 from __future__ import annotations
@@ -118,16 +118,17 @@ def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def pack_round(
     problem: RoundProblem, singles: np.ndarray, single_degrees: np.ndarray, pool: np.ndarray
 ) -> list[list[int]] | None:
-    """Bins (lists of local positions): one per single, plus degree-1 bins for the pool samples.
+    """Bins (lists of local positions): one per single, plus degree-1 bins for the pool.
 
     Pool samples go longest first to the bin that finishes earliest with them among those with
     memory left. None when some sample fits no bin.
     """
     capacity = problem.tokens_per_device
+    pool_degree = 1
     pool_bins = min(problem.num_devices - int(single_degrees.sum()), len(pool))
     if len(pool) and pool_bins < 1:
         return None
-    degrees = np.concatenate([single_degrees, np.ones(pool_bins, dtype=np.int64)]).astype(np.int64)
+    degrees = np.concatenate([single_degrees, np.full(pool_bins, pool_degree)]).astype(np.int64)
     members: list[list[int]] = [[int(position)] for position in singles.tolist()] + [
         [] for _ in range(pool_bins)
     ]
@@ -179,121 +180,3 @@ def pack_round(
         heapq.heappush(heaps[classes[class_position]], (finish, bin_index))
     return [bin_members for bin_members in members if bin_members]
 
-
-def refine(
-    problem: RoundProblem, members: list[list[int]], degrees: np.ndarray, times: np.ndarray, max_steps: int
-) -> bool:
-    """Move or swap samples out of the slowest bin while that strictly shortens it (in place).
-
-    Degrees stay fixed; ``members`` and ``times`` are updated. Returns whether anything moved.
-    Each accepted step lowers the larger of the two touched bins' times, so it cannot cycle.
-    """
-    capacity = problem.tokens_per_device
-    lengths = problem.lengths
-    classes, bin_class = np.unique(degrees, return_inverse=True)
-    owner = np.empty(len(lengths), dtype=np.int64)
-    for bin_index, bin_members in enumerate(members):
-        owner[bin_members] = bin_index
-    sample_costs = problem.sample_costs(lengths[:, None], classes[None, :])  # (samples, classes)
-    sample_padded = problem.padded(lengths[:, None], classes[None, :])
-    own_cost = sample_costs[np.arange(len(lengths)), bin_class[owner]]
-    own_padded = sample_padded[np.arange(len(lengths)), bin_class[owner]]
-    tokens = np.bincount(owner, weights=own_padded, minlength=len(members)).astype(np.int64)
-    limits = degrees * capacity
-    moved = False
-    for _ in range(max_steps):
-        slowest = int(np.argmax(times))
-        here = np.array(members[slowest], dtype=np.int64)
-        relieved = times[slowest] - own_cost[here]  # slowest bin's time without each member
-        # single moves: member s -> bin g
-        arrive = times[None, :] + sample_costs[here][:, bin_class]
-        room = tokens[None, :] + sample_padded[here][:, bin_class] <= limits[None, :]
-        room[:, slowest] = False
-        score = np.where(room, np.maximum(relieved[:, None], arrive), np.inf)
-        position = int(np.argmin(score))
-        s_row, target = divmod(position, len(members))
-        best_score = score[s_row, target]
-        swap_with = -1
-        # swaps: member s <-> sample t of another bin
-        others = np.flatnonzero(owner != slowest)
-        if others.size:
-            slow_class = bin_class[slowest]
-            to_slow = sample_costs[others, slow_class]
-            to_slow_padded = sample_padded[others, slow_class]
-            other_bins = owner[others]
-            slow_after = relieved[:, None] + to_slow[None, :]
-            other_after = (times[other_bins] - own_cost[others])[None, :] + sample_costs[here][
-                :, bin_class[other_bins]
-            ]
-            fits_slow = (
-                tokens[slowest] - own_padded[here][:, None] + to_slow_padded[None, :] <= limits[slowest]
-            )
-            fits_other = (tokens[other_bins] - own_padded[others])[None, :] + sample_padded[here][
-                :, bin_class[other_bins]
-            ] <= limits[other_bins][None, :]
-            swap_score = np.where(fits_slow & fits_other, np.maximum(slow_after, other_after), np.inf)
-            swap_position = int(np.argmin(swap_score))
-            swap_row, swap_column = divmod(swap_position, len(others))
-            if swap_score[swap_row, swap_column] < best_score:
-                best_score = swap_score[swap_row, swap_column]
-                s_row, swap_with = swap_row, int(others[swap_column])
-                target = int(owner[swap_with])
-        if not best_score < times[slowest] * (1 - 1e-12):
-            break
-        sample = int(here[s_row])
-        _transfer(
-            sample,
-            slowest,
-            target,
-            members,
-            owner,
-            times,
-            tokens,
-            own_cost,
-            own_padded,
-            sample_costs,
-            sample_padded,
-            bin_class,
-        )
-        if swap_with >= 0:
-            _transfer(
-                swap_with,
-                target,
-                slowest,
-                members,
-                owner,
-                times,
-                tokens,
-                own_cost,
-                own_padded,
-                sample_costs,
-                sample_padded,
-                bin_class,
-            )
-        moved = True
-    return moved
-
-
-def _transfer(
-    sample: int,
-    source: int,
-    target: int,
-    members: list[list[int]],
-    owner: np.ndarray,
-    times: np.ndarray,
-    tokens: np.ndarray,
-    own_cost: np.ndarray,
-    own_padded: np.ndarray,
-    sample_costs: np.ndarray,
-    sample_padded: np.ndarray,
-    bin_class: np.ndarray,
-) -> None:
-    members[source].remove(sample)
-    members[target].append(sample)
-    times[source] -= own_cost[sample]
-    tokens[source] -= own_padded[sample]
-    owner[sample] = target
-    own_cost[sample] = sample_costs[sample, bin_class[target]]
-    own_padded[sample] = sample_padded[sample, bin_class[target]]
-    times[target] += own_cost[sample]
-    tokens[target] += own_padded[sample]

@@ -40,18 +40,17 @@ def balanced_assignment(
     return members
 
 
-def device_seconds(
-    lengths: np.ndarray, min_degree: np.ndarray, cost: CostModel, node_size: int | None
-) -> np.ndarray:
+def device_seconds(lengths: np.ndarray, min_degree: np.ndarray, cost: CostModel) -> np.ndarray:
     """Lower bound on the device-seconds each sample costs at any degree it can run at.
 
-    ``d * sample_cost(L, d) = a P^2 + (b + ring(d)) P`` with ``P >= L`` and ``ring`` growing in
-    ``d``, so evaluating at ``P = L`` and ``d = min_degree`` bounds it from below.
+    ``d * sample_cost(L, d) = a P^2 + (b + ring(d)) P`` with ``P >= L`` and
+    ``ring(d) = (d - 1) (1 - overlap) kv_bytes / bandwidth``, which is smallest at ``min_degree``
+    with the faster of the two bandwidths.
     """
     lengths_f = lengths.astype(np.float64)
-    one_token = cost.times_from_sums(1.0, 0.0, min_degree, node_size=node_size)
-    per_token = (one_token - cost.times_from_sums(0.0, 0.0, min_degree, node_size=node_size)) * min_degree
-    return cost.attention_s_per_token2 * lengths_f * lengths_f + per_token * lengths_f
+    bandwidth = max(cost.intra_node_bytes_per_s, cost.inter_node_bytes_per_s)
+    ring = (min_degree - 1) * (1.0 - cost.comm_overlap) * cost.kv_bytes_per_token / bandwidth
+    return cost.attention_s_per_token2 * lengths_f * lengths_f + (cost.linear_s_per_token + ring) * lengths_f
 
 
 def lower_bound(
@@ -69,8 +68,7 @@ def lower_bound(
     most ``num_devices``, and the longest sample runs somewhere at its fastest degree at best.
     """
     spread = (
-        num_rounds * cost.overhead_s
-        + float(device_seconds(lengths, min_degree, cost, node_size).sum()) / num_devices
+        num_rounds * cost.overhead_s + float(device_seconds(lengths, min_degree, cost).sum()) / num_devices
     )
     longest = int(np.argmax(lengths))
     degrees = np.arange(int(min_degree[longest]), num_devices + 1)

@@ -1,0 +1,103 @@
+"""Exact optimum of a one-round plan by integer programming (scipy HiGHS; tests/benchmarks only).
+
+Slots: ``floor(N / d)`` candidate groups of every degree ``d``. Binary ``x[i, s]`` puts sample ``i``
+in slot ``s``, binary ``y[s]`` opens slot ``s``; minimise the makespan ``T`` subject to: every
+sample in one slot, only open slots hold samples, per-slot padded memory ``<= d * C``, per-slot
+time ``fixed(d) y[s] + sum_i cost_i(d) x[i, s] <= T``, and ``sum_s d y[s] <= N``. Group times use the
+same additive decomposition as the planner (a group larger than ``node_size`` pays inter-node
+bandwidth; placement itself is not modelled), so the optimum is comparable with
+``plan_batch(...).predicted_time`` for batches that fit in one round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from lightning_dhp.planner.cost_model import CostModel, padded_lengths
+
+
+def ilp_optimum(
+    lengths: Sequence[int],
+    num_devices: int,
+    tokens_per_device: int,
+    cost_model: CostModel | None = None,
+    *,
+    node_size: int | None = None,
+    time_limit_s: float = 30.0,
+) -> float | None:
+    """Minimum one-round makespan in seconds, or None if no one-round plan exists (or timeout)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import lil_matrix
+
+    cost = cost_model or CostModel.default()
+    lengths_array = np.asarray(lengths, dtype=np.int64)
+    num_samples = len(lengths_array)
+    slot_degrees = [d for d in range(1, num_devices + 1) for _ in range(min(num_devices // d, num_samples))]
+    num_slots = len(slot_degrees)
+    num_x = num_samples * num_slots
+    num_vars = num_x + num_slots + 1  # x (sample-major), y, T
+
+    def x_index(sample: int, slot: int) -> int:
+        return sample * num_slots + slot
+
+    rows: list[tuple[dict[int, float], float, float]] = []
+    for sample in range(num_samples):
+        rows.append(({x_index(sample, slot): 1.0 for slot in range(num_slots)}, 1.0, 1.0))
+    for slot, degree in enumerate(slot_degrees):
+        degrees = np.array([degree])
+        padded = padded_lengths(lengths_array, degree)
+        zeros = np.zeros(1)
+        fixed = float(cost.times_from_sums(zeros, zeros, degrees, node_size=node_size)[0])
+        costs = (
+            cost.times_from_sums(
+                padded.astype(np.float64),
+                padded.astype(np.float64) ** 2,
+                np.full(num_samples, degree),
+                node_size=node_size,
+            )
+            - fixed
+        )
+        y = num_x + slot
+        memory = {x_index(sample, slot): float(padded[sample]) for sample in range(num_samples)}
+        memory[y] = -float(degree * tokens_per_device)
+        rows.append((memory, -np.inf, 0.0))
+        timing = {x_index(sample, slot): float(costs[sample]) for sample in range(num_samples)}
+        timing[y] = fixed
+        timing[num_vars - 1] = -1.0
+        rows.append((timing, -np.inf, 0.0))
+        for sample in range(num_samples):
+            rows.append(({x_index(sample, slot): 1.0, y: -1.0}, -np.inf, 0.0))
+        if slot + 1 < num_slots and slot_degrees[slot + 1] == degree:
+            rows.append(({y + 1: 1.0, y: -1.0}, -np.inf, 0.0))  # symmetry: open slots of a degree in order
+    rows.append(
+        (
+            {num_x + slot: float(degree) for slot, degree in enumerate(slot_degrees)},
+            -np.inf,
+            float(num_devices),
+        )
+    )
+    matrix = lil_matrix((len(rows), num_vars))
+    lower = np.empty(len(rows))
+    upper = np.empty(len(rows))
+    for row_index, (coefficients, row_lower, row_upper) in enumerate(rows):
+        for column, value in coefficients.items():
+            matrix[row_index, column] = value
+        lower[row_index], upper[row_index] = row_lower, row_upper
+    objective = np.zeros(num_vars)
+    objective[-1] = 1.0
+    integrality = np.ones(num_vars)
+    integrality[-1] = 0
+    var_upper = np.ones(num_vars)
+    var_upper[-1] = np.inf
+    result = milp(
+        objective,
+        constraints=LinearConstraint(matrix.tocsr(), lower, upper),
+        integrality=integrality,
+        bounds=Bounds(np.zeros(num_vars), var_upper),
+        options={"time_limit": time_limit_s, "mip_rel_gap": 1e-6},
+    )
+    if result.status != 0 or result.x is None:
+        return None
+    return float(result.x[-1])

@@ -1,0 +1,178 @@
+"""Refinement: local moves that shorten the slowest bin of a round, degrees held fixed.
+
+Three moves, each evaluated for every candidate at once with numpy:
+- move one sample of the slowest bin to another bin with memory left;
+- swap one sample of the slowest bin with a sample of another bin;
+- merge the slowest bin with another bin (degrees add up), which averages their per-device work
+  (work inside a group divides evenly over its ranks, so this is how the slowest bin borrows the
+  spare time of a fast one).
+The best move is taken when it makes both touched bins faster than the slowest bin was; this
+strictly shrinks the largest touched time, so the search cannot cycle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lightning_dhp.planner.packing import RoundProblem
+
+IMPROVEMENT = 1 - 1e-12
+SWAP_PARTNER_BINS = 16  # swaps look at the samples of this many fastest bins
+
+
+class Refiner:
+    """Mutable bins of one round: members, degree, time and padded tokens per bin."""
+
+    def __init__(
+        self, problem: RoundProblem, members: list[list[int]], degrees: np.ndarray, times: np.ndarray
+    ):
+        self.problem = problem
+        self.members = [list(bin_members) for bin_members in members]
+        self.degree = degrees.astype(np.int64).copy()
+        self.times = times.astype(np.float64).copy()
+        self.owner = np.empty(len(problem.lengths), dtype=np.int64)
+        for bin_index, bin_members in enumerate(self.members):
+            self.owner[bin_members] = bin_index
+        self._class_of = np.full(problem.num_devices + 1, -1, dtype=np.int64)
+        self._costs = np.zeros((0, len(problem.lengths)))
+        self._padded = np.zeros((0, len(problem.lengths)), dtype=np.int64)
+        self.own_cost, self.own_padded = self._at_degrees(
+            np.arange(len(problem.lengths)), self.degree[self.owner]
+        )
+        self.tokens = np.bincount(self.owner, weights=self.own_padded, minlength=len(members)).astype(
+            np.int64
+        )
+
+    def _at_degrees(self, samples: np.ndarray, degrees: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cost and padded length of ``samples[i]`` at ``degrees[i]`` (any broadcastable shapes).
+
+        Every sample's column at a degree is computed once, the first time the degree shows up.
+        """
+        classes = self._class_of[degrees]
+        if (classes < 0).any():
+            missing = np.unique(np.asarray(degrees)[classes < 0])
+            lengths = self.problem.lengths[None, :]
+            self._class_of[missing] = len(self._costs) + np.arange(len(missing))
+            self._costs = np.concatenate([self._costs, self.problem.sample_costs(lengths, missing[:, None])])
+            self._padded = np.concatenate([self._padded, self.problem.padded(lengths, missing[:, None])])
+            classes = self._class_of[degrees]
+        return self._costs[classes, samples], self._padded[classes, samples]
+
+    def run(self, max_steps: int) -> int:
+        """Apply improving moves until none helps or ``max_steps``; returns how many were applied."""
+        for step in range(max_steps):
+            if not self._step():
+                return step
+        return max_steps
+
+    def _step(self) -> bool:
+        alive = self.degree > 0
+        slowest = int(np.argmax(np.where(alive, self.times, -np.inf)))
+        limit = self.times[slowest] * IMPROVEMENT
+        here = np.array(self.members[slowest], dtype=np.int64)
+        relieved = self.times[slowest] - self.own_cost[here]
+        candidates = [
+            self._best_move(slowest, here, relieved, alive),
+            self._best_swap(slowest, here, relieved, alive),
+            self._best_merge(slowest, here, alive),
+        ]
+        score, action = min(candidates, key=lambda candidate: candidate[0])
+        if not score < limit:
+            return False
+        action()
+        return True
+
+    def _best_move(self, slowest: int, here: np.ndarray, relieved: np.ndarray, alive: np.ndarray):
+        costs, padded = self._at_degrees(here[:, None], np.maximum(self.degree, 1)[None, :])
+        arrive = self.times[None, :] + costs
+        room = (
+            self.tokens[None, :] + padded <= self.degree[None, :] * self.problem.tokens_per_device
+        ) & alive
+        room[:, slowest] = False
+        score = np.where(room, np.maximum(relieved[:, None], arrive), np.inf)
+        row, target = np.unravel_index(int(np.argmin(score)), score.shape)
+        return float(score[row, target]), lambda: self._transfer(int(here[row]), int(target))
+
+    def _best_swap(self, slowest: int, here: np.ndarray, relieved: np.ndarray, alive: np.ndarray):
+        partners = np.flatnonzero(alive)
+        partners = partners[partners != slowest]
+        if len(partners) > SWAP_PARTNER_BINS:
+            fastest = np.argpartition(self.times[partners], SWAP_PARTNER_BINS - 1)[:SWAP_PARTNER_BINS]
+            partners = partners[fastest]
+        others = np.flatnonzero(np.isin(self.owner, partners))
+        if not others.size:
+            return np.inf, None
+        capacity = self.problem.tokens_per_device
+        other_bins = self.owner[others]
+        to_slow_cost, to_slow_padded = self._at_degrees(others, self.degree[slowest])
+        to_other_cost, to_other_padded = self._at_degrees(here[:, None], self.degree[other_bins][None, :])
+        slow_after = relieved[:, None] + to_slow_cost[None, :]
+        other_after = (self.times[other_bins] - self.own_cost[others])[None, :] + to_other_cost
+        slow_tokens = self.tokens[slowest] - self.own_padded[here][:, None] + to_slow_padded[None, :]
+        other_tokens = (self.tokens[other_bins] - self.own_padded[others])[None, :] + to_other_padded
+        fits = (slow_tokens <= self.degree[slowest] * capacity) & (
+            other_tokens <= (self.degree[other_bins] * capacity)[None, :]
+        )
+        score = np.where(fits, np.maximum(slow_after, other_after), np.inf)
+        row, column = np.unravel_index(int(np.argmin(score)), score.shape)
+
+        def swap() -> None:
+            partner = int(others[column])
+            target = int(self.owner[partner])
+            self._transfer(int(here[row]), target)
+            self._transfer(partner, slowest)
+
+        return float(score[row, column]), swap
+
+    def _best_merge(self, slowest: int, here: np.ndarray, alive: np.ndarray):
+        problem = self.problem
+        merged_degree = self.degree[slowest] + self.degree
+        merged_degree[slowest] = self.degree[slowest]  # not a candidate; keeps the degree in range
+        others = np.flatnonzero(self.owner != slowest)
+        _, other_padded = self._at_degrees(others, merged_degree[self.owner[others]])
+        other_padded = other_padded.astype(np.float64)
+        bins = len(self.degree)
+        sum_padded = np.bincount(self.owner[others], weights=other_padded, minlength=bins).astype(np.float64)
+        sum_squares = np.bincount(self.owner[others], weights=other_padded**2, minlength=bins).astype(
+            np.float64
+        )
+        _, here_padded = self._at_degrees(here[:, None], merged_degree[None, :])
+        here_padded = here_padded.astype(np.float64)
+        sum_padded += here_padded.sum(axis=0)
+        sum_squares += (here_padded**2).sum(axis=0)
+        merged = problem.cost.times_from_sums(
+            sum_padded, sum_squares, merged_degree, node_size=problem.node_size
+        )
+        feasible = alive & (sum_padded <= merged_degree * problem.tokens_per_device)
+        feasible[slowest] = False
+        score = np.where(feasible, merged, np.inf)
+        partner = int(np.argmin(score))
+
+        def merge() -> None:
+            for sample in list(self.members[partner]):
+                self.owner[sample] = slowest
+            self.members[slowest].extend(self.members[partner])
+            self.members[partner] = []
+            self.degree[slowest] += self.degree[partner]
+            self.degree[partner] = 0
+            self.times[partner] = -np.inf
+            self.tokens[partner] = 0
+            self.times[slowest] = float(score[partner])
+            self.tokens[slowest] = int(sum_padded[partner])
+            self.own_cost[self.members[slowest]], self.own_padded[self.members[slowest]] = self._at_degrees(
+                np.array(self.members[slowest]), self.degree[slowest]
+            )
+
+        return float(score[partner]), merge
+
+    def _transfer(self, sample: int, target: int) -> None:
+        source = int(self.owner[sample])
+        self.members[source].remove(sample)
+        self.members[target].append(sample)
+        self.times[source] -= self.own_cost[sample]
+        self.tokens[source] -= self.own_padded[sample]
+        self.owner[sample] = target
+        cost, padded = self._at_degrees(np.array([sample]), self.degree[target])
+        self.own_cost[sample], self.own_padded[sample] = cost[0], padded[0]
+        self.times[target] += self.own_cost[sample]
+        self.tokens[target] += self.own_padded[sample]
