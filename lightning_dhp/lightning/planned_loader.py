@@ -1,0 +1,210 @@
+"""The DataLoader path of DHP: plan each global batch and collate this rank's rounds.
+
+The sampler yields one request per global batch; the dataset wrapper plans it and loads only the
+samples of this rank's groups. With ``num_workers > 0`` both happen in worker processes, so planning
+and loading overlap the previous step's compute. Every rank plans the same batch with the same
+inputs, so every rank holds the whole plan without any communication.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lightning_dhp.attention import ZigzagLayout
+from lightning_dhp.lightning.collate import (
+    DHPBatchInfo,
+    DHPDataError,
+    check_item,
+    collate_group,
+    count_loss_tokens,
+    empty_batch,
+)
+from lightning_dhp.lightning.sampler import DHPBatchSampler
+from lightning_dhp.planner import CostModel, Plan, PlanError, plan_batch, static_plan
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Everything a rank needs to plan a global batch; identical on every rank but ``rank``."""
+
+    num_devices: int
+    rank: int
+    tokens_per_device: int
+    cost_model: CostModel | None = None
+    node_size: int | None = None
+    skip_bad_samples: bool = False
+    static_degree: int | None = None  # plan like static ring CP: every group has this many ranks
+
+    def plan(self, lengths: Sequence[int]) -> Plan:
+        if self.static_degree is not None:
+            return static_plan(lengths, self.num_devices, self.tokens_per_device, self.static_degree,
+                               self.cost_model)
+        return plan_batch(lengths, self.num_devices, self.tokens_per_device, self.cost_model,
+                          node_size=self.node_size)
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    loader_id: str  # which DHPDataLoader issued it, to track training progress per loader
+    epoch: int
+    position: int  # index of the global batch inside its epoch
+    sample_ids: tuple[int, ...]  # dataset indices of the global batch
+
+
+class PlannedStep:
+    """One global batch as seen by one rank: the whole plan and this rank's collated rounds.
+
+    A plain class on purpose: Lightning's device transfer leaves it alone, and the strategy moves one
+    round at a time to the device so that only one round's tensors are alive there.
+    """
+
+    def __init__(self, request: StepRequest, plan: Plan, rounds: list[dict[str, Any]],
+                 leader_loss_tokens: int, skipped: tuple[int, ...], error: str | None,
+                 planner_seconds: float) -> None:
+        self.request = request
+        self.plan = plan
+        self.rounds = rounds
+        self.leader_loss_tokens = leader_loss_tokens  # loss tokens of the groups this rank leads
+        self.skipped = skipped  # dataset indices dropped as bad samples (skip_bad_samples=True)
+        self.error = error  # a bad sample in this rank's groups; raised on every rank by the strategy
+        self.planner_seconds = planner_seconds
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.plan.lengths)
+
+
+class PlannedDataset(Dataset):
+    """Maps a :class:`StepRequest` to this rank's :class:`PlannedStep`."""
+
+    def __init__(self, dataset: Any, lengths: Sequence[int], config: PlanConfig) -> None:
+        self.dataset = dataset
+        self.lengths = lengths
+        self.config = config
+
+    def __getitem__(self, request: StepRequest) -> PlannedStep:
+        config = self.config
+        started = time.perf_counter()
+        plan = config.plan([self.lengths[i] for i in request.sample_ids])
+        planner_seconds = time.perf_counter() - started
+        rounds: list[dict[str, Any]] = []
+        leader_loss_tokens, skipped, errors = 0, [], []
+        for round_index in range(len(plan.rounds)):
+            group = plan.group_for(round_index, config.rank)
+            items, kept = self._load(tuple(request.sample_ids[s] for s in group.samples), skipped, errors) \
+                if group is not None else ([], ())
+            if items:
+                layout = ZigzagLayout([self.lengths[i] for i in kept], group.degree, group.ranks.index(config.rank))
+                batch, group_ranks = collate_group(items, layout), group.ranks
+            else:  # idle in this round
+                batch, layout = empty_batch(self._template(request))
+                group_ranks = (config.rank,)
+            loss_tokens = count_loss_tokens(items)
+            if config.rank == group_ranks[0]:
+                leader_loss_tokens += loss_tokens
+            batch["dhp"] = DHPBatchInfo(layout=layout, group_ranks=group_ranks, sample_indices=kept,
+                                        round_index=round_index, num_rounds=len(plan.rounds),
+                                        loss_tokens=loss_tokens)
+            rounds.append(batch)
+        error = "\n".join(errors) if errors else None
+        return PlannedStep(request, plan, rounds, leader_loss_tokens, tuple(skipped), error, planner_seconds)
+
+    def _template(self, request: StepRequest) -> dict[str, Any]:
+        """The shortest sample of the batch: its fields shape the empty batch of an idle round."""
+        return self.dataset[min(request.sample_ids, key=lambda i: self.lengths[i])]
+
+    def _load(self, sample_ids: tuple[int, ...], skipped: list[int],
+              errors: list[str]) -> tuple[list[dict[str, Any]], tuple[int, ...]]:
+        items, kept = [], []
+        for index in sample_ids:
+            try:
+                item = self.dataset[index]
+                check_item(item, index, self.lengths[index])
+            except DHPDataError as bad:
+                message = str(bad)
+            except Exception as failure:  # a crash in one rank's loader must not hang the others
+                message = f"loading dataset item {index} failed: {traceback.format_exception_only(failure)[-1].strip()}"
+            else:
+                items.append(item)
+                kept.append(index)
+                continue
+            if self.config.skip_bad_samples:
+                skipped.append(index)
+            else:
+                errors.append(message + " (or pass skip_bad_samples=True to skip and count such samples)")
+        return items, tuple(kept)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+class StepRequests(Sampler[StepRequest]):
+    """Wraps a :class:`DHPBatchSampler`: one :class:`StepRequest` per global batch."""
+
+    def __init__(self, batch_sampler: DHPBatchSampler, loader_id: str) -> None:
+        self.batch_sampler = batch_sampler
+        self.loader_id = loader_id
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[StepRequest]:
+        start = self.batch_sampler.resume_position
+        for offset, batch in enumerate(self.batch_sampler):
+            yield StepRequest(self.loader_id, self.batch_sampler.epoch, start + offset, tuple(batch))
+
+
+def _unbatched(step: PlannedStep) -> PlannedStep:
+    return step
+
+
+def check_fits(lengths: Sequence[int], config: PlanConfig) -> None:
+    """Fail at bind time, naming the dataset index, if the longest sample fits on no group."""
+    longest = max(range(len(lengths)), key=lambda i: lengths[i])
+    try:
+        config.plan([lengths[longest]])
+    except PlanError as error:
+        raise PlanError(f"dataset sample {longest} cannot be trained: {error}") from None
+
+
+class DHPDataLoader(DataLoader):
+    """A DataLoader of :class:`PlannedStep` objects for one rank. Built by the strategy.
+
+    ``trained`` maps a loader id to the last request the strategy finished; the loader's state (saved
+    in Lightning checkpoints) counts batches up to that one, not the ones already prefetched.
+    """
+
+    def __init__(self, dataset: Any, batch_sampler: DHPBatchSampler, config: PlanConfig,
+                 trained: dict[str, StepRequest], **loader_kwargs: Any):
+        if len(batch_sampler.lengths) != len(dataset):
+            raise DHPDataError(
+                f"the sampler has {len(batch_sampler.lengths)} lengths but the dataset has {len(dataset)} items; "
+                "pass one length per dataset item (in dataset order)")
+        check_fits(batch_sampler.lengths, config)
+        self.dhp_batch_sampler = batch_sampler
+        self.plan_config = config
+        self.loader_id = uuid.uuid4().hex
+        self._trained = trained
+        super().__init__(PlannedDataset(dataset, batch_sampler.lengths, config),
+                         sampler=StepRequests(batch_sampler, self.loader_id),
+                         batch_size=None, collate_fn=_unbatched, **loader_kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.dhp_batch_sampler.state_dict()
+        last = self._trained.get(self.loader_id)
+        if last is not None:
+            state.update(epoch=last.epoch, batches_consumed=last.position + 1)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dhp_batch_sampler.load_state_dict(state)

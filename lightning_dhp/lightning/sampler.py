@@ -1,0 +1,79 @@
+"""Global batches of sample indices, identical on every rank, resumable mid-epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+
+class DHPBatchSampler:
+    """Yields global batches (lists of dataset indices), the same on every rank.
+
+    Unlike a DistributedSampler it does not split batches across ranks: the DHP planner decides,
+    per batch, which rank runs which samples. Deterministic in ``(seed, epoch)``; with ``drop_last``
+    the final short batch of an epoch is skipped, otherwise every sample is yielded exactly once per
+    epoch. ``state_dict``/``load_state_dict`` save the position inside the epoch so that a resumed
+    run continues with exactly the batches the uninterrupted run would have seen.
+    """
+
+    def __init__(self, lengths: Sequence[int], global_batch_size: int, *, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False) -> None:
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        if len(lengths) == 0:
+            raise ValueError("lengths is empty: the dataset has no samples to batch")
+        self.lengths = [int(length) for length in lengths]
+        self.global_batch_size = global_batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._batches_consumed = 0  # in the current epoch, by the running iterator
+        self.resume_position = 0  # the batch the next iteration starts at (non-zero after a resume)
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.lengths), self.global_batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch; changes the shuffle order."""
+        if epoch != self.epoch:
+            self.resume_position = 0
+        self.epoch = epoch
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.lengths))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths))
+
+    def batches(self) -> list[list[int]]:
+        """All global batches of the current epoch, in order."""
+        order = self._order().tolist()
+        return [order[start:start + self.global_batch_size] for start in
+                range(0, len(self) * self.global_batch_size, self.global_batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self.resume_position = self.resume_position, 0
+        for position, batch in enumerate(self.batches()[start:], start=start):
+            self._batches_consumed = position + 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_consumed": self._batches_consumed, "seed": self.seed,
+                "num_samples": len(self.lengths), "global_batch_size": self.global_batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_samples"] != len(self.lengths):
+            raise ValueError(
+                f"cannot resume: the checkpoint's sampler saw {state['num_samples']} samples, this dataset "
+                f"has {len(self.lengths)}; resume with the same dataset")
+        if state["global_batch_size"] != self.global_batch_size:
+            raise ValueError(
+                f"cannot resume: the checkpoint used global_batch_size={state['global_batch_size']}, this run "
+                f"uses {self.global_batch_size}; resume with the same global batch size")
+        self.seed = state["seed"]
+        self.epoch = state["epoch"]
+        self._batches_consumed = state["batches_consumed"]
+        self.resume_position = state["batches_consumed"]  # == len(self): the epoch is done

@@ -1,0 +1,113 @@
+"""A tiny causal LM (RoPE, GQA, attention through cp_attention) and its data, for strategy tests.
+
+``TinyLM.reference_loss`` is the oracle: every sample on its own, dense causal attention in plain
+PyTorch, no packing, no planner, no context parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from lightning_dhp import cp_attention, loss_share
+
+VOCAB, HIDDEN, HEADS, KV_HEADS = 32, 16, 4, 2
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    freqs = 1.0 / (10000 ** (torch.arange(half, dtype=x.dtype) / half))
+    angles = positions.to(x.dtype)[:, None] * freqs[None, :]
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    first, second = x[..., :half], x[..., half:]
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.head_dim = HIDDEN // HEADS
+        self.qkv = nn.Linear(HIDDEN, (HEADS + 2 * KV_HEADS) * self.head_dim)
+        self.out = nn.Linear(HIDDEN, HIDDEN)
+        self.mlp = nn.Sequential(nn.Linear(HIDDEN, 2 * HIDDEN), nn.GELU(), nn.Linear(2 * HIDDEN, HIDDEN))
+        self.lm_head = nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention=cp_attention) -> torch.Tensor:
+        x = self.embed(input_ids)
+        q, k, v = self.qkv(x).split([HEADS * self.head_dim, KV_HEADS * self.head_dim, KV_HEADS * self.head_dim], -1)
+        q = rope(q.view(-1, HEADS, self.head_dim), position_ids)
+        k = rope(k.view(-1, KV_HEADS, self.head_dim), position_ids)
+        v = v.view(-1, KV_HEADS, self.head_dim)
+        x = x + self.out(attention(q, k, v).reshape(-1, HIDDEN))
+        x = x + self.mlp(x)
+        return self.lm_head(x)
+
+    def reference_loss(self, samples: list[torch.Tensor]) -> torch.Tensor:
+        """Mean next-token loss over all samples, each run alone with dense causal attention."""
+        total, count = 0.0, 0
+        for tokens in samples:
+            logits = self(tokens, torch.arange(len(tokens)), attention=dense_causal_attention)
+            total = total + F.cross_entropy(logits[:-1], tokens[1:], reduction="sum")
+            count += len(tokens) - 1
+        return total / count
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    repeat = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
+    mask = torch.ones(len(q), len(k), dtype=torch.bool).tril()
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", weights, v)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Random token sequences of the given lengths (deterministic per seed)."""
+
+    def __init__(self, lengths: list[int], seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.lengths = lengths
+        self.samples = [torch.randint(0, VOCAB, (length,), generator=generator) for length in lengths]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.samples[index]}
+
+
+class LMTask(LightningModule):
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = TinyLM().double()
+        self.lr = lr
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self.model(batch["input_ids"], batch["position_ids"])
+        loss_sum = F.cross_entropy(logits, batch["labels"], ignore_index=-100, reduction="sum")
+        return loss_share(loss_sum, batch)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val_loss", self.training_step(batch, batch_idx), reduce_fx="sum", sync_dist=True,
+                 batch_size=1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def reference_training(lengths: list[int], batches: list[list[int]], steps: int, lr: float = 0.1) -> dict:
+    """Plain PyTorch: the same model, optimizer and global batches, one process, no Lightning."""
+    task = LMTask(lr)
+    data = TokenDataset(lengths)
+    optimizer = task.configure_optimizers()
+    for batch in batches[:steps]:
+        optimizer.zero_grad()
+        task.model.reference_loss([data.samples[i] for i in batch]).backward()
+        optimizer.step()
+    return {name: value.detach().clone() for name, value in task.model.state_dict().items()}
