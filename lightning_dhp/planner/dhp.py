@@ -25,6 +25,8 @@ from lightning_dhp.planner.refine import Refiner
 from lightning_dhp.planner.rounds import balanced_assignment, device_seconds, lower_bound, minimum_rounds
 
 REFINE_PASSES = 8
+EXTRA_START_SAMPLES = 32  # rounds up to this many samples also try the uniform-degree starts
+EXTRA_START_DEGREES = (1, 2, 3, 4, 6, 8)
 REFINE_STEP_BUDGET = 4096  # refinement steps per round: this over the round's samples, within [4, 64]
 
 
@@ -103,14 +105,48 @@ def _solve_round(
     cost: CostModel,
     node_size: int | None,
 ) -> list[PlannedGroup] | None:
-    """Groups of one round (global sample indices), or None if the round cannot be packed."""
+    """Groups of one round (global sample indices), or None if the round cannot be packed.
+
+    The sized longest-first packing is the main start; small rounds also try uniform-degree
+    starts (the static layouts), and any round falls back to them when the main packing runs
+    out of memory. The best refined start wins (the first on ties).
+    """
     lengths, min_degree = all_lengths[samples], all_min_degree[samples]
     bound = lower_bound(lengths, min_degree, num_devices, 1, cost, node_size)
     problem = RoundProblem(lengths, min_degree, num_devices, tokens_per_device, cost, node_size, bound)
     sized = size_round(problem)
-    members = pack_round(problem, *sized) if sized is not None else None
-    if members is None:
-        return None
+    main = pack_round(problem, *sized) if sized is not None else None
+    extra = (
+        [d for d in EXTRA_START_DEGREES if d <= num_devices] if len(samples) <= EXTRA_START_SAMPLES else []
+    )
+    fallback = [d for d in range(1, num_devices + 1) if num_devices // d != num_devices // (d + 1)]
+    best: tuple[float, list[PlannedGroup]] | None = None
+    for start in [main, *(_uniform_start(problem, d) for d in (extra if main is not None else fallback))]:
+        if start is None:
+            continue
+        result = _improve(problem, samples, start)
+        if result is not None and (best is None or result[0] < best[0]):
+            best = result
+        if main is None and best is not None:
+            break
+    return best[1] if best is not None else None
+
+
+def _uniform_start(problem: RoundProblem, degree: int) -> list[list[int]] | None:
+    """Bins of one degree: ``num_devices // degree`` of them, filled heaviest sample first."""
+    degrees = np.full(len(problem.lengths), degree, dtype=np.int64)
+    return balanced_assignment(
+        problem.sample_costs(problem.lengths, degrees),
+        problem.padded(problem.lengths, degrees),
+        problem.num_devices // degree,
+        degree * problem.tokens_per_device,
+    )
+
+
+def _improve(
+    problem: RoundProblem, samples: np.ndarray, members: list[list[int]]
+) -> tuple[float, list[PlannedGroup]] | None:
+    """Alternate exact allocation and refinement from one start; the best (makespan, groups)."""
     best: tuple[float, list[PlannedGroup]] | None = None
     steps_left = max(4, min(64, REFINE_STEP_BUDGET // len(samples)))
     for _ in range(REFINE_PASSES):
@@ -135,7 +171,7 @@ def _solve_round(
         if steps == 0 or steps_left <= 0:
             break
         members = refiner.members
-    return best[1] if best is not None else None
+    return best
 
 
 def _allocate_and_place(

@@ -10,6 +10,8 @@ import numpy as np
 
 from lightning_dhp.planner.plan import PlanError
 
+MAX_LENGTH = 2**40  # far beyond any real sample; keeps padded sums and squares exact in int64/float64
+
 
 def check_count(value: object, name: str, fix: str) -> int:
     """``value`` as an int >= 1, or a PlanError naming ``name`` and ``fix``."""
@@ -29,6 +31,11 @@ def check_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
             raise PlanError(
                 f"sample {index} has length {value!r}; every length must be a positive integer number "
                 f"of tokens (>= 1); drop that sample or fix its length"
+            )
+        if value > MAX_LENGTH:
+            raise PlanError(
+                f"sample {index} has length {value!r}, above the supported {MAX_LENGTH} tokens; "
+                f"drop or truncate that sample"
             )
     return np.array([int(value) for value in values], dtype=np.int64)
 

@@ -179,4 +179,3 @@ def pack_round(
         members[bin_index].append(int(pool[item]))
         heapq.heappush(heaps[classes[class_position]], (finish, bin_index))
     return [bin_members for bin_members in members if bin_members]
-

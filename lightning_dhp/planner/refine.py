@@ -5,7 +5,9 @@ Three moves, each evaluated for every candidate at once with numpy:
 - swap one sample of the slowest bin with a sample of another bin;
 - merge the slowest bin with another bin (degrees add up), which averages their per-device work
   (work inside a group divides evenly over its ranks, so this is how the slowest bin borrows the
-  spare time of a fast one).
+  spare time of a fast one);
+- split the slowest bin into two bins whose degrees add up to its own (longest sample first to
+  the side that ends earlier), which saves ring traffic and fixes memory-forced merges.
 The best move is taken when it makes both touched bins faster than the slowest bin was; this
 strictly shrinks the largest touched time, so the search cannot cycle.
 """
@@ -75,6 +77,7 @@ class Refiner:
             self._best_move(slowest, here, relieved, alive),
             self._best_swap(slowest, here, relieved, alive),
             self._best_merge(slowest, here, alive),
+            self._best_split(slowest, here),
         ]
         score, action = min(candidates, key=lambda candidate: candidate[0])
         if not score < limit:
@@ -164,6 +167,58 @@ class Refiner:
             )
 
         return float(score[partner]), merge
+
+    def _best_split(self, slowest: int, here: np.ndarray):
+        """Best two-way split of the slowest bin, all first-part degrees evaluated side by side."""
+        degree = int(self.degree[slowest])
+        if degree < 2 or len(here) < 2:
+            return np.inf, None
+        problem, capacity = self.problem, self.problem.tokens_per_device
+        first = np.arange(1, degree, dtype=np.int64)
+        second = degree - first
+        cost_first, padded_first = self._at_degrees(here[:, None], first[None, :])
+        cost_second, padded_second = self._at_degrees(here[:, None], second[None, :])
+        load_first = problem.cost.times_from_sums(0.0, 0.0, first, node_size=problem.node_size)
+        load_second = problem.cost.times_from_sums(0.0, 0.0, second, node_size=problem.node_size)
+        tokens_first = np.zeros(len(first), dtype=np.int64)
+        tokens_second = np.zeros(len(first), dtype=np.int64)
+        feasible = np.ones(len(first), dtype=bool)
+        to_first = np.zeros((len(here), len(first)), dtype=bool)
+        for row in np.argsort(-problem.lengths[here], kind="stable").tolist():
+            fits_first = tokens_first + padded_first[row] <= first * capacity
+            fits_second = tokens_second + padded_second[row] <= second * capacity
+            ends_first = np.maximum(load_first + cost_first[row], load_second)
+            ends_second = np.maximum(load_first, load_second + cost_second[row])
+            go_first = fits_first & (~fits_second | (ends_first <= ends_second))
+            feasible &= fits_first | fits_second
+            to_first[row] = go_first
+            load_first = np.where(go_first, load_first + cost_first[row], load_first)
+            tokens_first = np.where(go_first, tokens_first + padded_first[row], tokens_first)
+            load_second = np.where(go_first, load_second, load_second + cost_second[row])
+            tokens_second = np.where(go_first, tokens_second, tokens_second + padded_second[row])
+        score = np.where(feasible, np.maximum(load_first, load_second), np.inf)
+        best = int(np.argmin(score))
+
+        def split() -> None:
+            new_bin = len(self.members)
+            kept = here[to_first[:, best]].tolist()
+            leaving = here[~to_first[:, best]].tolist()
+            self.members[slowest] = kept
+            self.members.append(leaving)
+            self.owner[leaving] = new_bin
+            self.degree = np.append(self.degree, second[best])
+            self.degree[slowest] = first[best]
+            self.times = np.append(self.times, load_second[best])
+            self.times[slowest] = load_first[best]
+            self.tokens = np.append(self.tokens, tokens_second[best])
+            self.tokens[slowest] = tokens_first[best]
+            for bin_index, bin_members in ((slowest, kept), (new_bin, leaving)):
+                if bin_members:
+                    self.own_cost[bin_members], self.own_padded[bin_members] = self._at_degrees(
+                        np.array(bin_members), self.degree[bin_index]
+                    )
+
+        return float(score[best]), split
 
     def _transfer(self, sample: int, target: int) -> None:
         source = int(self.owner[sample])
