@@ -70,29 +70,24 @@ def decode(token_ids: Sequence[int] | torch.Tensor) -> str:
 
 
 def render_frame(
-    digit: int, height: int, width: int, noise_std: float, rng: np.random.Generator
+    digit: int, height: int, width: int, noise_std: float, jitter: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """A (3, height, width) float32 frame: ``digit`` in a random colour, scale and offset, plus noise."""
-    scale = int(
-        rng.integers(
-            max(1, min(height // GLYPH_HEIGHT, width // GLYPH_WIDTH) - 1),
-            min(height // GLYPH_HEIGHT, width // GLYPH_WIDTH) + 1,
-        )
-    )
+    """A (3, height, width) float32 frame: ``digit`` as large as fits, near the centre (offset by up to
+    ``jitter`` px), in random light-on-dark colours, plus Gaussian noise."""
+    scale = min(height // GLYPH_HEIGHT, width // GLYPH_WIDTH)
     glyph = GLYPHS[digit].repeat(scale, axis=0).repeat(scale, axis=1)
-    top = int(rng.integers(0, height - glyph.shape[0] + 1))
-    left = int(rng.integers(0, width - glyph.shape[1] + 1))
-    background = rng.uniform(0.0, 0.4, size=(3, 1, 1))
-    ink = rng.uniform(0.6, 1.0, size=(3, 1, 1))
+    top, left = (np.array([height, width]) - glyph.shape) // 2 + rng.integers(-jitter, jitter + 1, size=2)
+    top = int(np.clip(top, 0, height - glyph.shape[0]))
+    left = int(np.clip(left, 0, width - glyph.shape[1]))
+    background = rng.uniform(0.0, 0.25, size=(3, 1, 1))
+    ink = rng.uniform(0.75, 1.0, size=(3, 1, 1))
     mask = np.zeros((height, width), dtype=bool)
     mask[top : top + glyph.shape[0], left : left + glyph.shape[1]] = glyph
     frame = np.where(mask, ink, background) + rng.normal(0.0, noise_std, size=(3, height, width))
     return (frame - 0.5).astype(np.float32)
 
 
-def majority_digits(
-    answer: int, num_frames: int, majority_fraction: float, rng: np.random.Generator
-) -> np.ndarray:
+def majority_digits(answer: int, num_frames: int, majority_fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Digits of ``num_frames`` frames in which ``answer`` appears strictly more often than any other."""
     answer_count = max(1, int(np.ceil(majority_fraction * num_frames)))
     others = (answer + rng.integers(1, 10, size=num_frames - answer_count)) % 10
@@ -119,7 +114,8 @@ class VideoDigits(Dataset):
         max_frames: int | None = 128,
         frame_sizes: Sequence[int] = (16, 24, 32),
         patch_size: int = 8,
-        noise_std: float = 0.15,
+        noise_std: float = 0.1,
+        jitter: int = 1,
         majority_fraction: float = 0.5,
         questions: Sequence[str] = ("most", "last"),
         durations_s: Sequence[float] | np.ndarray | None = None,
@@ -128,9 +124,7 @@ class VideoDigits(Dataset):
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples is {num_samples}; a dataset needs at least 1 sample")
-        bad_sizes = [
-            size for size in frame_sizes if size % patch_size or size < max(GLYPH_HEIGHT, patch_size)
-        ]
+        bad_sizes = [size for size in frame_sizes if size % patch_size or size < max(GLYPH_HEIGHT, patch_size)]
         if bad_sizes:
             raise ValueError(
                 f"frame_sizes {bad_sizes} are not multiples of patch_size={patch_size} of at "
@@ -142,6 +136,7 @@ class VideoDigits(Dataset):
         self.seed = seed
         self.patch_size = patch_size
         self.noise_std = noise_std
+        self.jitter = jitter
         self.majority_fraction = majority_fraction
         self.video = num_frames != 1
 
@@ -185,7 +180,8 @@ class VideoDigits(Dataset):
         digits, answer = self.frame_digits(index, rng)
         height, width = int(self.frame_heights[index]), int(self.frame_widths[index])
         frames = [
-            torch.from_numpy(render_frame(int(digit), height, width, self.noise_std, rng)) for digit in digits
+            torch.from_numpy(render_frame(int(digit), height, width, self.noise_std, self.jitter, rng))
+            for digit in digits
         ]
 
         visual_tokens = int(self.num_frames[index] * self.tokens_per_frame[index])

@@ -1,0 +1,202 @@
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_dhp.attention import ZigzagLayout
+from lightning_dhp.data.video_digits import BOS_ID, TOKEN_IDS, VideoDigits
+from lightning_dhp.distributed.context import CPContext, cp_context
+from lightning_dhp.models import TinyVLM, TinyVLMConfig
+from tests.distributed import run_distributed
+
+TINY = TinyVLMConfig(
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=48,
+    max_patches_per_side=4,
+    vision_hidden_size=16,
+    vision_layers=1,
+    vision_heads=2,
+    vision_intermediate_size=32,
+)
+
+
+def _video_items(count: int, seed: int) -> list[dict]:
+    """Short videos of 8 and 16 px frames (1 to 4 visual tokens a frame, 1 to 6 frames)."""
+    dataset = VideoDigits(count, seed=seed, durations_s=[4.0, 12.0, 24.0], sample_fps=0.25, frame_sizes=(8, 16))
+    return [dataset[index] for index in range(count)]
+
+
+def _text_item(length: int) -> dict:
+    input_ids = torch.full((length,), TOKEN_IDS["digit"])
+    input_ids[0] = BOS_ID
+    return {"input_ids": input_ids, "visual_index": torch.zeros(length, dtype=torch.long), "pixel_values": []}
+
+
+def _tiny_model() -> TinyVLM:
+    torch.manual_seed(0)
+    return TinyVLM(TINY).double()
+
+
+def _forward(model: TinyVLM, items: list[dict], layout: ZigzagLayout, group=None, ranks=(0,)) -> torch.Tensor:
+    """Logits of this rank's rows of ``items`` sharded by ``layout``, inside its CP context."""
+    with cp_context(CPContext(layout, group, tuple(ranks))):
+        return model(
+            layout.shard(torch.cat([item["input_ids"] for item in items])),
+            layout.position_ids,
+            layout.shard(torch.cat([item["visual_index"] for item in items])),
+            layout.sequence_ids,
+            [item["pixel_values"] for item in items],
+        )
+
+
+def _loss_weights(items: list[dict]) -> torch.Tensor:
+    """Fixed random weights on every row's logits, so the loss reaches every token of every sample."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(
+        sum(len(item["input_ids"]) for item in items), TINY.vocab_size, generator=generator, dtype=torch.float64
+    )
+
+
+def _frames_touched(items: list[dict], layout: ZigzagLayout) -> int:
+    """Frames with at least one visual token among ``layout``'s valid local rows."""
+    visual_index = layout.shard(torch.cat([item["visual_index"] for item in items]))
+    touched = set()
+    for row in torch.nonzero(visual_index > 0).flatten().tolist():
+        frames = items[int(layout.sequence_ids[row])]["pixel_values"]
+        patch_ends = np.cumsum([(frame.shape[1] // 8) * (frame.shape[2] // 8) for frame in frames])
+        touched.add(
+            (int(layout.sequence_ids[row]), int(np.searchsorted(patch_ends, int(visual_index[row]) - 1, side="right")))
+        )
+    return len(touched)
+
+
+# Rounds of groups over 4 ranks: (group ranks, item set name); ranks outside every group idle.
+ROUNDS = (
+    (((0, 1, 2, 3), "mixed"),),
+    (((0, 1, 2), "videos"), ((3,), "one_video")),
+    (((0, 1), "videos"), ((2, 3), "text_only")),
+)
+
+
+def _item_sets() -> dict[str, list[dict]]:
+    videos = _video_items(4, seed=5)
+    return {
+        "mixed": [*videos[:3], _text_item(5)],
+        "videos": videos[:3],
+        "one_video": videos[3:],
+        "text_only": [_text_item(9), _text_item(3)],
+    }
+
+
+def _cp_rounds(rank: int, world_size: int, item_sets: dict[str, list[dict]]) -> list[dict | None]:
+    model = _tiny_model()
+    encoded_frames = []
+    model.vision.register_forward_hook(lambda module, args, output: encoded_frames.append(len(args[0])))
+    results: list[dict | None] = []
+    for groups in ROUNDS:
+        process_groups = {ranks: dist.new_group(list(ranks)) for ranks, _ in groups if len(ranks) > 1}
+        mine = [(ranks, name) for ranks, name in groups if rank in ranks]
+        if not mine:
+            results.append(None)
+            continue
+        ((ranks, name),) = mine
+        items = item_sets[name]
+        layout = ZigzagLayout([len(item["input_ids"]) for item in items], len(ranks), ranks.index(rank))
+        model.zero_grad(set_to_none=True)
+        encoded_frames.clear()
+        logits = _forward(model, items, layout, process_groups.get(ranks), ranks)
+        (logits * layout.shard(_loss_weights(items))).sum().backward()
+        results.append(
+            {
+                "logits": logits.detach(),
+                "layout_rank": layout.rank,
+                "grads": {name: p.grad.clone() for name, p in model.named_parameters()},
+                "encoded_frames": sum(encoded_frames),
+            }
+        )
+    return results
+
+
+def test_forward_and_gradients_under_cp_equal_single_process_in_float64():
+    item_sets = _item_sets()
+    results = run_distributed(_cp_rounds, 4, item_sets, timeout_s=120)
+    for round_index, groups in enumerate(ROUNDS):
+        for ranks, name in groups:
+            items = item_sets[name]
+            model = _tiny_model()
+            full_layout = ZigzagLayout([len(item["input_ids"]) for item in items], 1, 0)
+            expected_logits = _forward(model, items, full_layout)
+            (expected_logits * _loss_weights(items)).sum().backward()
+
+            parts = [results[rank][round_index] for rank in ranks]
+            layout = ZigzagLayout(full_layout.seq_lens, len(ranks), 0)
+            torch.testing.assert_close(
+                layout.unshard([part["logits"] for part in parts]),
+                expected_logits,
+                rtol=1e-10,
+                atol=1e-10,
+                msg=lambda m, ranks=ranks: f"{ranks}: {m}",
+            )
+            for param_name, parameter in model.named_parameters():
+                summed = sum(part["grads"][param_name] for part in parts)
+                torch.testing.assert_close(
+                    summed,
+                    parameter.grad,
+                    rtol=1e-9,
+                    atol=1e-10,
+                    msg=lambda m, n=param_name, ranks=ranks: f"{ranks} {n}: {m}",
+                )
+            vision_grad = model.vision.patch_embed.weight.grad.abs().sum()
+            assert (vision_grad > 0) == (name != "text_only")
+            for part, rank in zip(parts, ranks, strict=True):
+                rank_layout = ZigzagLayout(full_layout.seq_lens, len(ranks), part["layout_rank"])
+                assert part["encoded_frames"] == _frames_touched(items, rank_layout), (ranks, rank)
+    assert results[3][0]["encoded_frames"] < sum(len(item["pixel_values"]) for item in item_sets["mixed"])
+
+
+def test_forward_shapes_and_seeded_construction():
+    items = _video_items(3, seed=0)
+    layout = ZigzagLayout([len(item["input_ids"]) for item in items], 1, 0)
+    first, second = _tiny_model(), _tiny_model()
+    logits = _forward(first, items, layout)
+    assert logits.shape == (layout.num_tokens, TINY.vocab_size)
+    assert logits.dtype == torch.float64
+    torch.testing.assert_close(_forward(second, items, layout), logits, rtol=0, atol=0)
+
+
+def test_frames_of_different_sizes_encode_independently():
+    model = _tiny_model()
+    small, large = torch.randn(3, 8, 16, dtype=torch.float64), torch.randn(3, 16, 24, dtype=torch.float64)
+    together = model.vision([small, large])
+    assert together.shape == (2 + 6, TINY.vision_hidden_size)
+    torch.testing.assert_close(together[:2], model.vision([small]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(together[2:], model.vision([large]), rtol=1e-12, atol=1e-12)
+
+
+def test_bad_frames_and_visual_indices_are_named():
+    model = _tiny_model()
+    with pytest.raises(ValueError, match=r"frame of 8x12 px .* multiples of patch_size=8"):
+        model.vision([torch.zeros(3, 8, 12)])
+    with pytest.raises(ValueError, match=r"frame of 8x40 px .* at most 32 px"):
+        model.vision([torch.zeros(3, 8, 40)])
+    item = _video_items(1, seed=0)[0]
+    item["visual_index"][item["visual_index"] > 0] += 1
+    layout = ZigzagLayout([len(item["input_ids"])], 1, 0)
+    with pytest.raises(ValueError, match=r"sample 0 of the group has visual token \d+ but its \d+ frame\(s\) hold"):
+        _forward(model, [item], layout)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_heads": 3}, "num_heads=3 must split the hidden size 32"),
+        ({"num_kv_heads": 3}, "num_kv_heads=3 must divide num_heads=4"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, message):
+    fields = {**vars(TINY), **overrides}
+    with pytest.raises(ValueError, match=message):
+        TinyVLMConfig(**fields)
