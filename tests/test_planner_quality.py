@@ -1,0 +1,93 @@
+"""Planner quality: the exact allocation against brute force, the lower bound and plan_batch against
+an exact ILP optimum (scipy HiGHS) on small one-round instances."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+
+from lightning_dhp.planner import CostModel, plan_batch, static_plan
+from lightning_dhp.planner.allocation import allocate, build_table
+from lightning_dhp.planner.ilp import ilp_optimum
+
+pytest.importorskip("scipy")
+
+DEFAULT = CostModel.default()
+# ring traffic and latency 20x dearer: small groups win, the opposite regime of the default
+COMM_HEAVY = dataclasses.replace(DEFAULT, ring_step_latency_s=0.02, comm_overlap=0.0, intra_node_bytes_per_s=5e9)
+ATTENTION_HEAVY = dataclasses.replace(DEFAULT, attention_s_per_token2=2e-7)
+MODELS = {"default": DEFAULT, "comm_heavy": COMM_HEAVY, "attention_heavy": ATTENTION_HEAVY}
+
+
+def small_instances(seed: int, count: int):
+    """Random one-round instances: 2-8 samples (uniform or long-tailed) on 2-8 devices."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        num_samples, num_devices = int(rng.integers(2, 9)), int(rng.integers(2, 9))
+        capacity = int(rng.choice([2048, 8192]))
+        if rng.random() < 0.5:
+            lengths = rng.integers(50, 3 * capacity // 2, size=num_samples)
+        else:
+            lengths = (rng.pareto(1.0, size=num_samples) * 800 + 50).astype(int)
+        lengths = np.minimum(lengths, capacity * num_devices - 2 * num_devices).tolist()
+        yield lengths, num_devices, capacity
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_plan_batch_is_within_3_percent_of_the_ilp_optimum(model_name):
+    cost = MODELS[model_name]
+    gaps = []
+    for lengths, num_devices, capacity in small_instances(seed=len(model_name), count=16):
+        plan = plan_batch(lengths, num_devices, capacity, cost)
+        optimum = ilp_optimum(lengths, num_devices, capacity, cost)
+        if len(plan.rounds) > 1:
+            assert optimum is None, f"{lengths} fits one round (ILP {optimum}) but got {len(plan.rounds)}"
+            continue
+        assert optimum is not None
+        assert plan.lower_bound <= optimum * (1 + 1e-9), "the lower bound must hold for the optimum"
+        assert plan.predicted_time >= optimum * (1 - 1e-6), "nothing beats the optimum"
+        gaps.append(plan.predicted_time / optimum - 1)
+    assert len(gaps) >= 8
+    assert max(gaps) <= 0.03, f"worst gap {max(gaps):.3%}"
+
+
+def brute_force_allocation(times: list[dict[int, float]], num_devices: int) -> float:
+    best = np.inf
+    for degrees in itertools.product(*[sorted(row) for row in times]):
+        if sum(degrees) <= num_devices:
+            best = min(best, max(row[d] for row, d in zip(times, degrees, strict=True)))
+    return best
+
+
+def test_exact_allocation_matches_brute_force_over_degree_vectors():
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        num_bins, num_devices = int(rng.integers(1, 5)), int(rng.integers(4, 11))
+        cost = list(MODELS.values())[trial % 3]
+        node_size = [None, 2, 4][trial % 3]
+        bins = [rng.integers(1, 5000, size=int(rng.integers(1, 4))) for _ in range(num_bins)]
+        min_degree = np.ones(num_bins, dtype=np.int64)
+        max_degree = np.full(num_bins, num_devices - num_bins + 1, dtype=np.int64)
+        table = build_table(bins, min_degree, max_degree, 0.0, cost, node_size)
+        degrees, makespan = allocate(table, num_devices)
+        times = [
+            {
+                d: cost.group_time(lengths.tolist(), d, crosses_node=bool(node_size and d > node_size))
+                for d in range(1, num_devices - num_bins + 2)
+            }
+            for lengths in bins
+        ]
+        assert makespan == pytest.approx(brute_force_allocation(times, num_devices), rel=1e-12)
+        assert degrees.sum() <= num_devices
+        assert max(times[b][int(d)] for b, d in enumerate(degrees)) == pytest.approx(makespan, rel=1e-12)
+
+
+def test_plan_batch_beats_or_matches_every_static_degree_on_a_mixed_batch():
+    rng = np.random.default_rng(11)
+    lengths = np.concatenate([rng.integers(100, 600, size=48), rng.integers(8000, 30000, size=4)]).tolist()
+    dynamic = plan_batch(lengths, 16, 8192)
+    statics = [static_plan(lengths, 16, 8192, degree).predicted_time for degree in (4, 8, 16)]
+    assert dynamic.predicted_time < min(statics)
