@@ -27,9 +27,7 @@ def min_degree(length: int, capacity: int, limit: int) -> int | None:
     return next((d for d in range(1, limit + 1) if padded(length, d) <= d * capacity), None)
 
 
-def check_rules(
-    plan: Plan, lengths: list[int], num_devices: int, capacity: int, node_size: int | None
-) -> None:
+def check_rules(plan: Plan, lengths: list[int], num_devices: int, capacity: int, node_size: int | None) -> None:
     """The issue's rules, recomputed from scratch."""
     assert plan.lengths == tuple(lengths)
     seen = []
@@ -49,9 +47,7 @@ def check_rules(
             crosses = node_size is not None and group.ranks[0] // node_size != group.ranks[-1] // node_size
             if node_size is not None and group.degree <= node_size:
                 assert not crosses, f"group {group.ranks} fits in a node of {node_size} but crosses one"
-            expected = COST.group_time(
-                [lengths[i] for i in group.samples], group.degree, crosses_node=crosses
-            )
+            expected = COST.group_time([lengths[i] for i in group.samples], group.degree, crosses_node=crosses)
             assert group.predicted_time == pytest.approx(expected, rel=1e-12)
         total += max(group.predicted_time for group in round_.groups)
     assert sorted(seen) == list(range(len(lengths))), "every sample exactly once"
@@ -62,9 +58,7 @@ def check_rules(
 
 
 uniform_lengths = st.lists(st.integers(1, 6000), min_size=1, max_size=40)
-long_tailed_lengths = st.lists(
-    st.floats(0.0, 0.999).map(lambda u: int(64 / (1.0 - u) ** 1.2)), min_size=1, max_size=40
-)
+long_tailed_lengths = st.lists(st.floats(0.0, 0.999).map(lambda u: int(64 / (1.0 - u) ** 1.2)), min_size=1, max_size=40)
 
 
 @PROPERTY_SETTINGS
@@ -74,9 +68,7 @@ long_tailed_lengths = st.lists(
     capacity=st.sampled_from([1, 2, 3, 64, 1000, 2048, 4096, 8191]),
     node_size=st.sampled_from([None, 1, 2, 3, 4, 8]),
 )
-def test_plan_batch_obeys_every_rule_or_names_the_sample_that_cannot_fit(
-    lengths, num_devices, capacity, node_size
-):
+def test_plan_batch_obeys_every_rule_or_names_the_sample_that_cannot_fit(lengths, num_devices, capacity, node_size):
     needs = [min_degree(length, capacity, num_devices) for length in lengths]
     if None in needs:
         index = needs.index(None)
@@ -109,17 +101,17 @@ def test_a_batch_using_at_most_half_the_memory_runs_in_one_round(lengths, num_de
     capacity=st.sampled_from([2048, 8192]),
 )
 def test_static_plan_uses_exactly_the_given_degree(lengths, exponent, capacity):
-    num_devices, degree = 8, 2**exponent
+    num_devices, degree, node_size = 8, 2**exponent, 2
     if None in [min_degree(length, capacity, num_devices) for length in lengths]:
         with pytest.raises(PlanError, match="cannot fit even on all num_devices=8"):
-            static_plan(lengths, num_devices, capacity, degree)
+            static_plan(lengths, num_devices, capacity, degree, node_size=node_size)
         return
     if any(padded(length, degree) > degree * capacity for length in lengths):
         with pytest.raises(PlanError, match=f"at degree {degree}"):
-            static_plan(lengths, num_devices, capacity, degree)
+            static_plan(lengths, num_devices, capacity, degree, node_size=node_size)
         return
-    plan = static_plan(lengths, num_devices, capacity, degree)
-    check_rules(plan, lengths, num_devices, capacity, None)
+    plan = static_plan(lengths, num_devices, capacity, degree, node_size=node_size)
+    check_rules(plan, lengths, num_devices, capacity, node_size)
     assert {group.degree for round_ in plan.rounds for group in round_.groups} == {degree}
 
 
@@ -142,8 +134,7 @@ def test_node_size_keeps_small_groups_inside_a_node_and_large_ones_pay_inter_nod
     check_rules(plan, lengths, 24, capacity, 8)
     wide = [group for round_ in plan.rounds for group in round_.groups if group.degree > 8]
     assert wide and all(
-        group.predicted_time > COST.group_time([lengths[i] for i in group.samples], group.degree)
-        for group in wide
+        group.predicted_time > COST.group_time([lengths[i] for i in group.samples], group.degree) for group in wide
     )
 
 
@@ -228,12 +219,10 @@ def test_plan_pickles_and_helpers_describe_it():
             assert group == (owners[0] if owners else None)
     stats = plan.stats()
     assert stats["num_samples"] == 6 and stats["num_rounds"] == len(plan.rounds)
-    assert stats["idle_device_rounds"] == 6 * len(plan.rounds) - sum(
-        g.degree for r in plan.rounds for g in r.groups
+    assert stats["idle_device_rounds"] == 6 * len(plan.rounds) - sum(g.degree for r in plan.rounds for g in r.groups)
+    assert stats["padding_tokens"] == sum(g.tokens_per_rank * g.degree for r in plan.rounds for g in r.groups) - sum(
+        lengths
     )
-    assert stats["padding_tokens"] == sum(
-        g.tokens_per_rank * g.degree for r in plan.rounds for g in r.groups
-    ) - sum(lengths)
     assert all(isinstance(value, float) for value in stats.values())
     summary = plan.summary()
     assert summary.startswith("Plan: 6 samples (14600 tokens) on 6 devices x 2048 tokens, nodes of 4")
@@ -327,6 +316,8 @@ def test_static_plan_rejects_a_degree_that_does_not_divide_the_devices():
         static_plan([100], 8, 1000, 3)
     with pytest.raises(PlanError, match=r"degree=0 does not divide"):
         static_plan([100], 8, 1000, 0)
+    with pytest.raises(PlanError, match=r"degree=3 does not divide node_size=4, .* use one of \[1, 2, 4, 6, 12\]"):
+        static_plan([100], 12, 1000, 3, node_size=4)
     with pytest.raises(
         PlanError,
         match=r"sample 1 has length 3000 tokens and needs 1500 tokens per device at "

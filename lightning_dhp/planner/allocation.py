@@ -113,9 +113,7 @@ def build_table(
                 final[bin_index] = (row, envelope)
             else:
                 retry.append(bin_index)
-                widths[bin_index] = min(
-                    2 * widths[bin_index], max_degree[bin_index] - min_degree[bin_index] + 1
-                )
+                widths[bin_index] = min(2 * widths[bin_index], max_degree[bin_index] - min_degree[bin_index] + 1)
         pending = np.array(retry, dtype=np.int64)
     buckets = _bucket(final, num_bins)
     location = np.zeros((num_bins, 2), dtype=np.int64)

@@ -24,17 +24,27 @@ def static_plan(
     tokens_per_device: int,
     degree: int,
     cost_model: CostModel | None = None,
+    *,
+    node_size: int | None = None,
 ) -> Plan:
     """Every group has exactly ``degree`` ranks (``num_devices / degree`` groups per round).
 
     Samples go heaviest first to the least-loaded group slot with memory left, over the fewest
-    rounds that hold them. ``degree`` must divide ``num_devices``.
+    rounds that hold them. ``degree`` must divide ``num_devices`` (and ``node_size`` when it is
+    smaller, so that no group that fits in a node crosses one).
     """
-    lengths_array, num_devices, tokens_per_device, _ = _checked(lengths, num_devices, tokens_per_device, None)
+    lengths_array, num_devices, tokens_per_device, node_size = _checked(
+        lengths, num_devices, tokens_per_device, node_size
+    )
     valid = divisors(num_devices)
     if isinstance(degree, bool) or not isinstance(degree, int | np.integer) or degree not in valid:
         raise PlanError(f"degree={degree!r} does not divide num_devices={num_devices}; use one of {valid}")
     degree = int(degree)
+    if node_size is not None and degree < node_size and node_size % degree:
+        raise PlanError(
+            f"degree={degree} does not divide node_size={node_size}, so some group would cross a node; "
+            f"use one of {[d for d in valid if d >= node_size or node_size % d == 0]}"
+        )
     cost = cost_model or CostModel.default()
     min_degree = min_degrees(lengths_array, tokens_per_device)
     check_fits(lengths_array, min_degree, num_devices, tokens_per_device)
@@ -68,5 +78,5 @@ def static_plan(
         if planned:
             rounds.append(planned)
     fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
-    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, None)
-    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, None, bound)
+    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size)
+    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, node_size, bound)

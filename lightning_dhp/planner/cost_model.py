@@ -146,9 +146,7 @@ class CostModel:
         if node_size is None:
             bandwidth = self.intra_node_bytes_per_s
         else:
-            bandwidth = np.where(
-                degrees > node_size, self.inter_node_bytes_per_s, self.intra_node_bytes_per_s
-            )
+            bandwidth = np.where(degrees > node_size, self.inter_node_bytes_per_s, self.intra_node_bytes_per_s)
         per_token = self.linear_s_per_token + ring_steps * self.kv_bytes_per_token / bandwidth
         work = self.attention_s_per_token2 * sum_squares + per_token * sum_padded
         return self.overhead_s + ring_steps * self.ring_step_latency_s + work / degrees
@@ -183,9 +181,7 @@ class CostModel:
         :meth:`default`). Returns the model and its fit error.
         """
         base = base or cls.default()
-        measurements = [
-            (list(lengths), int(degree), float(seconds)) for lengths, degree, seconds in measurements
-        ]
+        measurements = [(list(lengths), int(degree), float(seconds)) for lengths, degree, seconds in measurements]
         rows = [(cls._features(lengths, degree), seconds) for lengths, degree, seconds in measurements]
         if len(rows) < 3:
             raise ValueError(f"CostModel.fit needs at least 3 measurements, got {len(rows)}")
@@ -204,9 +200,7 @@ class CostModel:
                 overhead_s=coefficients[2],
                 ring_step_latency_s=coefficients[3],
                 comm_overlap=0.0,
-                intra_node_bytes_per_s=(
-                    base.kv_bytes_per_token / per_step_token if per_step_token > 0 else 1e18
-                ),
+                intra_node_bytes_per_s=(base.kv_bytes_per_token / per_step_token if per_step_token > 0 else 1e18),
             )
         else:
             model = dataclasses.replace(

@@ -88,9 +88,7 @@ def _checked(
 ) -> tuple[np.ndarray, int, int, int | None]:
     lengths_array = check_lengths(lengths)
     num_devices = check_count(num_devices, "num_devices", "use at least one device")
-    tokens_per_device = check_count(
-        tokens_per_device, "tokens_per_device", "give each device room for >= 1 token"
-    )
+    tokens_per_device = check_count(tokens_per_device, "tokens_per_device", "give each device room for >= 1 token")
     if node_size is not None:
         node_size = check_count(node_size, "node_size", "pass the ranks per node, or None for one flat node")
     return lengths_array, num_devices, tokens_per_device, node_size
@@ -116,9 +114,7 @@ def _solve_round(
     problem = RoundProblem(lengths, min_degree, num_devices, tokens_per_device, cost, node_size, bound)
     sized = size_round(problem)
     main = pack_round(problem, *sized) if sized is not None else None
-    extra = (
-        [d for d in EXTRA_START_DEGREES if d <= num_devices] if len(samples) <= EXTRA_START_SAMPLES else []
-    )
+    extra = [d for d in EXTRA_START_DEGREES if d <= num_devices] if len(samples) <= EXTRA_START_SAMPLES else []
     fallback = [d for d in range(1, num_devices + 1) if num_devices // d != num_devices // (d + 1)]
     best: tuple[float, list[PlannedGroup]] | None = None
     for start in [main, *(_uniform_start(problem, d) for d in (extra if main is not None else fallback))]:
@@ -186,9 +182,7 @@ def _allocate_and_place(
     bin_lengths = [problem.lengths[bin_members] for bin_members in members]
     min_degree = np.array(
         [
-            bin_min_degree(
-                lengths, problem.tokens_per_device, int(problem.min_degree[bin_members].max()), num_devices
-            )
+            bin_min_degree(lengths, problem.tokens_per_device, int(problem.min_degree[bin_members].max()), num_devices)
             for lengths, bin_members in zip(bin_lengths, members, strict=True)
         ],
         dtype=np.int64,
@@ -197,9 +191,7 @@ def _allocate_and_place(
         return None
     max_degree = num_devices - (int(min_degree.sum()) - min_degree)
     for _ in range(len(members) * num_devices + 1):
-        table = build_table(
-            bin_lengths, min_degree, max_degree, problem.lower_bound, problem.cost, problem.node_size
-        )
+        table = build_table(bin_lengths, min_degree, max_degree, problem.lower_bound, problem.cost, problem.node_size)
         allocation = allocate(table, num_devices)
         if allocation is None:
             return None
@@ -236,9 +228,7 @@ def build_plan(
                 Group(
                     ranks=tuple(range(group.first_rank, last_rank + 1)),
                     samples=group.samples,
-                    predicted_time=cost.group_time(
-                        group_lengths.tolist(), group.degree, crosses_node=crosses
-                    ),
+                    predicted_time=cost.group_time(group_lengths.tolist(), group.degree, crosses_node=crosses),
                     tokens_per_rank=tokens // group.degree,
                 )
             )

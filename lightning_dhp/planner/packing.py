@@ -129,15 +129,11 @@ def pack_round(
     if len(pool) and pool_bins < 1:
         return None
     degrees = np.concatenate([single_degrees, np.full(pool_bins, pool_degree)]).astype(np.int64)
-    members: list[list[int]] = [[int(position)] for position in singles.tolist()] + [
-        [] for _ in range(pool_bins)
-    ]
+    members: list[list[int]] = [[int(position)] for position in singles.tolist()] + [[] for _ in range(pool_bins)]
     tokens = problem.padded(problem.lengths[singles], single_degrees).tolist() + [0] * pool_bins
     times = (
         problem.cost.times_from_sums(0.0, 0.0, degrees, node_size=problem.node_size)
-        + np.concatenate(
-            [problem.sample_costs(problem.lengths[singles], single_degrees), np.zeros(pool_bins)]
-        )
+        + np.concatenate([problem.sample_costs(problem.lengths[singles], single_degrees), np.zeros(pool_bins)])
     ).tolist()
     classes = np.unique(degrees).tolist()
     heaps: dict[int, list[tuple[float, int]]] = {degree: [] for degree in classes}

@@ -98,9 +98,7 @@ class Plan:
                     if not 0 <= sample < len(self.lengths):
                         raise PlanError(f"{where} names sample {sample}, outside 0..{len(self.lengths) - 1}")
                     if sample in seen:
-                        raise PlanError(
-                            f"sample {sample} appears in round {seen[sample]} and again in {where}"
-                        )
+                        raise PlanError(f"sample {sample} appears in round {seen[sample]} and again in {where}")
                     seen[sample] = round_index
                 padded = sum(padded_length(self.lengths[sample], group.degree) for sample in group.samples)
                 if padded != group.tokens_per_rank * group.degree:
@@ -156,14 +154,11 @@ class Plan:
             "idle_device_rounds": float(self.num_devices * len(self.rounds) - sum(degrees)),
             "predicted_time": self.predicted_time,
             "lower_bound": self.lower_bound,
-            "gap_to_lower_bound": self.predicted_time / self.lower_bound - 1.0
-            if self.lower_bound > 0
-            else 0.0,
+            "gap_to_lower_bound": self.predicted_time / self.lower_bound - 1.0 if self.lower_bound > 0 else 0.0,
             "tokens": float(tokens),
             "padding_tokens": float(padded_tokens - tokens),
             "max_tokens_per_rank": float(max(group.tokens_per_rank for group in groups)),
-            "memory_utilization": padded_tokens
-            / (self.num_devices * len(self.rounds) * self.tokens_per_device),
+            "memory_utilization": padded_tokens / (self.num_devices * len(self.rounds) * self.tokens_per_device),
         }
 
     def summary(self) -> str:

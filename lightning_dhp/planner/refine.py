@@ -25,9 +25,7 @@ SWAP_PARTNER_BINS = 16  # swaps look at the samples of this many fastest bins
 class Refiner:
     """Mutable bins of one round: members, degree, time and padded tokens per bin."""
 
-    def __init__(
-        self, problem: RoundProblem, members: list[list[int]], degrees: np.ndarray, times: np.ndarray
-    ):
+    def __init__(self, problem: RoundProblem, members: list[list[int]], degrees: np.ndarray, times: np.ndarray):
         self.problem = problem
         self.members = [list(bin_members) for bin_members in members]
         self.degree = degrees.astype(np.int64).copy()
@@ -38,12 +36,8 @@ class Refiner:
         self._class_of = np.full(problem.num_devices + 1, -1, dtype=np.int64)
         self._costs = np.zeros((0, len(problem.lengths)))
         self._padded = np.zeros((0, len(problem.lengths)), dtype=np.int64)
-        self.own_cost, self.own_padded = self._at_degrees(
-            np.arange(len(problem.lengths)), self.degree[self.owner]
-        )
-        self.tokens = np.bincount(self.owner, weights=self.own_padded, minlength=len(members)).astype(
-            np.int64
-        )
+        self.own_cost, self.own_padded = self._at_degrees(np.arange(len(problem.lengths)), self.degree[self.owner])
+        self.tokens = np.bincount(self.owner, weights=self.own_padded, minlength=len(members)).astype(np.int64)
 
     def _at_degrees(self, samples: np.ndarray, degrees: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cost and padded length of ``samples[i]`` at ``degrees[i]`` (any broadcastable shapes).
@@ -88,9 +82,7 @@ class Refiner:
     def _best_move(self, slowest: int, here: np.ndarray, relieved: np.ndarray, alive: np.ndarray):
         costs, padded = self._at_degrees(here[:, None], np.maximum(self.degree, 1)[None, :])
         arrive = self.times[None, :] + costs
-        room = (
-            self.tokens[None, :] + padded <= self.degree[None, :] * self.problem.tokens_per_device
-        ) & alive
+        room = (self.tokens[None, :] + padded <= self.degree[None, :] * self.problem.tokens_per_device) & alive
         room[:, slowest] = False
         score = np.where(room, np.maximum(relieved[:, None], arrive), np.inf)
         row, target = np.unravel_index(int(np.argmin(score)), score.shape)
@@ -136,16 +128,12 @@ class Refiner:
         other_padded = other_padded.astype(np.float64)
         bins = len(self.degree)
         sum_padded = np.bincount(self.owner[others], weights=other_padded, minlength=bins).astype(np.float64)
-        sum_squares = np.bincount(self.owner[others], weights=other_padded**2, minlength=bins).astype(
-            np.float64
-        )
+        sum_squares = np.bincount(self.owner[others], weights=other_padded**2, minlength=bins).astype(np.float64)
         _, here_padded = self._at_degrees(here[:, None], merged_degree[None, :])
         here_padded = here_padded.astype(np.float64)
         sum_padded += here_padded.sum(axis=0)
         sum_squares += (here_padded**2).sum(axis=0)
-        merged = problem.cost.times_from_sums(
-            sum_padded, sum_squares, merged_degree, node_size=problem.node_size
-        )
+        merged = problem.cost.times_from_sums(sum_padded, sum_squares, merged_degree, node_size=problem.node_size)
         feasible = alive & (sum_padded <= merged_degree * problem.tokens_per_device)
         feasible[slowest] = False
         score = np.where(feasible, merged, np.inf)

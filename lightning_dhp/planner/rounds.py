@@ -14,9 +14,7 @@ def minimum_rounds(lengths: np.ndarray, num_devices: int, tokens_per_device: int
     return max(1, -(-int(lengths.sum()) // (num_devices * tokens_per_device)))
 
 
-def balanced_assignment(
-    work: np.ndarray, size: np.ndarray, num_bins: int, capacity: int
-) -> list[list[int]] | None:
+def balanced_assignment(work: np.ndarray, size: np.ndarray, num_bins: int, capacity: int) -> list[list[int]] | None:
     """Items heaviest first to the least-loaded bin with room (LPT); None if one fits nowhere.
 
     Ties break on the lower item and bin index, so the result is deterministic.
@@ -67,12 +65,8 @@ def lower_bound(
     + (rounds - 1) * overhead)``: every round pays the overhead, the work has to be spread over at
     most ``num_devices``, and the longest sample runs somewhere at its fastest degree at best.
     """
-    spread = (
-        num_rounds * cost.overhead_s + float(device_seconds(lengths, min_degree, cost).sum()) / num_devices
-    )
+    spread = num_rounds * cost.overhead_s + float(device_seconds(lengths, min_degree, cost).sum()) / num_devices
     longest = int(np.argmax(lengths))
     degrees = np.arange(int(min_degree[longest]), num_devices + 1)
-    fastest = float(
-        cost.times_over_degrees(lengths[longest : longest + 1], degrees, node_size=node_size).min()
-    )
+    fastest = float(cost.times_over_degrees(lengths[longest : longest + 1], degrees, node_size=node_size).min())
     return max(spread, fastest + (num_rounds - 1) * cost.overhead_s)
