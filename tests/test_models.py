@@ -2,11 +2,21 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from lightning.pytorch import Trainer
 
 from lightning_dhp.attention import ZigzagLayout
 from lightning_dhp.data.video_digits import BOS_ID, TOKEN_IDS, VideoDigits
 from lightning_dhp.distributed.context import CPContext, cp_context
-from lightning_dhp.models import TinyVLM, TinyVLMConfig
+from lightning_dhp.lightning import DHPBatchInfo, DHPDataModule, DHPStrategy
+from lightning_dhp.lightning.collate import empty_batch
+from lightning_dhp.models import (
+    TinyVLM,
+    TinyVLMConfig,
+    VLMTask,
+    answer_accuracy,
+    fit_single_process,
+    single_process_batch,
+)
 from tests.distributed import run_distributed
 
 TINY = TinyVLMConfig(
@@ -200,3 +210,69 @@ def test_bad_config_names_the_field(overrides, message):
     fields = {**vars(TINY), **overrides}
     with pytest.raises(ValueError, match=message):
         TinyVLMConfig(**fields)
+
+
+def _easy_digits(count: int, seed: int) -> VideoDigits:
+    """Single 16 px images, centred, little noise: learnable in a few dozen steps."""
+    return VideoDigits.single_image(count, seed=seed, frame_sizes=(16,), jitter=0, noise_std=0.05)
+
+
+def test_short_training_raises_answer_accuracy_far_above_chance():
+    torch.manual_seed(0)
+    task = VLMTask(TinyVLMConfig(hidden_size=48, num_heads=4, num_layers=2, vision_layers=1), lr=2e-3)
+    held_out = _easy_digits(60, seed=1)
+    before = answer_accuracy(task.model, held_out)
+    losses = fit_single_process(task, _easy_digits(1000, seed=0), steps=40, samples_per_step=32)
+    after = answer_accuracy(task.model, held_out)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    assert after >= 0.5 > before + 0.3, (before, after)  # chance is 0.1
+    assert answer_accuracy(task.model, held_out, max_tokens=1) == after  # one sample per forward
+
+
+def test_training_step_returns_this_ranks_share_of_the_global_mean():
+    task = VLMTask(TINY)
+    items = _video_items(3, seed=2)
+    batch = single_process_batch(items, [0, 1, 2], global_loss_tokens=3 * len(items))
+    with cp_context(CPContext(batch["dhp"].layout, None, (0,))):
+        share = task.training_step(batch, 0)
+        logits = task(batch)
+    labelled = batch["labels"] != -100
+    mean_loss = torch.nn.functional.cross_entropy(logits[labelled], batch["labels"][labelled])
+    torch.testing.assert_close(3 * share, mean_loss)
+
+
+def test_an_idle_ranks_empty_batch_gives_a_zero_loss_that_reaches_every_parameter():
+    task = VLMTask(TINY)
+    batch, layout = empty_batch(single_process_batch(_video_items(1, seed=0), [0]))
+    batch["dhp"] = DHPBatchInfo(layout, (0,), (), 0, 1, 0, global_loss_tokens=5)
+    with cp_context(CPContext(layout, None, (0,))):
+        loss = task.training_step(batch, 0)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in task.parameters())
+
+
+def test_validation_under_dhp_strategy_logs_the_exact_loss_and_accuracy():
+    train, val = _video_items(4, seed=3), VideoDigits(5, seed=4, durations_s=[4.0, 12.0], frame_sizes=(8, 16))
+    task = VLMTask(TINY)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=DHPStrategy(),
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    data = DHPDataModule(train, [len(item["input_ids"]) for item in train], 2, val_dataset=val)
+    trainer.fit(task, datamodule=data)  # validates once, at the end of its only epoch, after the last step
+    metrics = trainer.callback_metrics
+
+    batch = single_process_batch([val[index] for index in range(len(val))], range(len(val)))
+    with torch.no_grad(), cp_context(CPContext(batch["dhp"].layout, None, (0,))):
+        labelled = batch["labels"] != -100
+        expected_loss = torch.nn.functional.cross_entropy(task(batch)[labelled], batch["labels"][labelled])
+    assert metrics["val/loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
+    assert metrics["val/answer_accuracy"] == pytest.approx(answer_accuracy(task.model, val))

@@ -84,7 +84,7 @@ class VisionBlock(nn.Module):
     def forward(self, x: torch.Tensor, frames: ZigzagLayout) -> torch.Tensor:
         q, k, v = self.qkv(self.attention_norm(x)).view(x.shape[0], 3, self.num_heads, -1).unbind(1)
         attended = cp_attention(q, k, v, layout=frames, causal=False)
-        x = x + self.out(attended.reshape(x.shape[0], -1))
+        x = x + self.out(attended.flatten(1))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -166,7 +166,7 @@ class DecoderAttention(nn.Module):
         q = rotate(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = rotate(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        return self.o_proj(cp_attention(q, k, v).reshape(tokens, -1))
+        return self.o_proj(cp_attention(q, k, v).flatten(1))
 
 
 class SwiGLU(nn.Module):
