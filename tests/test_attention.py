@@ -12,19 +12,19 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_dhp.attention import ZigzagLayout, blocks, cp_attention
+from lightning_dhp.attention import ZigzagLayout, cp_attention
 from lightning_dhp.distributed.context import CPContext, cp_context, require_cp_context
 from tests.distributed import run_distributed
 
 WORLD_SIZE = 8
 PARTITIONS = ((8,), (7, 1), (6, 2), (5, 3), (4, 4), (3, 3, 2))
-# (implementation, group-free ring?, causal, per-sequence calls instead of packed tiles?, dtype, heads)
+# (implementation, group-free ring?, causal, local kernel (None: the device's fused one), dtype, heads)
 CONFIGS = [
-    (implementation, group_free, causal, per_sequence, torch.float64, (4, 2))
-    for (implementation, group_free), causal, per_sequence in itertools.product(
-        [("ring", False), ("ring", True), ("allgather", False)], [True, False], [False, True]
+    (implementation, group_free, causal, kernel, torch.float64, (4, 2))
+    for (implementation, group_free), causal, kernel in itertools.product(
+        [("ring", False), ("ring", True), ("allgather", False)], [True, False], [None, "math"]
     )
-] + [("ring", True, causal, False, torch.float32, (2, 2)) for causal in (True, False)]
+] + [("ring", True, causal, None, torch.float32, (2, 2)) for causal in (True, False)]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 HEAD_DIM = 4
 
@@ -81,10 +81,12 @@ def max_errors(layout, local_results, oracle_results) -> list[float]:
 
 
 def run_case(layout, group, ranks, config, seed) -> list[float]:
-    implementation, _, causal, _, dtype, heads = config
+    implementation, _, causal, kernel, dtype, heads = config
     q, k, v, upstream = random_inputs(sum(layout.seq_lens), heads, dtype, seed)
     local = [layout.shard(x).requires_grad_() for x in (q, k, v)]
-    out = cp_attention(*local, layout, group, causal=causal, implementation=implementation, ranks=ranks)
+    out = cp_attention(
+        *local, layout, group, causal=causal, implementation=implementation, ranks=ranks, kernel=kernel
+    )
     local_grads = torch.autograd.grad(out, local, layout.shard(upstream, pad_value=5.0))
     assert out.dtype == dtype
     return max_errors(
@@ -98,24 +100,25 @@ def _check_all_degrees(rank: int, world_size: int) -> dict[str, list[float]]:
         starts = [sum(partition[:i]) for i in range(len(partition))]
         # new_group is collective over the world: every rank creates every group, in order.
         subgroups = [
-            dist.group.WORLD if degree == world_size else dist.new_group(list(range(start, start + degree)))
+            None
+            if degree == 1
+            else dist.group.WORLD
+            if degree == world_size
+            else dist.new_group(list(range(start, start + degree)))
             for start, degree in zip(starts, partition, strict=True)
-            if degree > 1
         ]
         group_index = max(i for i, start in enumerate(starts) if start <= rank)
         degree, position = partition[group_index], rank - starts[group_index]
-        subgroup = subgroups[group_index] if degree > 1 else None
+        subgroup = subgroups[group_index]
         ring_ranks = list(range(starts[group_index], starts[group_index] + degree))
         for config_index, config in enumerate(CONFIGS):
-            implementation, group_free, causal, per_sequence, dtype, heads = config
+            implementation, group_free, causal, kernel, dtype, heads = config
             seed = 1000 * partition_index + 100 * group_index + config_index
             layout = ZigzagLayout(packed_lengths(degree, seed), degree, position)
             group, ranks = (dist.group.WORLD, ring_ranks) if group_free else (subgroup, None)
-            blocks.SMALL_BLOCK_ROWS = 0 if per_sequence else 64
-            blocks.block_calls.cache_clear()
             name = (
                 f"degree {degree} (partition {partition}) {implementation} group_free={group_free} "
-                f"causal={causal} per_sequence={per_sequence} {dtype} heads={heads} lens={layout.seq_lens}"
+                f"causal={causal} kernel={kernel} {dtype} heads={heads} lens={layout.seq_lens}"
             )
             errors[name] = run_case(layout, group, ranks, config, seed)
     return errors

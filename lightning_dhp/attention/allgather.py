@@ -1,7 +1,7 @@
 """All-gather context-parallel attention: gather every rank's K/V once, reduce-scatter dK/dV.
 
-Simpler than the ring and a single collective each way; it holds all ``degree`` K/V blocks at once, so
-it suits small groups. The own block is computed while the gather is in flight.
+Simpler than the ring, one collective each way, but it holds all ``degree`` K/V blocks at once, so it
+suits small groups. The own block is computed while the gather is in flight.
 """
 
 from __future__ import annotations
@@ -11,43 +11,31 @@ import torch.distributed as dist
 
 from lightning_dhp.attention.blocks import AttentionProblem, backward_block, forward_block
 from lightning_dhp.attention.kernels import accumulation_dtype
+from lightning_dhp.attention.ring import empty_output
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _start_gather(key_values: torch.Tensor, degree: int, group: dist.ProcessGroup):
-    gathered = torch.empty(
-        (degree * 2, *key_values.shape[1:]), dtype=key_values.dtype, device=key_values.device
-    )
-    work = _all_gather(gathered, key_values, group=group, async_op=True)
-    return gathered.view(degree, *key_values.shape), work
+def _start_gather(k: torch.Tensor, v: torch.Tensor, degree: int, group: dist.ProcessGroup):
+    """Start gathering every rank's stacked K/V: a ``(degree, 2, T, Hkv, D)`` tensor and its work."""
+    gathered = torch.empty((degree, 2, *k.shape), dtype=k.dtype, device=k.device)
+    work = _all_gather(gathered.flatten(0, 1), torch.stack([k, v]), group=group, async_op=True)
+    return gathered, work
 
 
 class AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, problem: AttentionProblem, group: dist.ProcessGroup):
         layout = problem.layout
-        gathered, work = _start_gather(torch.stack([k, v]), layout.degree, group)
-        out = torch.zeros(q.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
-        lse = torch.full(q.shape[:2], float("-inf"), dtype=out.dtype, device=q.device)
-        forward_block(
-            problem.kernel, problem.calls(layout.rank), q, k, v, problem.scale, out, lse, first=True
-        )
+        gathered, work = _start_gather(k, v, layout.degree, group)
+        out, lse = empty_output(q)
+        forward_block(problem, layout.rank, q, k, v, out, lse, first=True)
+        problem.zero_padding_rows(out)
         work.wait()
         for source in range(layout.degree):
             if source != layout.rank:
-                forward_block(
-                    problem.kernel,
-                    problem.calls(source),
-                    q,
-                    gathered[source, 0],
-                    gathered[source, 1],
-                    problem.scale,
-                    out,
-                    lse,
-                    first=False,
-                )
+                forward_block(problem, source, q, gathered[source, 0], gathered[source, 1], out, lse, first=False)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.problem, ctx.group = problem, group
@@ -58,42 +46,30 @@ class AllGatherAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         problem, group = ctx.problem, ctx.group
         layout = problem.layout
-        acc = accumulation_dtype(q.dtype)
-        gathered, work = _start_gather(torch.stack([k, v]), layout.degree, group)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        grads = torch.zeros((layout.degree, 2, *k.shape), dtype=acc, device=k.device)
+        dtype = accumulation_dtype(q.dtype)
+        gathered, work = _start_gather(k, v, layout.degree, group)
+        dq = torch.empty(q.shape, dtype=dtype, device=q.device)
+        grads = torch.zeros((layout.degree, 2, *k.shape), dtype=dtype, device=k.device)
         own = grads[layout.rank]
-        backward_block(
-            problem.kernel,
-            problem.calls(layout.rank),
-            dout,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            problem.scale,
-            dq,
-            own[0],
-            own[1],
-        )
+        backward_block(problem, layout.rank, dout, q, k, v, out, lse, dq, own[0], own[1], first=True)
+        problem.zero_padding_rows(dq)
         work.wait()
         for source in range(layout.degree):
             if source != layout.rank:
                 backward_block(
-                    problem.kernel,
-                    problem.calls(source),
+                    problem,
+                    source,
                     dout,
                     q,
                     gathered[source, 0],
                     gathered[source, 1],
                     out,
                     lse,
-                    problem.scale,
                     dq,
                     grads[source, 0],
                     grads[source, 1],
+                    first=False,
                 )
-        key_value_grads = torch.empty((2, *k.shape), dtype=acc, device=k.device)
+        key_value_grads = torch.empty((2, *k.shape), dtype=dtype, device=k.device)
         _reduce_scatter(key_value_grads, grads.flatten(0, 1), group=group)
         return dq.to(q.dtype), key_value_grads[0].to(k.dtype), key_value_grads[1].to(v.dtype), None, None

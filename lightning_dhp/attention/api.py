@@ -64,9 +64,7 @@ def cp_attention(
             layout = _single_sequence_layout(q.shape[0])
     implementation = "ring" if implementation is None else implementation
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"cp_attention: unknown implementation {implementation!r}; use one of {IMPLEMENTATIONS}"
-        )
+        raise ValueError(f"cp_attention: unknown implementation {implementation!r}; use one of {IMPLEMENTATIONS}")
     _check_shapes(q, k, v)
     if q.shape[0] != layout.num_local_tokens:
         raise ValueError(
@@ -95,9 +93,7 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                 "rows of the packed batch"
             )
     if k.shape != v.shape:
-        raise ValueError(
-            f"cp_attention: k has shape {tuple(k.shape)} but v has {tuple(v.shape)}; they must match"
-        )
+        raise ValueError(f"cp_attention: k has shape {tuple(k.shape)} but v has {tuple(v.shape)}; they must match")
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(
             f"cp_attention: q has shape {tuple(q.shape)} and k {tuple(k.shape)}; they need the same number "

@@ -34,9 +34,7 @@ class ZigzagLayout:
             )
         for index, length in enumerate(self.seq_lens):
             if length < 0:
-                raise ValueError(
-                    f"ZigzagLayout: sequence {index} has negative length {length}; lengths must be >= 0"
-                )
+                raise ValueError(f"ZigzagLayout: sequence {index} has negative length {length}; lengths must be >= 0")
 
         lens = torch.tensor(self.seq_lens, dtype=torch.long)
         multiple = 1 if self.degree == 1 else 2 * self.degree
@@ -46,17 +44,13 @@ class ZigzagLayout:
         self.local_cu_seqlens: torch.Tensor = torch.nn.functional.pad(local_lens.cumsum(0), (1, 0))
         self.num_local_tokens = int(self.local_cu_seqlens[-1])
 
-        self.sequence_ids: torch.Tensor = torch.repeat_interleave(
-            torch.arange(len(self.seq_lens)), local_lens
-        )
+        self.sequence_ids: torch.Tensor = torch.repeat_interleave(torch.arange(len(self.seq_lens)), local_lens)
         offset = torch.arange(self.num_local_tokens) - self.local_cu_seqlens[self.sequence_ids]
         chunk = (padded // (2 * self.degree))[self.sequence_ids]
         # Degree 1 keeps chunks 0 and 1, i.e. the whole sequence: both branches give ``offset``.
         head_start = self.rank * chunk
         tail_start = (2 * self.degree - 1 - self.rank) * chunk
-        self.position_ids: torch.Tensor = torch.where(
-            offset < chunk, head_start + offset, tail_start + offset - chunk
-        )
+        self.position_ids: torch.Tensor = torch.where(offset < chunk, head_start + offset, tail_start + offset - chunk)
         self.valid: torch.Tensor = self.position_ids < lens[self.sequence_ids]
         sequence_starts = torch.nn.functional.pad(lens.cumsum(0), (1, 0))
         # Row of the packed unpadded batch for each local row; padding rows point one past the end.
