@@ -23,3 +23,26 @@ def test_attention_bench_quick(tmp_path):
     short = results["short_pack"]
     assert set(short["timings_s"]) == {"cp_attention_packed", "bare_kernel_per_sequence", "sdpa_padded_batch"}
     assert short["num_sequences"] == results["config"]["num_short"]
+
+
+def test_planner_bench_quick(tmp_path):
+    output = tmp_path / "planner.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "planner_bench.py"), "--quick", "--json", str(output)],
+        check=True,
+        cwd=REPO,
+        timeout=180,
+        capture_output=True,
+        text=True,
+    )
+    for heading in ("Planner time (ms", "Quality vs the exact ILP optimum", "DHP over static ring CP", "Length rules:"):
+        assert heading in result.stdout
+    results = json.loads(output.read_text())
+    (timing,) = results["planner_time"][:1]
+    assert (timing["samples"], timing["devices"]) == (128, 64)
+    assert timing["time_ms"]["median"] > 0 and timing["gap_to_lower_bound_mean"] >= 0
+    assert {row["cost_model"] for row in results["ilp_quality"]} == {"default", "comm_heavy", "attention_heavy"}
+    for row in results["ilp_quality"]:
+        assert row["instances"] == 2 and row["gap_max"] >= -1e-9
+    for row in results["dhp_vs_static"]:
+        assert row["speedup_vs_best_static"]["median"] > 0 and row["rule"]

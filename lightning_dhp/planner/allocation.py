@@ -45,6 +45,17 @@ class DegreeTable:
             degrees[bins] += (envelope > makespan).sum(axis=1)
         return degrees
 
+    def degrees_and_times_at(self, makespan: float) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`degrees_at` and each bin's time there (inf for bins that cannot reach it)."""
+        degrees = self.min_degree.copy()
+        times = np.empty(len(degrees))
+        for bins, _, envelope in self.buckets:
+            above = (envelope > makespan).sum(axis=1)
+            degrees[bins] += above
+            reached = envelope[np.arange(len(bins)), np.minimum(above, envelope.shape[1] - 1)]
+            times[bins] = np.where(above < envelope.shape[1], reached, np.inf)
+        return degrees, times
+
     def time_at(self, bin_index: int, degree: int) -> float:
         """Raw time of ``bin_index`` at ``degree`` (inf when outside its table)."""
         bucket, row = self.location[bin_index]

@@ -190,7 +190,7 @@ class CostModel:
         features = np.array([row for row, _ in rows])
         seconds = np.array([s for _, s in rows])
         active = [0, 1, 2] + ([3, 4] if np.any(features[:, 3] > 0) else [])
-        coefficients = _nonnegative_relative_lstsq(features, seconds, active)
+        coefficients = [float(value) for value in _nonnegative_relative_lstsq(features, seconds, active)]
         if len(active) == 5:
             per_step_token = coefficients[4]
             model = dataclasses.replace(

@@ -106,25 +106,28 @@ def _solve_round(
     """Groups of one round (global sample indices), or None if the round cannot be packed.
 
     The sized longest-first packing is the main start; small rounds also try uniform-degree
-    starts (the static layouts), and any round falls back to them when the main packing runs
-    out of memory. The best refined start wins (the first on ties).
+    starts (the static layouts), and a round whose main packing runs out of memory tries them
+    all, small degrees first. The best refined start wins (the first on ties).
     """
     lengths, min_degree = all_lengths[samples], all_min_degree[samples]
     bound = lower_bound(lengths, min_degree, num_devices, 1, cost, node_size)
     problem = RoundProblem(lengths, min_degree, num_devices, tokens_per_device, cost, node_size, bound)
     sized = size_round(problem)
     main = pack_round(problem, *sized) if sized is not None else None
-    extra = [d for d in EXTRA_START_DEGREES if d <= num_devices] if len(samples) <= EXTRA_START_SAMPLES else []
-    fallback = [d for d in range(1, num_devices + 1) if num_devices // d != num_devices // (d + 1)]
-    best: tuple[float, list[PlannedGroup]] | None = None
-    for start in [main, *(_uniform_start(problem, d) for d in (extra if main is not None else fallback))]:
-        if start is None:
-            continue
-        result = _improve(problem, samples, start)
+    small = [d for d in EXTRA_START_DEGREES if d <= num_devices]
+    if main is not None:
+        degrees = small if len(samples) <= EXTRA_START_SAMPLES else []
+    else:
+        distinct = [d for d in range(1, num_devices + 1) if num_devices // d != num_devices // (d + 1)]
+        degrees = small + [d for d in distinct if d not in small]
+    best = _improve(problem, samples, main) if main is not None else None
+    for degree in degrees:
+        if best is not None and degree not in small:
+            break  # the remaining uniform degrees only rescue rounds nothing else could pack
+        start = _uniform_start(problem, degree)
+        result = _improve(problem, samples, start) if start is not None else None
         if result is not None and (best is None or result[0] < best[0]):
             best = result
-        if main is None and best is not None:
-            break
     return best[1] if best is not None else None
 
 

@@ -45,6 +45,9 @@ class RoundProblem:
         return with_work - self.cost.times_from_sums(0.0, 0.0, degrees, node_size=self.node_size)
 
 
+SIZING_TOLERANCE = 1e-6  # relative width at which the makespan search stops
+
+
 def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(single positions, their degrees, pool positions) for the smallest feasible makespan.
 
@@ -63,32 +66,32 @@ def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarra
         problem.cost,
         problem.node_size,
     )
-    entries = np.sort(table.entries()) if len(candidates) else np.zeros(0)
-    multi_devices = int(min_degree[multi].sum())
-    single_pool = np.flatnonzero(~multi)
-    pool_work = alone_time[single_pool] - overhead
-    pool_tokens = lengths[single_pool]
-    # dmin-1 candidates by degree-1 time, longest first: the first k of them leave the pool at T
-    # when k = #{alone_time > T}.
-    leaving = candidates[~multi[candidates]]
-    leaving = leaving[np.argsort(-alone_time[leaving], kind="stable")]
-    leaving_times = -alone_time[leaving]  # ascending for searchsorted
-    work_left = np.concatenate([[0.0], np.cumsum(alone_time[leaving] - overhead)])
-    tokens_left = np.concatenate([[0], np.cumsum(lengths[leaving])])
-    total_work, total_tokens = float(pool_work.sum()), int(pool_tokens.sum())
+    candidate_lengths = lengths[candidates]
+    candidate_multi = multi[candidates]
+    candidate_alone = alone_time[candidates]
+    one_device = ~multi
+    total_work = float((alone_time[one_device] - overhead).sum())
+    total_tokens = int(lengths[one_device].sum())
 
     def needed(makespan: float) -> float:
-        above = len(entries) - int(np.searchsorted(entries, makespan, side="right"))
-        leaving_count = int(np.searchsorted(leaving_times, -makespan, side="left"))
-        pool_size = len(single_pool) - leaving_count
-        devices = multi_devices + above + leaving_count
-        if pool_size:
-            work = total_work - work_left[leaving_count]
-            tokens = total_tokens - int(tokens_left[leaving_count])
-            if makespan <= overhead:
-                return math.inf
-            devices += max(1, -(-tokens // capacity), math.ceil(work / (makespan - overhead) - 1e-9))
-        return devices
+        degrees, times = table.degrees_and_times_at(makespan)
+        single = candidate_multi | (candidate_alone > makespan)
+        if np.isinf(times[single]).any():
+            return math.inf
+        devices = int(degrees[single].sum())
+        leaving = single & ~candidate_multi
+        work = total_work - float((candidate_alone[leaving] - overhead).sum())
+        tokens = total_tokens - int(candidate_lengths[leaving].sum())
+        if tokens == 0:
+            return devices
+        if makespan <= overhead:
+            return math.inf
+        # the pool first fills the time and memory the singles leave free
+        spare_time = float(((makespan - times[single]) * degrees[single]).sum())
+        spare_tokens = int((degrees[single] * capacity - problem.padded(candidate_lengths, degrees)[single]).sum())
+        by_work = math.ceil(max(0.0, work - spare_time) / (makespan - overhead) - 1e-9)
+        by_memory = -(-max(0, tokens - spare_tokens) // capacity)
+        return devices + max(by_work, by_memory)
 
     low = max(problem.lower_bound, table.floor_time() if len(candidates) else 0.0)
     if needed(math.inf) > problem.num_devices:
@@ -99,7 +102,7 @@ def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarra
     if needed(low) <= problem.num_devices:
         high = low
     for _ in range(100):
-        if high - low <= 1e-9 * high:
+        if high - low <= SIZING_TOLERANCE * high:
             break
         middle = 0.5 * (low + high)
         if needed(middle) <= problem.num_devices:
@@ -126,7 +129,7 @@ def pack_round(
     capacity = problem.tokens_per_device
     pool_degree = 1
     pool_bins = min(problem.num_devices - int(single_degrees.sum()), len(pool))
-    if len(pool) and pool_bins < 1:
+    if len(pool) and pool_bins < 1 and len(singles) == 0:
         return None
     degrees = np.concatenate([single_degrees, np.full(pool_bins, pool_degree)]).astype(np.int64)
     members: list[list[int]] = [[int(position)] for position in singles.tolist()] + [[] for _ in range(pool_bins)]
