@@ -49,6 +49,7 @@ def cp_attention(
     ``implementation`` is "ring" (default) or "allgather"; ``kernel`` forces a local kernel ("math",
     "cpu_flash", "cuda_efficient", "npu_fusion").
     """
+    _check_shapes(q, k, v)
     if layout is None:
         context = current_cp_context()
         if context is not None:
@@ -60,12 +61,10 @@ def cp_attention(
             reason = missing_context_reason()
             if reason is not None:
                 raise RuntimeError(reason)
-            _check_shapes(q, k, v)
             layout = _single_sequence_layout(q.shape[0])
     implementation = "ring" if implementation is None else implementation
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"cp_attention: unknown implementation {implementation!r}; use one of {IMPLEMENTATIONS}")
-    _check_shapes(q, k, v)
     if q.shape[0] != layout.num_local_tokens:
         raise ValueError(
             f"cp_attention: q, k, v have {q.shape[0]} rows but {layout} holds {layout.num_local_tokens} "
