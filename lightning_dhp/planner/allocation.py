@@ -56,6 +56,15 @@ class DegreeTable:
             times[bins] = np.where(above < envelope.shape[1], reached, np.inf)
         return degrees, times
 
+    def times_at(self, degrees: np.ndarray) -> np.ndarray:
+        """Raw time of every bin at ``degrees[bin]`` (inf outside its table)."""
+        times = np.empty(len(degrees))
+        for bins, raw, _ in self.buckets:
+            column = degrees[bins] - self.min_degree[bins]
+            inside = column < raw.shape[1]
+            times[bins] = np.where(inside, raw[np.arange(len(bins)), np.minimum(column, raw.shape[1] - 1)], np.inf)
+        return times
+
     def time_at(self, bin_index: int, degree: int) -> float:
         """Raw time of ``bin_index`` at ``degree`` (inf when outside its table)."""
         bucket, row = self.location[bin_index]
@@ -78,6 +87,8 @@ def bin_min_degree(lengths: np.ndarray, tokens_per_device: int, start: int, limi
     def fits(degree: int) -> bool:
         return int((2 * -(-lengths // (2 * degree))).sum()) <= tokens_per_device
 
+    if fits(low):
+        return low
     if not fits(high):
         return limit + 1
     while low < high:
@@ -87,6 +98,25 @@ def bin_min_degree(lengths: np.ndarray, tokens_per_device: int, start: int, limi
         else:
             low = middle + 1
     return low
+
+
+def bin_min_degrees(
+    lengths: np.ndarray, owner: np.ndarray, member_min_degree: np.ndarray, num_bins: int, capacity: int, limit: int
+) -> np.ndarray:
+    """:func:`bin_min_degree` of every bin; ``owner[i]`` is the bin of sample ``i``.
+
+    Vectorised for the common cases (the bin fits at its largest member's minimum degree).
+    """
+    start = np.zeros(num_bins, dtype=np.int64)
+    np.maximum.at(start, owner, member_min_degree)
+    total = np.bincount(owner, weights=lengths, minlength=num_bins)
+    chunk = 2 * np.maximum(start, 1)[owner]
+    per_device = np.bincount(owner, weights=2 * -(-lengths // chunk), minlength=num_bins)
+    degrees = np.where(start == 1, 1, start)
+    hard = np.flatnonzero(np.where(start == 1, total > capacity, per_device > capacity))
+    for bin_index in hard.tolist():
+        degrees[bin_index] = bin_min_degree(lengths[owner == bin_index], capacity, int(start[bin_index]), limit)
+    return degrees
 
 
 def build_table(
@@ -100,8 +130,9 @@ def build_table(
     """Time tables of every bin from its minimum degree until its envelope reaches ``target``.
 
     Degrees beyond the first that reaches ``target`` (a lower bound of the makespan) can never be
-    needed, which keeps tables short; a first guess of each width from the degree-1 work is
-    doubled until the row reaches ``target`` or its ``max_degree``.
+    needed, which keeps tables short. Widths are powers of two: a first guess from the degree-1
+    work, doubled until the row reaches ``target`` or covers ``max_degree``; degrees past
+    ``max_degree`` get an infinite time.
     """
     num_bins = len(bin_lengths)
     sizes = np.array([len(lengths) for lengths in bin_lengths], dtype=np.int64)
@@ -110,79 +141,58 @@ def build_table(
     degree_one_work = np.bincount(flat_bins, weights=cost.sample_costs(flat_lengths, 1), minlength=num_bins)
     headroom = max(target - cost.overhead_s, 1e-12)
     guess = np.ceil(degree_one_work / headroom).astype(np.int64) + 2 - min_degree
-    widths = np.clip(guess, 1, max_degree - min_degree + 1)
-    final: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    full = max_degree - min_degree + 1
+    widths = 1 << np.ceil(np.log2(np.clip(np.minimum(guess, full), 1, None))).astype(np.int64)
+    done: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
     pending = np.arange(num_bins)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
     while pending.size:
-        times = _tables_for(pending, widths, min_degree, max_degree, starts, flat_lengths, cost, node_size)
         retry = []
-        for bin_index, row in zip(pending.tolist(), times, strict=True):
-            envelope = np.minimum.accumulate(row)
-            full = widths[bin_index] >= max_degree[bin_index] - min_degree[bin_index] + 1
-            if envelope[-1] <= target or full:
-                final[bin_index] = (row, envelope)
-            else:
-                retry.append(bin_index)
-                widths[bin_index] = min(2 * widths[bin_index], max_degree[bin_index] - min_degree[bin_index] + 1)
-        pending = np.array(retry, dtype=np.int64)
-    buckets = _bucket(final, num_bins)
+        for width in np.unique(widths[pending]).tolist():
+            chosen = pending[widths[pending] == width]
+            times = _times_for(chosen, width, flat_bins, flat_lengths, min_degree, max_degree, cost, node_size)
+            envelope = np.minimum.accumulate(times, axis=1)
+            finished = (envelope[:, -1] <= target) | (width >= full[chosen])
+            done.setdefault(width, []).append((chosen[finished], times[finished], envelope[finished]))
+            retry.append(chosen[~finished])
+        pending = np.concatenate(retry)
+        widths[pending] *= 2
+    buckets = []
     location = np.zeros((num_bins, 2), dtype=np.int64)
-    for bucket_index, (members, _, _) in enumerate(buckets):
-        location[members, 0] = bucket_index
-        location[members, 1] = np.arange(len(members))
+    for width in sorted(done):
+        bins, times, envelope = (np.concatenate(parts) for parts in zip(*done[width], strict=True))
+        if bins.size:
+            location[bins, 0] = len(buckets)
+            location[bins, 1] = np.arange(len(bins))
+            buckets.append((bins, times, envelope))
     return DegreeTable(min_degree=min_degree.copy(), buckets=buckets, location=location)
 
 
-def _tables_for(
-    bins: np.ndarray,
-    widths: np.ndarray,
+def _times_for(
+    chosen: np.ndarray,
+    width: int,
+    flat_bins: np.ndarray,
+    flat_lengths: np.ndarray,
     min_degree: np.ndarray,
     max_degree: np.ndarray,
-    starts: np.ndarray,
-    flat_lengths: np.ndarray,
     cost: CostModel,
     node_size: int | None,
-) -> list[np.ndarray]:
-    """Raw time rows (one per bin in ``bins``), computed in one vectorised pass per width."""
-    rows: dict[int, np.ndarray] = {}
-    for width in np.unique(widths[bins]).tolist():
-        chosen = bins[widths[bins] == width]
-        sample_counts = starts[chosen + 1] - starts[chosen]
-        sample_index = np.concatenate([np.arange(starts[b], starts[b + 1]) for b in chosen.tolist()])
-        owner = np.repeat(np.arange(len(chosen)), sample_counts)
-        degrees = min_degree[chosen][:, None] + np.arange(width)[None, :]
-        sample_degrees = degrees[owner]
-        lengths = flat_lengths[sample_index][:, None]
-        chunk = 2 * sample_degrees
-        padded = np.where(sample_degrees == 1, lengths, -(-lengths // chunk) * chunk).astype(np.float64)
-        boundaries = np.concatenate([[0], np.cumsum(sample_counts)[:-1]])
-        sum_padded = np.add.reduceat(padded, boundaries, axis=0)
-        sum_squares = np.add.reduceat(padded * padded, boundaries, axis=0)
-        times = cost.times_from_sums(sum_padded, sum_squares, degrees, node_size=node_size)
-        times[degrees > max_degree[chosen][:, None]] = np.inf
-        for position, bin_index in enumerate(chosen.tolist()):
-            rows[bin_index] = times[position]
-    return [rows[bin_index] for bin_index in bins.tolist()]
-
-
-def _bucket(rows: dict[int, tuple[np.ndarray, np.ndarray]], num_bins: int) -> list:
-    """Group rows by width rounded up to a power of two, padding the tail with the last value."""
-    by_width: dict[int, list[int]] = {}
-    for bin_index in range(num_bins):
-        width = len(rows[bin_index][0])
-        by_width.setdefault(1 << (width - 1).bit_length(), []).append(bin_index)
-    buckets = []
-    for width, members in sorted(by_width.items()):
-        times = np.full((len(members), width), np.inf)
-        envelope = np.empty((len(members), width))
-        for position, bin_index in enumerate(members):
-            row, env = rows[bin_index]
-            times[position, : len(row)] = row
-            envelope[position, : len(env)] = env
-            envelope[position, len(env) :] = env[-1]
-        buckets.append((np.array(members, dtype=np.int64), times, envelope))
-    return buckets
+) -> np.ndarray:
+    """Times of the ``chosen`` bins (ascending ids) at ``width`` consecutive degrees each."""
+    is_chosen = np.zeros(len(min_degree), dtype=bool)
+    is_chosen[chosen] = True
+    samples = np.flatnonzero(is_chosen[flat_bins])  # grouped by bin, bins ascending
+    row = np.searchsorted(chosen, flat_bins[samples])
+    degrees = min_degree[chosen][:, None] + np.arange(width)[None, :]
+    sample_degrees = degrees[row]
+    lengths = flat_lengths[samples][:, None]
+    chunk = 2 * sample_degrees
+    padded = np.where(sample_degrees == 1, lengths, -(-lengths // chunk) * chunk).astype(np.float64)
+    boundaries = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+    sum_padded = np.add.reduceat(padded, boundaries, axis=0)
+    sum_squares = np.add.reduceat(padded * padded, boundaries, axis=0)
+    times = cost.times_from_sums(sum_padded, sum_squares, degrees, node_size=node_size)
+    times[degrees > max_degree[chosen][:, None]] = np.inf
+    return times
 
 
 def allocate(table: DegreeTable, num_devices: int) -> tuple[np.ndarray, float] | None:
@@ -213,6 +223,8 @@ def spend_leftover(table: DegreeTable, degrees: np.ndarray, num_devices: int) ->
     """Give unused devices, one at a time, to the slowest bin that gets strictly faster with one more."""
     degrees = degrees.copy()
     leftover = num_devices - int(degrees.sum())
+    if leftover == 0:
+        return degrees
     heap = [(-table.time_at(b, int(d)), b) for b, d in enumerate(degrees.tolist())]
     heapq.heapify(heap)
     while leftover > 0 and heap:

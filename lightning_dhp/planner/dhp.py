@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lightning_dhp.planner.allocation import allocate, bin_min_degree, build_table, spend_leftover
+from lightning_dhp.planner.allocation import allocate, bin_min_degrees, build_table, spend_leftover
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
 from lightning_dhp.planner.inputs import check_count, check_fits, check_lengths, min_degrees
 from lightning_dhp.planner.packing import RoundProblem, pack_round, size_round
@@ -27,7 +27,7 @@ from lightning_dhp.planner.rounds import balanced_assignment, device_seconds, lo
 REFINE_PASSES = 8
 EXTRA_START_SAMPLES = 32  # rounds up to this many samples also try the uniform-degree starts
 EXTRA_START_DEGREES = (1, 2, 3, 4, 6, 8)
-REFINE_STEP_BUDGET = 4096  # refinement steps per round: this over the round's samples, within [4, 64]
+REFINE_STEP_BUDGET = 4096  # refinement steps per start: this over the batch's samples, within [4, 64]
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,9 @@ def _solve_round(
     """
     lengths, min_degree = all_lengths[samples], all_min_degree[samples]
     bound = lower_bound(lengths, min_degree, num_devices, 1, cost, node_size)
-    problem = RoundProblem(lengths, min_degree, num_devices, tokens_per_device, cost, node_size, bound)
+    problem = RoundProblem(
+        lengths, min_degree, num_devices, tokens_per_device, cost, node_size, bound, len(all_lengths)
+    )
     sized = size_round(problem)
     main = pack_round(problem, *sized) if sized is not None else None
     small = [d for d in EXTRA_START_DEGREES if d <= num_devices]
@@ -147,7 +149,7 @@ def _improve(
 ) -> tuple[float, list[PlannedGroup]] | None:
     """Alternate exact allocation and refinement from one start; the best (makespan, groups)."""
     best: tuple[float, list[PlannedGroup]] | None = None
-    steps_left = max(4, min(64, REFINE_STEP_BUDGET // len(samples)))
+    steps_left = max(4, min(64, REFINE_STEP_BUDGET // problem.batch_size))
     for _ in range(REFINE_PASSES):
         members = [bin_members for bin_members in members if bin_members]
         allocated = _allocate_and_place(problem, members)
@@ -183,12 +185,15 @@ def _allocate_and_place(
     """
     num_devices = problem.num_devices
     bin_lengths = [problem.lengths[bin_members] for bin_members in members]
-    min_degree = np.array(
-        [
-            bin_min_degree(lengths, problem.tokens_per_device, int(problem.min_degree[bin_members].max()), num_devices)
-            for lengths, bin_members in zip(bin_lengths, members, strict=True)
-        ],
-        dtype=np.int64,
+    flat_members = np.concatenate([np.asarray(bin_members, dtype=np.int64) for bin_members in members])
+    owner = np.repeat(np.arange(len(members)), [len(bin_members) for bin_members in members])
+    min_degree = bin_min_degrees(
+        problem.lengths[flat_members],
+        owner,
+        problem.min_degree[flat_members],
+        len(members),
+        problem.tokens_per_device,
+        num_devices,
     )
     if min_degree.sum() > num_devices:
         return None
@@ -201,8 +206,7 @@ def _allocate_and_place(
         degrees = spend_leftover(table, allocation[0], num_devices)
         starts = place(degrees.tolist(), num_devices, problem.node_size)
         if not isinstance(starts, PlacementFailure):
-            times = np.array([table.time_at(b, d) for b, d in enumerate(degrees.tolist())])
-            return degrees, starts, times
+            return degrees, starts, table.times_at(degrees)
         if starts.largest_free < min_degree[starts.bin_index]:
             return None
         max_degree[starts.bin_index] = min(int(max_degree[starts.bin_index]), starts.largest_free)

@@ -33,6 +33,7 @@ class RoundProblem:
     cost: CostModel
     node_size: int | None
     lower_bound: float
+    batch_size: int  # samples in the whole batch (all rounds); sets the refinement budget
 
     def padded(self, lengths: np.ndarray, degrees: np.ndarray) -> np.ndarray:
         chunk = 2 * degrees
@@ -148,33 +149,36 @@ def pack_round(
     pool_padded = problem.padded(problem.lengths[pool][:, None], np.array(classes)[None, :])
     order = np.lexsort((pool, -pool_costs[:, 0]))
     smallest_left = np.minimum.accumulate(problem.lengths[pool][order][::-1])[::-1]
+    times_array, tokens_array = np.array(times), np.array(tokens, dtype=np.int64)
+    class_bins = [np.flatnonzero(degrees == degree) for degree in classes]
     for rank_in_order, item in enumerate(order.tolist()):
         best: tuple[float, int, int] | None = None  # (finish time, class position, bin)
         for class_position, degree in enumerate(classes):
-            heap = heaps[degree]
+            heap, limit = heaps[degree], degree * capacity
+            while heap and (
+                heap[0][0] != times[heap[0][1]]  # stale: the bin has grown since this entry
+                or limit - tokens[heap[0][1]] < smallest_left[rank_in_order]  # full for good
+            ):
+                heapq.heappop(heap)
+            if not heap:
+                continue
             need = int(pool_padded[item, class_position])
-            skipped = []
-            while heap:
-                entry_time, candidate = heap[0]
-                if entry_time != times[candidate]:
-                    heapq.heappop(heap)  # stale: the bin has grown since this entry was pushed
-                elif tokens[candidate] + need > degree * capacity:
-                    heapq.heappop(heap)
-                    if capacity * degree - tokens[candidate] >= smallest_left[rank_in_order]:
-                        skipped.append((entry_time, candidate))  # may still take a shorter sample
-                else:
-                    break
-            if heap:
-                finish = heap[0][0] + float(pool_costs[item, class_position])
-                if best is None or finish < best[0]:
-                    best = (finish, class_position, heap[0][1])
-            for entry in skipped:
-                heapq.heappush(heap, entry)
+            candidate = heap[0][1]
+            if tokens[candidate] + need > limit:  # earliest bin too full: earliest one with room
+                bins = class_bins[class_position]
+                room = tokens_array[bins] + need <= limit
+                if not room.any():
+                    continue
+                candidate = int(bins[np.argmin(np.where(room, times_array[bins], np.inf))])
+            finish = times[candidate] + float(pool_costs[item, class_position])
+            if best is None or finish < best[0]:
+                best = (finish, class_position, candidate)
         if best is None:
             return None
         finish, class_position, bin_index = best
-        times[bin_index] = finish
+        times[bin_index] = times_array[bin_index] = finish
         tokens[bin_index] += int(pool_padded[item, class_position])
+        tokens_array[bin_index] = tokens[bin_index]
         members[bin_index].append(int(pool[item]))
         heapq.heappush(heaps[classes[class_position]], (finish, bin_index))
     return [bin_members for bin_members in members if bin_members]

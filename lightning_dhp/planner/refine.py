@@ -94,7 +94,9 @@ class Refiner:
         if len(partners) > SWAP_PARTNER_BINS:
             fastest = np.argpartition(self.times[partners], SWAP_PARTNER_BINS - 1)[:SWAP_PARTNER_BINS]
             partners = partners[fastest]
-        others = np.flatnonzero(np.isin(self.owner, partners))
+        is_partner = np.zeros(len(self.degree), dtype=bool)
+        is_partner[partners] = True
+        others = np.flatnonzero(is_partner[self.owner])
         if not others.size:
             return np.inf, None
         capacity = self.problem.tokens_per_device
