@@ -1,0 +1,645 @@
+"""Cluster-scale simulator: replay a length distribution through DHP and static CP on 8..1024 devices.
+
+Every simulated step draws one global batch (``samples_per_device x devices`` samples; batches are
+consecutive slices of seeded shuffles of the whole distribution, so each pass sees every sample once)
+and plans it under one cost model with:
+
+- ``dhp``: :func:`~lightning_dhp.planner.plan_batch` (node-aware, any degree);
+- ``ring-<d>``: :func:`~lightning_dhp.planner.static_plan` at every power-of-two degree ``d`` that
+  divides the devices and fits the longest sample of the whole distribution (Megatron-style ring CP,
+  one degree for the whole run, DP = devices / d); groups wider than a node pay the inter-node
+  bandwidth;
+- ``ulysses-<d>``: the same groups as ``ring-<d>`` for every such ``d`` that also divides the
+  attention heads, timed with an all-to-all model built from the cost model's fields (see
+  :func:`ulysses_group_time`).
+
+"Best static" is the static policy with the lowest predicted time over all simulated steps (chosen
+with hindsight). Useful work is the cost model's degree-1 compute of every sample (``a L^2 + b L``,
+no padding, no communication, no overhead); utilisation is useful work over devices x step time.
+
+Run ``python -m lightning_dhp.simulate --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_dhp.data.lengths import DISTRIBUTIONS, LengthFileError, read_metadata, token_lengths
+from lightning_dhp.planner import CostModel, Plan, PlanError, padded_length, plan_batch, static_plan
+from lightning_dhp.planner.inputs import min_degrees
+
+DEFAULT_DEVICES = (8, 16, 32, 64, 128, 256, 512, 1024)
+QUICK_DEVICES = (8, 16, 64)
+QUICK_DISTRIBUTIONS = ("epic_kitchens_segments",)
+# Bytes one Ulysses token moves per step over the ring's K/V bytes per token (kv_bytes_per_token).
+# For the default 7B-class model (32 query heads, 8 KV heads): the ring moves K, V forward and
+# K, V, dK, dV backward = 3 x 16 KV-head vectors per layer; Ulysses all-to-alls q, k, v, out forward
+# and their gradients backward = 2 x (32 + 8 + 8 + 32) head vectors per layer: 160 / 48 = 10 / 3.
+ULYSSES_VOLUME_RATIO = 10 / 3
+
+
+class SimulationError(ValueError):
+    """Bad simulator input; the message names the argument or file, the limit and the fix."""
+
+
+@dataclass(frozen=True)
+class LengthSource:
+    """Token lengths of one distribution and the rule that made them (quoted in every report)."""
+
+    name: str
+    rule: str
+    lengths: np.ndarray
+
+    def stats(self) -> dict[str, float]:
+        """Spread of the token lengths; ``cv`` (std / mean) is the heterogeneity the report ranks by."""
+        lengths = self.lengths.astype(np.float64)
+        return {
+            "samples": float(len(lengths)),
+            "median": float(np.median(lengths)),
+            "mean": float(lengths.mean()),
+            "p99": float(np.percentile(lengths, 99)),
+            "max": float(lengths.max()),
+            "cv": float(lengths.std() / lengths.mean()),
+        }
+
+
+def named_source(name: str, *, data_dir: str | None = None, params: dict[str, float] | None = None) -> LengthSource:
+    """A distribution of :data:`~lightning_dhp.data.lengths.DISTRIBUTIONS` with optional rule overrides."""
+    if name not in DISTRIBUTIONS:
+        raise SimulationError(f"--dist {name!r} is not a known distribution; choose from {sorted(DISTRIBUTIONS)}")
+    params = params or {}
+    try:
+        lengths = token_lengths(name, data_dir=data_dir, **params)
+    except TypeError as error:
+        raise SimulationError(f"--param {params}: {error}; use the constants named in that rule") from None
+    overrides = f" (overrides: {', '.join(f'{key}={value:g}' for key, value in params.items())})" if params else ""
+    return LengthSource(name, DISTRIBUTIONS[name].description + overrides, lengths)
+
+
+def csv_source(path: str, column: str, *, scale: float = 1.0, offset: float = 0.0) -> LengthSource:
+    """Lengths from the user's CSV: ``tokens = ceil(column * scale + offset)`` per row."""
+    values = read_metadata(path, [column])[column]
+    tokens = np.ceil(values * scale + offset)
+    bad = np.flatnonzero(~(tokens >= 1))
+    if bad.size:
+        row = int(bad[0])
+        raise SimulationError(
+            f"{path} row {row + 2} column {column!r} holds {values[row]:g}, which the rule "
+            f"ceil({column} * {scale:g} + {offset:g}) turns into {tokens[row]:g} tokens; every sample needs "
+            f">= 1 token: fix that row or raise --offset"
+        )
+    rule = f"{Path(path).name}: tokens = ceil({column} * {scale:g} + {offset:g})"
+    return LengthSource(f"{Path(path).stem}:{column}", rule, tokens.astype(np.int64))
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """What is simulated; every field is a CLI option of the same name."""
+
+    devices: tuple[int, ...] = DEFAULT_DEVICES
+    samples_per_device: int = 8
+    tokens_per_device: int = 16384
+    node_size: int = 8
+    steps: int = 32
+    pool_size: int = 32
+    ulysses_heads: int = 8
+    ulysses_volume_ratio: float = ULYSSES_VOLUME_RATIO
+    seed: int = 0
+
+
+# -- policies ---------------------------------------------------------------------------------------
+
+GroupTime = Callable[[list[int], int, bool], float]
+
+
+def ring_group_time(cost: CostModel) -> GroupTime:
+    """The cost model's own ring-CP group time."""
+    return lambda lengths, degree, crosses_node: cost.group_time(lengths, degree, crosses_node=crosses_node)
+
+
+def ulysses_group_time(cost: CostModel, volume_ratio: float) -> GroupTime:
+    """Ulysses (all-to-all over heads) group time from the cost model's fields.
+
+    ``overhead + (a sum P^2 + b sum P) / d + [d > 1] (d - 1) (step_latency + volume_ratio * kv_bytes
+    * (sum P / d) / d / bandwidth)``: the same compute as the ring with ``P`` = length padded to a
+    multiple of ``d``; each rank sends ``(d - 1) / d`` of its ``sum P / d`` tokens' head vectors; the
+    all-to-alls sit between projection and attention, so nothing overlaps them; ``d - 1`` peers per
+    collective pay the ring's per-step latency.
+    """
+
+    def group_time(lengths: list[int], degree: int, crosses_node: bool) -> float:
+        padded = np.asarray([-(-length // degree) * degree for length in lengths], dtype=np.float64)
+        compute = (cost.attention_s_per_token2 * (padded * padded).sum() + cost.linear_s_per_token * padded.sum())
+        if degree == 1:
+            return cost.overhead_s + compute
+        bandwidth = cost.inter_node_bytes_per_s if crosses_node else cost.intra_node_bytes_per_s
+        tokens_per_rank = padded.sum() / degree
+        all_to_all = volume_ratio * cost.kv_bytes_per_token * tokens_per_rank / degree / bandwidth
+        return cost.overhead_s + compute / degree + (degree - 1) * (cost.ring_step_latency_s + all_to_all)
+
+    return group_time
+
+
+def retimed(plan: Plan, group_time: GroupTime, node_size: int) -> float:
+    """Predicted time of ``plan``'s rounds under ``group_time``; groups spanning two nodes cross."""
+    total = 0.0
+    for round_ in plan.rounds:
+        total += max(
+            group_time(
+                [plan.lengths[sample] for sample in group.samples],
+                group.degree,
+                group.ranks[0] // node_size != group.ranks[-1] // node_size,
+            )
+            for group in round_.groups
+        )
+    return total
+
+
+def fitting_static_degrees(longest: int, num_devices: int, tokens_per_device: int) -> list[int]:
+    """Power-of-two degrees dividing ``num_devices`` that hold a sample of ``longest`` tokens."""
+    needed = int(min_degrees(np.array([longest]), tokens_per_device)[0])
+    degrees, degree = [], 1
+    while degree <= num_devices:
+        fits = padded_length(longest, degree) <= degree * tokens_per_device
+        if degree >= needed and num_devices % degree == 0 and fits:
+            degrees.append(degree)
+        degree *= 2
+    return degrees
+
+
+def batch_stream(population: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Endless global batches: consecutive slices of seeded shuffles of ``population``."""
+    rng = np.random.default_rng(seed)
+    order = np.empty(0, dtype=np.int64)
+    while True:
+        while len(order) < batch_size:
+            order = np.concatenate([order, rng.permutation(len(population))])
+        yield population[order[:batch_size]]
+        order = order[batch_size:]
+
+
+# -- one device count ---------------------------------------------------------------------------------
+
+
+def _pool_replay(rank_sets_per_step: list[list[tuple[int, ...]]], capacity: int) -> dict[str, float]:
+    """Replay the strategy's group pool (capped LRU keyed by rank tuple) over the simulated steps."""
+    from lightning_dhp.distributed.pool import GroupPool  # imports torch: only when a simulation runs
+
+    pool = GroupPool(capacity, create=tuple, destroy=lambda group: None)
+    for rank_sets in rank_sets_per_step:
+        pool.acquire_plan(rank_sets)
+    distinct = {ranks for rank_sets in rank_sets_per_step for ranks in rank_sets if len(ranks) > 1}
+    lookups = pool.stats.hits + pool.stats.misses
+    return {
+        "capacity": float(capacity),
+        "created": float(pool.stats.misses),
+        "evicted": float(pool.stats.evictions),
+        "distinct_rank_sets": float(len(distinct)),
+        "hit_rate": pool.stats.hit_rate,
+        "hit_rate_uncapped": 1.0 - len(distinct) / lookups if lookups else 1.0,
+    }
+
+
+def simulate_device_count(
+    source: LengthSource, num_devices: int, config: SimulationConfig, cost: CostModel
+) -> dict[str, Any]:
+    """Every policy on the same ``config.steps`` global batches of ``num_devices x samples_per_device``."""
+    node_size, capacity = config.node_size, config.tokens_per_device
+    ring, ulysses = ring_group_time(cost), ulysses_group_time(cost, config.ulysses_volume_ratio)
+    static_degrees = fitting_static_degrees(int(source.lengths.max()), num_devices, capacity)
+    policies = ["dhp"] + [f"ring-{degree}" for degree in static_degrees] + [
+        f"ulysses-{degree}" for degree in static_degrees if config.ulysses_heads % degree == 0
+    ]
+    totals = dict.fromkeys(policies, 0.0)
+    lower_bound = tokens = useful = 0.0
+    planner_ms: list[float] = []
+    rank_sets_per_step: list[list[tuple[int, ...]]] = []
+    batches = batch_stream(source.lengths, config.samples_per_device * num_devices, config.seed)
+    for _, batch in zip(range(config.steps), batches, strict=False):
+        started = time.perf_counter()
+        plan = plan_batch(batch, num_devices, capacity, cost, node_size=node_size)
+        planner_ms.append((time.perf_counter() - started) * 1e3)
+        totals["dhp"] += plan.predicted_time
+        lower_bound += plan.lower_bound
+        rank_sets_per_step.append([group.ranks for round_ in plan.rounds for group in round_.groups])
+        for degree in static_degrees:
+            static = static_plan(batch, num_devices, capacity, degree, cost)
+            totals[f"ring-{degree}"] += retimed(static, ring, node_size)
+            if f"ulysses-{degree}" in totals:
+                totals[f"ulysses-{degree}"] += retimed(static, ulysses, node_size)
+        batch_f = batch.astype(np.float64)
+        tokens += float(batch_f.sum())
+        useful += float((cost.attention_s_per_token2 * batch_f * batch_f + cost.linear_s_per_token * batch_f).sum())
+    step_time = {policy: total / config.steps for policy, total in totals.items()}
+    best_static = min((policy for policy in policies if policy != "dhp"), key=totals.__getitem__)
+    megatron = f"ring-{static_degrees[0]}"
+    return {
+        "devices": num_devices,
+        "global_batch": config.samples_per_device * num_devices,
+        "steps": config.steps,
+        "epochs": config.steps * config.samples_per_device * num_devices / len(source.lengths),
+        "step_time_s": step_time,
+        "lower_bound_s": lower_bound / config.steps,
+        "best_static": best_static,
+        "megatron": megatron,
+        "speedup_over_best_static": totals[best_static] / totals["dhp"],
+        "speedup_over_megatron": totals[megatron] / totals["dhp"],
+        "utilisation": {
+            policy: useful / (num_devices * totals[policy]) for policy in ("dhp", best_static)
+        },
+        "tokens_per_device_s": {
+            policy: tokens / (num_devices * totals[policy]) for policy in ("dhp", best_static)
+        },
+        "planner_ms": {
+            "median": statistics.median(planner_ms),
+            "p90": float(np.percentile(planner_ms, 90)),
+        },
+        "pool": _pool_replay(rank_sets_per_step, config.pool_size),
+    }
+
+
+def check_fits_everywhere(source: LengthSource, config: SimulationConfig) -> None:
+    """SimulationError before any work when the longest sample fits no simulated device count."""
+    longest = int(source.lengths.max())
+    for num_devices in config.devices:
+        if not fitting_static_degrees(longest, num_devices, config.tokens_per_device):
+            needed = int(min_degrees(np.array([longest]), config.tokens_per_device)[0])
+            raise SimulationError(
+                f"distribution {source.name!r}: its longest sample ({longest} tokens) needs a power-of-two "
+                f"degree >= {needed} dividing --devices {num_devices} at --tokens-per-device "
+                f"{config.tokens_per_device}; raise --tokens-per-device or use more devices"
+            )
+
+
+def simulate(
+    sources: Sequence[LengthSource],
+    config: SimulationConfig,
+    cost: CostModel,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Simulate every source at every device count; the result is what ``--json`` writes."""
+    for source in sources:
+        check_fits_everywhere(source, config)
+    distributions = []
+    for source in sources:
+        rows = []
+        for num_devices in config.devices:
+            if progress:
+                progress(f"{source.name}: {num_devices} devices")
+            rows.append(simulate_device_count(source, num_devices, config, cost))
+        _add_scaling(rows)
+        distributions.append({"name": source.name, "rule": source.rule, "stats": source.stats(), "results": rows})
+    return {
+        "config": dataclasses.asdict(config),
+        "cost_model": dataclasses.asdict(cost),
+        "machine": f"{platform.node()} ({platform.machine()}, {platform.system()}, python {platform.python_version()})",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "distributions": distributions,
+    }
+
+
+def _add_scaling(rows: list[dict[str, Any]]) -> None:
+    """Per-device throughput at each device count over that at the smallest one (DHP; best static)."""
+    base = rows[0]
+    base_static = base["tokens_per_device_s"][base["best_static"]]
+    for row in rows:
+        row["scaling_efficiency"] = {
+            "dhp": row["tokens_per_device_s"]["dhp"] / base["tokens_per_device_s"]["dhp"],
+            "best_static": row["tokens_per_device_s"][row["best_static"]] / base_static,
+        }
+
+
+# -- reports -----------------------------------------------------------------------------------------
+
+TARGET_SPEEDUP, TARGET_SPEEDUP_DEVICES = 1.36, 64
+TARGET_SCALING, TARGET_SCALING_DEVICES = 0.95, 1024
+TARGET_PLANNER_MS = 100.0
+
+
+def _policy_order(policy: str) -> tuple[int, int]:
+    kind, _, degree = policy.partition("-")
+    return ({"dhp": 0, "ring": 1, "ulysses": 2}[kind], int(degree or 0))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    """The report: configuration, targets, then per distribution a summary and a per-policy table."""
+    config, lines = result["config"], []
+    lines += [
+        "# DHP cluster-scale simulation",
+        "",
+        f"{result['date']} on {result['machine']}. Global batch = {config['samples_per_device']} samples per "
+        f"device; {config['steps']} steps per device count; {config['tokens_per_device']} tokens per device; "
+        f"{config['node_size']} devices per node; pool capacity {config['pool_size']}; Ulysses degrees divide "
+        f"{config['ulysses_heads']} heads (all-to-all volume {config['ulysses_volume_ratio']:.3g} x ring K/V bytes); "
+        f"seed {config['seed']}.",
+        "",
+        "Cost model: " + ", ".join(f"{key}={value:.3g}" for key, value in result["cost_model"].items()) + ".",
+        "",
+        *_targets(result),
+    ]
+    for distribution in result["distributions"]:
+        stats = distribution["stats"]
+        lines += [
+            "",
+            f"## {distribution['name']}",
+            "",
+            f"Rule: {distribution['rule']}. {stats['samples']:.0f} samples, tokens median {stats['median']:.0f}, "
+            f"mean {stats['mean']:.0f}, p99 {stats['p99']:.0f}, max {stats['max']:.0f}, CV {stats['cv']:.2f}.",
+            "",
+        ]
+        summary_rows = []
+        for row in distribution["results"]:
+            pool, best = row["pool"], row["best_static"]
+            summary_rows.append([
+                str(row["devices"]),
+                str(row["global_batch"]),
+                f"{row['step_time_s']['dhp']:.3f}",
+                f"{best} {row['step_time_s'][best]:.3f}",
+                f"**{row['speedup_over_best_static']:.3f}**",
+                f"{row['speedup_over_megatron']:.3f} ({row['megatron']})",
+                f"{row['step_time_s']['dhp'] / row['lower_bound_s']:.3f}",
+                f"{row['utilisation']['dhp']:.1%} / {row['utilisation'][best]:.1%}",
+                f"{row['scaling_efficiency']['dhp']:.1%} / {row['scaling_efficiency']['best_static']:.1%}",
+                f"{row['planner_ms']['median']:.1f} ({row['planner_ms']['p90']:.1f})",
+                f"{pool['created']:.0f} / {pool['distinct_rank_sets']:.0f}",
+                f"{pool['hit_rate']:.1%} ({pool['hit_rate_uncapped']:.1%})",
+            ])
+        lines += _table(
+            [
+                "devices", "batch", "DHP s/step", "best static s/step", "DHP / best", "DHP / Megatron",
+                "DHP / bound", "utilisation DHP / best", "scaling DHP / best", "planner ms median (p90)",
+                "groups created / distinct", "pool hits (uncapped)",
+            ],
+            summary_rows,
+        )
+        policies = sorted({p for row in distribution["results"] for p in row["step_time_s"]}, key=_policy_order)
+        lines += ["", "Predicted seconds per step of every policy:", ""]
+        lines += _table(
+            ["devices", *policies],
+            [
+                [str(row["devices"])] + [
+                    f"{row['step_time_s'][policy]:.3f}" if policy in row["step_time_s"] else "-" for policy in policies
+                ]
+                for row in distribution["results"]
+            ],
+        )
+    lines += [
+        "",
+        "DHP / best: best static policy's time over DHP's, both summed over the same steps (> 1: DHP faster). "
+        "Megatron: the smallest fitting ring degree. DHP / bound: DHP's time over the planner's lower bound. "
+        "Utilisation: degree-1 compute of the batch over devices x step time. Scaling: per-device throughput "
+        "over that at the smallest device count. Groups: process groups the capped pool created over the run / "
+        "distinct rank sets (what an uncapped pool creates). Static policies create devices / degree groups once.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _row_at(distribution: dict[str, Any], num_devices: int) -> dict[str, Any] | None:
+    return next((row for row in distribution["results"] if row["devices"] == num_devices), None)
+
+
+def _targets(result: dict[str, Any]) -> list[str]:
+    """Issue 6's targets against the most heterogeneous distribution (highest CV of token lengths)."""
+    distributions = result["distributions"]
+    most = max(distributions, key=lambda distribution: distribution["stats"]["cv"])
+    checks = []
+    speedup_row = _row_at(most, TARGET_SPEEDUP_DEVICES)
+    if speedup_row:
+        value = speedup_row["speedup_over_best_static"]
+        checks.append(
+            f"DHP over best static at {TARGET_SPEEDUP_DEVICES} devices on {most['name']} (CV "
+            f"{most['stats']['cv']:.2f}): {value:.3f}x (target >= {TARGET_SPEEDUP}x: "
+            f"{'met' if value >= TARGET_SPEEDUP else 'not met'})"
+        )
+    scaling = [(d["name"], _row_at(d, TARGET_SCALING_DEVICES)) for d in distributions]
+    for name, row in scaling:
+        if row and result["config"]["devices"][0] == 8:
+            value = row["scaling_efficiency"]["dhp"]
+            checks.append(
+                f"DHP per-device throughput at {TARGET_SCALING_DEVICES} over 8 devices on {name}: {value:.1%} "
+                f"(target >= {TARGET_SCALING:.0%}: {'met' if value >= TARGET_SCALING else 'not met'})"
+            )
+    planner = [row["planner_ms"]["median"] for _, row in scaling if row]
+    if planner:
+        slowest = max(planner)
+        checks.append(
+            f"Planner at {TARGET_SCALING_DEVICES} devices: median {slowest:.1f} ms on the slowest distribution "
+            f"(target < {TARGET_PLANNER_MS:.0f} ms: {'met' if slowest < TARGET_PLANNER_MS else 'not met'})"
+        )
+    if not checks:
+        return []
+    return ["## Targets (issue 6)", "", *(f"- {check}" for check in checks)]
+
+
+def write_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """speedup.png, utilisation.png and scaling.png against device count, one line per distribution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {
+        "speedup.png": (
+            "DHP over the best static degree",
+            "speedup (x)",
+            lambda row: (row["speedup_over_best_static"], None),
+        ),
+        "utilisation.png": (
+            "Device utilisation (solid: DHP, dashed: best static)",
+            "useful work / (devices x step time)",
+            lambda row: (row["utilisation"]["dhp"], row["utilisation"][row["best_static"]]),
+        ),
+        "scaling.png": (
+            "Per-device throughput over that at the smallest device count (solid: DHP, dashed: best static)",
+            "scaling efficiency",
+            lambda row: (row["scaling_efficiency"]["dhp"], row["scaling_efficiency"]["best_static"]),
+        ),
+    }
+    paths = []
+    for file_name, (title, ylabel, values) in figures.items():
+        figure, axis = plt.subplots(figsize=(7, 4.2))
+        for index, distribution in enumerate(result["distributions"]):
+            devices = [row["devices"] for row in distribution["results"]]
+            dhp, static = zip(*(values(row) for row in distribution["results"]), strict=True)
+            colour = f"C{index % 10}"
+            axis.plot(devices, dhp, marker="o", color=colour, label=distribution["name"])
+            if static[0] is not None:
+                axis.plot(devices, static, marker="x", linestyle="--", color=colour)
+        if file_name == "speedup.png":
+            axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("devices")
+        axis.set_ylabel(ylabel)
+        axis.set_title(title, fontsize=9)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        path = out_dir / file_name
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+# -- command line --------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 1")
+    return value
+
+
+def _device_counts(text: str) -> tuple[int, ...]:
+    counts = tuple(_positive_int(part.strip()) for part in text.split(","))
+    if list(counts) != sorted(set(counts)):
+        raise argparse.ArgumentTypeError(f"{text!r} must list distinct device counts in increasing order")
+    return counts
+
+
+def _rule_param(text: str) -> tuple[str, float]:
+    key, _, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not key.strip() or not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"{text!r} must look like KEY=NUMBER, e.g. sample_fps=2")
+    return key.strip(), int(number) if number.is_integer() else number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI of ``python -m lightning_dhp.simulate``."""
+    defaults = SimulationConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_dhp.simulate",
+        description="Replay token-length distributions through DHP and static context parallelism "
+        "(ring and Ulysses) at cluster scale under a cost model; print a markdown report.",
+    )
+    source = parser.add_argument_group("lengths")
+    source.add_argument("--dist", action="append", metavar="NAME",
+                        help=f"named distribution (repeatable; default: all, --quick: "
+                        f"{', '.join(QUICK_DISTRIBUTIONS)}); one of {sorted(DISTRIBUTIONS)}")
+    source.add_argument("--param", action="append", type=_rule_param, default=[], metavar="KEY=NUMBER",
+                        help="override a constant of the named distributions' rules, e.g. sample_fps=2")
+    source.add_argument("--data-dir",
+                        help="folder of the shared metadata CSVs (default: $DHP_DATA_DIR or ../shared/data)")
+    source.add_argument("--csv", help="your own CSV of per-sample metadata (used instead of the named ones "
+                        "unless --dist is given too)")
+    source.add_argument("--column", help="--csv column to turn into tokens: ceil(column * scale + offset)")
+    source.add_argument("--scale", type=float, default=1.0, help="tokens per unit of --column (default 1)")
+    source.add_argument("--offset", type=float, default=0.0, help="tokens added to every --csv sample (default 0)")
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument("--devices", type=_device_counts,
+                         help=f"comma-separated device counts (default {','.join(map(str, DEFAULT_DEVICES))}; "
+                         f"--quick {','.join(map(str, QUICK_DEVICES))})")
+    cluster.add_argument("--samples-per-device", type=_positive_int, default=defaults.samples_per_device,
+                         help="global batch = this x devices (default %(default)s)")
+    cluster.add_argument("--tokens-per-device", type=_positive_int, default=defaults.tokens_per_device,
+                         help="per-device token capacity C (default %(default)s)")
+    cluster.add_argument("--node-size", type=_positive_int, default=defaults.node_size,
+                         help="devices per node; wider groups pay the inter-node bandwidth (default %(default)s)")
+    cluster.add_argument("--cost-model", help="CostModel JSON (CostModel.save); default CostModel.default()")
+    cluster.add_argument("--steps", type=_positive_int,
+                         help=f"global batches per device count (default {defaults.steps}, --quick 3)")
+    cluster.add_argument("--pool-size", type=_positive_int, default=defaults.pool_size,
+                         help="process-group pool capacity, as DHPStrategy(pool_size=...) (default %(default)s)")
+    cluster.add_argument("--ulysses-heads", type=_positive_int, default=defaults.ulysses_heads,
+                         help="Ulysses degrees must divide this head count (default %(default)s: the KV heads)")
+    cluster.add_argument("--ulysses-volume-ratio", type=float, default=defaults.ulysses_volume_ratio,
+                         help="Ulysses all-to-all bytes per token over the ring's kv_bytes_per_token (default 10/3)")
+    cluster.add_argument("--seed", type=int, default=defaults.seed, help="batch shuffling seed (default %(default)s)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--quick", action="store_true", help="small fast run (few steps, devices and distributions)")
+    output.add_argument("--out", help="folder for simulation.md and the PNG plots")
+    output.add_argument("--json", help="write the full result as JSON to this path")
+    return parser
+
+
+def _sources(args: argparse.Namespace) -> list[LengthSource]:
+    params = dict(args.param)
+    if args.csv is None and args.column is not None:
+        raise SimulationError("--column needs --csv PATH (the file that holds that column)")
+    if args.csv is not None and args.column is None:
+        raise SimulationError(f"--csv {args.csv} needs --column NAME: the column to turn into token lengths")
+    names = args.dist or ([] if args.csv else list(QUICK_DISTRIBUTIONS if args.quick else DISTRIBUTIONS))
+    sources = [named_source(name, data_dir=args.data_dir, params=params) for name in names]
+    if args.csv:
+        sources.append(csv_source(args.csv, args.column, scale=args.scale, offset=args.offset))
+    return sources
+
+
+def _cost_model(path: str | None) -> CostModel:
+    if path is None:
+        return CostModel.default()
+    try:
+        return CostModel.load(path)
+    except FileNotFoundError:
+        raise SimulationError(f"--cost-model {path} does not exist; pass a file written by CostModel.save") from None
+    except (ValueError, TypeError) as error:
+        raise SimulationError(
+            f"--cost-model {path} is not a CostModel JSON ({error}); write one with CostModel.save"
+        ) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (2 on bad input, with the reason on stderr)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.ulysses_volume_ratio < 0 or not math.isfinite(args.ulysses_volume_ratio):
+        parser.error(f"--ulysses-volume-ratio {args.ulysses_volume_ratio} must be a finite number >= 0")
+    config = SimulationConfig(
+        devices=args.devices or (QUICK_DEVICES if args.quick else DEFAULT_DEVICES),
+        samples_per_device=args.samples_per_device,
+        tokens_per_device=args.tokens_per_device,
+        node_size=args.node_size,
+        steps=args.steps or (3 if args.quick else SimulationConfig.steps),
+        pool_size=args.pool_size,
+        ulysses_heads=args.ulysses_heads,
+        ulysses_volume_ratio=args.ulysses_volume_ratio,
+        seed=args.seed,
+    )
+    try:
+        cost = _cost_model(args.cost_model)
+        sources = _sources(args)
+        result = simulate(sources, config, cost, progress=lambda message: print(message, file=sys.stderr))
+    except (SimulationError, LengthFileError, PlanError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    report = format_markdown(result)
+    print(report, end="")
+    if args.out:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "simulation.md").write_text(report)
+        write_plots(result, out_dir)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

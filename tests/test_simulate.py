@@ -1,0 +1,130 @@
+"""The cluster-scale simulator: its CLI output and files, its error paths, and its timing invariants."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_dhp.planner import CostModel, static_plan
+from lightning_dhp.simulate import (
+    LengthSource,
+    SimulationConfig,
+    csv_source,
+    retimed,
+    ring_group_time,
+    simulate_device_count,
+    ulysses_group_time,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_dhp.simulate", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_quick_run_prints_the_report_and_writes_markdown_json_and_plots(tmp_path):
+    out, json_path = tmp_path / "out", tmp_path / "result.json"
+    completed = run_cli("--quick", "--out", str(out), "--json", str(json_path))
+    assert completed.returncode == 0, completed.stderr
+    report = completed.stdout
+    assert report.startswith("# DHP cluster-scale simulation")
+    assert "## Targets (issue 6)" in report
+    assert "## epic_kitchens_segments" in report and "Rule: EPIC-KITCHENS-100" in report
+    assert "| devices | batch | DHP s/step | best static s/step | DHP / best |" in report
+    assert (out / "simulation.md").read_text() == report
+    for name in ("speedup.png", "utilisation.png", "scaling.png"):
+        assert (out / name).read_bytes().startswith(PNG_MAGIC), name
+
+    result = json.loads(json_path.read_text())
+    rows = result["distributions"][0]["results"]
+    assert [row["devices"] for row in rows] == [8, 16, 64]
+    for row in rows:
+        times = row["step_time_s"]
+        statics = {policy: seconds for policy, seconds in times.items() if policy != "dhp"}
+        assert row["best_static"] == min(statics, key=statics.get)
+        assert row["speedup_over_best_static"] == pytest.approx(statics[row["best_static"]] / times["dhp"])
+        assert 0 < row["utilisation"]["dhp"] <= 1
+        assert row["pool"]["distinct_rank_sets"] <= row["pool"]["created"]
+        assert f"| {row['devices']} | {row['global_batch']} | {times['dhp']:.3f} |" in report
+    assert rows[0]["scaling_efficiency"] == {"dhp": 1.0, "best_static": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dist", "no_such"], "--dist 'no_such' is not a known distribution; choose from"),
+        (["--devices", "8,0"], "argument --devices: '0' must be an integer >= 1"),
+        (["--csv", "missing.csv", "--column", "x"], "missing.csv not found"),
+        (["--csv", "{csv}", "--column", "frames"], "has no column(s) ['frames']"),
+        (["--csv", "{bad_csv}", "--column", "seconds"], "row 3 column 'seconds' holds 'abc', not a finite number"),
+        (["--csv", "{csv}", "--column", "seconds", "--scale", "-1"], "row 2 column 'seconds' holds 12"),
+        (["--cost-model", "{csv}"], "is not a CostModel JSON"),
+        (["--dist", "activitynet", "--devices", "1", "--tokens-per-device", "1024"],
+         "longest sample (62528 tokens) needs a power-of-two degree >= 62"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message_naming_the_item_and_no_traceback(tmp_path, args, message):
+    csv = tmp_path / "lengths.csv"
+    csv.write_text("sample_id,seconds\na,12\nb,30\n")
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("sample_id,seconds\na,12\nb,abc\n")
+    args = [arg.format(csv=csv, bad_csv=bad_csv) for arg in args]
+    completed = run_cli(*args, "--steps", "1")
+    assert completed.returncode == 2
+    assert message in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_user_csv_rule_gives_the_stated_token_lengths(tmp_path):
+    csv = tmp_path / "clips.csv"
+    csv.write_text("sample_id,seconds\n" + "".join(f"c{i},{seconds}\n" for i, seconds in enumerate([1.5, 20, 300])))
+    source = csv_source(str(csv), "seconds", scale=64, offset=100)
+    assert source.lengths.tolist() == [196, 1380, 19300]
+    assert source.rule == "clips.csv: tokens = ceil(seconds * 64 + 100)"
+
+
+COST = CostModel.default()
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 16_000), min_size=1, max_size=40),  # fits 2 devices
+    exponent=st.integers(1, 4),
+    node_size=st.sampled_from([2, 4, 8]),
+)
+def test_the_planner_lower_bound_holds_for_dhp_and_every_static_ring_policy(lengths, exponent, node_size):
+    """The planner promises ``lower_bound <= predicted_time`` for any plan of the batch, not that DHP
+    beats every static degree; the simulator's static ring times must respect that bound too."""
+    source = LengthSource("random", "hypothesis", np.array(lengths))
+    config = SimulationConfig(devices=(2**exponent,), samples_per_device=2, tokens_per_device=8192,
+                              node_size=node_size, steps=1, pool_size=4)
+    row = simulate_device_count(source, 2**exponent, config, COST)
+    for policy, seconds in row["step_time_s"].items():
+        if not policy.startswith("ulysses"):
+            assert row["lower_bound_s"] <= seconds * (1 + 1e-9), policy
+
+
+@settings(max_examples=20, deadline=None)
+@given(lengths=st.lists(st.integers(1, 16384), min_size=1, max_size=30), degree=st.sampled_from([1, 2, 4, 8]))
+def test_retiming_a_static_plan_within_one_node_reproduces_the_planner_time(lengths, degree):
+    plan = static_plan(lengths, 8, 16384, degree, COST)
+    assert retimed(plan, ring_group_time(COST), node_size=8) == pytest.approx(plan.predicted_time, rel=1e-12)
+
+
+def test_ulysses_matches_the_ring_at_degree_1_and_moves_the_stated_volume():
+    ring, ulysses = ring_group_time(COST), ulysses_group_time(COST, volume_ratio=2.0)
+    assert ulysses([1000, 3000], 1, False) == pytest.approx(ring([1000, 3000], 1, False))
+    lengths, degree = [4096, 8192], 4
+    compute = (COST.attention_s_per_token2 * (4096**2 + 8192**2) + COST.linear_s_per_token * 12288) / degree
+    all_to_all = 2.0 * COST.kv_bytes_per_token * (12288 / degree) / degree / COST.inter_node_bytes_per_s
+    expected = COST.overhead_s + compute + (degree - 1) * (COST.ring_step_latency_s + all_to_all)
+    assert ulysses(lengths, degree, True) == pytest.approx(expected)
