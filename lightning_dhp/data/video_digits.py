@@ -1,14 +1,15 @@
 """Video digits: a synthetic multimodal task with real (ActivityNet) video lengths.
 
-Each sample is a "video": frames showing one rendered digit each (random colour, scale, offset,
-Gaussian noise) at a per-sample resolution, followed by a question whose one-token answer must be
-read from the frames:
+Each sample is a "video": frames showing one rendered digit each (as large as the frame allows,
+random colours, a pixel of jitter, Gaussian noise) at a per-sample resolution, followed by a question
+whose one-token answer must be read from the frames:
 
-- ``most``: which digit appears in most frames (the answer holds a strict majority of the frames);
+- ``most``: which digit appears in most frames (the answer fills ``majority_fraction`` of the frames,
+  at least one more than any other digit);
 - ``last``: which digit the last frame shows (frame digits are uniform, so counting does not help).
 
-Sequence: ``<bos> video : <visual tokens of every frame> which digit appears most ? <answer>``;
-only the answer token is labelled, so chance accuracy is 1/10.
+Sequence: ``<bos> video : <visual tokens of every frame> which digit appears most ? <answer>`` (or
+``which digit is last ?``); only the answer token is labelled, so chance accuracy is 1/10.
 
 Length rule (stated wherever a figure is reported): a sample draws an ActivityNet v1.3 duration;
 ``frames = min(max_frames, max(1, floor(duration_s * sample_fps)))``; each frame is H x W pixels with
@@ -116,7 +117,7 @@ class VideoDigits(Dataset):
         patch_size: int = 8,
         noise_std: float = 0.1,
         jitter: int = 1,
-        majority_fraction: float = 0.5,
+        majority_fraction: float = 0.6,
         questions: Sequence[str] = ("most", "last"),
         durations_s: Sequence[float] | np.ndarray | None = None,
         num_frames: int | None = None,
