@@ -197,6 +197,11 @@ def test_bad_frames_and_visual_indices_are_named():
     layout = ZigzagLayout([len(item["input_ids"])], 1, 0)
     with pytest.raises(ValueError, match=r"sample 0 of the group has visual token \d+ but its \d+ frame\(s\) hold"):
         _forward(model, [item], layout)
+    item["pixel_values"] = []
+    with pytest.raises(
+        ValueError, match=r"sample 0 of the group has visual token \d+ but its 0 frame\(s\) hold only 0"
+    ):
+        _forward(model, [item], layout)
 
 
 @pytest.mark.parametrize(

@@ -273,10 +273,10 @@ class TinyVLM(nn.Module):
             frame_ends = patch_counts.cumsum(0)
             mine = samples == sample
             sample_tokens = tokens[mine]
-            if int(sample_tokens.max()) >= int(frame_ends[-1]):
+            if int(sample_tokens.max()) >= int(patch_counts.sum()):
                 raise ValueError(
                     f"sample {sample} of the group has visual token {int(sample_tokens.max())} but its "
-                    f"{len(frames)} frame(s) hold only {int(frame_ends[-1])} patches; the number of "
+                    f"{len(frames)} frame(s) hold only {int(patch_counts.sum())} patches; the number of "
                     f"<image> tokens must equal the total patch count of the sample's frames"
                 )
             frame_of_token = torch.searchsorted(frame_ends, sample_tokens, right=True)
