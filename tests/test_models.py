@@ -224,7 +224,7 @@ def _easy_digits(count: int, seed: int) -> VideoDigits:
 
 def test_short_training_raises_answer_accuracy_far_above_chance():
     torch.manual_seed(0)
-    task = VLMTask(TinyVLMConfig(hidden_size=48, num_heads=4, num_layers=2, vision_layers=1), lr=2e-3)
+    task = VLMTask(TinyVLMConfig(hidden_size=48, num_heads=4, num_layers=2, vision_layers=1), lr=2e-3, warmup_steps=0)
     held_out = _easy_digits(60, seed=1)
     before = answer_accuracy(task.model, held_out)
     losses = fit_single_process(task, _easy_digits(1000, seed=0), steps=40, samples_per_step=32)
@@ -281,3 +281,17 @@ def test_validation_under_dhp_strategy_logs_the_exact_loss_and_accuracy():
         expected_loss = torch.nn.functional.cross_entropy(task(batch)[labelled], batch["labels"][labelled])
     assert metrics["val/loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
     assert metrics["val/answer_accuracy"] == pytest.approx(answer_accuracy(task.model, val))
+
+
+def test_a_missing_init_checkpoint_is_named(tmp_path):
+    missing = tmp_path / "pretrained.pt"
+    with pytest.raises(FileNotFoundError, match=f"init_checkpoint '{missing}' does not exist; run the pretraining"):
+        VLMTask(TINY, init_checkpoint=str(missing))
+
+
+def test_init_checkpoint_restores_the_model(tmp_path):
+    path = tmp_path / "pretrained.pt"
+    torch.save(_tiny_model().float().state_dict(), path)
+    restored = VLMTask(TINY, init_checkpoint=str(path))
+    for name, value in _tiny_model().float().state_dict().items():
+        torch.testing.assert_close(restored.model.state_dict()[name], value, rtol=0, atol=0)

@@ -8,6 +8,7 @@ before and after fine-tuning with the first and pretrains the starting checkpoin
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -37,25 +38,25 @@ def model_logits(model: TinyVLM, batch: Mapping[str, Any]) -> torch.Tensor:
 class VLMTask(LightningModule):
     """Answer questions about videos: next-token loss on the answer tokens, AdamW.
 
-    ``model`` is a :class:`TinyVLMConfig` or a mapping of its fields (as Hydra passes it);
+    ``config`` is a :class:`TinyVLMConfig` or a mapping of its fields (as Hydra passes it);
     ``init_checkpoint`` names a file holding a ``TinyVLM`` state dict to start from (the pretrained model).
     """
 
     def __init__(
         self,
-        model: TinyVLMConfig | Mapping[str, Any] | None = None,
+        config: TinyVLMConfig | Mapping[str, Any] | None = None,
         *,
-        lr: float = 3e-3,
+        lr: float = 1e-3,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 0,
+        warmup_steps: int = 50,
         init_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
-        config = model if isinstance(model, TinyVLMConfig) else TinyVLMConfig(**(model or {}))
+        config = config if isinstance(config, TinyVLMConfig) else TinyVLMConfig(**(config or {}))
         self.save_hyperparameters(
             {
-                "model": vars(config),
+                "config": vars(config),
                 "lr": lr,
                 "weight_decay": weight_decay,
                 "betas": tuple(betas),
@@ -65,6 +66,11 @@ class VLMTask(LightningModule):
         )
         self.model = TinyVLM(config)
         if init_checkpoint is not None:
+            if not os.path.isfile(init_checkpoint):
+                raise FileNotFoundError(
+                    f"init_checkpoint {init_checkpoint!r} does not exist; run the pretraining stage that "
+                    "writes it, fix the path, or pass init_checkpoint=None to start from random weights"
+                )
             self.model.load_state_dict(torch.load(init_checkpoint, map_location="cpu", weights_only=True))
         self._validation_totals: torch.Tensor | None = None
 
