@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
-from lightning_dhp.planner.dhp import PlannedGroup, _checked, build_plan
-from lightning_dhp.planner.inputs import check_fits, min_degrees
+from lightning_dhp.planner.inputs import check_fits, check_inputs, min_degrees
 from lightning_dhp.planner.plan import Plan, PlanError
 from lightning_dhp.planner.rounds import balanced_assignment, lower_bound, minimum_rounds
 
@@ -33,7 +33,7 @@ def static_plan(
     rounds that hold them. ``degree`` must divide ``num_devices`` (and ``node_size`` when it is
     smaller, so that no group that fits in a node crosses one).
     """
-    lengths_array, num_devices, tokens_per_device, node_size = _checked(
+    lengths_array, num_devices, tokens_per_device, node_size = check_inputs(
         lengths, num_devices, tokens_per_device, node_size
     )
     valid = divisors(num_devices)

@@ -9,34 +9,28 @@ re-allocation while the round's makespan drops. Everything is deterministic.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from lightning_dhp.planner.allocation import allocate, bin_min_degrees, build_table, spend_leftover
-from lightning_dhp.planner.cost_model import CostModel, padded_lengths
-from lightning_dhp.planner.inputs import check_count, check_fits, check_lengths, min_degrees
+from lightning_dhp.planner.assemble import PlannedGroup, build_plan
+from lightning_dhp.planner.baselines import static_plan
+from lightning_dhp.planner.cost_model import CostModel
+from lightning_dhp.planner.inputs import check_fits, check_inputs, min_degrees
 from lightning_dhp.planner.packing import RoundProblem, pack_round, size_round
 from lightning_dhp.planner.placement import PlacementFailure, place
-from lightning_dhp.planner.plan import Group, Plan, Round
+from lightning_dhp.planner.plan import Plan, PlanError
 from lightning_dhp.planner.refine import Refiner
 from lightning_dhp.planner.rounds import balanced_assignment, device_seconds, lower_bound, minimum_rounds
 
 REFINE_PASSES = 8
 EXTRA_START_SAMPLES = 32  # rounds up to this many samples also try the uniform-degree starts
 EXTRA_START_DEGREES = (1, 2, 3, 4, 6, 8)
+# rounds filling more than this share of all device memory also try static CP's layouts: when bin
+# packing binds, wide groups pack better than the time-sized ones
+TIGHT_MEMORY = 0.75
 REFINE_STEP_BUDGET = 4096  # refinement steps per start: this over the batch's samples, within [4, 64]
-
-
-@dataclass(frozen=True)
-class PlannedGroup:
-    """A group before it becomes a :class:`Group`: global sample indices, degree, first rank."""
-
-    samples: tuple[int, ...]
-    degree: int
-    first_rank: int
 
 
 def plan_batch(
@@ -53,7 +47,7 @@ def plan_batch(
     (padded tokens, see :func:`padded_length`), ``node_size`` the ranks per node when groups that
     fit in a node must not cross one. Raises :class:`PlanError` on bad input.
     """
-    lengths_array, num_devices, tokens_per_device, node_size = _checked(
+    lengths_array, num_devices, tokens_per_device, node_size = check_inputs(
         lengths, num_devices, tokens_per_device, node_size
     )
     cost = cost_model or CostModel.default()
@@ -80,18 +74,18 @@ def plan_batch(
         if all(groups is not None for groups in planned):
             break
     bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size)
-    return build_plan(planned, lengths_array, num_devices, tokens_per_device, cost, node_size, bound)
-
-
-def _checked(
-    lengths: Sequence[int] | np.ndarray, num_devices: int, tokens_per_device: int, node_size: int | None
-) -> tuple[np.ndarray, int, int, int | None]:
-    lengths_array = check_lengths(lengths)
-    num_devices = check_count(num_devices, "num_devices", "use at least one device")
-    tokens_per_device = check_count(tokens_per_device, "tokens_per_device", "give each device room for >= 1 token")
-    if node_size is not None:
-        node_size = check_count(node_size, "node_size", "pass the ranks per node, or None for one flat node")
-    return lengths_array, num_devices, tokens_per_device, node_size
+    plan = build_plan(planned, lengths_array, num_devices, tokens_per_device, cost, node_size, bound)
+    if len(plan.rounds) > 1 or lengths_array.sum() > TIGHT_MEMORY * num_devices * tokens_per_device:
+        # memory binds: static CP's joint packing over all rounds can beat per-round planning, and
+        # a static layout is a valid DHP plan, so take it when it is faster
+        for degree in _tight_start_degrees(int(min_degree.max()), num_devices, exclude=[]):
+            try:
+                static = static_plan(lengths_array, num_devices, tokens_per_device, degree, cost, node_size=node_size)
+            except PlanError:
+                continue  # the degree does not suit the node size
+            if static.predicted_time < plan.predicted_time:
+                plan = static
+    return plan
 
 
 def _solve_round(
@@ -106,8 +100,9 @@ def _solve_round(
     """Groups of one round (global sample indices), or None if the round cannot be packed.
 
     The sized longest-first packing is the main start; small rounds also try uniform-degree
-    starts (the static layouts), and a round whose main packing runs out of memory tries them
-    all, small degrees first. The best refined start wins (the first on ties).
+    starts (the static layouts), memory-tight rounds try the two smallest power-of-two layouts
+    that hold their longest sample, and a round whose main packing runs out of memory tries the
+    uniform starts, small degrees first. The best refined start wins (the first on ties).
     """
     lengths, min_degree = all_lengths[samples], all_min_degree[samples]
     bound = lower_bound(lengths, min_degree, num_devices, 1, cost, node_size)
@@ -117,20 +112,29 @@ def _solve_round(
     sized = size_round(problem)
     main = pack_round(problem, *sized) if sized is not None else None
     small = [d for d in EXTRA_START_DEGREES if d <= num_devices]
+    rescue: list[int] = []  # tried only until one of them packs
     if main is not None:
         degrees = small if len(samples) <= EXTRA_START_SAMPLES else []
+        if lengths.sum() > TIGHT_MEMORY * num_devices * tokens_per_device:
+            degrees = degrees + _tight_start_degrees(int(min_degree.max()), num_devices, exclude=degrees)
     else:
-        distinct = [d for d in range(1, num_devices + 1) if num_devices // d != num_devices // (d + 1)]
-        degrees = small + [d for d in distinct if d not in small]
+        degrees = small
+        rescue = [d for d in range(1, num_devices + 1) if num_devices // d != num_devices // (d + 1) and d not in small]
     best = _improve(problem, samples, main) if main is not None else None
-    for degree in degrees:
-        if best is not None and degree not in small:
-            break  # the remaining uniform degrees only rescue rounds nothing else could pack
+    for degree in degrees + rescue:
+        if best is not None and degree in rescue:
+            break
         start = _uniform_start(problem, degree)
         result = _improve(problem, samples, start) if start is not None else None
         if result is not None and (best is None or result[0] < best[0]):
             best = result
     return best[1] if best is not None else None
+
+
+def _tight_start_degrees(longest_min_degree: int, num_devices: int, exclude: list[int]) -> list[int]:
+    """The two smallest powers of two that hold the round's longest sample (static CP's layouts)."""
+    powers = [2**k for k in range(num_devices.bit_length()) if longest_min_degree <= 2**k <= num_devices]
+    return [degree for degree in powers if degree not in exclude][:2]
 
 
 def _uniform_start(problem: RoundProblem, degree: int) -> list[list[int]] | None:
@@ -211,42 +215,3 @@ def _allocate_and_place(
             return None
         max_degree[starts.bin_index] = min(int(max_degree[starts.bin_index]), starts.largest_free)
     return None
-
-
-def build_plan(
-    rounds: list[list[PlannedGroup]],
-    lengths: np.ndarray,
-    num_devices: int,
-    tokens_per_device: int,
-    cost: CostModel,
-    node_size: int | None,
-    bound: float,
-) -> Plan:
-    """Turn planned groups into a :class:`Plan`, timing every group with the cost model."""
-    plan_rounds = []
-    for planned in rounds:
-        groups = []
-        for group in sorted(planned, key=lambda planned_group: planned_group.first_rank):
-            group_lengths = lengths[list(group.samples)]
-            last_rank = group.first_rank + group.degree - 1
-            crosses = node_size is not None and group.first_rank // node_size != last_rank // node_size
-            tokens = int(padded_lengths(group_lengths, group.degree).sum())
-            groups.append(
-                Group(
-                    ranks=tuple(range(group.first_rank, last_rank + 1)),
-                    samples=group.samples,
-                    predicted_time=cost.group_time(group_lengths.tolist(), group.degree, crosses_node=crosses),
-                    tokens_per_rank=tokens // group.degree,
-                )
-            )
-        plan_rounds.append(Round(groups=tuple(groups)))
-    predicted = math.fsum(round_.predicted_time for round_ in plan_rounds)
-    return Plan(
-        rounds=tuple(plan_rounds),
-        lengths=tuple(int(length) for length in lengths.tolist()),
-        num_devices=num_devices,
-        tokens_per_device=tokens_per_device,
-        predicted_time=predicted,
-        lower_bound=bound,
-        node_size=node_size,
-    )

@@ -74,3 +74,15 @@ def check_fits(lengths: np.ndarray, degrees: np.ndarray, num_devices: int, token
         f"devices ({needs}); raise tokens_per_device to >= {needed_capacity}{devices_fix}, "
         f"or drop/truncate that sample"
     )
+
+
+def check_inputs(
+    lengths: Sequence[int] | np.ndarray, num_devices: int, tokens_per_device: int, node_size: int | None
+) -> tuple[np.ndarray, int, int, int | None]:
+    """Checked lengths, device count, capacity and node size (PlanError naming the bad one)."""
+    lengths_array = check_lengths(lengths)
+    num_devices = check_count(num_devices, "num_devices", "use at least one device")
+    tokens_per_device = check_count(tokens_per_device, "tokens_per_device", "give each device room for >= 1 token")
+    if node_size is not None:
+        node_size = check_count(node_size, "node_size", "pass the ranks per node, or None for one flat node")
+    return lengths_array, num_devices, tokens_per_device, node_size
