@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lightning_dhp.planner.cost_model import CostModel
+from lightning_dhp.planner.cost_model import CostModel, padded_lengths
 
 
 @dataclass
@@ -184,10 +184,8 @@ def _times_for(
     row = np.searchsorted(chosen, flat_bins[samples])
     degrees = min_degree[chosen][:, None] + np.arange(width)[None, :]
     sample_degrees = degrees[row]
-    lengths = flat_lengths[samples][:, None]
-    chunk = 2 * sample_degrees
-    padded = np.where(sample_degrees == 1, lengths, -(-lengths // chunk) * chunk).astype(np.float64)
-    boundaries = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+    padded = padded_lengths(flat_lengths[samples][:, None], sample_degrees).astype(np.float64)
+    boundaries = np.flatnonzero(np.concatenate([[True], row[1:] != row[:-1]]))
     sum_padded = np.add.reduceat(padded, boundaries, axis=0)
     sum_squares = np.add.reduceat(padded * padded, boundaries, axis=0)
     times = cost.times_from_sums(sum_padded, sum_squares, degrees, node_size=node_size)

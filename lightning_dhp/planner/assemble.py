@@ -30,23 +30,33 @@ def build_plan(
     bound: float,
 ) -> Plan:
     """Turn planned groups into a :class:`Plan`, timing every group with the cost model."""
-    plan_rounds = []
-    for planned in rounds:
-        groups = []
-        for group in sorted(planned, key=lambda planned_group: planned_group.first_rank):
-            group_lengths = lengths[list(group.samples)]
-            last_rank = group.first_rank + group.degree - 1
-            crosses = node_size is not None and group.first_rank // node_size != last_rank // node_size
-            tokens = int(padded_lengths(group_lengths, group.degree).sum())
-            groups.append(
-                Group(
-                    ranks=tuple(range(group.first_rank, last_rank + 1)),
-                    samples=group.samples,
-                    predicted_time=cost.group_time(group_lengths.tolist(), group.degree, crosses_node=crosses),
-                    tokens_per_rank=tokens // group.degree,
-                )
-            )
-        plan_rounds.append(Round(groups=tuple(groups)))
+    ordered = [sorted(planned, key=lambda planned_group: planned_group.first_rank) for planned in rounds]
+    flat = [group for planned in ordered for group in planned]
+    degrees = np.array([group.degree for group in flat], dtype=np.int64)
+    first = np.array([group.first_rank for group in flat], dtype=np.int64)
+    counts = [len(group.samples) for group in flat]
+    owner = np.repeat(np.arange(len(flat)), counts)
+    members = np.fromiter((sample for group in flat for sample in group.samples), dtype=np.int64, count=sum(counts))
+    padded = padded_lengths(lengths[members], degrees[owner]).astype(np.float64)
+    sum_padded = np.bincount(owner, weights=padded, minlength=len(flat))
+    sum_squares = np.bincount(owner, weights=padded * padded, minlength=len(flat))
+    if node_size is None:
+        crosses = np.zeros(len(flat), dtype=bool)
+    else:
+        crosses = first // node_size != (first + degrees - 1) // node_size
+    times = cost.times_from_sums(sum_padded, sum_squares, degrees)
+    if crosses.any():  # node_size=0 makes every group pay the inter-node bandwidth
+        times = np.where(crosses, cost.times_from_sums(sum_padded, sum_squares, degrees, node_size=0), times)
+    groups = iter(
+        Group(
+            ranks=tuple(range(group.first_rank, group.first_rank + group.degree)),
+            samples=group.samples,
+            predicted_time=float(time),
+            tokens_per_rank=int(tokens) // group.degree,
+        )
+        for group, time, tokens in zip(flat, times.tolist(), sum_padded.tolist(), strict=True)
+    )
+    plan_rounds = [Round(groups=tuple(next(groups) for _ in planned)) for planned in ordered]
     predicted = math.fsum(round_.predicted_time for round_ in plan_rounds)
     return Plan(
         rounds=tuple(plan_rounds),

@@ -39,12 +39,11 @@ def padded_length(length: int, degree: int) -> int:
     return -(-length // chunk) * chunk
 
 
-def padded_lengths(lengths: np.ndarray, degree: int) -> np.ndarray:
-    """Vectorised :func:`padded_length` over an int64 array."""
-    if degree == 1:
-        return lengths
-    chunk = 2 * degree
-    return -(-lengths // chunk) * chunk
+def padded_lengths(lengths: np.ndarray, degrees: np.ndarray | int) -> np.ndarray:
+    """Vectorised :func:`padded_length`: int64 ``lengths`` at ``degrees`` (broadcasting)."""
+    degrees = np.asarray(degrees)
+    chunk = 2 * degrees
+    return np.where(degrees == 1, lengths, -(-lengths // chunk) * chunk)
 
 
 @dataclass(frozen=True)
@@ -126,8 +125,7 @@ class CostModel:
         lengths = np.asarray(lengths, dtype=np.int64)
         if lengths.ndim == 1:
             lengths = lengths.reshape((-1,) + (1,) * degrees.ndim)
-        chunk = 2 * degrees
-        padded = np.where(degrees == 1, lengths, -(-lengths // chunk) * chunk).astype(np.float64)
+        padded = padded_lengths(lengths, degrees).astype(np.float64)
         sum_padded = padded.sum(axis=0)
         sum_squares = (padded * padded).sum(axis=0)
         return self.times_from_sums(sum_padded, sum_squares, degrees, node_size=node_size)

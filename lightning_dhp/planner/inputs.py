@@ -22,6 +22,9 @@ def check_count(value: object, name: str, fix: str) -> int:
 
 def check_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
     """Lengths as an int64 array; each must be a positive integer (integral floats are accepted)."""
+    clean_array = isinstance(lengths, np.ndarray) and lengths.ndim == 1 and np.issubdtype(lengths.dtype, np.integer)
+    if clean_array and lengths.size and lengths.min() >= 1 and lengths.max() <= MAX_LENGTH:
+        return lengths.astype(np.int64)  # the common case, checked in one pass
     values = list(lengths)
     if not values:
         raise PlanError("lengths is empty; pass the token length of at least one sample")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lightning_dhp.planner.allocation import build_table
-from lightning_dhp.planner.cost_model import CostModel
+from lightning_dhp.planner.cost_model import CostModel, padded_lengths
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,7 @@ class RoundProblem:
     batch_size: int  # samples in the whole batch (all rounds); sets the refinement budget
 
     def padded(self, lengths: np.ndarray, degrees: np.ndarray) -> np.ndarray:
-        chunk = 2 * degrees
-        return np.where(degrees == 1, lengths, -(-lengths // chunk) * chunk)
+        return padded_lengths(lengths, degrees)
 
     def sample_costs(self, lengths: np.ndarray, degrees: np.ndarray) -> np.ndarray:
         """Additive time share of each length at each degree (broadcasting)."""

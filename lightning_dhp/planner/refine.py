@@ -71,9 +71,10 @@ class Refiner:
             self._best_move(slowest, here, relieved, alive),
             self._best_swap(slowest, here, relieved, alive),
             self._best_merge(slowest, here, alive),
-            self._best_split(slowest, here),
         ]
         score, action = min(candidates, key=lambda candidate: candidate[0])
+        if not score < limit:  # splitting is the slowest to evaluate: only when nothing else helps
+            score, action = self._best_split(slowest, here)
         if not score < limit:
             return False
         action()
