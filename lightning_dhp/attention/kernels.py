@@ -58,6 +58,11 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).unsqueeze(0)
 
 
+def _contiguous_heads_first(x: torch.Tensor) -> torch.Tensor:
+    """``(L, H, D)`` -> contiguous ``(1, H, L, D)``: the layout Ascend's BNSD kernels read."""
+    return _heads_first(x).contiguous()
+
+
 def _rows_first(x: torch.Tensor) -> torch.Tensor:
     """``(1, H, L, D)`` -> ``(L, H, D)`` view."""
     return x.squeeze(0).transpose(0, 1)
@@ -208,9 +213,9 @@ class NPUFusionKernel:
         import torch_npu
 
         out, softmax_max, softmax_sum, *_ = torch_npu.npu_fusion_attention(
-            _heads_first(q),
-            _heads_first(k),
-            _heads_first(v),
+            _contiguous_heads_first(q),
+            _contiguous_heads_first(k),
+            _contiguous_heads_first(v),
             q.shape[1],
             "BNSD",
             scale=scale,
@@ -224,15 +229,15 @@ class NPUFusionKernel:
 
         softmax_max = lse.float()[None, :, :, None].expand(-1, -1, -1, 8).contiguous()
         dq, dk, dv, *_ = torch_npu.npu_fusion_attention_grad(
-            _heads_first(q),
-            _heads_first(k),
-            _heads_first(v),
-            _heads_first(dout.to(q.dtype)),
+            _contiguous_heads_first(q),
+            _contiguous_heads_first(k),
+            _contiguous_heads_first(v),
+            _contiguous_heads_first(dout.to(q.dtype)),
             q.shape[1],
             "BNSD",
             softmax_max=softmax_max,
             softmax_sum=torch.ones_like(softmax_max),
-            attention_in=_heads_first(out.to(q.dtype)),
+            attention_in=_contiguous_heads_first(out.to(q.dtype)),
             scale_value=scale,
             **self._sparse_args(causal, q.device),
         )
