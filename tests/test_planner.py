@@ -274,6 +274,7 @@ def test_validate_names_each_broken_rule():
         ([], 4, 100, "lengths is empty"),
         ([5, 0, 3], 4, 100, r"sample 1 has length 0; .*positive integer.*drop that sample or fix"),
         ([5, -3], 4, 100, "sample 1 has length -3"),
+        (np.array([5, 0]), 4, 100, "sample 1 has length 0;"),
         ([5, 2.5], 4, 100, "sample 1 has length 2.5"),
         ([float("nan")], 4, 100, "sample 0 has length nan"),
         (["7"], 4, 100, "sample 0 has length '7'"),

@@ -29,6 +29,8 @@ def check_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
     if not values:
         raise PlanError("lengths is empty; pass the token length of at least one sample")
     for index, value in enumerate(values):
+        if isinstance(value, np.generic):
+            value = value.item()  # so that messages show 0, not np.int64(0)
         is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
         if not is_number or not math.isfinite(value) or value != int(value) or value < 1:
             raise PlanError(
