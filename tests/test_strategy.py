@@ -1,4 +1,4 @@
-"""DHPStrategy end to end on gloo ranks: exact gradients, rounds, idle ranks, errors on every rank.
+"""DHPStrategy end to end on gloo ranks: exact gradients, rounds, idle ranks, launchers.
 
 The ranks are started by ``run_distributed`` with LOCAL_RANK set, so Lightning sees an externally
 launched job (like torchrun) and every rank's result comes back to the test.
@@ -7,6 +7,9 @@ launched job (like torchrun) and every rank's result comes back to the test.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,40 +20,54 @@ from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule
 from tests.distributed import run_distributed
 from tests.tiny_lm import LMTask, TokenDataset, reference_training
 
-LENGTHS = [37, 5, 9, 2, 16, 23, 4, 11, 30, 6, 3, 14, 1, 19, 8, 27, 12, 7]
+LENGTHS = [37, 5, 9, 2, 16, 23, 4, 11, 30, 6, 3, 14, 1, 19, 8, 27, 12, 7, 21, 10, 2, 33, 5, 13]
 GLOBAL_BATCH = 6
 STEPS = 3
 
 
-def _trainer(world_size: int, strategy: DHPStrategy, steps: int = STEPS, **kwargs) -> Trainer:
-    return Trainer(accelerator="cpu", devices=world_size, strategy=strategy, max_steps=steps, logger=False,
-                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                   num_sanity_val_steps=0, limit_val_batches=0, **kwargs)
+def _global_batches(epochs: int, global_batch: int = GLOBAL_BATCH) -> list[list[int]]:
+    sampler = DHPBatchSampler(LENGTHS, global_batch, seed=0)
+    batches = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        batches += sampler.batches()
+    return batches
+
+
+BATCHES = _global_batches(epochs=2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _trainer(world_size: int, strategy: DHPStrategy | str, steps: int = STEPS, **kwargs) -> Trainer:
+    options = {"max_steps": steps, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+               "enable_model_summary": False, "num_sanity_val_steps": 0, **kwargs}
+    return Trainer(accelerator="cpu", devices=world_size, strategy=strategy, **options)
 
 
 def _as_torchrun_rank(rank: int) -> None:
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
 
 
-def _fit(rank: int, world_size: int, tokens_per_device: int, strategy_kwargs: dict) -> dict:
+def _data(global_batch: int = GLOBAL_BATCH) -> DHPDataModule:
+    return DHPDataModule(TokenDataset(LENGTHS), LENGTHS, global_batch, seed=0,
+                         val_dataset=TokenDataset(LENGTHS, seed=1), val_lengths=LENGTHS)
+
+
+def _fit(rank: int, world_size: int, tokens_per_device: int, global_batch: int, strategy_kwargs: dict,
+         trainer_kwargs: dict) -> dict:
     _as_torchrun_rank(rank)
     task = LMTask()
-    data = DHPDataModule(TokenDataset(LENGTHS), LENGTHS, GLOBAL_BATCH, seed=0)
     strategy = DHPStrategy(tokens_per_device, **strategy_kwargs)
-    trainer = _trainer(world_size, strategy)
+    trainer = _trainer(world_size, strategy, **trainer_kwargs)
+    data = _data(global_batch)
     trainer.fit(task, datamodule=data)
     plans = [entry["plan"] for entry in strategy.plan_history]
+    validation = trainer.validate(task, datamodule=data, verbose=False)
     return {"params": {k: v.detach().clone() for k, v in task.model.state_dict().items()},
             "rounds": [len(plan.rounds) for plan in plans],
-            "idle": [plan.stats()["idle_device_rounds"] for plan in plans],
+            "idle": sum(plan.stats()["idle_device_rounds"] for plan in plans),
             "degrees": sorted({group.degree for plan in plans for r in plan.rounds for group in r.groups}),
-            "pool": (strategy.pool.stats.hits, strategy.pool.stats.misses)}
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict:
-    batches = DHPBatchSampler(LENGTHS, GLOBAL_BATCH, seed=0).batches()
-    return reference_training(LENGTHS, batches, STEPS)
+            "val_loss": validation[0]["val_loss"]}
 
 
 def _assert_params_close(params: dict, expected: dict) -> None:
@@ -58,18 +75,51 @@ def _assert_params_close(params: dict, expected: dict) -> None:
         torch.testing.assert_close(params[name], value, rtol=1e-9, atol=1e-12, msg=f"parameter {name}")
 
 
-@pytest.mark.parametrize(("world_size", "tokens_per_device"), [(1, 64), (2, 20), (3, 20), (4, 20)])
-def test_dhp_training_equals_single_device_training(world_size, tokens_per_device, reference):
-    results = run_distributed(_fit, world_size, tokens_per_device, {}, timeout_s=180)
+def _reference_val_loss(params: dict, global_batch: int) -> float:
+    task = LMTask()
+    task.model.load_state_dict(params)
+    samples = TokenDataset(LENGTHS, seed=1).samples
+    batches = DHPBatchSampler(LENGTHS, global_batch, shuffle=False).batches()
+    with torch.no_grad():
+        return sum(task.model.reference_loss([samples[i] for i in batch]).item() for batch in batches)
+
+
+@pytest.mark.parametrize(("world_size", "tokens_per_device", "global_batch", "strategy_kwargs", "trainer_kwargs"), [
+    (1, 64, 6, {}, {}),
+    (2, 20, 6, {"group_free_ring": True}, {}),
+    (3, 20, 6, {}, {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05}),
+    (4, 16, 6, {"cp_implementation": "allgather"}, {}),
+    (4, 40, 3, {"static_degree": 1}, {}),
+], ids=["1-device", "2-group-free-ring", "3-ring-accumulate-clip", "4-allgather", "4-idle-rank"])
+def test_dhp_training_equals_single_device_training(world_size, tokens_per_device, global_batch, strategy_kwargs,
+                                                     trainer_kwargs):
+    accumulate = trainer_kwargs.get("accumulate_grad_batches", 1)
+    reference = reference_training(LENGTHS, _global_batches(2, global_batch), STEPS, accumulate=accumulate,
+                                   clip=trainer_kwargs.get("gradient_clip_val"))
+    results = run_distributed(_fit, world_size, tokens_per_device, global_batch, strategy_kwargs, trainer_kwargs,
+                              timeout_s=240)
     for result in results:  # every rank ends with the same parameters, equal to the oracle
         _assert_params_close(result["params"], reference)
-    if world_size == 2:
-        assert max(results[0]["rounds"]) > 1, "the test data should need several rounds on 2 ranks"
-    if world_size > 1:
+        assert result["val_loss"] == pytest.approx(_reference_val_loss(reference, global_batch), rel=1e-9)
+    if world_size in (2, 3):
+        assert max(results[0]["rounds"]) > 1, "the test data should need several rounds"
+    if strategy_kwargs.get("static_degree") == 1:
+        assert results[0]["idle"] > 0, "the test data should leave a rank idle in every round"
+    elif world_size > 1:
         assert max(results[0]["degrees"]) > 1, "the test data should use context parallelism"
 
 
-def test_group_free_ring_and_allgather_match_too(reference):
-    for kwargs in ({"group_free_ring": True}, {"cp_implementation": "allgather"}):
-        results = run_distributed(_fit, 3, 20, kwargs, timeout_s=180)
-        _assert_params_close(results[0]["params"], reference)
+def test_spawn_launcher_trains_the_model_of_the_calling_process():
+    task = LMTask()
+    _trainer(2, DHPStrategy(20, start_method="spawn")).fit(task, datamodule=_data())
+    _assert_params_close(task.model.state_dict(), reference_training(LENGTHS, BATCHES, STEPS))
+
+
+def test_popen_launcher_runs_a_script_on_two_processes(tmp_path):
+    output = tmp_path / "params.pt"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
+        env.pop(name, None)
+    subprocess.run([sys.executable, str(REPO / "tests" / "popen_train.py"), str(output)], cwd=tmp_path, env=env,
+                   check=True, timeout=240)
+    _assert_params_close(torch.load(output), reference_training(LENGTHS, BATCHES, STEPS))

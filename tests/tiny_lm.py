@@ -101,13 +101,21 @@ class LMTask(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
-def reference_training(lengths: list[int], batches: list[list[int]], steps: int, lr: float = 0.1) -> dict:
-    """Plain PyTorch: the same model, optimizer and global batches, one process, no Lightning."""
+def reference_training(lengths: list[int], batches: list[list[int]], steps: int, lr: float = 0.1, *,
+                       accumulate: int = 1, clip: float | None = None) -> dict:
+    """Plain PyTorch: the same model, optimizer and global batches, one process, no Lightning.
+
+    Each optimizer step averages the mean losses of ``accumulate`` consecutive global batches, as
+    Lightning's ``accumulate_grad_batches`` does; ``clip`` clips the gradient norm before stepping.
+    """
     task = LMTask(lr)
     data = TokenDataset(lengths)
     optimizer = task.configure_optimizers()
-    for batch in batches[:steps]:
+    for step in range(steps):
         optimizer.zero_grad()
-        task.model.reference_loss([data.samples[i] for i in batch]).backward()
+        for batch in batches[step * accumulate:(step + 1) * accumulate]:
+            (task.model.reference_loss([data.samples[i] for i in batch]) / accumulate).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(task.model.parameters(), clip)
         optimizer.step()
     return {name: value.detach().clone() for name, value in task.model.state_dict().items()}

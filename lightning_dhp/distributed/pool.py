@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch.distributed as dist
 
@@ -50,8 +51,8 @@ class GroupPool:
         self.capacity = capacity
         self.stats = PoolStats()
         self._groups: OrderedDict[RankSet, dist.ProcessGroup] = OrderedDict()
-        self._create = create or (lambda ranks: dist.new_group(ranks, backend=backend))
-        self._destroy = destroy or (lambda group: dist.destroy_process_group(group))
+        self._create = create or partial(dist.new_group, backend=backend)
+        self._destroy = destroy or dist.destroy_process_group
 
     def __len__(self) -> int:
         return len(self._groups)

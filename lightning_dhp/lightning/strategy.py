@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import _sync_module_states
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
@@ -120,7 +120,10 @@ class DHPStrategy(DDPStrategy):
     def setup(self, trainer: Any) -> None:
         # Batches are split by the planner, never by Lightning's DistributedSampler.
         trainer._accelerator_connector.use_distributed_sampler = False
-        super().setup(trainer)
+        if self.is_multi_process:
+            super().setup(trainer)
+        else:  # DDPStrategy.setup would broadcast module states through a process group we did not create
+            Strategy.setup(self, trainer)
         if self.is_multi_process:  # outside a planned step, attention has no layout to follow
             self._scopes.enter_context(require_cp_context(
                 "cp_attention was called outside a DHP batch on a multi-device run; call it from "
@@ -143,6 +146,9 @@ class DHPStrategy(DDPStrategy):
         if self.is_multi_process:
             _sync_module_states(self.model)
 
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model  # never wrapped in DistributedDataParallel: gradients are summed in optimizer_step
+
     def teardown(self) -> None:
         self._scopes.close()
         self.pool.clear()
@@ -159,6 +165,10 @@ class DHPStrategy(DDPStrategy):
                 "DHPStrategy plans every global batch, so its DataLoaders need "
                 "`batch_sampler=DHPBatchSampler(lengths, global_batch_size)` (or use DHPDataModule); got "
                 f"{type(batch_sampler).__name__}")
+        if self.static_degree is not None and self.world_size % self.static_degree:
+            divisors = [d for d in range(1, self.world_size + 1) if self.world_size % d == 0]
+            raise DHPConfigError(f"static_degree={self.static_degree} does not divide the {self.world_size} devices; "
+                                 f"use one of {divisors} (or DHP, static_degree=None, which takes any degree)")
         config = PlanConfig(
             num_devices=self.world_size, rank=self.global_rank,
             tokens_per_device=self.tokens_per_device or max(batch_sampler.lengths),
@@ -224,7 +234,8 @@ class DHPStrategy(DDPStrategy):
 
     def validation_step(self, step: PlannedStep, batch_idx: int, *args: Any) -> Any:
         self._begin_step(step, training=False)
-        outputs = [self._run_round(step, round_index, super().validation_step, batch_idx, *args)
+        user_step = super().validation_step
+        outputs = [self._run_round(step, round_index, user_step, batch_idx, *args)
                    for round_index in range(len(step.plan.rounds))]
         return outputs[-1]
 
@@ -268,10 +279,12 @@ class DHPStrategy(DDPStrategy):
                                len(step.skipped)], dtype=torch.int64, device=self.root_device)
         reports = self._all_gather_reports(report)
         if reports[:, 1].any():
-            messages = self._all_gather_objects(step.error)
-            raise DHPDataError("bad samples in global batch "
-                               f"{step.request.position} of epoch {step.request.epoch}:\n" + "\n".join(
-                                   f"[rank {rank}] {message}" for rank, message in enumerate(messages) if message))
+            ranks_by_error: dict[str, list[int]] = {}
+            for rank, errors in enumerate(self._all_gather_objects(step.error)):
+                for error in (errors or "").splitlines():
+                    ranks_by_error.setdefault(error, []).append(rank)
+            raise DHPDataError(f"bad samples in global batch {step.request.position} of epoch {step.request.epoch}:\n"
+                               + "\n".join(f"[ranks {ranks}] {error}" for error, ranks in ranks_by_error.items()))
         digests = reports[:, 2]
         if (digests != digests[0]).any():
             differing = [rank for rank in range(len(digests)) if digests[rank] != digests[0]]

@@ -1,0 +1,91 @@
+"""Bad input under DHPStrategy: the same clear error on every rank, never a hang.
+
+Each scenario runs on 2 gloo ranks (one spawn for all of them) and reports the error each rank saw.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_dhp import DHPStrategy, cp_attention
+from lightning_dhp.lightning import DHPDataModule, dhp_dataloader
+from tests.distributed import run_distributed
+from tests.test_strategy import GLOBAL_BATCH, LENGTHS, _as_torchrun_rank, _trainer
+from tests.tiny_lm import LMTask, TokenDataset
+
+
+class BrokenItems(TokenDataset):
+    """Item 5 lacks input_ids; item 3 is shorter than its declared length."""
+
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        if index == 5:
+            return {"tokens": item["input_ids"]}
+        if index == 3:
+            return {"input_ids": item["input_ids"][:-1]}
+        return item
+
+
+class AttentionOutsideBatch(LMTask):
+    def on_train_start(self) -> None:
+        q = torch.zeros(4, 4, 4, dtype=torch.float64)
+        cp_attention(q, q, q)
+
+
+def _fit_and_report(task, data, strategy) -> tuple[str, str] | tuple[str, int]:
+    """Fit and return ("ok", skipped samples) or (error type, message)."""
+    data_kwargs = {"train_dataloaders": data} if isinstance(data, DataLoader) else {"datamodule": data}
+    try:
+        _trainer(2, strategy).fit(task, **data_kwargs)
+    except Exception as error:
+        return type(error).__name__, str(error)
+    return "ok", strategy.skipped_samples
+
+
+def _scenarios(rank: int, world_size: int) -> dict:
+    _as_torchrun_rank(rank)
+    data = DHPDataModule(TokenDataset(LENGTHS), LENGTHS, GLOBAL_BATCH)
+    broken = DHPDataModule(BrokenItems(LENGTHS), LENGTHS, GLOBAL_BATCH, shuffle=False)
+    other_lengths = LENGTHS if rank == 0 else [length + 1 for length in LENGTHS]
+    return {
+        "too_long": _fit_and_report(LMTask(), data, DHPStrategy(tokens_per_device=8)),
+        "bad_items": _fit_and_report(LMTask(), broken, DHPStrategy(tokens_per_device=20)),
+        "skip_bad_items": _fit_and_report(LMTask(), broken, DHPStrategy(tokens_per_device=20, skip_bad_samples=True)),
+        "attention_outside_batch": _fit_and_report(AttentionOutsideBatch(), data, DHPStrategy(tokens_per_device=20)),
+        "plain_dataloader": _fit_and_report(LMTask(), DataLoader(TokenDataset(LENGTHS)), DHPStrategy(20)),
+        "plan_mismatch": _fit_and_report(
+            LMTask(), DHPDataModule(TokenDataset(other_lengths), other_lengths, GLOBAL_BATCH), DHPStrategy(20)),
+        "wrong_lengths": _fit_and_report(
+            LMTask(), dhp_dataloader(TokenDataset(LENGTHS), [*LENGTHS, 1], GLOBAL_BATCH), DHPStrategy(20)),
+        "datamodule_without_dhp": _fit_and_report(LMTask(), data, "ddp"),
+    }
+
+
+@pytest.fixture(scope="module")
+def reports() -> list[dict]:
+    return run_distributed(_scenarios, 2, timeout_s=240)
+
+
+@pytest.mark.parametrize(("scenario", "kind", "fragments"), [
+    ("too_long", "PlanError", ["dataset sample 0", "37", "tokens_per_device"]),
+    ("bad_items", "DHPDataError", ["dataset item 5", "input_ids", "dataset item 3", "lengths[3] = 2",
+                                   "skip_bad_samples=True"]),
+    ("attention_outside_batch", "RuntimeError", ["outside a DHP batch", "training_step"]),
+    ("plain_dataloader", "DHPConfigError", ["DHPBatchSampler", "DHPDataModule"]),
+    ("plan_mismatch", "DHPPlanMismatchError", ["global batch 0", "ranks [1] differ from rank 0"]),
+    ("wrong_lengths", "DHPDataError", [f"{len(LENGTHS) + 1} lengths", f"{len(LENGTHS)} items"]),
+    ("datamodule_without_dhp", "RuntimeError", ["strategy=DHPStrategy", "DDPStrategy"]),
+])
+def test_bad_input_gives_the_same_clear_error_on_every_rank(reports, scenario, kind, fragments):
+    kinds_and_messages = {reports_of_rank[scenario] for reports_of_rank in reports}
+    assert len(kinds_and_messages) == 1, f"ranks disagree: {kinds_and_messages}"
+    (seen_kind, message), = kinds_and_messages
+    assert seen_kind == kind, message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_bad_samples_can_be_skipped_and_counted(reports):
+    assert all(report["skip_bad_items"] == ("ok", 2) for report in reports)
