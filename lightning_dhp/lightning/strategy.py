@@ -157,7 +157,7 @@ class DHPStrategy(DDPStrategy):
     # -- data --------------------------------------------------------------------------------------
 
     def process_dataloader(self, dataloader: object) -> object:
-        if isinstance(dataloader, DHPDataLoader):
+        if isinstance(dataloader, DHPDataLoader) or dataloader == []:  # [] is Lightning's "no loader"
             return dataloader
         batch_sampler = getattr(dataloader, "batch_sampler", None)
         if not isinstance(batch_sampler, DHPBatchSampler):
