@@ -299,9 +299,7 @@ def _distribution(name: str) -> LengthDistribution:
     return DISTRIBUTIONS[name]
 
 
-def token_lengths(
-    name: str, *, data_dir: str | os.PathLike[str] | None = None, **rule_params: Any
-) -> np.ndarray:
+def token_lengths(name: str, *, data_dir: str | os.PathLike[str] | None = None, **rule_params: Any) -> np.ndarray:
     """Token length (int64, >= 1) of every row of the named distribution, by its stated rule.
 
     ``rule_params`` override the rule's constants (see ``DISTRIBUTIONS[name].description``), e.g.

@@ -127,11 +127,10 @@ def pack_round(
     memory left. None when some sample fits no bin.
     """
     capacity = problem.tokens_per_device
-    pool_degree = 1
     pool_bins = min(problem.num_devices - int(single_degrees.sum()), len(pool))
     if len(pool) and pool_bins < 1 and len(singles) == 0:
         return None
-    degrees = np.concatenate([single_degrees, np.full(pool_bins, pool_degree)]).astype(np.int64)
+    degrees = np.concatenate([single_degrees, np.ones(pool_bins, dtype=np.int64)]).astype(np.int64)
     members: list[list[int]] = [[int(position)] for position in singles.tolist()] + [[] for _ in range(pool_bins)]
     tokens = problem.padded(problem.lengths[singles], single_degrees).tolist() + [0] * pool_bins
     times = (
