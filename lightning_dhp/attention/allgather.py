@@ -35,7 +35,7 @@ class AllGatherAttention(torch.autograd.Function):
         work.wait()
         for source in range(layout.degree):
             if source != layout.rank:
-                forward_block(problem, source, q, gathered[source, 0], gathered[source, 1], out, lse, first=False)
+                forward_block(problem, source, q, *gathered[source], out, lse, first=False)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.problem, ctx.group = problem, group
@@ -50,26 +50,12 @@ class AllGatherAttention(torch.autograd.Function):
         gathered, work = _start_gather(k, v, layout.degree, group)
         dq = torch.empty(q.shape, dtype=dtype, device=q.device)
         grads = torch.zeros((layout.degree, 2, *k.shape), dtype=dtype, device=k.device)
-        own = grads[layout.rank]
-        backward_block(problem, layout.rank, dout, q, k, v, out, lse, dq, own[0], own[1], first=True)
+        backward_block(problem, layout.rank, dout, q, k, v, out, lse, dq, *grads[layout.rank], first=True)
         problem.zero_padding_rows(dq)
         work.wait()
         for source in range(layout.degree):
             if source != layout.rank:
-                backward_block(
-                    problem,
-                    source,
-                    dout,
-                    q,
-                    gathered[source, 0],
-                    gathered[source, 1],
-                    out,
-                    lse,
-                    dq,
-                    grads[source, 0],
-                    grads[source, 1],
-                    first=False,
-                )
+                backward_block(problem, source, dout, q, *gathered[source], out, lse, dq, *grads[source], first=False)
         key_value_grads = torch.empty((2, *k.shape), dtype=dtype, device=k.device)
         _reduce_scatter(key_value_grads, grads.flatten(0, 1), group=group)
         return dq.to(q.dtype), key_value_grads[0].to(k.dtype), key_value_grads[1].to(v.dtype), None, None

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_dhp.attention.kernels import AttentionKernel
+from lightning_dhp.attention.kernels import AttentionKernel, heads_first
 from lightning_dhp.attention.layout import ZigzagLayout
 
 
@@ -103,8 +103,7 @@ class AttentionProblem:
 def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
     """Fold a block's ``(block_out, block_lse)`` into the running ``(out, lse)`` in place (fp32+):
     ``out <- out - sigmoid(lse_b - lse) * (out - out_b)``, ``lse <- logaddexp(lse, lse_b)``."""
-    weight = torch.sigmoid(block_lse - lse).transpose(0, 1).unsqueeze(-1)
-    out.sub_(weight * (out - block_out))
+    out.sub_(torch.sigmoid(block_lse - lse).unsqueeze(-1) * (out - block_out))
     lse.copy_(torch.logaddexp(lse, block_lse))
 
 
@@ -119,19 +118,20 @@ def forward_block(
     *,
     first: bool,
 ) -> None:
-    """Merge the block against ``source``'s keys into ``out`` (rows first) and ``lse`` (heads first);
-    ``first`` writes instead (the calls of a block touch disjoint rows)."""
+    """Merge the block against ``source``'s keys into ``(out, lse)``; ``first`` writes instead (the
+    calls of a block touch disjoint rows). Packed rows ``(T, H, D)``, except lse ``(1, H, T)``."""
+    q, k, v, out = (heads_first(x) for x in (q, k, v, out))
     for call in problem.calls(source):
-        rows = slice(call.q_start, call.q_stop)
-        keys = slice(call.k_start, call.k_stop)
+        rows = (2, call.q_start, call.q_stop - call.q_start)
+        keys = (2, call.k_start, call.k_stop - call.k_start)
         block_out, block_lse = problem.kernel.forward(
-            q[rows], k[keys], v[keys], causal=call.causal, scale=problem.scale
+            q.narrow(*rows), k.narrow(*keys), v.narrow(*keys), causal=call.causal, scale=problem.scale
         )
         if first:
-            out[rows] = block_out
-            lse[:, rows] = block_lse
+            out.narrow(*rows).copy_(block_out)
+            lse.narrow(*rows).copy_(block_lse)
         else:
-            merge_(out[rows], lse[:, rows], block_out, block_lse)
+            merge_(out.narrow(*rows), lse.narrow(*rows), block_out, block_lse)
 
 
 def backward_block(
@@ -150,22 +150,23 @@ def backward_block(
     first: bool,
 ) -> None:
     """Add the block's gradients (exact, given the final ``out`` and ``lse``) into dq, dk, dv;
-    ``first`` writes instead."""
+    ``first`` writes instead. Packed rows ``(T, H, D)``, except lse ``(1, H, T)``."""
+    dout, q, k, v, out, dq, dk, dv = (heads_first(x) for x in (dout, q, k, v, out, dq, dk, dv))
     for call in problem.calls(source):
-        rows = slice(call.q_start, call.q_stop)
-        keys = slice(call.k_start, call.k_stop)
+        rows = (2, call.q_start, call.q_stop - call.q_start)
+        keys = (2, call.k_start, call.k_stop - call.k_start)
         grads = problem.kernel.backward(
-            dout[rows],
-            q[rows],
-            k[keys],
-            v[keys],
-            out[rows],
-            lse[:, rows],
+            dout.narrow(*rows),
+            q.narrow(*rows),
+            k.narrow(*keys),
+            v.narrow(*keys),
+            out.narrow(*rows),
+            lse.narrow(*rows),
             causal=call.causal,
             scale=problem.scale,
         )
         for accumulator, index, grad in zip((dq, dk, dv), (rows, keys, keys), grads, strict=True):
             if first:
-                accumulator[index] = grad
+                accumulator.narrow(*index).copy_(grad)
             else:
-                accumulator[index] += grad
+                accumulator.narrow(*index).add_(grad)

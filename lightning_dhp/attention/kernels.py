@@ -2,11 +2,11 @@
 
 Context-parallel attention splits every sequence's attention into blocks (local queries against one
 rank's keys) and merges the partial results with their log-sum-exp. A kernel computes one block of one
-sequence:
+sequence, on the batch-head-sequence views fused kernels read (strided views of the packed tensors):
 
-- ``forward(q, k, v, causal=, scale=) -> (out, lse)``: q ``(Lq, Hq, D)``, k/v ``(Lk, Hkv, D)`` (GQA:
-  Hq a multiple of Hkv); out ``(Lq, Hq, D)``; lse ``(Hq, Lq)`` in the accumulation dtype. ``causal``
-  is only used for square blocks. Blocks are never empty, so every row sees at least one key.
+- ``forward(q, k, v, causal=, scale=) -> (out, lse)``: q ``(1, Hq, Lq, D)``, k/v ``(1, Hkv, Lk, D)``
+  (GQA: Hq a multiple of Hkv); out ``(1, Hq, Lq, D)``; lse ``(1, Hq, Lq)`` in the accumulation dtype.
+  ``causal`` is only used for square blocks. Blocks are never empty: every row sees at least one key.
 - ``backward(dout, q, k, v, out, lse, causal=, scale=) -> (dq, dk, dv)``: given the *final* (merged)
   ``out`` and ``lse`` of the rows, each block's gradient is exact, so no block keeps its partial result.
 
@@ -32,6 +32,11 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
+def heads_first(x: torch.Tensor) -> torch.Tensor:
+    """Packed rows ``(T, H, D)`` -> ``(1, H, T, D)`` view (also ``(T, H)`` -> ``(1, H, T)``)."""
+    return x.transpose(0, 1).unsqueeze(0)
+
+
 class AttentionKernel(Protocol):
     name: str
 
@@ -53,58 +58,48 @@ class AttentionKernel(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
-def _heads_first(x: torch.Tensor) -> torch.Tensor:
-    """``(L, H, D)`` -> ``(1, H, L, D)`` view, the batch-head-sequence layout of fused kernels."""
-    return x.transpose(0, 1).unsqueeze(0)
-
-
-def _contiguous_heads_first(x: torch.Tensor) -> torch.Tensor:
-    """``(L, H, D)`` -> contiguous ``(1, H, L, D)``: the layout Ascend's BNSD kernels read."""
-    return _heads_first(x).contiguous()
-
-
-def _rows_first(x: torch.Tensor) -> torch.Tensor:
-    """``(1, H, L, D)`` -> ``(L, H, D)`` view."""
-    return x.squeeze(0).transpose(0, 1)
-
-
 class MathKernel:
     """Explicit softmax in the accumulation dtype: any device and dtype, O(Lq * Lk) memory."""
 
     name = "math"
 
     @staticmethod
-    def _grouped(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
-        """``(L, Hq, D)`` -> ``(L, Hkv, Hq // Hkv, D)`` in the accumulation dtype."""
-        return x.to(accumulation_dtype(x.dtype)).unflatten(1, (heads_kv, -1))
+    def _unbatched(x: torch.Tensor) -> torch.Tensor:
+        """``(1, H, L, ...)`` -> ``(H, L, ...)`` in the accumulation dtype."""
+        return x[0].to(accumulation_dtype(x.dtype))
+
+    def _grouped(self, x: torch.Tensor, heads_kv: int) -> torch.Tensor:
+        """Query-head tensors ``(1, Hq, L, ...)`` -> ``(Hkv, Hq // Hkv, L, ...)``."""
+        return self._unbatched(x).unflatten(0, (heads_kv, -1))
 
     def _probabilities(self, q, k, lse, causal, scale):
-        """Softmax probabilities ``(Hkv, G, Lq, Lk)``; with ``lse`` given, normalised by it."""
-        scores = torch.einsum("qhgd,khd->hgqk", self._grouped(q, k.shape[1]), k.to(accumulation_dtype(k.dtype)))
+        """Softmax probabilities ``(Hkv, G, Lq, Lk)`` and lse ``(Hkv, G, Lq)``; normalised by ``lse``
+        when it is given (the backward), else by their own."""
+        heads_kv = k.shape[1]
+        scores = torch.einsum("hgqd,hkd->hgqk", self._grouped(q, heads_kv), self._unbatched(k))
         scores = scores * scale
         if causal:
             scores = scores.masked_fill(torch.ones_like(scores[0, 0], dtype=torch.bool).triu_(1), float("-inf"))
-        known = lse is not None
-        lse = lse.to(scores.dtype).unflatten(0, (k.shape[1], -1)) if known else torch.logsumexp(scores, -1)
-        return torch.exp(scores - lse.unsqueeze(-1)), lse.flatten(0, 1)
+        lse = torch.logsumexp(scores, -1) if lse is None else self._grouped(lse, heads_kv)
+        return torch.exp(scores - lse.unsqueeze(-1)), lse
 
     def forward(self, q, k, v, *, causal, scale):
         probs, lse = self._probabilities(q, k, None, causal, scale)
-        out = torch.einsum("hgqk,khd->qhgd", probs, v.to(probs.dtype)).flatten(1, 2)
-        return out, lse
+        out = torch.einsum("hgqk,hkd->hgqd", probs, self._unbatched(v))
+        return out.flatten(0, 1).unsqueeze(0), lse.flatten(0, 1).unsqueeze(0)
 
     def backward(self, dout, q, k, v, out, lse, *, causal, scale):
         heads_kv = k.shape[1]
         probs, _ = self._probabilities(q, k, lse, causal, scale)
         grouped_dout = self._grouped(dout, heads_kv)
         # delta = rowsum(dout * out), the softmax backward's correction term.
-        delta = (grouped_dout * self._grouped(out, heads_kv)).sum(-1).permute(1, 2, 0).unsqueeze(-1)
-        dv = torch.einsum("hgqk,qhgd->khd", probs, grouped_dout)
-        dprobs = torch.einsum("qhgd,khd->hgqk", grouped_dout, v.to(probs.dtype))
+        delta = (grouped_dout * self._grouped(out, heads_kv)).sum(-1, keepdim=True)
+        dv = torch.einsum("hgqk,hgqd->hkd", probs, grouped_dout)
+        dprobs = torch.einsum("hgqd,hkd->hgqk", grouped_dout, self._unbatched(v))
         dscores = probs * (dprobs - delta) * scale
-        dq = torch.einsum("hgqk,khd->qhgd", dscores, k.to(probs.dtype)).flatten(1, 2)
-        dk = torch.einsum("hgqk,qhgd->khd", dscores, self._grouped(q, heads_kv))
-        return dq, dk, dv
+        dq = torch.einsum("hgqk,hkd->hgqd", dscores, self._unbatched(k)).flatten(0, 1)
+        dk = torch.einsum("hgqk,hgqd->hkd", dscores, self._grouped(q, heads_kv))
+        return dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0)
 
 
 class CPUFlashKernel:
@@ -113,24 +108,12 @@ class CPUFlashKernel:
     name = "cpu_flash"
 
     def forward(self, q, k, v, *, causal, scale):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _heads_first(q), _heads_first(k), _heads_first(v), 0.0, causal, scale=scale
-        )
-        return _rows_first(out), lse.squeeze(0)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
 
     def backward(self, dout, q, k, v, out, lse, *, causal, scale):
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _heads_first(dout.to(q.dtype)),
-            _heads_first(q),
-            _heads_first(k),
-            _heads_first(v),
-            _heads_first(out.to(q.dtype)),
-            lse.unsqueeze(0),
-            0.0,
-            causal,
-            scale=scale,
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.to(q.dtype), q, k, v, out.to(q.dtype), lse, 0.0, causal, scale=scale
         )
-        return tuple(_rows_first(grad) for grad in grads)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -149,31 +132,24 @@ class CUDAEfficientKernel:
     def forward(self, q, k, v, *, causal, scale):
         groups = q.shape[1] // k.shape[1]
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            _heads_first(q),
-            _heads_first(_repeat_kv(k, groups)),
-            _heads_first(_repeat_kv(v, groups)),
-            None,
-            True,
-            0.0,
-            causal,
-            scale=scale,
+            q, _repeat_kv(k, groups), _repeat_kv(v, groups), None, True, 0.0, causal, scale=scale
         )
-        return _rows_first(out), lse[0, :, : q.shape[0]]
+        return out, lse[..., : q.shape[2]]
 
     def backward(self, dout, q, k, v, out, lse, *, causal, scale):
         groups = q.shape[1] // k.shape[1]
-        length_q = q.shape[0]
-        lse = lse.float().unsqueeze(0)
+        length_q = q.shape[2]
+        lse = lse.float()
         if torch.version.hip is None:  # the kernel's lse has its rows padded to a multiple of 32
             lse = torch.nn.functional.pad(lse, (0, -(-length_q // 32) * 32 - length_q))
         no_seed = torch.zeros((), dtype=torch.long, device=q.device)
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            _heads_first(dout.to(q.dtype)),
-            _heads_first(q),
-            _heads_first(_repeat_kv(k, groups)),
-            _heads_first(_repeat_kv(v, groups)),
+            dout.to(q.dtype),
+            q,
+            _repeat_kv(k, groups),
+            _repeat_kv(v, groups),
             None,
-            _heads_first(out.to(q.dtype)),
+            out.to(q.dtype),
             lse.contiguous(),
             no_seed,
             no_seed,
@@ -182,15 +158,11 @@ class CUDAEfficientKernel:
             causal,
             scale=scale,
         )
-        return (
-            _rows_first(dq),
-            _sum_kv_groups(_rows_first(dk), groups),
-            _sum_kv_groups(_rows_first(dv), groups),
-        )
+        return dq, _sum_kv_groups(dk, groups), _sum_kv_groups(dv, groups)
 
 
 class NPUFusionKernel:
-    """Ascend ``torch_npu.npu_fusion_attention`` (fp32/bf16/fp16, GQA native).
+    """Ascend ``torch_npu.npu_fusion_attention`` (fp32/bf16/fp16, GQA native), BNSD layout.
 
     The kernel keeps the softmax max and sum (replicated over 8 lanes) instead of the lse; the backward
     gets the final lse as the max and a sum of 1, which makes ``exp(score - max) / sum`` exact.
@@ -213,35 +185,34 @@ class NPUFusionKernel:
         import torch_npu
 
         out, softmax_max, softmax_sum, *_ = torch_npu.npu_fusion_attention(
-            _contiguous_heads_first(q),
-            _contiguous_heads_first(k),
-            _contiguous_heads_first(v),
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
             q.shape[1],
             "BNSD",
             scale=scale,
             **self._sparse_args(causal, q.device),
         )
-        lse = softmax_max[0, ..., 0] + torch.log(softmax_sum[0, ..., 0])
-        return _rows_first(out), lse
+        return out, softmax_max[..., 0] + torch.log(softmax_sum[..., 0])
 
     def backward(self, dout, q, k, v, out, lse, *, causal, scale):
         import torch_npu
 
-        softmax_max = lse.float()[None, :, :, None].expand(-1, -1, -1, 8).contiguous()
+        softmax_max = lse.float().unsqueeze(-1).expand(-1, -1, -1, 8).contiguous()
         dq, dk, dv, *_ = torch_npu.npu_fusion_attention_grad(
-            _contiguous_heads_first(q),
-            _contiguous_heads_first(k),
-            _contiguous_heads_first(v),
-            _contiguous_heads_first(dout.to(q.dtype)),
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            dout.to(q.dtype).contiguous(),
             q.shape[1],
             "BNSD",
             softmax_max=softmax_max,
             softmax_sum=torch.ones_like(softmax_max),
-            attention_in=_contiguous_heads_first(out.to(q.dtype)),
+            attention_in=out.to(q.dtype).contiguous(),
             scale_value=scale,
             **self._sparse_args(causal, q.device),
         )
-        return _rows_first(dq), _rows_first(dk), _rows_first(dv)
+        return dq, dk, dv
 
 
 KERNELS: dict[str, AttentionKernel] = {

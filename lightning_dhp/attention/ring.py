@@ -47,11 +47,11 @@ class RingExchange:
 
 
 def empty_output(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulators: out ``(T, Hq, D)`` and lse ``(Hq, T)`` in the accumulation dtype."""
+    """Accumulators in the accumulation dtype: out ``(T, Hq, D)`` and lse ``(1, Hq, T)``."""
     dtype = accumulation_dtype(q.dtype)
     return (
         torch.empty(q.shape, dtype=dtype, device=q.device),
-        torch.empty(q.shape[1], q.shape[0], dtype=dtype, device=q.device),
+        torch.empty(1, q.shape[1], q.shape[0], dtype=dtype, device=q.device),
     )
 
 
