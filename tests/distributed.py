@@ -8,6 +8,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{world_size} ranks did not finish within {timeout_s:.0f} s")
         except mp.ProcessRaisedException as error:
-            errors = [open(os.path.join(out_dir, name)).read() for name in sorted(os.listdir(out_dir))
+            errors = [Path(out_dir, name).read_text() for name in sorted(os.listdir(out_dir))
                       if name.startswith("error_")]
             raise RuntimeError("\n".join(errors) or str(error)) from None
         finally:

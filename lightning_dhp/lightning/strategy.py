@@ -134,13 +134,17 @@ class DHPStrategy(DDPStrategy):
             self.cost_model = CostModel.load(self.cost_model)
 
     def _calibrate(self) -> CostModel:
-        from lightning_dhp.planner.calibration import calibrate
+        """Fit the cost model on rank 0's device and share it: every rank must plan with the same model."""
+        from lightning_dhp.planner.calibration import calibrate, transformer_step
 
-        started = time.perf_counter()
-        model = calibrate(device=self.root_device)
-        rank_zero_info(f"DHP: calibrated the cost model on {self.root_device} in "
-                       f"{time.perf_counter() - started:.1f} s")
-        return model
+        model = None
+        if self.global_rank == 0:
+            started = time.perf_counter()
+            model, report, _ = calibrate(transformer_step(device=str(self.root_device)), base=CostModel.default())
+            rank_zero_info(f"DHP: calibrated the cost model on {self.root_device} in "
+                           f"{time.perf_counter() - started:.1f} s (fit error: median "
+                           f"{report.median_abs_pct_error:.1f}%, p90 {report.p90_abs_pct_error:.1f}%)")
+        return self.broadcast(model) if self.is_multi_process else model
 
     def configure_ddp(self) -> None:
         if self.is_multi_process:

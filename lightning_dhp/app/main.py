@@ -1,0 +1,135 @@
+"""Fine-tune the tiny VLM under DHPStrategy, configured with Hydra (``conf/vlm_finetune.yaml``).
+
+Every rank runs this file: Lightning's launcher re-executes it for ranks 1..N-1 with the same
+overrides. Pretraining is cached on disk, so only the first run pays for it; evaluation and the
+summary happen on global rank 0 after training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch import seed_everything
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_dhp.app.pretrain import pretrained_checkpoint
+from lightning_dhp.app.report import format_table, summary_rows
+from lightning_dhp.data.lengths import LengthFileError
+from lightning_dhp.data.video_digits import VideoDigits
+from lightning_dhp.lightning import DHPConfigError, DHPDataError, DHPDataModule, DHPStrategy
+from lightning_dhp.lightning.callbacks import DHPPlanReport
+from lightning_dhp.planner import PlanError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+USER_ERRORS = (PlanError, LengthFileError, DHPConfigError, DHPDataError)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work on this machine; the message names key and fix."""
+
+
+def check_devices(trainer_cfg: DictConfig) -> None:
+    """Refuse more processes than this machine can run, naming the key and the limit."""
+    devices, accelerator = trainer_cfg.devices, trainer_cfg.accelerator
+    if accelerator == "cpu":
+        limit = 4 * (os.cpu_count() or 1)
+        where = f"{os.cpu_count()} CPU cores here; at most 4 gloo processes per core"
+    elif accelerator in ("gpu", "cuda"):
+        limit = torch.cuda.device_count()
+        where = f"{limit} CUDA devices visible"
+    else:
+        return
+    if isinstance(devices, int) and devices > limit:
+        raise ConfigError(f"trainer.devices={devices} is more than this machine allows ({where}); "
+                          f"pass trainer.devices=<= {limit}")
+    if isinstance(devices, int) and devices < 1 and devices != -1:
+        raise ConfigError(f"trainer.devices={devices} must be >= 1 (or -1 for all)")
+
+
+def build_datasets(cfg: DictConfig) -> tuple[VideoDigits, VideoDigits, VideoDigits]:
+    """Training, validation and held-out evaluation sets (different seeds, same length rule)."""
+    data = cfg.data
+    common = {"sample_fps": data.sample_fps, "max_frames": data.max_frames,
+              "frame_sizes": list(data.frame_sizes), "metadata_file": data.metadata_file}
+    return (VideoDigits(data.num_train, seed=cfg.seed, **common),
+            VideoDigits(data.num_val, seed=cfg.seed + 1, **common),
+            VideoDigits(cfg.eval.num_samples, seed=cfg.seed + 2, **common))
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """The main job; returns the summary on global rank 0 (None on other ranks)."""
+    started = time.perf_counter()
+    check_devices(cfg.trainer)
+    seed_everything(cfg.seed, workers=True, verbose=False)
+    train_set, val_set, eval_set = build_datasets(cfg)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+
+    model_cfg = OmegaConf.to_container(cfg.model.config, resolve=True)
+    checkpoint = pretrained_checkpoint(
+        model_cfg, steps=cfg.pretrain.steps, samples_per_step=cfg.pretrain.samples_per_step,
+        lr=cfg.pretrain.lr, num_samples=cfg.pretrain.num_samples, seed=cfg.seed,
+        frame_sizes=list(cfg.data.frame_sizes), cache_dir=cfg.pretrain.cache_dir)
+    task = instantiate(cfg.model, init_checkpoint=str(checkpoint), _convert_="all")
+
+    strategy: DHPStrategy = instantiate(cfg.strategy)
+    report = DHPPlanReport(dirpath=str(output_dir), num_plotted_steps=cfg.plot_steps)
+    loggers = [instantiate(logger_cfg) for logger_cfg in cfg.logger.values()]
+    trainer = instantiate(cfg.trainer, strategy=strategy, logger=loggers, callbacks=[report])
+    data = DHPDataModule(train_set, train_set.lengths.tolist(), cfg.data.global_batch_size,
+                         val_dataset=val_set, num_workers=cfg.data.num_workers, seed=cfg.seed)
+    trainer.fit(task, datamodule=data)
+    if not trainer.is_global_zero:
+        return None
+
+    before = instantiate(cfg.model, init_checkpoint=str(checkpoint), _convert_="all")
+    result = {
+        "strategy": _describe(strategy),
+        "devices": trainer.world_size,
+        "steps": trainer.global_step,
+        "loss_first": report.losses[0] if report.losses else float("nan"),
+        "loss_last": report.losses[-1] if report.losses else float("nan"),
+        "accuracy_before": before.answer_accuracy(eval_set),
+        "accuracy_after": task.answer_accuracy(eval_set),
+        "eval_samples": len(eval_set),
+        "plan": report.summary,
+        "metrics_csv": str(Path(loggers[0].log_dir) / "metrics.csv"),
+        "tensorboard": str(loggers[1].log_dir) if len(loggers) > 1 else "-",
+        "plan_plot": str(report.plot_path),
+        "wall_s": time.perf_counter() - started,
+    }
+    (output_dir / "summary.json").write_text(json.dumps(result, indent=2, default=str))
+    print("\n" + format_table(summary_rows(result), "lightning-dhp: VLM fine-tuning summary"), flush=True)
+    return result
+
+
+def _describe(strategy: DHPStrategy) -> str:
+    if strategy.static_degree is not None:
+        return f"static ring CP, degree {strategy.static_degree}"
+    return f"DHP ({strategy.cp_implementation}, tokens_per_device={strategy.tokens_per_device})"
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="vlm_finetune", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (*USER_ERRORS, ConfigError) as error:
+        print(f"\nerror: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Console-script entry point (``dhp-vlm-finetune``)."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
