@@ -10,7 +10,7 @@
    and against the bare CPU flash kernel called once per sequence without any bookkeeping (the floor
    of per-sequence calls). The overhead column is (variant - padded SDPA) / number of sequences.
 
-Usage: python benchmarks/attention_bench.py [--quick] [--json PATH]
+Usage: python benchmarks/attention_bench.py [--quick] [--json PATH] [--part efficiency|short_pack] [--repeats N]
 """
 
 from __future__ import annotations
@@ -177,6 +177,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke test)")
     parser.add_argument("--json", help="write the results to this path")
+    parser.add_argument("--part", choices=["all", "efficiency", "short_pack"], default="all", help="what to run")
+    parser.add_argument("--repeats", type=int, help="measured repeats (default: 1 quick, 3 full)")
     args = parser.parse_args()
     if args.quick:
         config = {
@@ -202,7 +204,20 @@ def main() -> None:
             "short_min": 8,
             "short_max": 64,
         }
+    if args.repeats is not None:
+        config["repeats"] = args.repeats
     print(f"config: {config}, torch {torch.__version__}, {os.cpu_count()} CPUs, 1 thread per rank")
+    results = {"config": config}
+    if args.part in ("all", "efficiency"):
+        results["cp_efficiency"] = report_efficiency(config)
+    if args.part in ("all", "short_pack"):
+        results["short_pack"] = report_short_pack(config)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def report_efficiency(config: dict) -> dict:
     efficiency = cp_efficiency(config)
     print(
         f"\nCP efficiency, one causal sequence of {config['seq_len']} tokens, fwd+bwd, float32 "
@@ -215,6 +230,10 @@ def main() -> None:
             f"{variant:<14}{cells[0]:>24}{cells[1]:>24}{timing['efficiency_wall']:>11.2f}"
             f"{timing['efficiency_cpu']:>10.2f}"
         )
+    return efficiency
+
+
+def report_short_pack(config: dict) -> dict:
     short = short_pack_overhead(config)
     print(
         f"\nPack of {short['num_sequences']} short causal sequences ({short['num_tokens']} tokens, lengths "
@@ -224,9 +243,7 @@ def main() -> None:
     for name, timing in short["timings_s"].items():
         cell = f"{timing['median']:.4f} [{timing['min']:.4f}, {timing['max']:.4f}]"
         print(f"{name:<34}{cell:>26}{timing['overhead_per_sequence_us']:>24.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": config, "cp_efficiency": efficiency, "short_pack": short}, f, indent=2)
+    return short
 
 
 if __name__ == "__main__":
