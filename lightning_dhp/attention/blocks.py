@@ -13,8 +13,9 @@ to those prefixes. That masks padded keys without a mask tensor, never runs an e
 ever has an lse of -inf to guard), and leaves padding queries out of every block: the own block
 (``s == r``) covers exactly the real query rows, so callers write it first and zero the rest.
 
-One kernel call per sequence and block: on CPU that beats packing short sequences into masked tiles or
-padded batches (benchmarks/attention_bench.py measured both).
+One kernel call per sequence and block. On CPU that beats one call on a padded batch (see
+benchmarks/attention_bench.py) and packing short sequences into masked tiles (measured while building
+this: 512 sequences of 8-64 tokens took 108 ms with a call per sequence against 135-400 ms with 128-512-row tiles).
 """
 
 from __future__ import annotations
