@@ -26,8 +26,10 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -285,6 +287,21 @@ def check_fits_everywhere(source: LengthSource, config: SimulationConfig) -> Non
             )
 
 
+def machine_description() -> str:
+    """Host, CPUs, the 1-minute load average (timings on a shared machine depend on it) and the commit."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=Path(__file__).resolve().parent, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return (
+        f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}, python "
+        f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}), commit {commit}"
+    )
+
+
 def simulate(
     sources: Sequence[LengthSource],
     config: SimulationConfig,
@@ -307,7 +324,7 @@ def simulate(
     return {
         "config": dataclasses.asdict(config),
         "cost_model": dataclasses.asdict(cost),
-        "machine": f"{platform.node()} ({platform.machine()}, {platform.system()}, python {platform.python_version()})",
+        "machine": machine_description(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "distributions": distributions,
     }

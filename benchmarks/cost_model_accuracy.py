@@ -1,0 +1,258 @@
+"""Cost-model accuracy on this machine: fit a CostModel on measured groups, predict held-out groups.
+
+A group is a pack of causal sequences running forward + backward through a small transformer stack
+(pre-norm layers: fused QKV projection, ``cp_attention`` with the zigzag layout and the ring, output
+projection, 4x GELU MLP; float32, one thread per rank) at CP degree 1-4 over spawned gloo ranks.
+Every pack runs at every degree, all groups interleaved in each repeat; a group's time is its slowest
+rank's, median over the repeats. Per degree, packs alternate between the fit set and the held-out
+set; ``CostModel.fit`` sees only the fit set, and the report gives the absolute percentage error of
+its predictions on the held-out groups (median, p90, max; the paper reports 4-8%).
+
+Two clocks: process CPU time of each rank (the default; it is what a rank owning its core would
+take, and gloo's send/recv costs show up as CPU time on loopback) and wall time (on a machine with
+fewer cores than ranks it also counts waiting for a core).
+
+Usage: python benchmarks/cost_model_accuracy.py [--quick] [--json PATH] [--save-model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _spawn import run_world  # a sibling helper: benchmarks/ is not a package
+
+from lightning_dhp.attention import ZigzagLayout, cp_attention
+from lightning_dhp.planner import CostModel
+from lightning_dhp.simulate import machine_description
+
+CLOCKS = ("cpu", "wall")
+PACKS: tuple[tuple[int, ...], ...] = (
+    (256,),
+    (512,),
+    (1024,),
+    (1536,),
+    (2048,),
+    (3072,),
+    (4096,),
+    (256,) * 4,
+    (128,) * 8,
+    (1024, 1024),
+    (512, 1536),
+    (2048, 1024, 512),
+    (3000, 700),
+    (1500, 1500, 1000),
+)
+QUICK_PACKS: tuple[tuple[int, ...], ...] = ((256,), (512,), (1024,), (2048,), (128,) * 8, (1024, 512))
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """The measured model and schedule."""
+
+    hidden: int = 128
+    heads: int = 2
+    layers: int = 2
+    degrees: tuple[int, ...] = (1, 2, 3, 4)
+    packs: tuple[tuple[int, ...], ...] = PACKS
+    warmup: int = 1
+    repeats: int = 5
+
+
+def transformer_weights(hidden: int, layers: int) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer (qkv, out, up, down) weights, the same on every rank (seeded)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def parameter(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) / shape[0] ** 0.5).requires_grad_()
+
+    return [
+        (parameter(hidden, 3 * hidden), parameter(hidden, hidden), parameter(hidden, 4 * hidden),
+         parameter(4 * hidden, hidden))
+        for _ in range(layers)
+    ]
+
+
+def group_step(
+    layout: ZigzagLayout, group: dist.ProcessGroup | None, weights: list[tuple[torch.Tensor, ...]], heads: int
+) -> Callable[[], None]:
+    """One rank's forward + backward of its rows of ``layout`` through the transformer layers."""
+    hidden = weights[0][0].shape[0]
+    x = torch.randn(layout.num_local_tokens, hidden, generator=torch.Generator().manual_seed(layout.rank))
+    x.requires_grad_()
+
+    def step() -> None:
+        h = x
+        for qkv_weight, out_weight, up_weight, down_weight in weights:
+            q, k, v = (F.layer_norm(h, (hidden,)) @ qkv_weight).view(h.shape[0], 3, heads, -1).unbind(1)
+            h = h + cp_attention(q, k, v, layout, group).flatten(1) @ out_weight
+            h = h + F.gelu(F.layer_norm(h, (hidden,)) @ up_weight) @ down_weight
+        h.square().mean().backward()
+
+    return step
+
+
+def _measure_worker(rank: int, world_size: int, workload: Workload) -> dict[int, list[tuple[float, float]]]:
+    """(wall, cpu) seconds of every group this rank is part of, per repeat, all groups interleaved."""
+    groups = {degree: dist.group.WORLD if degree == world_size else None for degree in workload.degrees}
+    for degree in workload.degrees:
+        if 1 < degree < world_size:  # every rank takes part in creating every subgroup
+            groups[degree] = dist.new_group(list(range(degree)))
+    weights = transformer_weights(workload.hidden, workload.layers)
+    specs = [(pack, degree) for degree in workload.degrees for pack in workload.packs]
+    steps = {
+        index: group_step(ZigzagLayout(pack, degree, rank), groups[degree], weights, workload.heads)
+        for index, (pack, degree) in enumerate(specs)
+        if rank < degree
+    }
+    timings: dict[int, list[tuple[float, float]]] = {index: [] for index in steps}
+    for repeat in range(workload.warmup + workload.repeats):
+        for index in range(len(specs)):
+            dist.barrier()
+            if index in steps:
+                wall, cpu = time.perf_counter(), time.process_time()
+                steps[index]()
+                elapsed = (time.perf_counter() - wall, time.process_time() - cpu)
+                if repeat >= workload.warmup:
+                    timings[index].append(elapsed)
+    dist.barrier()
+    return timings
+
+
+def measure(workload: Workload) -> list[dict[str, Any]]:
+    """Every (pack, degree) group with its median slowest-rank time per clock and its spread."""
+    per_rank = run_world(_measure_worker, max(workload.degrees), workload)
+    specs = [(pack, degree) for degree in workload.degrees for pack in workload.packs]
+    groups = []
+    for index, (pack, degree) in enumerate(specs):
+        repeats = list(zip(*(per_rank[rank][index] for rank in range(degree)), strict=True))
+        group: dict[str, Any] = {"lengths": list(pack), "degree": degree,
+                                 "held_out": workload.packs.index(pack) % 2 == 1}
+        for clock_index, clock in enumerate(("wall", "cpu")):
+            slowest = [max(times[clock_index] for times in repeat) for repeat in repeats]
+            group[f"{clock}_s"] = statistics.median(slowest)
+            group[f"{clock}_spread"] = (max(slowest) - min(slowest)) / statistics.median(slowest)
+        groups.append(group)
+    return groups
+
+
+def percent_errors(model: CostModel, groups: Sequence[dict[str, Any]], clock: str) -> list[float]:
+    """Absolute percentage error of ``model`` on each group's measured ``clock`` time."""
+    return [
+        abs(model.group_time(group["lengths"], group["degree"]) - group[f"{clock}_s"]) / group[f"{clock}_s"] * 100
+        for group in groups
+    ]
+
+
+def summarise(errors: Sequence[float]) -> dict[str, float]:
+    return {
+        "median": float(np.median(errors)),
+        "p90": float(np.percentile(errors, 90)),
+        "max": float(np.max(errors)),
+        "count": float(len(errors)),
+    }
+
+
+def evaluate(groups: list[dict[str, Any]], degrees: Sequence[int]) -> dict[str, Any]:
+    """Per clock: the model fitted on the fit set, its fit error, and its held-out error (all, per degree)."""
+    fit_set = [group for group in groups if not group["held_out"]]
+    held_out = [group for group in groups if group["held_out"]]
+    results = {}
+    for clock in CLOCKS:
+        model, report = CostModel.fit([(group["lengths"], group["degree"], group[f"{clock}_s"]) for group in fit_set])
+        errors = percent_errors(model, held_out, clock)
+        for group, error in zip(held_out, errors, strict=True):
+            group[f"{clock}_predicted_s"] = model.group_time(group["lengths"], group["degree"])
+            group[f"{clock}_error_pct"] = error
+        results[clock] = {
+            "model": dataclasses.asdict(model),
+            "fit_error_pct": dataclasses.asdict(report),
+            "held_out_error_pct": summarise(errors),
+            "held_out_error_pct_by_degree": {
+                degree: summarise(percent_errors(model, [g for g in held_out if g["degree"] == degree], clock))
+                for degree in degrees
+            },
+        }
+    return results
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """Markdown: headline errors per clock, then one row per held-out group."""
+    workload = result["workload"]
+    lines = [
+        "# Cost-model accuracy",
+        "",
+        f"{result['date']} on {result['machine']}; torch {result['torch']}, one thread per rank. Workload: "
+        f"{workload['layers']} pre-norm layers, hidden {workload['hidden']}, {workload['heads']} "
+        f"heads, float32, forward + backward, ring cp_attention; median of {workload['repeats']} repeats after "
+        f"{workload['warmup']} warm-up; {len(result['groups'])} groups, half held out.",
+        "",
+        "| clock | held-out median | held-out p90 | held-out max | fit-set median | per degree (median) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for clock in CLOCKS:
+        errors = result["accuracy"][clock]
+        by_degree = ", ".join(
+            f"d={degree}: {summary['median']:.1f}%"
+            for degree, summary in errors["held_out_error_pct_by_degree"].items()
+        )
+        held = errors["held_out_error_pct"]
+        lines.append(
+            f"| {clock} | **{held['median']:.1f}%** | {held['p90']:.1f}% | {held['max']:.1f}% | "
+            f"{errors['fit_error_pct']['median_abs_pct_error']:.1f}% | {by_degree} |"
+        )
+    lines += [
+        "",
+        "| held-out group (tokens) | degree | cpu measured s (spread) | cpu predicted s | error | wall measured s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for group in result["groups"]:
+        if group["held_out"]:
+            lines.append(
+                f"| {'+'.join(map(str, group['lengths']))} | {group['degree']} | {group['cpu_s']:.4f} "
+                f"({group['cpu_spread']:.0%}) | {group['cpu_predicted_s']:.4f} | {group['cpu_error_pct']:.1f}% | "
+                f"{group['wall_s']:.4f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter packs and two repeats (smoke test)")
+    parser.add_argument("--json", help="write the measurements, fitted models and errors to this path")
+    parser.add_argument("--save-model", help="save the CPU-clock model fitted here (CostModel JSON)")
+    args = parser.parse_args(argv)
+    workload = Workload(packs=QUICK_PACKS, repeats=2) if args.quick else Workload()
+    groups = measure(workload)
+    result = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_description(),
+        "torch": torch.__version__,
+        "workload": dataclasses.asdict(workload),
+        "accuracy": evaluate(groups, workload.degrees),
+        "groups": groups,
+    }
+    print(format_report(result), end="")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.save_model:
+        CostModel(**result["accuracy"]["cpu"]["model"]).save(args.save_model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
