@@ -195,6 +195,7 @@ class DHPDataLoader(DataLoader):
         self.plan_config = config
         self.loader_id = uuid.uuid4().hex
         self._trained = trained
+        self._start = (batch_sampler.epoch, batch_sampler.resume_position)
         super().__init__(PlannedDataset(dataset, batch_sampler.lengths, config),
                          sampler=StepRequests(batch_sampler, self.loader_id),
                          batch_size=None, collate_fn=_unbatched, **loader_kwargs)
@@ -204,7 +205,10 @@ class DHPDataLoader(DataLoader):
         last = self._trained.get(self.loader_id)
         if last is not None:
             state.update(epoch=last.epoch, batches_consumed=last.position + 1)
+        else:  # nothing trained since this loader started: prefetched batches do not count
+            state.update(epoch=self._start[0], batches_consumed=self._start[1])
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.dhp_batch_sampler.load_state_dict(state)
+        self._start = (state["epoch"], state["batches_consumed"])

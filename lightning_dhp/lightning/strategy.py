@@ -13,6 +13,7 @@ What changes against DDP, hook by hook:
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -42,6 +43,7 @@ class DHPPlanMismatchError(RuntimeError):
 
 
 _PLAN_HISTORY = 64  # plans kept for plots and summaries
+_PEER_FAILURE = re.compile(r"closed by peer|reset by peer|timed out|timeout|Broken pipe|NCCL|HCCL", re.IGNORECASE)
 
 
 class DHPStrategy(DDPStrategy):
@@ -98,6 +100,7 @@ class DHPStrategy(DDPStrategy):
         self._scopes = ExitStack()
         self._early_grads: list[torch.Tensor | None] | None = None
         self._in_early_backward = False
+        self._current_request: StepRequest | None = None
 
     # -- environment -------------------------------------------------------------------------------
 
@@ -152,6 +155,17 @@ class DHPStrategy(DDPStrategy):
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model  # never wrapped in DistributedDataParallel: gradients are summed in optimizer_step
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Say which step a failed collective belongs to and what it usually means."""
+        super().on_exception(exception)
+        message = str(exception)
+        if self._current_request is not None and _PEER_FAILURE.search(message):
+            request = self._current_request
+            exception.args = (
+                f"DHP: a peer rank died or stalled during global batch {request.position} (epoch {request.epoch}); "
+                f"rank {self.global_rank} stopped when a collective failed or passed the timeout ({self._timeout}). "
+                f"The first error is in the other ranks' logs. Original error: {message}",)
 
     def teardown(self) -> None:
         self._scopes.close()
@@ -275,6 +289,7 @@ class DHPStrategy(DDPStrategy):
 
     def _begin_step(self, step: PlannedStep, training: bool = True) -> None:
         """Agree on the plan and on bad data, count loss tokens, and take the plan's groups."""
+        self._current_request = step.request
         now = time.perf_counter()
         if training and self._last_step is not None and self._step_started is not None:
             self._record(self._last_step, now - self._step_started)

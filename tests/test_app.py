@@ -1,0 +1,55 @@
+"""The Hydra application end to end in a subprocess, and its answers to bad configuration."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.num_train=48", "data.num_val=8", "data.global_batch_size=8", "data.num_workers=0", "eval.num_samples=16",
+        "pretrain.steps=3", "pretrain.num_samples=64", "pretrain.samples_per_step=8", "trainer.max_steps=3",
+        "plot_steps=2"]
+
+
+def _run(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")}
+    command = [sys.executable, str(REPO / "examples" / "vlm_finetune.py"), *TINY,
+               f"pretrain.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_main_job_runs_on_two_processes_and_leaves_its_results(tmp_path):
+    result = _run(tmp_path, "trainer.devices=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "VLM fine-tuning summary" in result.stdout
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["devices"] == 2 and summary["steps"] == 3
+    assert 0.0 <= summary["accuracy_after"] <= 1.0
+    with open(summary["metrics_csv"]) as metrics:
+        rows = list(csv.DictReader(metrics))
+    assert any(row.get("dhp/loss") for row in rows), "the strategy's loss must reach the logger"
+    assert any(row.get("dhp/planner_ms") for row in rows), "plan statistics must reach the logger"
+    assert (run / "plans.png").stat().st_size > 10_000
+    assert any((tmp_path / "cache").glob("tiny_vlm_pretrained_*.pt")), "the starting checkpoint is cached"
+
+
+@pytest.mark.parametrize(("overrides", "fragments"), [
+    (["trainer.no_such_key=1"], ["no_such_key"]),
+    (["strategy.tokens_per_device=16"], ["tokens_per_device", "dataset sample"]),
+    (["data.metadata_file=/no/such/durations.csv"], ["/no/such/durations.csv"]),
+    (["trainer.devices=4096"], ["trainer.devices=4096", "trainer.devices=<="]),
+], ids=["unknown-key", "tokens-per-device-too-small", "missing-length-file", "too-many-devices"])
+def test_bad_configuration_is_named_without_a_traceback(tmp_path, overrides, fragments):
+    result = _run(tmp_path, "trainer.devices=1", *overrides, timeout=120)
+    assert result.returncode != 0
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

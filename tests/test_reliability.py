@@ -1,0 +1,118 @@
+"""Reliability: every sample exactly once, exact resume, dead ranks do not hang the others."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_dhp import DHPStrategy
+from lightning_dhp.lightning import DHPBatchSampler, DHPDataLoader
+from lightning_dhp.lightning.planned_loader import PlanConfig
+from tests.distributed import run_distributed
+from tests.test_strategy import _as_torchrun_rank, _assert_params_close, _data, _trainer
+from tests.tiny_lm import LMTask
+
+
+class Zeros(torch.utils.data.Dataset):
+    def __init__(self, lengths: list[int]) -> None:
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": torch.zeros(self.lengths[index], dtype=torch.long)}
+
+
+def _loaders(lengths: list[int], batch: int, world: int, tokens_per_device: int, trained: dict) -> list:
+    return [DHPDataLoader(Zeros(lengths), DHPBatchSampler(lengths, batch, seed=3), PlanConfig(world, rank,
+                          tokens_per_device), trained) for rank in range(world)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(1, 64), min_size=1, max_size=40), batch=st.integers(1, 12),
+       world=st.integers(1, 6), resume_world=st.integers(1, 6), stop=st.integers(0, 8))
+def test_every_sample_is_trained_exactly_once_per_epoch_across_a_resume(lengths, batch, world, resume_world, stop):
+    """Ranks' groups cover every sample of the epoch exactly once, also when the run stops after
+    ``stop`` steps (with one batch prefetched and lost) and resumes on another number of devices."""
+    tokens_per_device = 64
+    trained: dict = {}
+    seen: Counter = Counter()
+
+    def train(step_per_rank: list) -> None:
+        for step in step_per_rank:
+            for batch_of_round in step.rounds:
+                if batch_of_round["dhp"].layout.rank == 0:  # count each group once, at its first rank
+                    seen.update(batch_of_round["dhp"].sample_indices)
+        trained[step_per_rank[0].request.loader_id] = step_per_rank[0].request
+
+    loaders = _loaders(lengths, batch, world, tokens_per_device, trained)
+    iterators = [iter(loader) for loader in loaders]
+    steps = len(loaders[0])
+    for _ in range(min(stop, steps)):
+        train([next(iterator) for iterator in iterators])
+    if stop < steps:
+        [next(iterator) for iterator in iterators]  # prefetched by Lightning, never trained
+    state = loaders[0].state_dict()
+
+    resumed = _loaders(lengths, batch, resume_world, tokens_per_device, trained)
+    for loader in resumed:
+        loader.load_state_dict(state)
+    for step_per_rank in zip(*resumed, strict=True):
+        train(list(step_per_rank))
+    assert seen == Counter(range(len(lengths)))
+
+
+def _fit_with_checkpoints(rank: int, world_size: int, directory: str, steps: int, resume: bool) -> dict:
+    _as_torchrun_rank(rank)
+    task = LMTask()
+    strategy = DHPStrategy(20)
+    checkpoints = ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    trainer = _trainer(world_size, strategy, steps=steps, enable_checkpointing=True, callbacks=[checkpoints],
+                       limit_val_batches=0)
+    trainer.fit(task, datamodule=_data(), ckpt_path=f"{directory}/step=2.ckpt" if resume else None)
+    return {"params": {k: v.detach().clone() for k, v in task.model.state_dict().items()},
+            "batches": [entry["plan"].lengths for entry in strategy.plan_history]}
+
+
+@pytest.mark.parametrize("resume_world", [2, 3], ids=["same-world", "other-world"])
+def test_stop_and_resume_equals_the_uninterrupted_run(tmp_path, resume_world):
+    uninterrupted = run_distributed(_fit_with_checkpoints, 2, str(tmp_path / "a"), 5, False, timeout_s=240)
+    run_distributed(_fit_with_checkpoints, 2, str(tmp_path / "b"), 2, False, timeout_s=240)
+    resumed = run_distributed(_fit_with_checkpoints, resume_world, str(tmp_path / "b"), 5, True, timeout_s=240)
+    _assert_params_close(resumed[0]["params"], uninterrupted[0]["params"])
+    # the strategy records a step when the next one starts: compare the batches both runs recorded
+    assert resumed[0]["batches"] == uninterrupted[0]["batches"][2:len(resumed[0]["batches"]) + 2]
+
+
+class DiesAtStepTwo(LMTask):
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if batch_idx == 2 and self.global_rank == 1:
+            os._exit(1)
+
+
+def _fit_until_a_rank_dies(rank: int, world_size: int) -> str:
+    _as_torchrun_rank(rank)
+    try:
+        _trainer(world_size, DHPStrategy(20, timeout=timedelta(seconds=30))).fit(DiesAtStepTwo(), datamodule=_data())
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return "finished"
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_message():
+    started = time.monotonic()
+    messages = run_distributed(_fit_until_a_rank_dies, 3, timeout_s=120, allow_dead_ranks=True)
+    assert messages[1] is None  # the rank that died
+    for survivor in (messages[0], messages[2]):
+        assert "a peer rank died or stalled" in survivor, survivor
+        assert "global batch 2" in survivor
+    assert time.monotonic() - started < 100
