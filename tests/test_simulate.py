@@ -16,6 +16,7 @@ from lightning_dhp.simulate import (
     LengthSource,
     SimulationConfig,
     csv_source,
+    main,
     retimed,
     ring_group_time,
     simulate_device_count,
@@ -72,15 +73,21 @@ def test_quick_run_prints_the_report_and_writes_markdown_json_and_plots(tmp_path
          "longest sample (62528 tokens) needs a power-of-two degree >= 62"),
     ],
 )
-def test_bad_input_exits_2_with_a_message_naming_the_item_and_no_traceback(tmp_path, args, message):
+def test_bad_input_exits_2_with_a_message_naming_the_item(tmp_path, capsys, args, message):
     csv = tmp_path / "lengths.csv"
     csv.write_text("sample_id,seconds\na,12\nb,30\n")
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("sample_id,seconds\na,12\nb,abc\n")
-    args = [arg.format(csv=csv, bad_csv=bad_csv) for arg in args]
-    completed = run_cli(*args, "--steps", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg.format(csv=csv, bad_csv=bad_csv) for arg in args] + ["--steps", "1"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_command_line_reports_bad_input_without_a_traceback():
+    completed = run_cli("--dist", "no_such")
     assert completed.returncode == 2
-    assert message in completed.stderr
+    assert completed.stderr.startswith("python -m lightning_dhp.simulate: error: --dist 'no_such'")
     assert "Traceback" not in completed.stderr
 
 
