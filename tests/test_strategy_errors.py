@@ -17,15 +17,15 @@ from tests.tiny_lm import LMTask, TokenDataset
 
 
 class BrokenItems(TokenDataset):
-    """Item 5 lacks input_ids; item 3 is shorter than its declared length."""
+    """Items 1-3 and 5 of the first (unshuffled) batch are broken, each in its own way."""
 
     def __getitem__(self, index: int) -> dict:
-        item = super().__getitem__(index)
-        if index == 5:
-            return {"tokens": item["input_ids"]}
-        if index == 3:
-            return {"input_ids": item["input_ids"][:-1]}
-        return item
+        tokens = super().__getitem__(index)["input_ids"]
+        broken = {1: {"input_ids": tokens.float()},
+                  2: {"input_ids": tokens, "labels": tokens[:-1]},
+                  3: {"input_ids": tokens[:-1]},
+                  5: {"tokens": tokens}}
+        return broken.get(index, {"input_ids": tokens})
 
 
 class AttentionOutsideBatch(LMTask):
@@ -70,7 +70,8 @@ def reports() -> list[dict]:
 
 @pytest.mark.parametrize(("scenario", "kind", "fragments"), [
     ("too_long", "PlanError", ["dataset sample 0", "37", "tokens_per_device"]),
-    ("bad_items", "DHPDataError", ["dataset item 5", "input_ids", "dataset item 3", "lengths[3] = 2",
+    ("bad_items", "DHPDataError", ["dataset item 5", "'input_ids' tensor", "dataset item 3", "lengths[3] = 2",
+                                   "dataset item 1", "integer tensor", "dataset item 2", "'labels'",
                                    "skip_bad_samples=True"]),
     ("attention_outside_batch", "RuntimeError", ["outside a DHP batch", "training_step"]),
     ("plain_dataloader", "DHPConfigError", ["DHPBatchSampler", "DHPDataModule"]),
@@ -88,4 +89,4 @@ def test_bad_input_gives_the_same_clear_error_on_every_rank(reports, scenario, k
 
 
 def test_bad_samples_can_be_skipped_and_counted(reports):
-    assert all(report["skip_bad_items"] == ("ok", 2) for report in reports)
+    assert all(report["skip_bad_items"] == ("ok", 4) for report in reports)
