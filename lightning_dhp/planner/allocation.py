@@ -73,50 +73,38 @@ class DegreeTable:
         return float(times[row, column]) if 0 <= column < times.shape[1] else float("inf")
 
 
-def bin_min_degree(lengths: np.ndarray, tokens_per_device: int, start: int, limit: int) -> int:
-    """Smallest degree in ``[start, limit]`` whose padded per-device tokens fit, or ``limit + 1``.
-
-    Per-device tokens ``sum_i 2 * ceil(L_i / 2d)`` never grow with ``d`` (d >= 2), so bisect.
-    """
-    if start <= 1 and int(lengths.sum()) <= tokens_per_device:
-        return 1
-    low, high = max(2, start), limit
-    if low > high:
-        return limit + 1
-
-    def fits(degree: int) -> bool:
-        return int((2 * -(-lengths // (2 * degree))).sum()) <= tokens_per_device
-
-    if fits(low):
-        return low
-    if not fits(high):
-        return limit + 1
-    while low < high:
-        middle = (low + high) // 2
-        if fits(middle):
-            high = middle
-        else:
-            low = middle + 1
-    return low
-
-
 def bin_min_degrees(
     lengths: np.ndarray, owner: np.ndarray, member_min_degree: np.ndarray, num_bins: int, capacity: int, limit: int
 ) -> np.ndarray:
-    """:func:`bin_min_degree` of every bin; ``owner[i]`` is the bin of sample ``i``.
+    """Smallest degree of every bin in ``[its largest member's minimum degree, limit]`` whose padded
+    per-device tokens fit, or ``limit + 1``; ``owner[i]`` is the bin of sample ``i``.
 
-    Vectorised for the common cases (the bin fits at its largest member's minimum degree).
+    Most bins fit at their start degree. Per-device tokens ``sum_i 2 * ceil(L_i / 2d)`` never grow
+    with ``d`` (d >= 2), so the others bisect, all of them side by side.
     """
     start = np.zeros(num_bins, dtype=np.int64)
     np.maximum.at(start, owner, member_min_degree)
     total = np.bincount(owner, weights=lengths, minlength=num_bins)
-    chunk = 2 * np.maximum(start, 1)[owner]
-    per_device = np.bincount(owner, weights=2 * -(-lengths // chunk), minlength=num_bins)
-    degrees = np.where(start == 1, 1, start)
-    hard = np.flatnonzero(np.where(start == 1, total > capacity, per_device > capacity))
-    for bin_index in hard.tolist():
-        degrees[bin_index] = bin_min_degree(lengths[owner == bin_index], capacity, int(start[bin_index]), limit)
+    degrees = start.copy()
+    hard = np.where(start == 1, total > capacity, _per_device(lengths, owner, start, num_bins) > capacity)
+    if not hard.any():
+        return degrees
+    selected = hard[owner]
+    hard_lengths, hard_owner = lengths[selected], owner[selected]
+    low, high = np.maximum(start, 2), np.full(num_bins, limit, dtype=np.int64)
+    possible = hard & (low <= high) & (_per_device(hard_lengths, hard_owner, high, num_bins) <= capacity)
+    while (active := possible & (low < high)).any():
+        middle = (low + high) // 2
+        fits = _per_device(hard_lengths, hard_owner, middle, num_bins) <= capacity
+        high = np.where(active & fits, middle, high)
+        low = np.where(active & ~fits, middle + 1, low)
+    degrees[hard] = np.where(possible, low, limit + 1)[hard]
     return degrees
+
+
+def _per_device(lengths: np.ndarray, owner: np.ndarray, degrees: np.ndarray, num_bins: int) -> np.ndarray:
+    """Padded tokens per device of every bin at ``degrees[bin]`` (the formula for degrees >= 2)."""
+    return np.bincount(owner, weights=2 * -(-lengths // (2 * degrees[owner])), minlength=num_bins)
 
 
 def build_table(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 
@@ -31,19 +32,20 @@ def place(degrees: list[int], num_devices: int, node_size: int | None) -> list[i
         return PlacementFailure(wide[-1], 0)
     if node_size is None:
         return starts
-    free = []  # [start, end) per node, after the wide groups
+    # free ranges inside nodes, bucketed by width: a heap of their first ranks per width
+    free: list[list[int]] = [[] for _ in range(node_size + 1)]
     for node_start in range(0, num_devices, node_size):
-        node_end = min(node_start + node_size, num_devices)
-        start = max(node_start, cursor)
+        start, node_end = max(node_start, cursor), min(node_start + node_size, num_devices)
         if start < node_end:
-            free.append([start, node_end])
+            free[node_end - start].append(start)
     for index in order[len(wide) :]:
         degree = degrees[index]
-        fitting = [segment for segment in free if segment[1] - segment[0] >= degree]
-        if not fitting:
-            largest = max((segment[1] - segment[0] for segment in free), default=0)
+        # best fit: the narrowest range that holds the group, the lowest one among equals
+        width = next((width for width in range(degree, node_size + 1) if free[width]), None)
+        if width is None:
+            largest = max((width for width in range(node_size + 1) if free[width]), default=0)
             return PlacementFailure(index, largest)
-        segment = min(fitting, key=lambda seg: (seg[1] - seg[0], seg[0]))
-        starts[index] = segment[0]
-        segment[0] += degree
+        starts[index] = heapq.heappop(free[width])
+        if width > degree:
+            heapq.heappush(free[width - degree], starts[index] + degree)
     return starts

@@ -17,24 +17,36 @@ def minimum_rounds(lengths: np.ndarray, num_devices: int, tokens_per_device: int
 def balanced_assignment(work: np.ndarray, size: np.ndarray, num_bins: int, capacity: int) -> list[list[int]] | None:
     """Items heaviest first to the least-loaded bin with room (LPT); None if one fits nowhere.
 
-    Ties break on the lower item and bin index, so the result is deterministic.
+    Ties break on the lower item and bin index, so the result is deterministic. The heap holds
+    (load, bin) entries, stale ones (the bin has grown since) and bins too full for any item left
+    are dropped lazily; when the least-loaded bin lacks room for an item, one vectorised pass finds
+    the least-loaded bin that has it.
     """
     order = np.lexsort((np.arange(len(work)), -work))
+    ordered_size = np.asarray(size)[order]
+    item_sizes, item_work = ordered_size.tolist(), np.asarray(work, dtype=np.float64)[order].tolist()
+    smallest_left = np.minimum.accumulate(ordered_size[::-1])[::-1].tolist()
     heap = [(0.0, bin_index) for bin_index in range(num_bins)]
-    used = [0] * num_bins
+    load, used = [0.0] * num_bins, [0] * num_bins
+    load_array, used_array = np.zeros(num_bins), np.zeros(num_bins, dtype=np.int64)
     members: list[list[int]] = [[] for _ in range(num_bins)]
-    for item in order.tolist():
-        skipped = []
-        while heap and used[heap[0][1]] + int(size[item]) > capacity:
-            skipped.append(heapq.heappop(heap))
+    for position, item in enumerate(order.tolist()):
+        need = item_sizes[position]
+        while heap and (heap[0][0] != load[heap[0][1]] or capacity - used[heap[0][1]] < smallest_left[position]):
+            heapq.heappop(heap)
         if not heap:
             return None
-        load, bin_index = heapq.heappop(heap)
-        used[bin_index] += int(size[item])
+        bin_index = heap[0][1]
+        if used[bin_index] + need > capacity:
+            room = used_array + need <= capacity
+            if not room.any():
+                return None
+            bin_index = int(np.argmin(np.where(room, load_array, np.inf)))
+        load[bin_index] += item_work[position]
+        used[bin_index] += need
+        load_array[bin_index], used_array[bin_index] = load[bin_index], used[bin_index]
         members[bin_index].append(item)
-        heapq.heappush(heap, (load + float(work[item]), bin_index))
-        for entry in skipped:
-            heapq.heappush(heap, entry)
+        heapq.heappush(heap, (load[bin_index], bin_index))
     return members
 
 
