@@ -16,7 +16,7 @@ import numpy as np
 from lightning_dhp.planner.allocation import allocate, bin_min_degrees, build_table, spend_leftover
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.baselines import static_plan
-from lightning_dhp.planner.cost_model import CostModel
+from lightning_dhp.planner.cost_model import CostModel, padded_lengths
 from lightning_dhp.planner.inputs import check_fits, check_inputs, min_degrees
 from lightning_dhp.planner.packing import RoundProblem, pack_round, size_round
 from lightning_dhp.planner.placement import PlacementFailure, place
@@ -30,6 +30,7 @@ EXTRA_START_DEGREES = (1, 2, 3, 4, 6, 8)
 # rounds filling more than this share of all device memory also try static CP's layouts: when bin
 # packing binds, wide groups pack better than the time-sized ones
 TIGHT_MEMORY = 0.75
+STATIC_BOUND_MARGIN = 1e-9  # relative: a static layout is only skipped when its bound is clearly slower
 REFINE_STEP_BUDGET = 4096  # refinement steps per start: this over the batch's samples, within [4, 64]
 
 
@@ -79,6 +80,10 @@ def plan_batch(
         # memory binds: static CP's joint packing over all rounds can beat per-round planning, and
         # a static layout is a valid DHP plan, so take it when it is faster
         for degree in _tight_start_degrees(int(min_degree.max()), num_devices, exclude=[]):
+            if _static_bound(lengths_array, num_devices, tokens_per_device, degree, cost, node_size) >= (
+                plan.predicted_time * (1 + STATIC_BOUND_MARGIN)
+            ):
+                continue  # it cannot win
             try:
                 static = static_plan(lengths_array, num_devices, tokens_per_device, degree, cost, node_size=node_size)
             except PlanError:
@@ -86,6 +91,19 @@ def plan_batch(
             if static.predicted_time < plan.predicted_time:
                 plan = static
     return plan
+
+
+def _static_bound(
+    lengths: np.ndarray, num_devices: int, tokens_per_device: int, degree: int, cost: CostModel, node_size: int | None
+) -> float:
+    """Lower bound on :func:`static_plan`'s time at ``degree``: every round pays a group's fixed
+    time, and the work of all samples spreads at best evenly over ``num_devices / degree`` groups."""
+    padded = padded_lengths(lengths, degree)
+    rounds = minimum_rounds(padded, num_devices, tokens_per_device)
+    padded_f = padded.astype(np.float64)
+    fixed = float(cost.times_from_sums(0.0, 0.0, degree, node_size=node_size))
+    alone = float(cost.times_from_sums(padded_f.sum(), (padded_f * padded_f).sum(), degree, node_size=node_size))
+    return rounds * fixed + (alone - fixed) * degree / num_devices
 
 
 def _solve_round(
