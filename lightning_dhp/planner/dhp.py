@@ -9,7 +9,9 @@ re-allocation while the round's makespan drops. Everything is deterministic.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,6 +33,10 @@ EXTRA_START_DEGREES = (1, 2, 3, 4, 6, 8)
 # packing binds, wide groups pack better than the time-sized ones
 TIGHT_MEMORY = 0.75
 STATIC_BOUND_MARGIN = 1e-9  # relative: a static layout is only skipped when its bound is clearly slower
+# a round within this share of its lower bound is not refined further, nor are other starts tried
+CLOSE_ENOUGH = 0.01
+# a start whose first allocation is this much slower than the best refined one is not refined
+START_MARGIN = 0.05
 REFINE_STEP_BUDGET = 4096  # refinement steps per start: this over the batch's samples, within [4, 64]
 
 
@@ -138,15 +144,16 @@ def _solve_round(
     else:
         degrees = small
         rescue = [d for d in range(1, num_devices + 1) if num_devices // d != num_devices // (d + 1) and d not in small]
-    best = _improve(problem, samples, main) if main is not None else None
+    best = _improve(problem, main) if main is not None else None
     for degree in degrees + rescue:
-        if best is not None and degree in rescue:
+        if best is not None and (degree in rescue or best.makespan <= bound * (1 + CLOSE_ENOUGH)):
             break
         start = _uniform_start(problem, degree)
-        result = _improve(problem, samples, start) if start is not None else None
-        if result is not None and (best is None or result[0] < best[0]):
+        cutoff = best.makespan * (1 + START_MARGIN) if best is not None else math.inf
+        result = _improve(problem, start, cutoff) if start is not None else None
+        if result is not None and (best is None or result.makespan < best.makespan):
             best = result
-    return best[1] if best is not None else None
+    return best.groups(samples) if best is not None else None
 
 
 def _tight_start_degrees(longest_min_degree: int, num_devices: int, exclude: list[int]) -> list[int]:
@@ -166,11 +173,30 @@ def _uniform_start(problem: RoundProblem, degree: int) -> list[list[int]] | None
     )
 
 
-def _improve(
-    problem: RoundProblem, samples: np.ndarray, members: list[list[int]]
-) -> tuple[float, list[PlannedGroup]] | None:
-    """Alternate exact allocation and refinement from one start; the best (makespan, groups)."""
-    best: tuple[float, list[PlannedGroup]] | None = None
+@dataclass(frozen=True)
+class _Layout:
+    """One round's bins (local positions) with their degrees, first ranks and makespan."""
+
+    makespan: float
+    members: list[list[int]]
+    degrees: list[int]
+    starts: list[int]
+
+    def groups(self, samples: np.ndarray) -> list[PlannedGroup]:
+        """The bins as planned groups of global sample indices."""
+        return [
+            PlannedGroup(tuple(sorted(samples[bin_members].tolist())), degree, start)
+            for bin_members, degree, start in zip(self.members, self.degrees, self.starts, strict=True)
+        ]
+
+
+def _improve(problem: RoundProblem, members: list[list[int]], cutoff: float = math.inf) -> _Layout | None:
+    """Alternate exact allocation and refinement from one start; the best layout found.
+
+    Refinement stops once the makespan is within :data:`CLOSE_ENOUGH` of the round's lower bound,
+    and does not start when the first allocation is slower than ``cutoff`` (another start won).
+    """
+    best: _Layout | None = None
     steps_left = max(4, min(64, REFINE_STEP_BUDGET // problem.batch_size))
     for _ in range(REFINE_PASSES):
         members = [bin_members for bin_members in members if bin_members]
@@ -179,15 +205,11 @@ def _improve(
             break
         degrees, starts, times = allocated
         makespan = float(times.max())
-        if best is not None and makespan >= best[0]:
+        if best is not None and makespan >= best.makespan:
             break
-        best = (
-            makespan,
-            [
-                PlannedGroup(tuple(sorted(samples[bin_members].tolist())), int(degree), int(start))
-                for bin_members, degree, start in zip(members, degrees.tolist(), starts, strict=True)
-            ],
-        )
+        best = _Layout(makespan, members, degrees.tolist(), starts)
+        if makespan <= problem.lower_bound * (1 + CLOSE_ENOUGH) or makespan > cutoff:
+            break
         refiner = Refiner(problem, members, degrees, times)
         steps = refiner.run(steps_left)
         steps_left -= steps
