@@ -34,6 +34,11 @@ class DegreeTable:
     def entries(self) -> np.ndarray:
         return np.concatenate([envelope.ravel() for _, _, envelope in self.buckets])
 
+    @property
+    def size(self) -> int:
+        """Number of table entries."""
+        return sum(envelope.size for _, _, envelope in self.buckets)
+
     def floor_time(self) -> float:
         """Smallest makespan the table can reach: the slowest bin at its best degree."""
         return max(float(envelope[:, -1].max()) for _, _, envelope in self.buckets)
@@ -45,15 +50,16 @@ class DegreeTable:
             degrees[bins] += (envelope > makespan).sum(axis=1)
         return degrees
 
-    def degrees_and_times_at(self, makespan: float) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`degrees_at` and each bin's time there (inf for bins that cannot reach it)."""
-        degrees = self.min_degree.copy()
-        times = np.empty(len(degrees))
+    def degrees_and_times_at(self, makespans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`degrees_at` and each bin's time there (inf for bins that cannot reach it), one
+        row per makespan."""
+        degrees = np.repeat(self.min_degree[None, :], len(makespans), axis=0)
+        times = np.empty(degrees.shape)
         for bins, _, envelope in self.buckets:
-            above = (envelope > makespan).sum(axis=1)
-            degrees[bins] += above
-            reached = envelope[np.arange(len(bins)), np.minimum(above, envelope.shape[1] - 1)]
-            times[bins] = np.where(above < envelope.shape[1], reached, np.inf)
+            above = (envelope[None, :, :] > makespans[:, None, None]).sum(axis=2)
+            degrees[:, bins] += above
+            reached = envelope[np.arange(len(bins))[None, :], np.minimum(above, envelope.shape[1] - 1)]
+            times[:, bins] = np.where(above < envelope.shape[1], reached, np.inf)
         return degrees, times
 
     def times_at(self, degrees: np.ndarray) -> np.ndarray:

@@ -46,6 +46,8 @@ class RoundProblem:
 
 
 SIZING_TOLERANCE = 1e-6  # relative width at which the makespan search stops
+SIZING_POINTS = 32  # makespans the search tries side by side per pass
+SIZING_ENTRIES = 1 << 21  # ... fewer when points x table entries would exceed this
 
 
 def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -73,42 +75,45 @@ def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarra
     total_work = float((alone_time[one_device] - overhead).sum())
     total_tokens = int(lengths[one_device].sum())
 
-    def needed(makespan: float) -> float:
-        degrees, times = table.degrees_and_times_at(makespan)
-        single = candidate_multi | (candidate_alone > makespan)
-        if np.isinf(times[single]).any():
-            return math.inf
-        devices = int(degrees[single].sum())
+    def needed(makespans: np.ndarray) -> np.ndarray:
+        """Devices the singles and the pool need at each of ``makespans`` (inf: unreachable)."""
+        degrees, times = table.degrees_and_times_at(makespans)
+        single = candidate_multi | (candidate_alone > makespans[:, None])
         leaving = single & ~candidate_multi
-        work = total_work - float((candidate_alone[leaving] - overhead).sum())
-        tokens = total_tokens - int(candidate_lengths[leaving].sum())
-        if tokens == 0:
-            return devices
-        if makespan <= overhead:
-            return math.inf
-        # the pool first fills the time and memory the singles leave free
-        spare_time = float(((makespan - times[single]) * degrees[single]).sum())
-        spare_tokens = int((degrees[single] * capacity - problem.padded(candidate_lengths, degrees)[single]).sum())
-        by_work = math.ceil(max(0.0, work - spare_time) / (makespan - overhead) - 1e-9)
-        by_memory = -(-max(0, tokens - spare_tokens) // capacity)
-        return devices + max(by_work, by_memory)
+        devices = np.where(single, degrees, 0).sum(axis=1)
+        work = total_work - np.where(leaving, candidate_alone - overhead, 0.0).sum(axis=1)
+        tokens = total_tokens - np.where(leaving, candidate_lengths, 0).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # the pool first fills the time and memory the singles leave free
+            spare_time = np.where(single, (makespans[:, None] - times) * degrees, 0.0).sum(axis=1)
+            spare_tokens = np.where(single, degrees * capacity - problem.padded(candidate_lengths, degrees), 0).sum(
+                axis=1
+            )
+            by_work = np.ceil(np.maximum(0.0, work - spare_time) / (makespans - overhead) - 1e-9)
+        by_memory = -(-np.maximum(0, tokens - spare_tokens) // capacity)
+        pooled = np.where(makespans > overhead, devices + np.maximum(by_work, by_memory), np.inf)
+        result = np.where(tokens == 0, devices, pooled)
+        return np.where((np.isinf(times) & single).any(axis=1), np.inf, result)
 
+    def narrow(tried: np.ndarray, low: float, high: float) -> tuple[float, float]:
+        """The last of the ascending makespans ``tried`` that misses and the first that fits."""
+        fits = needed(tried) <= problem.num_devices
+        first = int(np.argmax(fits)) if fits.any() else len(tried)
+        return (float(tried[first - 1]) if first else low), (float(tried[first]) if first < len(tried) else high)
+
+    # the smallest makespan the devices suffice for, to a relative SIZING_TOLERANCE, trying several
+    # makespans per pass: doublings from the lower bound, then an even grid between a miss and a fit
+    points = max(1, min(SIZING_POINTS, SIZING_ENTRIES // max(1, table.size)))
     low = max(problem.lower_bound, table.floor_time() if len(candidates) else 0.0)
-    if needed(math.inf) > problem.num_devices:
+    if needed(np.array([math.inf]))[0] > problem.num_devices:
         return None
-    high = max(low, 1e-9) * 2
-    while needed(high) > problem.num_devices:
-        high *= 2
-    if needed(low) <= problem.num_devices:
-        high = low
+    low, high = narrow(np.concatenate([[low], max(low, 1e-9) * 2.0 ** np.arange(1, points)]), low, math.inf)
+    while high == math.inf:
+        low, high = narrow(max(low, 1e-9) * 2.0 ** np.arange(1, points + 1), low, high)
     for _ in range(100):
         if high - low <= SIZING_TOLERANCE * high:
             break
-        middle = 0.5 * (low + high)
-        if needed(middle) <= problem.num_devices:
-            high = middle
-        else:
-            low = middle
+        low, high = narrow(low + (high - low) * np.arange(1, points + 1) / (points + 1), low, high)
     makespan = high
     single_degrees = table.degrees_at(makespan) if len(candidates) else np.zeros(0, dtype=np.int64)
     is_single = multi[candidates] | (alone_time[candidates] > makespan)
