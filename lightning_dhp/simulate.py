@@ -227,7 +227,7 @@ def simulate_device_count(
         f"ulysses-{degree}" for degree in static_degrees if config.ulysses_heads % degree == 0
     ]
     totals = dict.fromkeys(policies, 0.0)
-    lower_bound = tokens = useful = 0.0
+    lower_bound = tokens = useful = rounds = 0.0
     planner_ms: list[float] = []
     rank_sets_per_step: list[list[tuple[int, ...]]] = []
     batches = batch_stream(source.lengths, config.samples_per_device * num_devices, config.seed)
@@ -237,6 +237,7 @@ def simulate_device_count(
         planner_ms.append((time.perf_counter() - started) * 1e3)
         totals["dhp"] += plan.predicted_time
         lower_bound += plan.lower_bound
+        rounds += len(plan.rounds)
         rank_sets_per_step.append([group.ranks for round_ in plan.rounds for group in round_.groups])
         for degree in static_degrees:
             static = static_plan(batch, num_devices, capacity, degree, cost)
@@ -256,6 +257,7 @@ def simulate_device_count(
         "epochs": config.steps * config.samples_per_device * num_devices / len(source.lengths),
         "step_time_s": step_time,
         "lower_bound_s": lower_bound / config.steps,
+        "dhp_rounds": rounds / config.steps,
         "best_static": best_static,
         "megatron": megatron,
         "speedup_over_best_static": totals[best_static] / totals["dhp"],
@@ -395,6 +397,7 @@ def format_markdown(result: dict[str, Any]) -> str:
                 f"**{row['speedup_over_best_static']:.3f}**",
                 f"{row['speedup_over_megatron']:.3f} ({row['megatron']})",
                 f"{row['step_time_s']['dhp'] / row['lower_bound_s']:.3f}",
+                f"{row['dhp_rounds']:.1f}",
                 f"{row['utilisation']['dhp']:.1%} / {row['utilisation'][best]:.1%}",
                 f"{row['scaling_efficiency']['dhp']:.1%} / {row['scaling_efficiency']['best_static']:.1%}",
                 f"{row['planner_ms']['median']:.1f} ({row['planner_ms']['p90']:.1f})",
@@ -404,7 +407,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         lines += _table(
             [
                 "devices", "batch", "DHP s/step", "best static s/step", "DHP / best", "DHP / Megatron",
-                "DHP / bound", "utilisation DHP / best", "scaling DHP / best", "planner ms median (p90)",
+                "DHP / bound", "DHP rounds", "utilisation DHP / best", "scaling DHP / best", "planner ms median (p90)",
                 "groups created / distinct", "pool hits (uncapped)",
             ],
             summary_rows,
@@ -424,6 +427,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         "",
         "DHP / best: best static policy's time over DHP's, both summed over the same steps (> 1: DHP faster). "
         "Megatron: the smallest fitting ring degree. DHP / bound: DHP's time over the planner's lower bound. "
+        "DHP rounds: mean rounds (micro-steps) per batch. "
         "Utilisation: degree-1 compute of the batch over devices x step time. Scaling: per-device throughput "
         "over that at the smallest device count. Groups: process groups the capped pool created over the run / "
         "distinct rank sets (what an uncapped pool creates). Static policies create devices / degree groups once.",
