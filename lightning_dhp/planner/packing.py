@@ -151,21 +151,28 @@ def pack_round(
     pool_costs = problem.sample_costs(problem.lengths[pool][:, None], np.array(classes)[None, :])
     pool_padded = problem.padded(problem.lengths[pool][:, None], np.array(classes)[None, :])
     order = np.lexsort((pool, -pool_costs[:, 0]))
-    smallest_left = np.minimum.accumulate(problem.lengths[pool][order][::-1])[::-1]
+    smallest_left = np.minimum.accumulate(problem.lengths[pool][order][::-1])[::-1].tolist()
     times_array, tokens_array = np.array(times), np.array(tokens, dtype=np.int64)
     class_bins = [np.flatnonzero(degrees == degree) for degree in classes]
+    class_heaps = [heaps[degree] for degree in classes]
+    limits = [degree * capacity for degree in classes]
+    cost_rows, need_rows, pool_list = pool_costs.tolist(), pool_padded.tolist(), pool.tolist()
     for rank_in_order, item in enumerate(order.tolist()):
-        best: tuple[float, int, int] | None = None  # (finish time, class position, bin)
-        for class_position, degree in enumerate(classes):
-            heap, limit = heaps[degree], degree * capacity
+        item_costs, item_needs, smallest = cost_rows[item], need_rows[item], smallest_left[rank_in_order]
+        best_finish, best_class, best_bin = math.inf, -1, -1
+        for class_position, heap in enumerate(class_heaps):
+            # the heap's first time is at most that of any bin of the class: skip classes that cannot win
+            if not heap or heap[0][0] + item_costs[class_position] >= best_finish:
+                continue
+            limit = limits[class_position]
             while heap and (
                 heap[0][0] != times[heap[0][1]]  # stale: the bin has grown since this entry
-                or limit - tokens[heap[0][1]] < smallest_left[rank_in_order]  # full for good
+                or limit - tokens[heap[0][1]] < smallest  # full for good
             ):
                 heapq.heappop(heap)
             if not heap:
                 continue
-            need = int(pool_padded[item, class_position])
+            need = item_needs[class_position]
             candidate = heap[0][1]
             if tokens[candidate] + need > limit:  # earliest bin too full: earliest one with room
                 bins = class_bins[class_position]
@@ -173,15 +180,14 @@ def pack_round(
                 if not room.any():
                     continue
                 candidate = int(bins[np.argmin(np.where(room, times_array[bins], np.inf))])
-            finish = times[candidate] + float(pool_costs[item, class_position])
-            if best is None or finish < best[0]:
-                best = (finish, class_position, candidate)
-        if best is None:
+            finish = times[candidate] + item_costs[class_position]
+            if finish < best_finish:
+                best_finish, best_class, best_bin = finish, class_position, candidate
+        if best_bin < 0:
             return None
-        finish, class_position, bin_index = best
-        times[bin_index] = times_array[bin_index] = finish
-        tokens[bin_index] += int(pool_padded[item, class_position])
-        tokens_array[bin_index] = tokens[bin_index]
-        members[bin_index].append(int(pool[item]))
-        heapq.heappush(heaps[classes[class_position]], (finish, bin_index))
+        times[best_bin] = times_array[best_bin] = best_finish
+        tokens[best_bin] += item_needs[best_class]
+        tokens_array[best_bin] = tokens[best_bin]
+        members[best_bin].append(pool_list[item])
+        heapq.heappush(class_heaps[best_class], (best_finish, best_bin))
     return [bin_members for bin_members in members if bin_members]
