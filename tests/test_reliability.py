@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections import Counter
 from datetime import timedelta
@@ -83,14 +84,23 @@ def _fit_with_checkpoints(rank: int, world_size: int, directory: str, steps: int
             "batches": [entry["plan"].lengths for entry in strategy.plan_history]}
 
 
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> tuple[dict, str]:
+    """An uninterrupted 5-step run, and a run stopped after step 2 with its checkpoints."""
+    directory = tmp_path_factory.mktemp("checkpoints")
+    uninterrupted = run_distributed(_fit_with_checkpoints, 2, str(directory / "a"), 5, False, timeout_s=240)
+    run_distributed(_fit_with_checkpoints, 2, str(directory / "b"), 2, False, timeout_s=240)
+    return uninterrupted[0], str(directory / "b")
+
+
 @pytest.mark.parametrize("resume_world", [2, 3], ids=["same-world", "other-world"])
-def test_stop_and_resume_equals_the_uninterrupted_run(tmp_path, resume_world):
-    uninterrupted = run_distributed(_fit_with_checkpoints, 2, str(tmp_path / "a"), 5, False, timeout_s=240)
-    run_distributed(_fit_with_checkpoints, 2, str(tmp_path / "b"), 2, False, timeout_s=240)
-    resumed = run_distributed(_fit_with_checkpoints, resume_world, str(tmp_path / "b"), 5, True, timeout_s=240)
-    _assert_params_close(resumed[0]["params"], uninterrupted[0]["params"])
+def test_stop_and_resume_equals_the_uninterrupted_run(stopped_run, resume_world, tmp_path):
+    uninterrupted, checkpoints = stopped_run
+    resume_from = shutil.copytree(checkpoints, tmp_path / "checkpoints")  # the resumed run writes its own
+    resumed = run_distributed(_fit_with_checkpoints, resume_world, str(resume_from), 5, True, timeout_s=240)
+    _assert_params_close(resumed[0]["params"], uninterrupted["params"])
     # the strategy records a step when the next one starts: compare the batches both runs recorded
-    assert resumed[0]["batches"] == uninterrupted[0]["batches"][2:len(resumed[0]["batches"]) + 2]
+    assert resumed[0]["batches"] == uninterrupted["batches"][2:len(resumed[0]["batches"]) + 2]
 
 
 class DiesAtStepTwo(LMTask):
