@@ -9,8 +9,10 @@ re-allocation while the round's makespan drops. Everything is deterministic.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +59,35 @@ def plan_batch(
     lengths_array, num_devices, tokens_per_device, node_size = check_inputs(
         lengths, num_devices, tokens_per_device, node_size
     )
+    with _cyclic_gc_paused():
+        return _plan(lengths_array, num_devices, tokens_per_device, cost_model, node_size)
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector, restoring its state after.
+
+    Planning makes no reference cycles, but its many short-lived containers would trigger full
+    collections of the whole heap (torch's objects included), which took about a quarter of the
+    planner's time at 8192 samples.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _plan(
+    lengths_array: np.ndarray,
+    num_devices: int,
+    tokens_per_device: int,
+    cost_model: CostModel | None,
+    node_size: int | None,
+) -> Plan:
+    """:func:`plan_batch` on checked inputs."""
     cost = cost_model or CostModel.default()
     min_degree = min_degrees(lengths_array, tokens_per_device)
     check_fits(lengths_array, min_degree, num_devices, tokens_per_device)
