@@ -46,3 +46,26 @@ def test_planner_bench_quick(tmp_path):
         assert row["instances"] == 2 and row["gap_max"] >= -1e-9
     for row in results["dhp_vs_static"]:
         assert row["speedup_vs_best_static"]["median"] > 0 and row["rule"]
+
+
+def test_e2e_bench_quick(tmp_path):
+    output = tmp_path / "e2e.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "e2e.py"), "--quick", "--json", str(output)],
+        check=True,
+        cwd=REPO,
+        timeout=240,
+        capture_output=True,
+        text=True,
+    )
+    header, *rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert header.startswith("| strategy | tokens/s median | min-max |")
+    names = [row.split(" | ")[0][2:] for row in rows]
+    assert names[:2] == ["DHP", "static CP d=2"] and names[2].startswith("DDP (d=1, T=") and len(names) == 3
+    assert "DHP over best static (static CP d=2): " in result.stdout
+    assert "Loss agreement (float32, every step, every run): max relative difference " in result.stdout
+    results = json.loads(output.read_text())
+    assert results["setting"]["devices"] == 2 and results["setting"]["length_rule"]
+    assert list(results["summary"]["variants"]) == names
+    assert results["summary"]["dhp_over_best_static"]["median"] > 0
+    assert results["summary"]["float32_loss_max_relative_difference"] < 1e-5

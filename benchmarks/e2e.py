@@ -1,0 +1,280 @@
+"""End to end: the example's VLM fine-tuning under DHP, static ring CP and plain DDP on gloo CPU processes.
+
+Every variant trains the example's model (tiny VLM, ``VLMTask``, random initialisation, same seed) on
+the example's data (``VideoDigits``: synthetic video questions with real video durations, the same
+global batches in the same order) for the same number of optimizer steps, on ``--devices`` CPU
+processes launched by Lightning (one subprocess per training run, ``benchmarks/_e2e_run.py``):
+
+- DHP: ``DHPStrategy(tokens_per_device=T)``, every global batch planned onto groups of any degree;
+- static ring CP at every degree d that divides the device count and fits the longest sample of the
+  dataset (Megatron-style: one degree for the whole run, DP = devices / d), same T;
+- DDP: degree 1 for every sample, with T raised to the longest sample (it ignores the memory budget
+  that forces CP on the others, so it is a reference, not a candidate for "best static").
+
+Runs are interleaved (repeat 1: every variant, repeat 2: every variant, ...). Throughput is the
+steady state: real (unpadded) tokens over the measured step times of ``DHPStrategy.plan_history``,
+leaving out the first ``--warmup-steps`` steps. The table gives the median over repeats and the
+min-max; the ratio line gives DHP over the best static CP variant per repeat (median, min-max).
+Exactness: the float32 global loss of every step must agree across variants to float32 rounding, and
+a separate float64 run of every variant (``--check-steps``) must agree to ~1e-9 relative in the
+final loss and parameters (they compute the same math; only the order of sums differs).
+
+Usage: python benchmarks/e2e.py [--quick] [--json PATH] [--devices 4] [--steps N] [--repeats R]
+       [--distribution activitynet] [--tokens-per-device T] [--check-steps K] [HYDRA_OVERRIDE ...]
+(overrides of conf/vlm_finetune.yaml, e.g. data.sample_fps=0.25 data.global_batch_size=64)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _e2e_run import compose_config  # a sibling helper: benchmarks/ is not a package
+
+from lightning_dhp.app.main import build_datasets
+from lightning_dhp.data import DISTRIBUTIONS
+from lightning_dhp.data.video_digits import TEXT_TOKENS_PER_SAMPLE
+from lightning_dhp.planner.baselines import divisors
+from lightning_dhp.planner.inputs import min_degrees
+from lightning_dhp.simulate import machine_description
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "_e2e_run.py"
+# Distributions whose metadata has a per-video duration (what VideoDigits draws).
+VIDEO_DISTRIBUTIONS = tuple(name for name, spec in DISTRIBUTIONS.items() if spec.columns[0] == "duration_s")
+QUICK_OVERRIDES = ("data.num_train=256", "data.global_batch_size=8", "data.num_workers=0")
+CHECK_OVERRIDES = ("data.num_workers=0",)
+RUN_ENV = {"OMP_NUM_THREADS": "1", "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One parallelisation of the same training: DHP (``static_degree=None``) or a fixed degree."""
+
+    name: str
+    tokens_per_device: int
+    static_degree: int | None
+    within_budget: bool  # respects the memory budget T shared by DHP and static CP
+
+
+def variants(lengths: np.ndarray, devices: int, tokens_per_device: int) -> list[Variant]:
+    """DHP, static ring CP at each degree dividing ``devices`` that fits the longest sample, DDP."""
+    longest = int(lengths.max())
+    fewest = int(min_degrees(np.array([longest]), tokens_per_device)[0])
+    degrees = [degree for degree in divisors(devices) if degree >= fewest]
+    if not degrees:
+        raise SystemExit(f"the longest sample ({longest} tokens) needs degree {fewest} at tokens_per_device="
+                         f"{tokens_per_device}, more than the {devices} devices; raise --tokens-per-device")
+    found = [Variant("DHP", tokens_per_device, None, True)]
+    found += [Variant(f"static CP d={d}", tokens_per_device, d, True) for d in degrees]
+    if fewest > 1:
+        found.append(Variant(f"DDP (d=1, T={longest})", longest, 1, False))
+    return found
+
+
+def train(variant: Variant, base: dict[str, Any], folder: Path, tag: str, timeout_s: float) -> dict[str, Any]:
+    """One training run of ``variant`` in a fresh set of processes; rank 0's result."""
+    spec = {**base, "tokens_per_device": variant.tokens_per_device, "static_degree": variant.static_degree}
+    spec_path, result_path = folder / f"{tag}.spec.json", folder / f"{tag}.result.json"
+    if base.get("save_params"):
+        spec["params_path"] = str(folder / f"{tag}.params.pt")
+    spec_path.write_text(json.dumps(spec))
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_PORT", "MASTER_ADDR")}
+    completed = subprocess.run([sys.executable, str(WORKER), str(spec_path), str(result_path)], cwd=REPO,
+                               env={**env, **RUN_ENV}, capture_output=True, text=True, timeout=timeout_s)
+    if completed.returncode or not result_path.exists():
+        raise RuntimeError(f"training run {tag} ({variant.name}) failed with exit code {completed.returncode}:\n"
+                           f"{completed.stderr[-4000:]}")
+    result = json.loads(result_path.read_text())
+    if "params_path" in spec:
+        result["params"] = torch.load(spec["params_path"])
+    return result
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def relative_difference(values: list[float]) -> float:
+    """Largest pairwise difference of ``values`` relative to their largest magnitude."""
+    return (max(values) - min(values)) / max(abs(value) for value in values)
+
+
+def measure(found: list[Variant], base: dict[str, Any], repeats: int, folder: Path,
+            timeout_s: float) -> dict[str, list[dict[str, Any]]]:
+    """Every variant once per repeat, interleaved; the runs of each variant."""
+    runs: dict[str, list[dict[str, Any]]] = {variant.name: [] for variant in found}
+    for repeat in range(repeats):
+        for index, variant in enumerate(found):
+            result = train(variant, base, folder, f"r{repeat}v{index}", timeout_s)
+            runs[variant.name].append(result)
+            print(f"  repeat {repeat + 1}/{repeats} {variant.name:<22} {result['steady']['tokens_per_s']:9.0f} "
+                  f"tokens/s  final loss {result['losses'][-1]:.6f}", flush=True)
+    return runs
+
+
+def summarise(found: list[Variant], runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per variant: throughput spread and plan statistics; DHP over the best static CP variant."""
+    rows = {}
+    for variant in found:
+        results = runs[variant.name]
+        rows[variant.name] = {
+            **asdict(variant),
+            "tokens_per_s": spread([result["steady"]["tokens_per_s"] for result in results]),
+            "step_s_median": statistics.median(result["steady"]["step_s_median"] for result in results),
+            "rounds_per_step": results[0]["steady"]["rounds_per_step"],
+            "groups_by_degree": results[0]["steady"]["groups_by_degree"],
+            "final_loss": results[0]["losses"][-1],
+            "fit_s": spread([result["fit_s"] for result in results]),
+        }
+    static = [variant.name for variant in found if variant.static_degree is not None and variant.within_budget]
+    best = max(static, key=lambda name: rows[name]["tokens_per_s"]["median"])
+    per_repeat = [dhp["steady"]["tokens_per_s"] / other["steady"]["tokens_per_s"]
+                  for dhp, other in zip(runs["DHP"], runs[best], strict=True)]
+    losses = [run["losses"] for results in runs.values() for run in results]
+    step_agreement = max(relative_difference([run[step] for run in losses]) for step in range(len(losses[0])))
+    return {"variants": rows, "best_static": best, "dhp_over_best_static": spread(per_repeat),
+            "dhp_over_best_static_of_medians": rows["DHP"]["tokens_per_s"]["median"] / rows[best]["tokens_per_s"][
+                "median"], "float32_loss_max_relative_difference": step_agreement}
+
+
+def exactness_check(found: list[Variant], base: dict[str, Any], folder: Path, timeout_s: float) -> dict[str, Any]:
+    """Every variant once in float64: final loss and parameters must agree to ~1e-9 relative."""
+    results = [train(variant, base, folder, f"check{index}", timeout_s) for index, variant in enumerate(found)]
+    reference = results[0]["params"]
+    scale = float(reference.abs().max())
+    return {
+        "steps": base["steps"],
+        "final_losses": {variant.name: result["losses"][-1] for variant, result in zip(found, results, strict=True)},
+        "loss_max_relative_difference": relative_difference([result["losses"][-1] for result in results]),
+        "params_max_relative_difference": max(float((result["params"] - reference).abs().max()) / scale
+                                              for result in results),
+    }
+
+
+def length_rule(cfg: Any, distribution: str) -> str:
+    """The rule that turns a video duration into a sample's token count, with this run's constants."""
+    data, patch = cfg.data, cfg.model.config.patch_size
+    return (f"{distribution} durations ({DISTRIBUTIONS[distribution].file}); frames = min({data.max_frames}, "
+            f"max(1, floor(duration_s x {data.sample_fps}))); tokens = frames x (H/{patch}) x (W/{patch}) + "
+            f"{TEXT_TOKENS_PER_SAMPLE} text tokens, H and W drawn from {list(data.frame_sizes)} px")
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """Markdown: the setting, one row per variant, the ratio line and the exactness lines."""
+    setting, summary = result["setting"], result["summary"]
+    stats = setting["lengths"]
+    lines = [
+        f"End to end: {setting['devices']} gloo CPU processes, {setting['steps']} steps ({setting['warmup_steps']} "
+        f"warm-up steps not timed), {setting['repeats']} repeat(s) interleaved, global batch "
+        f"{setting['global_batch_size']}, tokens_per_device T={setting['tokens_per_device']}, cost model "
+        f"{setting['cost_model']}",
+        f"{result['date']} on {result['machine']}; load average at the end {result['load_average_after']:.1f}",
+        f"Lengths: {setting['length_rule']}; dataset of {stats['samples']}: p10 {stats['p10']:.0f}, p50 "
+        f"{stats['p50']:.0f}, p90 {stats['p90']:.0f}, p99 {stats['p99']:.0f}, max {stats['max']} tokens",
+        "",
+        "| strategy | tokens/s median | min-max | step s (median) | rounds/step | groups by degree | final loss |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for name, row in summary["variants"].items():
+        rate = row["tokens_per_s"]
+        degrees = " ".join(f"{degree}:{count}" for degree, count in row["groups_by_degree"].items())
+        lines.append(f"| {name} | {rate['median']:.0f} | {rate['min']:.0f}-{rate['max']:.0f} | "
+                     f"{row['step_s_median']:.3f} | {row['rounds_per_step']:.2f} | {degrees} | "
+                     f"{row['final_loss']:.6f} |")
+    ratio = summary["dhp_over_best_static"]
+    lines += [
+        "",
+        f"DHP over best static ({summary['best_static']}): {ratio['median']:.3f}x median per repeat "
+        f"(min-max {ratio['min']:.3f}-{ratio['max']:.3f}); ratio of medians "
+        f"{summary['dhp_over_best_static_of_medians']:.3f}x",
+        f"Loss agreement (float32, every step, every run): max relative difference "
+        f"{summary['float32_loss_max_relative_difference']:.1e}",
+    ]
+    check = result.get("float64_check")
+    if check:
+        lines.append(f"Loss agreement (float64, {check['steps']} steps, every variant): final loss max relative "
+                     f"difference {check['loss_max_relative_difference']:.1e}, parameters "
+                     f"{check['params_max_relative_difference']:.1e}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 processes, 2 steps, 1 repeat, no float64 check")
+    parser.add_argument("--json", help="write the results to this path")
+    parser.add_argument("--devices", type=int, help="gloo processes (default 4; quick 2)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 30; quick 2)")
+    parser.add_argument("--warmup-steps", type=int, help="first steps left out of the throughput (default 5; quick 0)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats (default 3; quick 1)")
+    parser.add_argument("--distribution", choices=VIDEO_DISTRIBUTIONS, default="activitynet",
+                        help="video durations the lengths come from")
+    parser.add_argument("--tokens-per-device", type=int, help="memory budget T (default: the example's)")
+    parser.add_argument("--cost-model", help="CostModel JSON for every variant (default: the example's, "
+                                                 "CostModel.default())")
+    parser.add_argument("--check-steps", type=int, help="steps of the float64 exactness runs (default 3; 0 or "
+                                                        "quick: none)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds one training run may take")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/vlm_finetune.yaml")
+    args = parser.parse_args()
+    quick = args.quick
+    devices = args.devices or (2 if quick else 4)
+    steps = args.steps or (2 if quick else 30)
+    warmup = args.warmup_steps if args.warmup_steps is not None else (0 if quick else 5)
+    repeats = args.repeats or (1 if quick else 3)
+    check_steps = args.check_steps if args.check_steps is not None else (0 if quick else 3)
+    if steps - 1 <= warmup:
+        raise SystemExit(f"--steps {steps} leaves no timed step after {warmup} warm-up steps (the last step is "
+                         "not timed); raise --steps or lower --warmup-steps")
+    overrides = [f"data.metadata_file={DISTRIBUTIONS[args.distribution].file}",
+                 *(QUICK_OVERRIDES if quick else ()), *args.overrides]
+    cfg = compose_config(overrides)
+    tokens_per_device = args.tokens_per_device or int(cfg.strategy.tokens_per_device)
+    lengths = build_datasets(cfg)[0].lengths
+    found = variants(lengths, devices, tokens_per_device)
+    command = " ".join(["python", "benchmarks/e2e.py", *sys.argv[1:]])
+    setting = {
+        "command": command, "devices": devices, "steps": steps, "warmup_steps": warmup, "repeats": repeats,
+        "distribution": args.distribution, "overrides": overrides, "tokens_per_device": tokens_per_device,
+        "cost_model": args.cost_model or "default",
+        "global_batch_size": int(cfg.data.global_batch_size), "length_rule": length_rule(cfg, args.distribution),
+        "lengths": {"samples": len(lengths), "max": int(lengths.max()),
+                    **{f"p{q}": float(np.percentile(lengths, q)) for q in (10, 50, 90, 99)}},
+    }
+    print(f"{command}\n{len(found)} variants: {', '.join(variant.name for variant in found)}", flush=True)
+    base = {"overrides": overrides, "devices": devices, "steps": steps, "warmup_steps": warmup,
+            "precision": "32-true", "cost_model": args.cost_model and str(Path(args.cost_model).resolve())}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dhp_e2e_") as folder:
+        result: dict[str, Any] = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                                  "machine": machine_description(), "setting": setting}
+        runs = measure(found, base, repeats, Path(folder), args.timeout)
+        result["summary"] = summarise(found, runs)
+        if check_steps:
+            check_base = {**base, "overrides": [*overrides, *CHECK_OVERRIDES], "steps": check_steps,
+                          "warmup_steps": 0, "precision": "64-true", "save_params": True}
+            result["float64_check"] = exactness_check(found, check_base, Path(folder), args.timeout)
+    result["runs"] = runs
+    result["load_average_after"] = os.getloadavg()[0]
+    result["wall_s"] = time.perf_counter() - started
+    print("\n" + format_report(result), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
