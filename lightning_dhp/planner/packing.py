@@ -20,7 +20,6 @@ import numpy as np
 
 from lightning_dhp.planner.allocation import build_table
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
-from lightning_dhp.planner.rounds import push_update
 
 
 @dataclass(frozen=True)
@@ -190,5 +189,5 @@ def pack_round(
         tokens[best_bin] += item_needs[best_class]
         tokens_array[best_bin] = tokens[best_bin]
         members[best_bin].append(pool_list[item])
-        push_update(class_heaps[best_class], best_finish, best_bin)
+        heapq.heappush(class_heaps[best_class], (best_finish, best_bin))
     return [bin_members for bin_members in members if bin_members]

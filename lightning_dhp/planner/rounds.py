@@ -46,19 +46,11 @@ def balanced_assignment(work: np.ndarray, size: np.ndarray, num_bins: int, capac
         used[bin_index] += need
         load_array[bin_index], used_array[bin_index] = load[bin_index], used[bin_index]
         members[bin_index].append(item)
-        push_update(heap, load[bin_index], bin_index)
+        if heap[0][1] == bin_index:  # its entry is first: replace it in one step
+            heapq.heapreplace(heap, (load[bin_index], bin_index))
+        else:  # its old entry goes stale
+            heapq.heappush(heap, (load[bin_index], bin_index))
     return members
-
-
-def push_update(heap: list[tuple[float, int]], key: float, bin_index: int) -> None:
-    """Push ``bin_index``'s new key; when its old entry is first, replace it in one step.
-
-    Other stale entries stay until they come first (the heaps here drop them lazily).
-    """
-    if heap and heap[0][1] == bin_index:
-        heapq.heapreplace(heap, (key, bin_index))
-    else:
-        heapq.heappush(heap, (key, bin_index))
 
 
 def device_seconds(lengths: np.ndarray, min_degree: np.ndarray, cost: CostModel) -> np.ndarray:
