@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -144,27 +145,10 @@ def _text_tokens(n_chars: np.ndarray, chars_per_token: float, prompt_tokens: int
     return np.ceil(n_chars / chars_per_token).astype(np.int64) + prompt_tokens
 
 
-def _activitynet(
+def _whole_video(
     columns: Mapping[str, np.ndarray],
     *,
-    sample_fps: float = 1.0,
-    tokens_per_frame: int = 64,
-    max_frames: int | None = None,
-    text_tokens: int = 128,
-) -> np.ndarray:
-    return video_tokens(
-        columns["duration_s"],
-        text_tokens,
-        sample_fps=sample_fps,
-        tokens_per_frame=tokens_per_frame,
-        max_frames=max_frames,
-    )
-
-
-def _epic_videos(
-    columns: Mapping[str, np.ndarray],
-    *,
-    sample_fps: float = 0.5,
+    sample_fps: float,
     tokens_per_frame: int = 64,
     max_frames: int | None = None,
     text_tokens: int = 128,
@@ -236,7 +220,7 @@ DISTRIBUTIONS: dict[str, LengthDistribution] = {
             "activitynet",
             "activitynet_v13_videos.csv",
             ("duration_s",),
-            _activitynet,
+            partial(_whole_video, sample_fps=1.0),
             "ActivityNet v1.3 videos: max(1, floor(duration_s * sample_fps)) frames (capped at "
             "max_frames) x tokens_per_frame + text_tokens; defaults 1 fps, 64 tokens/frame, 128 text",
         ),
@@ -244,7 +228,7 @@ DISTRIBUTIONS: dict[str, LengthDistribution] = {
             "epic_kitchens_videos",
             "epic_kitchens100_videos.csv",
             ("duration_s",),
-            _epic_videos,
+            partial(_whole_video, sample_fps=0.5),
             "EPIC-KITCHENS-100 whole videos: floor(duration_s * sample_fps) frames x tokens_per_frame "
             "+ text_tokens; defaults 0.5 fps, 64 tokens/frame, 128 text",
         ),
