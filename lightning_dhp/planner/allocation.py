@@ -128,9 +128,22 @@ def build_table(
     work, doubled until the row reaches ``target`` or covers ``max_degree``; degrees past
     ``max_degree`` get an infinite time.
     """
-    num_bins = len(bin_lengths)
     sizes = np.array([len(lengths) for lengths in bin_lengths], dtype=np.int64)
-    flat_lengths = np.concatenate(bin_lengths) if num_bins else np.zeros(0, dtype=np.int64)
+    flat_lengths = np.concatenate(bin_lengths) if bin_lengths else np.zeros(0, dtype=np.int64)
+    return table_from_flat(flat_lengths, sizes, min_degree, max_degree, target, cost, node_size)
+
+
+def table_from_flat(
+    flat_lengths: np.ndarray,
+    sizes: np.ndarray,
+    min_degree: np.ndarray,
+    max_degree: np.ndarray,
+    target: float,
+    cost: CostModel,
+    node_size: int | None,
+) -> DegreeTable:
+    """:func:`build_table` with the bins' lengths concatenated and ``sizes`` samples per bin."""
+    num_bins = len(sizes)
     flat_bins = np.repeat(np.arange(num_bins), sizes)
     degree_one_work = np.bincount(flat_bins, weights=cost.sample_costs(flat_lengths, 1), minlength=num_bins)
     headroom = max(target - cost.overhead_s, 1e-12)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from lightning_dhp.planner.allocation import allocate, bin_min_degrees, build_table, spend_leftover
+from lightning_dhp.planner.allocation import allocate, bin_min_degrees, spend_leftover, table_from_flat
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.baselines import static_plan
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
@@ -259,11 +260,12 @@ def _allocate_and_place(
     and the allocation is solved again.
     """
     num_devices = problem.num_devices
-    bin_lengths = [problem.lengths[bin_members] for bin_members in members]
-    flat_members = np.concatenate([np.asarray(bin_members, dtype=np.int64) for bin_members in members])
-    owner = np.repeat(np.arange(len(members)), [len(bin_members) for bin_members in members])
+    sizes = np.fromiter(map(len, members), dtype=np.int64, count=len(members))
+    flat_members = np.fromiter(itertools.chain.from_iterable(members), dtype=np.int64, count=int(sizes.sum()))
+    flat_lengths = problem.lengths[flat_members]
+    owner = np.repeat(np.arange(len(members)), sizes)
     min_degree = bin_min_degrees(
-        problem.lengths[flat_members],
+        flat_lengths,
         owner,
         problem.min_degree[flat_members],
         len(members),
@@ -274,7 +276,9 @@ def _allocate_and_place(
         return None
     max_degree = num_devices - (int(min_degree.sum()) - min_degree)
     for _ in range(len(members) * num_devices + 1):
-        table = build_table(bin_lengths, min_degree, max_degree, problem.lower_bound, problem.cost, problem.node_size)
+        table = table_from_flat(
+            flat_lengths, sizes, min_degree, max_degree, problem.lower_bound, problem.cost, problem.node_size
+        )
         allocation = allocate(table, num_devices)
         if allocation is None:
             return None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lightning_dhp.planner.allocation import build_table
+from lightning_dhp.planner.allocation import table_from_flat
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
 
 
@@ -60,8 +60,9 @@ def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarra
     alone_time = overhead + problem.sample_costs(lengths, np.ones_like(lengths))
     multi = min_degree > 1
     candidates = np.flatnonzero(multi | (alone_time > problem.lower_bound))
-    table = build_table(
-        [lengths[i : i + 1] for i in candidates.tolist()],
+    table = table_from_flat(
+        lengths[candidates],
+        np.ones(len(candidates), dtype=np.int64),
         min_degree[candidates],
         np.full(len(candidates), problem.num_devices, dtype=np.int64),
         problem.lower_bound,
