@@ -38,8 +38,9 @@ TIGHT_MEMORY = 0.75
 STATIC_BOUND_MARGIN = 1e-9  # relative: a static layout is only skipped when its bound is clearly slower
 # a round within this share of its lower bound is not refined further, nor are other starts tried
 CLOSE_ENOUGH = 0.01
-# a start whose first allocation is this much slower than the best refined one is not refined
-START_MARGIN = 0.05
+# in rounds of more than EXTRA_START_SAMPLES, a start whose first allocation is this much slower
+# than the best refined one is not refined
+START_MARGIN = 0.1
 REFINE_STEP_BUDGET = 4096  # refinement steps per start: this over the batch's samples, within [4, 64]
 
 
@@ -168,9 +169,10 @@ def _solve_round(
     sized = size_round(problem)
     main = pack_round(problem, *sized) if sized is not None else None
     small = [d for d in EXTRA_START_DEGREES if d <= num_devices]
+    few_samples = len(samples) <= EXTRA_START_SAMPLES
     rescue: list[int] = []  # tried only until one of them packs
     if main is not None:
-        degrees = small if len(samples) <= EXTRA_START_SAMPLES else []
+        degrees = small if few_samples else []
         if lengths.sum() > TIGHT_MEMORY * num_devices * tokens_per_device:
             degrees = degrees + _tight_start_degrees(int(min_degree.max()), num_devices, exclude=degrees)
     else:
@@ -181,7 +183,8 @@ def _solve_round(
         if best is not None and (degree in rescue or best.makespan <= bound * (1 + CLOSE_ENOUGH)):
             break
         start = _uniform_start(problem, degree)
-        cutoff = best.makespan * (1 + START_MARGIN) if best is not None else math.inf
+        # small rounds refine every start: it is cheap there, and keeps their gap to the optimum
+        cutoff = best.makespan * (1 + START_MARGIN) if best is not None and not few_samples else math.inf
         result = _improve(problem, start, cutoff) if start is not None else None
         if result is not None and (best is None or result.makespan < best.makespan):
             best = result
