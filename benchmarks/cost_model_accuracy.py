@@ -33,12 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _spawn import run_world  # a sibling helper: benchmarks/ is not a package
-
 from lightning_dhp.attention import ZigzagLayout, cp_attention
 from lightning_dhp.planner import CostModel
 from lightning_dhp.simulate import machine_description
+from lightning_dhp.testing import run_distributed
 
 CLOCKS = ("cpu", "wall")
 PACKS: tuple[tuple[int, ...], ...] = (
@@ -135,7 +133,7 @@ def _measure_worker(rank: int, world_size: int, workload: Workload) -> dict[int,
 
 def measure(workload: Workload) -> list[dict[str, Any]]:
     """Every (pack, degree) group with its median slowest-rank time per clock and its spread."""
-    per_rank = run_world(_measure_worker, max(workload.degrees), workload)
+    per_rank = run_distributed(_measure_worker, max(workload.degrees), workload)
     specs = [(pack, degree) for degree in workload.degrees for pack in workload.packs]
     groups = []
     for index, (pack, degree) in enumerate(specs):

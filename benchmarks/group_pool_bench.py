@@ -13,17 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _spawn import run_world
-
 from lightning_dhp.attention import ZigzagLayout, cp_attention
+from lightning_dhp.testing import run_distributed
 
 
 def _ring_step(q: torch.Tensor, group: dist.ProcessGroup, layout: ZigzagLayout, ranks: tuple[int, ...]) -> float:
@@ -62,7 +59,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the medians here")
     args = parser.parse_args()
     world_size, tokens, repeats = (2, 512, 2) if args.quick else (args.world_size, args.tokens, args.repeats)
-    results = run_world(_measure, world_size, tokens, repeats)[0]  # rank 0 is in every group
+    results = run_distributed(_measure, world_size, tokens, repeats)[0]  # rank 0 is in every group
     rows = {name: {"median_ms": statistics.median(values) * 1e3, "min_ms": min(values) * 1e3,
                    "max_ms": max(values) * 1e3, "repeats": len(values)} for name, values in results.items()}
     print(f"Group pool vs group-free ring: {world_size} gloo ranks, one causal sequence of {tokens} tokens, "

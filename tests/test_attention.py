@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from lightning_dhp.attention import ZigzagLayout, cp_attention
 from lightning_dhp.distributed.context import CPContext, cp_context, require_cp_context
-from tests.distributed import run_distributed
+from lightning_dhp.testing import run_distributed
 
 WORLD_SIZE = 8
 PARTITIONS = ((8,), (7, 1), (6, 2), (5, 3), (4, 4), (3, 3, 2))
@@ -245,7 +245,7 @@ def _bad_group_messages(rank: int, world_size: int) -> list[str]:
 
 
 def test_bad_groups_are_rejected_before_any_communication():
-    messages = run_distributed(_bad_group_messages, 3, timeout_s=60)[0]
+    messages = run_distributed(_bad_group_messages, 3, timeout_s=180)[0]
     expected = [
         "spans 2 ranks and needs their process group",
         "has degree 3 but the ring has 2 ranks [0, 1]",

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed import run_distributed
+from lightning_dhp.testing import run_distributed
 
 
 def _sum_ranks(rank, world_size):

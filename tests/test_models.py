@@ -17,7 +17,7 @@ from lightning_dhp.models import (
     fit_single_process,
     single_process_batch,
 )
-from tests.distributed import run_distributed
+from lightning_dhp.testing import run_distributed
 
 TINY = TinyVLMConfig(
     hidden_size=32,
@@ -132,7 +132,7 @@ def _cp_rounds(rank: int, world_size: int, item_sets: dict[str, list[dict]]) -> 
 
 def test_forward_and_gradients_under_cp_equal_single_process_in_float64():
     item_sets = _item_sets()
-    results = run_distributed(_cp_rounds, 4, item_sets, timeout_s=120)
+    results = run_distributed(_cp_rounds, 4, item_sets, timeout_s=240)
     for round_index, groups in enumerate(ROUNDS):
         for ranks, name in groups:
             items = item_sets[name]

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_dhp.distributed.pool import GroupPool
-from tests.distributed import run_distributed
+from lightning_dhp.testing import run_distributed
 
 
 class FakeGroups:
@@ -71,6 +71,6 @@ def _changing_plans(rank: int, world_size: int) -> list[float]:
 
 
 def test_pool_creates_and_evicts_in_lockstep_on_real_groups():
-    results = run_distributed(_changing_plans, 4, timeout_s=60)
+    results = run_distributed(_changing_plans, 4, timeout_s=180)
     assert results[0] == [3.0, 1.0, 6.0, 3.0, 6, 4]  # 6 groups created, 4 evicted, all in lockstep
     assert results[3] == [5.0, 6.0, 6.0, 6, 4]

@@ -17,7 +17,7 @@ from lightning.pytorch import Trainer
 
 from lightning_dhp import DHPStrategy
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule
-from tests.distributed import run_distributed
+from lightning_dhp.testing import run_distributed
 from tests.tiny_lm import LMTask, TokenDataset, reference_training
 
 LENGTHS = [37, 5, 9, 2, 16, 23, 4, 11, 30, 6, 3, 14, 1, 19, 8, 27, 12, 7, 21, 10, 2, 33, 5, 13]

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from lightning_dhp import DHPStrategy, cp_attention
 from lightning_dhp.lightning import DHPDataModule, dhp_dataloader
-from tests.distributed import run_distributed
+from lightning_dhp.testing import run_distributed
 from tests.test_strategy import GLOBAL_BATCH, LENGTHS, _as_torchrun_rank, _trainer
 from tests.tiny_lm import LMTask, TokenDataset
 

@@ -1,4 +1,8 @@
-"""Run a function on N gloo ranks in spawned processes, with a hard timeout so a hang fails the test."""
+"""Run a function on N gloo CPU ranks in spawned processes, for tests and benchmarks.
+
+A file store in a temporary folder (no ports to collide), one thread per rank, a hard timeout that
+kills every rank (a hang fails instead of blocking), and every failing rank's traceback in the error.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ def _worker(rank: int, world_size: int, store_path: str, out_dir: str, timeout_s
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0,
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300.0,
                     allow_dead_ranks: bool = False) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the results by rank.
 
