@@ -3,6 +3,7 @@ long-tailed lengths; determinism, digest stability, pickling and the Plan helper
 
 from __future__ import annotations
 
+import gc
 import math
 import pickle
 import subprocess
@@ -14,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightning_dhp.planner import CostModel, Group, Plan, PlanError, Round, plan_batch, static_plan
+from lightning_dhp.planner.allocation import bin_min_degrees
+from lightning_dhp.planner.dhp import _static_bound
 
 COST = CostModel.default()
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -325,3 +328,53 @@ def test_static_plan_rejects_a_degree_that_does_not_divide_the_devices():
         r"degree 2, over tokens_per_device=1000; use a degree in \[4, 8\]",
     ):
         static_plan([100, 3000], 8, 1000, 2)
+
+
+@PROPERTY_SETTINGS
+@given(
+    lengths=st.one_of(uniform_lengths, long_tailed_lengths),
+    exponent=st.integers(0, 4),
+    degree_exponent=st.integers(0, 4),
+    capacity=st.sampled_from([64, 1000, 4096]),
+    node_size=st.sampled_from([None, 2, 4]),
+)
+def test_the_static_bound_that_skips_static_candidates_never_exceeds_their_time(
+    lengths, exponent, degree_exponent, capacity, node_size
+):
+    num_devices, degree = 2**exponent, 2 ** min(degree_exponent, exponent)
+    try:
+        static = static_plan(lengths, num_devices, capacity, degree, node_size=node_size)
+    except PlanError:
+        return  # some sample does not fit at this degree
+    bound = _static_bound(np.array(lengths, dtype=np.int64), num_devices, capacity, degree, COST, node_size)
+    assert bound <= static.predicted_time * (1 + 1e-12)
+
+
+def test_bin_minimum_degrees_match_a_scan_over_degrees():
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        num_bins, capacity, limit = int(rng.integers(1, 6)), int(rng.choice([64, 1000, 4096])), int(rng.integers(4, 40))
+        owner = np.sort(np.concatenate([np.arange(num_bins), rng.integers(0, num_bins, size=int(rng.integers(0, 12)))]))
+        lengths = rng.integers(1, 3 * capacity, size=len(owner))  # minimum degrees <= 3 <= limit
+        member_min = np.array([min_degree(int(length), capacity, 10**6) for length in lengths], dtype=np.int64)
+        got = bin_min_degrees(lengths, owner, member_min, num_bins, capacity, limit)
+        for bin_index in range(num_bins):
+            members = lengths[owner == bin_index]
+            start = int(member_min[owner == bin_index].max())
+            fitting = (d for d in range(start, limit + 1) if sum(padded(int(x), d) for x in members) <= d * capacity)
+            assert got[bin_index] == next(fitting, limit + 1)
+
+
+def test_planning_restores_the_garbage_collector_state():
+    assert gc.isenabled()
+    plan_batch([5, 9, 700], 4, 512)
+    assert gc.isenabled()
+    with pytest.raises(PlanError):
+        plan_batch([5, 10**6], 2, 512)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        plan_batch([5, 9, 700], 4, 512)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
