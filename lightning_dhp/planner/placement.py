@@ -21,7 +21,7 @@ def place(degrees: list[int], num_devices: int, node_size: int | None) -> list[i
     than a node (they cross nodes anyway) are laid out first from rank 0, then the others go best
     fit decreasing into the free range of each node, so none of them crosses a node boundary.
     """
-    order = sorted(range(len(degrees)), key=lambda index: (-degrees[index], index))
+    order = sorted(range(len(degrees)), key=degrees.__getitem__, reverse=True)  # stable: ties by index
     starts = [0] * len(degrees)
     cursor = 0
     wide = [index for index in order if node_size is None or degrees[index] > node_size]
@@ -41,8 +41,10 @@ def place(degrees: list[int], num_devices: int, node_size: int | None) -> list[i
     for index in order[len(wide) :]:
         degree = degrees[index]
         # best fit: the narrowest range that holds the group, the lowest one among equals
-        width = next((width for width in range(degree, node_size + 1) if free[width]), None)
-        if width is None:
+        for width in range(degree, node_size + 1):
+            if free[width]:
+                break
+        else:
             largest = max((width for width in range(node_size + 1) if free[width]), default=0)
             return PlacementFailure(index, largest)
         starts[index] = heapq.heappop(free[width])
