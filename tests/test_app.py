@@ -17,10 +17,11 @@ TINY = ["data.num_train=48", "data.num_val=8", "data.global_batch_size=8", "data
         "plot_steps=2"]
 
 
-def _run(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, *overrides: str, timeout: int = 300,
+         flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items()
            if key not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")}
-    command = [sys.executable, str(REPO / "examples" / "vlm_finetune.py"), *TINY,
+    command = [sys.executable, str(REPO / "examples" / "vlm_finetune.py"), *flags, *TINY,
                f"pretrain.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", *overrides]
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -53,3 +54,12 @@ def test_bad_configuration_is_named_without_a_traceback(tmp_path, overrides, fra
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_multirun_sweeps_strategies_each_job_with_its_own_world(tmp_path):
+    sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    result = _run(tmp_path, "strategy=dhp,static_cp", "trainer.devices=2", sweep, flags=("--multirun",))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Launching 2 jobs") == 1, "ranks > 0 must not start the sweep again"
+    strategies = [json.loads((tmp_path / "sweep" / job / "summary.json").read_text())["strategy"] for job in "01"]
+    assert strategies[0].startswith("DHP") and strategies[1] == "static ring CP, degree 2"

@@ -11,12 +11,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +34,7 @@ from lightning_dhp.planner import PlanError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 USER_ERRORS = (PlanError, LengthFileError, DHPConfigError, DHPDataError)
+_LAUNCHER_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class ConfigError(ValueError):
@@ -65,9 +69,35 @@ def build_datasets(cfg: DictConfig) -> tuple[VideoDigits, VideoDigits, VideoDigi
             VideoDigits(cfg.eval.num_samples, seed=cfg.seed + 2, **common))
 
 
+def _children_run_this_job_only() -> None:
+    """Lightning's launcher starts ranks 1..N-1 by re-running ``sys.argv``; inside a multirun job that
+    would start the whole sweep again, so hand them this job's own overrides instead."""
+    hydra_config = HydraConfig.get()
+    if hydra_config.mode == RunMode.MULTIRUN:
+        sys.argv = [sys.argv[0], *hydra_config.overrides.task]
+
+
+@contextmanager
+def _own_world() -> Iterator[None]:
+    """Leave no process group and no launcher variables behind, so a multirun's next job launches its
+    own world (variables a cluster set before the run are kept)."""
+    before = {key: os.environ.get(key) for key in _LAUNCHER_VARIABLES}
+    try:
+        yield
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """The main job; returns the summary on global rank 0 (None on other ranks)."""
     started = time.perf_counter()
+    _children_run_this_job_only()
     check_devices(cfg.trainer)
     seed_everything(cfg.seed, workers=True, verbose=False)
     train_set, val_set, eval_set = build_datasets(cfg)
@@ -86,7 +116,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     trainer = instantiate(cfg.trainer, strategy=strategy, logger=loggers, callbacks=[report])
     data = DHPDataModule(train_set, train_set.lengths.tolist(), cfg.data.global_batch_size,
                          val_dataset=val_set, num_workers=cfg.data.num_workers, seed=cfg.seed)
-    trainer.fit(task, datamodule=data)
+    with _own_world():
+        trainer.fit(task, datamodule=data)
     if not trainer.is_global_zero:
         return None
 
