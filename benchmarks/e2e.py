@@ -17,7 +17,8 @@ leaving out the first ``--warmup-steps`` steps. The table gives the median over 
 min-max; the ratio line gives DHP over the best static CP variant per repeat (median, min-max).
 Exactness: the float32 global loss of every step must agree across variants to float32 rounding, and
 a separate float64 run of every variant (``--check-steps``) must agree to ~1e-9 relative in the
-final loss and parameters (they compute the same math; only the order of sums differs).
+final parameters (they compute the same math; only the order of sums differs); its final loss agrees
+to float32 rounding, since DHPStrategy logs ``dhp/loss`` in float32.
 
 Usage: python benchmarks/e2e.py [--quick] [--json PATH] [--devices 4] [--steps N] [--repeats R]
        [--distribution activitynet] [--tokens-per-device T] [--check-steps K] [HYDRA_OVERRIDE ...]
@@ -153,7 +154,7 @@ def summarise(found: list[Variant], runs: dict[str, list[dict[str, Any]]]) -> di
 
 
 def exactness_check(found: list[Variant], base: dict[str, Any], folder: Path, timeout_s: float) -> dict[str, Any]:
-    """Every variant once in float64: final loss and parameters must agree to ~1e-9 relative."""
+    """Every variant once in float64: final parameters agree to ~1e-9 relative, the logged loss to float32."""
     results = [train(variant, base, folder, f"check{index}", timeout_s) for index, variant in enumerate(found)]
     reference = results[0]["params"]
     scale = float(reference.abs().max())
@@ -207,9 +208,9 @@ def format_report(result: dict[str, Any]) -> str:
     ]
     check = result.get("float64_check")
     if check:
-        lines.append(f"Loss agreement (float64, {check['steps']} steps, every variant): final loss max relative "
-                     f"difference {check['loss_max_relative_difference']:.1e}, parameters "
-                     f"{check['params_max_relative_difference']:.1e}")
+        lines.append(f"Exactness (float64, {check['steps']} steps, every variant): final parameters max relative "
+                     f"difference {check['params_max_relative_difference']:.1e}; final loss "
+                     f"{check['loss_max_relative_difference']:.1e} (dhp/loss is logged in float32)")
     return "\n".join(lines)
 
 
