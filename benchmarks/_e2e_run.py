@@ -8,7 +8,8 @@ spec it also saves the final parameters as one flat float64 tensor (for the exac
 
 The spec (JSON) holds ``overrides`` (Hydra overrides of ``conf/vlm_finetune.yaml``), ``devices``,
 ``steps``, ``warmup_steps`` (recorded steps left out of the throughput), ``precision``,
-``tokens_per_device``, ``static_degree`` (null for DHP) and optionally ``cost_model`` (a JSON path).
+``tokens_per_device``, ``static_degree`` (null for DHP) and optionally ``cost_model`` (a JSON path); the
+strategy's other settings come from the configuration (``strategy.cp_implementation=allgather`` works).
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def train(spec: dict[str, Any]) -> dict[str, Any] | None:
     seed_everything(cfg.seed, workers=True, verbose=False)
     train_set, _, _ = build_datasets(cfg)
     task = instantiate(cfg.model, _convert_="all")  # random initialisation, the same on every run (seeded)
-    strategy = DHPStrategy(tokens_per_device=spec["tokens_per_device"], static_degree=spec["static_degree"],
-                           cost_model=spec.get("cost_model"))
+    strategy: DHPStrategy = instantiate(cfg.strategy, tokens_per_device=spec["tokens_per_device"],
+                                        static_degree=spec["static_degree"],
+                                        cost_model=spec.get("cost_model") or cfg.strategy.cost_model)
     losses = LossRecorder()
     trainer = instantiate(cfg.trainer, devices=spec["devices"], max_steps=spec["steps"], precision=spec["precision"],
                           strategy=strategy, callbacks=[losses], logger=False, enable_progress_bar=False,
