@@ -332,7 +332,7 @@ class DHPStrategy(DDPStrategy):
         return values
 
     def _log_step(self, step: PlannedStep, step_loss: torch.Tensor) -> None:
-        global_loss = self.reduce(step_loss.float(), reduce_op="sum") if self.is_multi_process else step_loss
+        global_loss = self.reduce(step_loss.clone(), reduce_op="sum") if self.is_multi_process else step_loss
         stats = step.plan.stats()
         metrics = {
             "dhp/rounds": float(len(step.plan.rounds)),
