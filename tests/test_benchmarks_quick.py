@@ -6,15 +6,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _run_quick(script: str, output: Path, timeout: int) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/<script> --quick --json <output>``; it must succeed."""
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--json", str(output)],
+                          check=True, cwd=REPO, timeout=timeout, capture_output=True, text=True)
+
+
 def test_attention_bench_quick(tmp_path):
     output = tmp_path / "attention.json"
-    subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "attention_bench.py"), "--quick", "--json", str(output)],
-        check=True,
-        cwd=REPO,
-        timeout=180,
-        capture_output=True,
-    )
+    _run_quick("attention_bench.py", output, timeout=180)
     results = json.loads(output.read_text())
     assert set(results["cp_efficiency"]) == {"dense@1", "ring@2", "allgather@2"}
     for timing in results["cp_efficiency"].values():
@@ -27,14 +27,7 @@ def test_attention_bench_quick(tmp_path):
 
 def test_planner_bench_quick(tmp_path):
     output = tmp_path / "planner.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "planner_bench.py"), "--quick", "--json", str(output)],
-        check=True,
-        cwd=REPO,
-        timeout=180,
-        capture_output=True,
-        text=True,
-    )
+    result = _run_quick("planner_bench.py", output, timeout=180)
     for heading in ("Planner time (ms", "Quality vs the exact ILP optimum", "DHP over static ring CP", "Length rules:"):
         assert heading in result.stdout
     results = json.loads(output.read_text())
@@ -50,14 +43,7 @@ def test_planner_bench_quick(tmp_path):
 
 def test_e2e_bench_quick(tmp_path):
     output = tmp_path / "e2e.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "e2e.py"), "--quick", "--json", str(output)],
-        check=True,
-        cwd=REPO,
-        timeout=240,
-        capture_output=True,
-        text=True,
-    )
+    result = _run_quick("e2e.py", output, timeout=240)
     header, *rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert header.startswith("| strategy | tokens/s median | min-max |")
     names = [row.split(" | ")[0][2:] for row in rows]
