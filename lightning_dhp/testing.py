@@ -20,12 +20,24 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world_size: int, store_path: str, out_dir: str, timeout_s: float,
-            fn: Callable[..., Any], args: tuple) -> None:
+def _worker(
+    rank: int,
+    world_size: int,
+    store_path: str,
+    out_dir: str,
+    collective_timeout_s: float,
+    fn: Callable[..., Any],
+    args: tuple,
+) -> None:
     torch.set_num_threads(1)
     os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store_path}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=collective_timeout_s),
+    )
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"result_{rank}.pt"))
@@ -37,19 +49,31 @@ def _worker(rank: int, world_size: int, store_path: str, out_dir: str, timeout_s
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300.0,
-                    allow_dead_ranks: bool = False) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 300.0,
+    allow_dead_ranks: bool = False,
+    collective_timeout_s: float | None = None,
+) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the results by rank.
 
     ``fn`` must be importable (module level). Raises ``RuntimeError`` with every failing rank's
     traceback, or ``TimeoutError`` (after killing all ranks) when the ranks do not finish in time.
     With ``allow_dead_ranks`` the survivors run to their end and a rank that died without a result
-    reports ``None``: for tests of what the others do when a rank dies.
+    reports ``None``: for tests of what the others do when a rank dies. ``collective_timeout_s``
+    (default ``timeout_s``) is the process group's timeout for one collective.
     """
     with tempfile.TemporaryDirectory() as out_dir:
         store_path = os.path.join(out_dir, "store")
-        context = mp.start_processes(_worker, args=(world_size, store_path, out_dir, timeout_s, fn, args),
-                                     nprocs=world_size, join=False, start_method="spawn")
+        context = mp.start_processes(
+            _worker,
+            args=(world_size, store_path, out_dir, collective_timeout_s or timeout_s, fn, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
         deadline = time.monotonic() + timeout_s
         try:
             while any(process.is_alive() for process in context.processes):
@@ -65,7 +89,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         errors = [Path(out_dir, name).read_text() for name in sorted(os.listdir(out_dir)) if name.startswith("error_")]
         dead = [rank for rank, process in enumerate(context.processes) if process.exitcode]
         if errors or (dead and not allow_dead_ranks):
-            raise RuntimeError("\n".join(errors) or f"ranks {dead} exited with exit codes "
-                               f"{[context.processes[rank].exitcode for rank in dead]}")
+            raise RuntimeError(
+                "\n".join(errors)
+                or f"ranks {dead} exited with exit codes {[context.processes[rank].exitcode for rank in dead]}"
+            )
         results = [Path(out_dir, f"result_{rank}.pt") for rank in range(world_size)]
         return [torch.load(path, weights_only=False) if path.exists() else None for path in results]

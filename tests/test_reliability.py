@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections import Counter
-from datetime import timedelta
 
 import pytest
 import torch
@@ -102,25 +102,42 @@ def test_stop_and_resume_equals_the_uninterrupted_run(stopped_run, resume_world,
     assert resumed[0]["batches"] == uninterrupted["batches"][2:len(resumed[0]["batches"]) + 2]
 
 
-class DiesAtStepTwo(LMTask):
+STALL_S = 40  # longer than the collective timeout below, so only the timeout can stop the others
+COLLECTIVE_TIMEOUT_S = 10
+
+
+class FailsAtStepTwo(LMTask):
+    """Rank 1 dies (``how="dies"``) or stops answering for STALL_S seconds at the third step."""
+
+    how = "dies"
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if batch_idx == 2 and self.global_rank == 1:
-            os._exit(1)
+            if self.how == "dies":
+                os._exit(1)
+            time.sleep(STALL_S)
 
 
-def _fit_until_a_rank_dies(rank: int, world_size: int) -> str:
+def _fit_until_a_rank_fails(rank: int, world_size: int, how: str) -> tuple[float, str] | None:
     _as_torchrun_rank(rank)
+    task = FailsAtStepTwo()
+    task.how = how
+    started = time.monotonic()
     try:
-        _trainer(world_size, DHPStrategy(20, timeout=timedelta(seconds=30))).fit(DiesAtStepTwo(), datamodule=_data())
+        _trainer(world_size, DHPStrategy(20)).fit(task, datamodule=_data())
     except Exception as error:
-        return f"{type(error).__name__}: {error}"
-    return "finished"
+        return time.monotonic() - started, f"{type(error).__name__}: {error}"
+    return time.monotonic() - started, "finished"
 
 
-def test_a_dead_rank_stops_the_others_with_a_clear_message():
+@pytest.mark.parametrize("how", ["dies", "stalls"])
+def test_a_dead_or_stalled_rank_stops_the_others_with_a_clear_message(how):
     # a survivor still waiting when the harness times out would fail the test with TimeoutError
-    messages = run_distributed(_fit_until_a_rank_dies, 3, timeout_s=180, allow_dead_ranks=True)
-    assert messages[1] is None  # the rank that died
-    for survivor in (messages[0], messages[2]):
-        assert "a peer rank died or stalled" in survivor, survivor
-        assert "global batch 2" in survivor
+    results = run_distributed(_fit_until_a_rank_fails, 3, how, timeout_s=240, allow_dead_ranks=True,
+                              collective_timeout_s=COLLECTIVE_TIMEOUT_S)
+    if how == "dies":
+        assert results[1] is None
+    for elapsed, message in (results[0], results[2]):
+        assert "a peer rank died or stalled" in message and "global batch 2" in message, message
+        if how == "stalls":  # stopped by the collective timeout, before the stalled rank woke up
+            assert elapsed < results[1][0] - STALL_S / 2, (elapsed, results[1][0])
