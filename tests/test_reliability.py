@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_dhp import DHPStrategy
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataLoader
-from lightning_dhp.lightning.planned_loader import PlanConfig
+from lightning_dhp.lightning.planned_loader import PlanConfig, StepRequest
 from lightning_dhp.testing import run_distributed
 from tests.test_strategy import _as_torchrun_rank, _assert_params_close, _data, _trainer
 from tests.tiny_lm import LMTask
@@ -69,6 +69,28 @@ def test_every_sample_is_trained_exactly_once_per_epoch_across_a_resume(lengths,
     for step_per_rank in zip(*resumed, strict=True):
         train(list(step_per_rank))
     assert seen == Counter(range(len(lengths)))
+
+
+class ZerosWithBadItems(Zeros):
+    def __init__(self, lengths: list[int], bad: set[int]) -> None:
+        super().__init__(lengths)
+        self.bad = bad
+
+    def __getitem__(self, index: int) -> dict:
+        return {"tokens": index} if index in self.bad else super().__getitem__(index)
+
+
+@settings(max_examples=20, deadline=None)
+@given(lengths=st.lists(st.integers(1, 64), min_size=2, max_size=30), world=st.integers(1, 6), data=st.data())
+def test_skipped_samples_are_counted_once_over_all_ranks(lengths, world, data):
+    """Each skipped sample is counted by exactly one rank (its group's first), whatever the groups."""
+    bad = set(data.draw(st.lists(st.integers(0, len(lengths) - 1), unique=True)))
+    dataset = ZerosWithBadItems(lengths, bad)
+    steps = [DHPDataLoader(dataset, DHPBatchSampler(lengths, len(lengths), seed=1),
+                           PlanConfig(world, rank, 64, skip_bad_samples=True), {}).dataset[
+                 StepRequest("x", 0, 0, tuple(range(len(lengths))))] for rank in range(world)]
+    assert sum(step.leader_skipped for step in steps) == len(bad)
+    assert all(step.error is None for step in steps)
 
 
 def _fit_with_checkpoints(rank: int, world_size: int, directory: str, steps: int, resume: bool) -> dict:

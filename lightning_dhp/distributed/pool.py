@@ -12,7 +12,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
 
 import torch.distributed as dist
 
@@ -43,15 +42,14 @@ class GroupPool:
     every rank at once, so no rank can still be using an evicted group.
     """
 
-    def __init__(self, capacity: int, *, backend: str | None = None,
-                 create: Callable[[list[int]], dist.ProcessGroup] | None = None,
+    def __init__(self, capacity: int, *, create: Callable[[list[int]], dist.ProcessGroup] | None = None,
                  destroy: Callable[[dist.ProcessGroup], None] | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"pool_size must be >= 1 (got {capacity}); it caps the live process groups")
         self.capacity = capacity
         self.stats = PoolStats()
         self._groups: OrderedDict[RankSet, dist.ProcessGroup] = OrderedDict()
-        self._create = create or partial(dist.new_group, backend=backend)
+        self._create = create or dist.new_group  # groups take the world's backend
         self._destroy = destroy or dist.destroy_process_group
 
     def __len__(self) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_dhp.attention import ZigzagLayout
@@ -66,13 +67,13 @@ class PlannedStep:
     """
 
     def __init__(self, request: StepRequest, plan: Plan, rounds: list[dict[str, Any]],
-                 leader_loss_tokens: int, skipped: tuple[int, ...], error: str | None,
+                 leader_loss_tokens: int, leader_skipped: int, error: str | None,
                  planner_seconds: float) -> None:
         self.request = request
         self.plan = plan
         self.rounds = rounds
         self.leader_loss_tokens = leader_loss_tokens  # loss tokens of the groups this rank leads
-        self.skipped = skipped  # dataset indices dropped as bad samples (skip_bad_samples=True)
+        self.leader_skipped = leader_skipped  # bad samples dropped from those groups (skip_bad_samples=True)
         self.error = error  # a bad sample in this rank's groups; raised on every rank by the strategy
         self.planner_seconds = planner_seconds
 
@@ -95,30 +96,42 @@ class PlannedDataset(Dataset):
         plan = config.plan([self.lengths[i] for i in request.sample_ids])
         planner_seconds = time.perf_counter() - started
         rounds: list[dict[str, Any]] = []
-        leader_loss_tokens, skipped, errors = 0, [], []
+        leader_loss_tokens, leader_skipped, errors = 0, 0, []
+        template: dict[str, Any] | None = None
         for round_index in range(len(plan.rounds)):
             group = plan.group_for(round_index, config.rank)
+            skipped: list[int] = []
             items, kept = self._load(tuple(request.sample_ids[s] for s in group.samples), skipped, errors) \
                 if group is not None else ([], ())
             if items:
                 layout = ZigzagLayout([self.lengths[i] for i in kept], group.degree, group.ranks.index(config.rank))
                 batch, group_ranks = collate_group(items, layout), group.ranks
             else:  # idle in this round
-                batch, layout = empty_batch(self._template(request))
+                template = template or self._template(request)
+                batch, layout = empty_batch(template)
                 group_ranks = (config.rank,)
             loss_tokens = count_loss_tokens(items)
-            if config.rank == group_ranks[0]:
+            if group is not None and config.rank == group.ranks[0]:  # counted once per group, by its first rank
                 leader_loss_tokens += loss_tokens
+                leader_skipped += len(skipped)
             batch["dhp"] = DHPBatchInfo(layout=layout, group_ranks=group_ranks, sample_indices=kept,
                                         round_index=round_index, num_rounds=len(plan.rounds),
                                         loss_tokens=loss_tokens)
             rounds.append(batch)
         error = "\n".join(errors) if errors else None
-        return PlannedStep(request, plan, rounds, leader_loss_tokens, tuple(skipped), error, planner_seconds)
+        return PlannedStep(request, plan, rounds, leader_loss_tokens, leader_skipped, error, planner_seconds)
 
     def _template(self, request: StepRequest) -> dict[str, Any]:
-        """The shortest sample of the batch: its fields shape the empty batch of an idle round."""
-        return self.dataset[min(request.sample_ids, key=lambda i: self.lengths[i])]
+        """The shortest trainable sample of the batch: its fields shape the empty batch of an idle round.
+
+        Bad samples are passed over here (the ranks that train them report them), so a bad item never
+        crashes an idle rank's loader.
+        """
+        for index in sorted(request.sample_ids, key=lambda i: self.lengths[i]):
+            items, _ = self._load((index,), [], [])
+            if items:
+                return items[0]
+        return {"input_ids": torch.zeros(0, dtype=torch.long)}
 
     def _load(self, sample_ids: tuple[int, ...], skipped: list[int],
               errors: list[str]) -> tuple[list[dict[str, Any]], tuple[int, ...]]:

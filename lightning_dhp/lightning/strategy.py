@@ -113,7 +113,6 @@ class DHPStrategy(DDPStrategy):
             super().setup_distributed()
         else:  # one device: no process group at all
             self.set_world_ranks()
-        self.pool = GroupPool(self.pool.capacity, backend=self._process_group_backend)
 
     def _get_process_group_backend(self) -> str:
         if self._process_group_backend is None and self.root_device.type == "npu":
@@ -123,11 +122,11 @@ class DHPStrategy(DDPStrategy):
     def setup(self, trainer: Any) -> None:
         # Batches are split by the planner, never by Lightning's DistributedSampler.
         trainer._accelerator_connector.use_distributed_sampler = False
-        if self.is_multi_process:
-            super().setup(trainer)
-        else:  # DDPStrategy.setup would broadcast module states through a process group we did not create
+        if not self.is_multi_process:  # DDPStrategy.setup would broadcast through a process group we lack
             Strategy.setup(self, trainer)
-        if self.is_multi_process:  # outside a planned step, attention has no layout to follow
+        else:
+            super().setup(trainer)
+            # outside a planned step, attention has no layout to follow
             self._scopes.enter_context(require_cp_context(
                 "cp_attention was called outside a DHP batch on a multi-device run; call it from "
                 "training_step/validation_step, which DHPStrategy runs inside the batch's context-parallel group"))
@@ -295,7 +294,7 @@ class DHPStrategy(DDPStrategy):
             self._record(self._last_step, now - self._step_started)
         self._step_started, self._last_step = now, step if training else None
         report = torch.tensor([step.leader_loss_tokens, step.error is not None, _digest_number(step.plan),
-                               len(step.skipped)], dtype=torch.int64, device=self.root_device)
+                               step.leader_skipped], dtype=torch.int64, device=self.root_device)
         reports = self._all_gather_reports(report)
         if reports[:, 1].any():
             ranks_by_error: dict[str, list[int]] = {}
@@ -313,7 +312,7 @@ class DHPStrategy(DDPStrategy):
                 "seed, tokens_per_device and cost model")
         self._global_loss_tokens = int(reports[:, 0].sum())
         if training:
-            self.skipped_samples += int(reports[:, 3].max())
+            self.skipped_samples += int(reports[:, 3].sum())
         if self.is_multi_process and not self.group_free_ring:
             self._groups = self.pool.acquire_plan(group.ranks for round_ in step.plan.rounds for group in round_.groups)
 
