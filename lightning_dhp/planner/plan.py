@@ -7,11 +7,8 @@ import json
 import math
 from dataclasses import dataclass
 
+from lightning_dhp.errors import PlanError
 from lightning_dhp.planner.cost_model import padded_length
-
-
-class PlanError(ValueError):
-    """Bad planner input or a broken plan; the message names the item, the limit and the fix."""
 
 
 @dataclass(frozen=True)
@@ -30,10 +27,6 @@ class Group:
     @property
     def degree(self) -> int:
         return len(self.ranks)
-
-    @property
-    def first_rank(self) -> int:
-        return self.ranks[0]
 
 
 @dataclass(frozen=True)
