@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.* tooling
+from benchmarks.ilp import ILP_COST_MODELS, ilp_optimum, small_instances
 from lightning_dhp.data import DISTRIBUTIONS, sample_token_lengths, token_lengths
-from lightning_dhp.planner import CostModel, plan_batch, static_plan
-from lightning_dhp.planner.ilp import ilp_optimum
+from lightning_dhp.planner import plan_batch, static_plan
 
 NODE_SIZE = 8
 # distribution -> tokens_per_device: sized so the dataset's longest samples need several devices
@@ -105,24 +107,12 @@ def planner_time(cases: list[tuple[int, int]], batches: int, repeats: int, seed:
 
 def ilp_quality(instances: int, seed: int) -> list[dict]:
     """predicted / ILP optimum on small one-round instances, per cost model."""
-    base = CostModel.default()
-    models = {
-        "default": base,
-        "comm_heavy": dataclasses.replace(base, ring_step_latency_s=0.02, comm_overlap=0.0, intra_node_bytes_per_s=5e9),
-        "attention_heavy": dataclasses.replace(base, attention_s_per_token2=2e-7),
-    }
-    rng = np.random.default_rng(seed)
     results = []
-    for model_name, model in models.items():
+    for model_name, model in ILP_COST_MODELS.items():
         gaps, ilp_seconds = [], []
-        while len(gaps) < instances:
-            num_samples, devices = int(rng.integers(2, 9)), int(rng.integers(2, 9))
-            capacity = int(rng.choice([2048, 8192]))
-            if rng.random() < 0.5:
-                lengths = rng.integers(50, 3 * capacity // 2, size=num_samples)
-            else:
-                lengths = (rng.pareto(1.0, size=num_samples) * 800 + 50).astype(int)
-            lengths = np.minimum(lengths, capacity * devices - 2 * devices).tolist()
+        for lengths, devices, capacity in small_instances(seed, 1000 * instances):
+            if len(gaps) == instances:
+                break
             plan = plan_batch(lengths, devices, capacity, model)
             if len(plan.rounds) > 1:
                 continue

@@ -3,37 +3,17 @@ an exact ILP optimum (scipy HiGHS) on small one-round instances."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import numpy as np
 import pytest
 
-from lightning_dhp.planner import CostModel, plan_batch, static_plan
+from benchmarks.ilp import ILP_COST_MODELS as MODELS
+from benchmarks.ilp import ilp_optimum, small_instances
+from lightning_dhp.planner import plan_batch, static_plan
 from lightning_dhp.planner.allocation import allocate, build_table
-from lightning_dhp.planner.ilp import ilp_optimum
 
 pytest.importorskip("scipy")
-
-DEFAULT = CostModel.default()
-# ring traffic and latency 20x dearer: small groups win, the opposite regime of the default
-COMM_HEAVY = dataclasses.replace(DEFAULT, ring_step_latency_s=0.02, comm_overlap=0.0, intra_node_bytes_per_s=5e9)
-ATTENTION_HEAVY = dataclasses.replace(DEFAULT, attention_s_per_token2=2e-7)
-MODELS = {"default": DEFAULT, "comm_heavy": COMM_HEAVY, "attention_heavy": ATTENTION_HEAVY}
-
-
-def small_instances(seed: int, count: int):
-    """Random one-round instances: 2-8 samples (uniform or long-tailed) on 2-8 devices."""
-    rng = np.random.default_rng(seed)
-    for _ in range(count):
-        num_samples, num_devices = int(rng.integers(2, 9)), int(rng.integers(2, 9))
-        capacity = int(rng.choice([2048, 8192]))
-        if rng.random() < 0.5:
-            lengths = rng.integers(50, 3 * capacity // 2, size=num_samples)
-        else:
-            lengths = (rng.pareto(1.0, size=num_samples) * 800 + 50).astype(int)
-        lengths = np.minimum(lengths, capacity * num_devices - 2 * num_devices).tolist()
-        yield lengths, num_devices, capacity
 
 
 @pytest.mark.parametrize("model_name", sorted(MODELS))

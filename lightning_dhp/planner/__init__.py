@@ -4,6 +4,7 @@ from lightning_dhp.planner.baselines import static_plan
 from lightning_dhp.planner.calibration import calibrate, transformer_step
 from lightning_dhp.planner.cost_model import CostModel, FitReport, padded_length
 from lightning_dhp.planner.dhp import plan_batch
+from lightning_dhp.planner.inputs import divisors
 from lightning_dhp.planner.plan import Group, Plan, PlanError, Round
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "PlanError",
     "Round",
     "calibrate",
+    "divisors",
     "padded_length",
     "plan_batch",
     "static_plan",

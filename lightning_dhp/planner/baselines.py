@@ -8,14 +8,9 @@ import numpy as np
 
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
-from lightning_dhp.planner.inputs import check_fits, check_inputs, min_degrees
+from lightning_dhp.planner.inputs import check_every_sample_fits, check_inputs, divisors, min_degrees
 from lightning_dhp.planner.plan import Plan, PlanError
 from lightning_dhp.planner.rounds import balanced_assignment, lower_bound, minimum_rounds
-
-
-def divisors(number: int) -> list[int]:
-    """All positive divisors of ``number``, ascending."""
-    return [candidate for candidate in range(1, number + 1) if number % candidate == 0]
 
 
 def static_plan(
@@ -47,7 +42,7 @@ def static_plan(
         )
     cost = cost_model or CostModel.default()
     min_degree = min_degrees(lengths_array, tokens_per_device)
-    check_fits(lengths_array, min_degree, num_devices, tokens_per_device)
+    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device)
     padded = padded_lengths(lengths_array, degree)
     too_long = np.flatnonzero(padded > degree * tokens_per_device)
     if too_long.size:

@@ -90,7 +90,7 @@ class CostModel:
         """The documented default coefficients (used when a planner call gets no model)."""
         return cls()
 
-    def fixed_time(self, degree: int, *, crosses_node: bool = False) -> float:
+    def fixed_time(self, degree: int) -> float:
         """Seconds a group of ``degree`` pays regardless of its samples (overhead + ring latency)."""
         ring = (degree - 1) * (1.0 - self.comm_overlap) * self.ring_step_latency_s
         return self.overhead_s + ring
@@ -110,7 +110,7 @@ class CostModel:
     def group_time(self, lengths: Iterable[int], degree: int, *, crosses_node: bool = False) -> float:
         """Predicted seconds for one group of ``degree`` devices running ``lengths`` together."""
         costs = self.sample_costs(np.fromiter(lengths, dtype=np.int64), degree, crosses_node=crosses_node)
-        return self.fixed_time(degree, crosses_node=crosses_node) + math.fsum(costs)
+        return self.fixed_time(degree) + math.fsum(costs)
 
     def times_over_degrees(
         self, lengths: np.ndarray, degrees: np.ndarray, *, node_size: int | None = None

@@ -22,7 +22,7 @@ from lightning_dhp.planner.allocation import allocate, bin_min_degrees, spend_le
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.baselines import static_plan
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
-from lightning_dhp.planner.inputs import check_fits, check_inputs, min_degrees
+from lightning_dhp.planner.inputs import check_every_sample_fits, check_inputs, min_degrees
 from lightning_dhp.planner.packing import RoundProblem, pack_round, size_round
 from lightning_dhp.planner.placement import PlacementFailure, place
 from lightning_dhp.planner.plan import Plan, PlanError
@@ -92,7 +92,7 @@ def _plan(
     """:func:`plan_batch` on checked inputs."""
     cost = cost_model or CostModel.default()
     min_degree = min_degrees(lengths_array, tokens_per_device)
-    check_fits(lengths_array, min_degree, num_devices, tokens_per_device)
+    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device)
     work = device_seconds(lengths_array, min_degree, cost)
     fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
     for num_rounds in range(fewest, len(lengths_array) + 1):

@@ -1,4 +1,4 @@
-"""Input checks shared by every planner entry point, and each sample's minimum CP degree."""
+"""Input checks shared by every planner entry point, each sample's minimum CP degree, and divisors."""
 
 from __future__ import annotations
 
@@ -60,7 +60,14 @@ def min_degrees(lengths: np.ndarray, tokens_per_device: int) -> np.ndarray:
     return np.where(lengths <= tokens_per_device, 1, multi)
 
 
-def check_fits(lengths: np.ndarray, degrees: np.ndarray, num_devices: int, tokens_per_device: int) -> None:
+def divisors(number: int) -> list[int]:
+    """All positive divisors of ``number``, ascending (the degrees a static CP layout can use)."""
+    return [candidate for candidate in range(1, number + 1) if number % candidate == 0]
+
+
+def check_every_sample_fits(
+    lengths: np.ndarray, degrees: np.ndarray, num_devices: int, tokens_per_device: int
+) -> None:
     """PlanError for the first sample whose minimum degree exceeds ``num_devices``."""
     too_long = np.flatnonzero(degrees > num_devices)
     if too_long.size == 0:

@@ -1,4 +1,5 @@
-"""Exact optimum of a one-round plan by integer programming (scipy HiGHS; tests/benchmarks only).
+"""Exact optimum of a one-round plan by integer programming (scipy HiGHS), and the small instances
+and cost models the planner's quality test and benchmark share.
 
 Slots: ``floor(N / d)`` candidate groups of every degree ``d``. Binary ``x[i, s]`` puts sample ``i``
 in slot ``s``, binary ``y[s]`` opens slot ``s``; minimise the makespan ``T`` subject to: every
@@ -11,11 +12,35 @@ bandwidth; placement itself is not modelled), so the optimum is comparable with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
+
+_DEFAULT = CostModel.default()
+ILP_COST_MODELS: dict[str, CostModel] = {
+    "default": _DEFAULT,
+    # ring traffic and latency 20x dearer: small groups win, the opposite regime of the default
+    "comm_heavy": dataclasses.replace(_DEFAULT, ring_step_latency_s=0.02, comm_overlap=0.0, intra_node_bytes_per_s=5e9),
+    "attention_heavy": dataclasses.replace(_DEFAULT, attention_s_per_token2=2e-7),
+}
+
+
+def small_instances(seed: int, count: int) -> Iterator[tuple[list[int], int, int]]:
+    """``count`` random ``(lengths, num_devices, tokens_per_device)``: 2-8 samples (uniform or
+    long-tailed) on 2-8 devices, small enough for the ILP to solve exactly in about a second."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        num_samples, num_devices = int(rng.integers(2, 9)), int(rng.integers(2, 9))
+        capacity = int(rng.choice([2048, 8192]))
+        if rng.random() < 0.5:
+            lengths = rng.integers(50, 3 * capacity // 2, size=num_samples)
+        else:
+            lengths = (rng.pareto(1.0, size=num_samples) * 800 + 50).astype(int)
+        lengths = np.minimum(lengths, capacity * num_devices - 2 * num_devices).tolist()
+        yield lengths, num_devices, capacity
 
 
 def ilp_optimum(
