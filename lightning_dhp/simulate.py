@@ -5,6 +5,12 @@ consecutive slices of seeded shuffles of the whole distribution, so each pass se
 and plans it under one cost model with:
 
 - ``dhp``: :func:`~lightning_dhp.planner.plan_batch` (node-aware, any degree);
+- ``dhp-paper``: the DHP paper's algorithm as published, :func:`~lightning_dhp.planner.peers.paper_plan`
+  (best-fit-decreasing bins, the ``O(K' N^2)`` min-max DP, round-robin leftover devices; rounds split
+  as DHP splits them);
+- ``megatron-dcp``: Megatron-Core's dynamic (hybrid) CP, :func:`~lightning_dhp.planner.peers.megatron_dcp_plan`
+  (a power-of-two CP size per sample on pre-created aligned groups, its greedy balancing), its
+  groups timed running their samples one after another as Megatron does;
 - ``ring-<d>``: :func:`~lightning_dhp.planner.static_plan` at every power-of-two degree ``d`` that
   divides the devices and fits the longest sample of the whole distribution (Megatron-style ring CP,
   one degree for the whole run, DP = devices / d); groups wider than a node pay the inter-node
@@ -14,8 +20,9 @@ and plans it under one cost model with:
   :func:`ulysses_group_time`).
 
 "Best static" is the static policy with the lowest predicted time over all simulated steps (chosen
-with hindsight). Useful work is the cost model's degree-1 compute of every sample (``a L^2 + b L``,
-no padding, no communication, no overhead); utilisation is useful work over devices x step time.
+with hindsight); "Megatron static" is ``ring-<d>`` at the smallest fitting degree (Megatron's default).
+Useful work is the cost model's degree-1 compute of every sample (``a L^2 + b L``, no padding, no
+communication, no overhead); utilisation is useful work over devices x step time.
 
 Run ``python -m lightning_dhp.simulate --help``.
 """
@@ -43,6 +50,7 @@ import numpy as np
 from lightning_dhp.data.lengths import DISTRIBUTIONS, LengthFileError, read_metadata, token_lengths
 from lightning_dhp.planner import CostModel, Plan, PlanError, padded_length, plan_batch, static_plan
 from lightning_dhp.planner.inputs import min_degrees
+from lightning_dhp.planner.peers import megatron_dcp_plan, paper_plan, sequential_group_time
 
 DEFAULT_DEVICES = (8, 16, 32, 64, 128, 256, 512, 1024)
 QUICK_DEVICES = (8, 16, 64)
@@ -156,6 +164,14 @@ def ulysses_group_time(cost: CostModel, volume_ratio: float) -> GroupTime:
     return group_time
 
 
+def megatron_group_time(cost: CostModel) -> GroupTime:
+    """Megatron's hybrid-CP groups run their samples one after another: one forward+backward each."""
+    return lambda lengths, degree, crosses_node: sequential_group_time(cost, lengths, degree, crosses_node)
+
+
+PEERS = ("dhp-paper", "megatron-dcp")
+
+
 def retimed(plan: Plan, group_time: GroupTime, node_size: int) -> float:
     """Predicted time of ``plan``'s rounds under ``group_time``; groups spanning two nodes cross."""
     total = 0.0
@@ -222,23 +238,30 @@ def simulate_device_count(
     """Every policy on the same ``config.steps`` global batches of ``num_devices x samples_per_device``."""
     node_size, capacity = config.node_size, config.tokens_per_device
     ring, ulysses = ring_group_time(cost), ulysses_group_time(cost, config.ulysses_volume_ratio)
+    dynamic = {
+        "dhp": (plan_batch, ring),
+        "dhp-paper": (paper_plan, ring),
+        "megatron-dcp": (megatron_dcp_plan, megatron_group_time(cost)),
+    }
     static_degrees = fitting_static_degrees(int(source.lengths.max()), num_devices, capacity)
-    policies = ["dhp"] + [f"ring-{degree}" for degree in static_degrees] + [
+    statics = [f"ring-{degree}" for degree in static_degrees] + [
         f"ulysses-{degree}" for degree in static_degrees if config.ulysses_heads % degree == 0
     ]
-    totals = dict.fromkeys(policies, 0.0)
+    totals = dict.fromkeys([*dynamic, *statics], 0.0)
     lower_bound = tokens = useful = rounds = 0.0
-    planner_ms: list[float] = []
+    planner_ms: dict[str, list[float]] = {policy: [] for policy in dynamic}
     rank_sets_per_step: list[list[tuple[int, ...]]] = []
     batches = batch_stream(source.lengths, config.samples_per_device * num_devices, config.seed)
     for _, batch in zip(range(config.steps), batches, strict=False):
-        started = time.perf_counter()
-        plan = plan_batch(batch, num_devices, capacity, cost, node_size=node_size)
-        planner_ms.append((time.perf_counter() - started) * 1e3)
-        totals["dhp"] += plan.predicted_time
-        lower_bound += plan.lower_bound
-        rounds += len(plan.rounds)
-        rank_sets_per_step.append([group.ranks for round_ in plan.rounds for group in round_.groups])
+        for policy, (planner, group_time) in dynamic.items():
+            started = time.perf_counter()
+            plan = planner(batch, num_devices, capacity, cost, node_size=node_size)
+            planner_ms[policy].append((time.perf_counter() - started) * 1e3)
+            totals[policy] += plan.predicted_time if group_time is ring else retimed(plan, group_time, node_size)
+            if policy == "dhp":
+                lower_bound += plan.lower_bound
+                rounds += len(plan.rounds)
+                rank_sets_per_step.append([group.ranks for round_ in plan.rounds for group in round_.groups])
         for degree in static_degrees:
             static = static_plan(batch, num_devices, capacity, degree, cost)
             totals[f"ring-{degree}"] += retimed(static, ring, node_size)
@@ -248,7 +271,7 @@ def simulate_device_count(
         tokens += float(batch_f.sum())
         useful += float((cost.attention_s_per_token2 * batch_f * batch_f + cost.linear_s_per_token * batch_f).sum())
     step_time = {policy: total / config.steps for policy, total in totals.items()}
-    best_static = min((policy for policy in policies if policy != "dhp"), key=totals.__getitem__)
+    best_static = min(statics, key=totals.__getitem__)
     megatron = f"ring-{static_degrees[0]}"
     return {
         "devices": num_devices,
@@ -262,6 +285,7 @@ def simulate_device_count(
         "megatron": megatron,
         "speedup_over_best_static": totals[best_static] / totals["dhp"],
         "speedup_over_megatron": totals[megatron] / totals["dhp"],
+        "speedup_over": {peer: totals[peer] / totals["dhp"] for peer in PEERS},
         "utilisation": {
             policy: useful / (num_devices * totals[policy]) for policy in ("dhp", best_static)
         },
@@ -269,9 +293,10 @@ def simulate_device_count(
             policy: tokens / (num_devices * totals[policy]) for policy in ("dhp", best_static)
         },
         "planner_ms": {
-            "median": statistics.median(planner_ms),
-            "p90": float(np.percentile(planner_ms, 90)),
+            "median": statistics.median(planner_ms["dhp"]),
+            "p90": float(np.percentile(planner_ms["dhp"], 90)),
         },
+        "peer_planner_ms_median": {peer: statistics.median(planner_ms[peer]) for peer in PEERS},
         "pool": _pool_replay(rank_sets_per_step, config.pool_size),
     }
 
@@ -345,14 +370,12 @@ def _add_scaling(rows: list[dict[str, Any]]) -> None:
 
 # -- reports -----------------------------------------------------------------------------------------
 
-TARGET_SPEEDUP, TARGET_SPEEDUP_DEVICES = 1.36, 64
-TARGET_SCALING, TARGET_SCALING_DEVICES = 0.95, 1024
-TARGET_PLANNER_MS = 100.0
-
 
 def _policy_order(policy: str) -> tuple[int, int]:
+    if policy in ("dhp", *PEERS):
+        return (0, ("dhp", *PEERS).index(policy))
     kind, _, degree = policy.partition("-")
-    return ({"dhp": 0, "ring": 1, "ulysses": 2}[kind], int(degree or 0))
+    return ({"ring": 1, "ulysses": 2}[kind], int(degree))
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -360,8 +383,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def format_markdown(result: dict[str, Any]) -> str:
-    """The report: configuration, targets, then per distribution a summary and a per-policy table."""
+def format_markdown(result: dict[str, Any], *, preamble: Sequence[str] = ()) -> str:
+    """The report: configuration, ``preamble`` lines, then per distribution a summary and a per-policy table."""
     config, lines = result["config"], []
     lines += [
         "# DHP cluster-scale simulation",
@@ -374,7 +397,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         "",
         "Cost model: " + ", ".join(f"{key}={value:.3g}" for key, value in result["cost_model"].items()) + ".",
         "",
-        *_targets(result),
+        *preamble,
     ]
     for distribution in result["distributions"]:
         stats = distribution["stats"]
@@ -396,18 +419,21 @@ def format_markdown(result: dict[str, Any]) -> str:
                 f"{best} {row['step_time_s'][best]:.3f}",
                 f"**{row['speedup_over_best_static']:.3f}**",
                 f"{row['speedup_over_megatron']:.3f} ({row['megatron']})",
+                *(f"{row['speedup_over'][peer]:.3f}" for peer in PEERS),
                 f"{row['step_time_s']['dhp'] / row['lower_bound_s']:.3f}",
                 f"{row['dhp_rounds']:.1f}",
                 f"{row['utilisation']['dhp']:.1%} / {row['utilisation'][best]:.1%}",
                 f"{row['scaling_efficiency']['dhp']:.1%} / {row['scaling_efficiency']['best_static']:.1%}",
                 f"{row['planner_ms']['median']:.1f} ({row['planner_ms']['p90']:.1f})",
+                " / ".join(f"{row['peer_planner_ms_median'][peer]:.1f}" for peer in PEERS),
                 f"{pool['created']:.0f} / {pool['distinct_rank_sets']:.0f}",
                 f"{pool['hit_rate']:.1%} ({pool['hit_rate_uncapped']:.1%})",
             ])
         lines += _table(
             [
-                "devices", "batch", "DHP s/step", "best static s/step", "DHP / best", "DHP / Megatron",
-                "DHP / bound", "DHP rounds", "utilisation DHP / best", "scaling DHP / best", "planner ms median (p90)",
+                "devices", "batch", "DHP s/step", "best static s/step", "DHP / best static", "DHP / Megatron static",
+                *(f"DHP / {peer}" for peer in PEERS), "DHP / bound", "DHP rounds", "utilisation DHP / best",
+                "scaling DHP / best", "planner ms median (p90)", "peer planner ms (paper / megatron)",
                 "groups created / distinct", "pool hits (uncapped)",
             ],
             summary_rows,
@@ -425,101 +451,17 @@ def format_markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "DHP / best: best static policy's time over DHP's, both summed over the same steps (> 1: DHP faster). "
-        "Megatron: the smallest fitting ring degree. DHP / bound: DHP's time over the planner's lower bound. "
+        "DHP / X: X's time over DHP's, both summed over the same steps (> 1: DHP faster). Best static: the "
+        "fastest ring or Ulysses degree with hindsight. Megatron static: the smallest fitting ring degree. "
+        "dhp-paper: the DHP paper's published planner; megatron-dcp: Megatron-Core dynamic CP (its groups run "
+        "their samples one after another). DHP / bound: DHP's time over the planner's lower bound. "
         "DHP rounds: mean rounds (micro-steps) per batch. "
         "Utilisation: degree-1 compute of the batch over devices x step time. Scaling: per-device throughput "
-        "over that at the smallest device count. Groups: process groups the capped pool created over the run / "
+        "over that at the smallest device count. Planner ms: wall time per batch on the machine above. "
+        "Groups: process groups the capped pool created over the run / "
         "distinct rank sets (what an uncapped pool creates). Static policies create devices / degree groups once.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def _row_at(distribution: dict[str, Any], num_devices: int) -> dict[str, Any] | None:
-    return next((row for row in distribution["results"] if row["devices"] == num_devices), None)
-
-
-def _targets(result: dict[str, Any]) -> list[str]:
-    """Issue 6's targets against the most heterogeneous distribution (highest CV of token lengths)."""
-    distributions = result["distributions"]
-    most = max(distributions, key=lambda distribution: distribution["stats"]["cv"])
-    checks = []
-    speedup_row = _row_at(most, TARGET_SPEEDUP_DEVICES)
-    if speedup_row:
-        value = speedup_row["speedup_over_best_static"]
-        checks.append(
-            f"DHP over best static at {TARGET_SPEEDUP_DEVICES} devices on {most['name']} (CV "
-            f"{most['stats']['cv']:.2f}): {value:.3f}x (target >= {TARGET_SPEEDUP}x: "
-            f"{'met' if value >= TARGET_SPEEDUP else 'not met'})"
-        )
-    scaling = [(d["name"], _row_at(d, TARGET_SCALING_DEVICES)) for d in distributions]
-    for name, row in scaling:
-        if row and result["config"]["devices"][0] == 8:
-            value = row["scaling_efficiency"]["dhp"]
-            checks.append(
-                f"DHP per-device throughput at {TARGET_SCALING_DEVICES} over 8 devices on {name}: {value:.1%} "
-                f"(target >= {TARGET_SCALING:.0%}: {'met' if value >= TARGET_SCALING else 'not met'})"
-            )
-    planner = [row["planner_ms"]["median"] for _, row in scaling if row]
-    if planner:
-        slowest = max(planner)
-        checks.append(
-            f"Planner at {TARGET_SCALING_DEVICES} devices: median {slowest:.1f} ms on the slowest distribution "
-            f"(target < {TARGET_PLANNER_MS:.0f} ms: {'met' if slowest < TARGET_PLANNER_MS else 'not met'})"
-        )
-    if not checks:
-        return []
-    return ["## Targets (issue 6)", "", *(f"- {check}" for check in checks)]
-
-
-def write_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    """speedup.png, utilisation.png and scaling.png against device count, one line per distribution."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figures = {
-        "speedup.png": (
-            "DHP over the best static degree",
-            "speedup (x)",
-            lambda row: (row["speedup_over_best_static"], None),
-        ),
-        "utilisation.png": (
-            "Device utilisation (solid: DHP, dashed: best static)",
-            "useful work / (devices x step time)",
-            lambda row: (row["utilisation"]["dhp"], row["utilisation"][row["best_static"]]),
-        ),
-        "scaling.png": (
-            "Per-device throughput over that at the smallest device count (solid: DHP, dashed: best static)",
-            "scaling efficiency",
-            lambda row: (row["scaling_efficiency"]["dhp"], row["scaling_efficiency"]["best_static"]),
-        ),
-    }
-    paths = []
-    for file_name, (title, ylabel, values) in figures.items():
-        figure, axis = plt.subplots(figsize=(7, 4.2))
-        for index, distribution in enumerate(result["distributions"]):
-            devices = [row["devices"] for row in distribution["results"]]
-            dhp, static = zip(*(values(row) for row in distribution["results"]), strict=True)
-            colour = f"C{index % 10}"
-            axis.plot(devices, dhp, marker="o", color=colour, label=distribution["name"])
-            if static[0] is not None:
-                axis.plot(devices, static, marker="x", linestyle="--", color=colour)
-        if file_name == "speedup.png":
-            axis.axhline(1.0, color="grey", linewidth=0.8)
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("devices")
-        axis.set_ylabel(ylabel)
-        axis.set_title(title, fontsize=9)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-        figure.tight_layout()
-        path = out_dir / file_name
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        paths.append(path)
-    return paths
 
 
 # -- command line --------------------------------------------------------------------------------------
@@ -596,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--seed", type=int, default=defaults.seed, help="batch shuffling seed (default %(default)s)")
     output = parser.add_argument_group("output")
     output.add_argument("--quick", action="store_true", help="small fast run (few steps, devices and distributions)")
-    output.add_argument("--out", help="folder for simulation.md and the PNG plots")
+    output.add_argument("--out", help="folder for simulation.md")
     output.add_argument("--json", help="write the full result as JSON to this path")
     return parser
 
@@ -627,9 +569,11 @@ def _cost_model(path: str | None) -> CostModel:
         ) from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (2 on bad input, with the reason on stderr)."""
+def run(argv: Sequence[str] | None = None, *, prog: str | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Parse the CLI's arguments and simulate; bad input exits with code 2 and the reason on stderr."""
     parser = build_parser()
+    if prog:
+        parser.prog = prog
     args = parser.parse_args(argv)
     if args.ulysses_volume_ratio < 0 or not math.isfinite(args.ulysses_volume_ratio):
         parser.error(f"--ulysses-volume-ratio {args.ulysses_volume_ratio} must be a finite number >= 0")
@@ -650,15 +594,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = simulate(sources, config, cost, progress=lambda message: print(message, file=sys.stderr))
     except (SimulationError, LengthFileError, PlanError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    report = format_markdown(result)
+    return args, result
+
+
+def write_outputs(args: argparse.Namespace, report: str, result: dict[str, Any]) -> None:
+    """Print ``report``; write it to ``--out``/simulation.md and ``result`` to ``--json`` when given."""
     print(report, end="")
     if args.out:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "simulation.md").write_text(report)
-        write_plots(result, out_dir)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (2 on bad input, with the reason on stderr)."""
+    args, result = run(argv)
+    write_outputs(args, format_markdown(result), result)
     return 0
 
 

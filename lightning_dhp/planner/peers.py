@@ -1,0 +1,386 @@
+"""Published dynamic-CP planners, rebuilt on this package's cost model so the simulator can compare.
+
+- :func:`paper_plan` (``dhp-paper``): the DHP paper's algorithm as published (arXiv 2602.21788):
+  per round, memory-aware best-fit-decreasing (BFD) packing into bins sized at the minimum degree of
+  their longest member, then the exact ``O(K' N^2)`` min-max dynamic program over (bins x devices),
+  ``F[i][j] = min_d max(F[i-1][j-d], T_i(d))``, then leftover devices handed out round-robin.
+  The paper does not say how a batch becomes rounds; here it gets the same split as
+  :func:`~lightning_dhp.planner.plan_batch` (the fewest rounds memory allows, samples heaviest
+  first to the least-loaded round with memory left, one more round while some round cannot be
+  packed), so that only the per-round algorithm differs.
+- :func:`megatron_dcp_plan` (``megatron-dcp``): Megatron-Core's hybrid ("dynamic") context
+  parallelism (``BalancedCPScheduler``): every sub-sample runs at the smallest power-of-two CP size
+  that holds it (or the whole DP x CP domain), on pre-created aligned groups of consecutive ranks;
+  samples longest first go to a new group while free ranks remain, else to the least-loaded group
+  of their size; a scheduling group (a round here) closes once its ranks are balanced within 5%,
+  the most-loaded group's last sample is trimmed back while that narrows the spread, and empty
+  ranks are filled by doubling the smallest groups. Megatron runs a group's sub-samples one after
+  another, so time its groups with :func:`sequential_group_time`. Two departures, both in its
+  favour: balancing uses the shared cost model instead of its ``L^2 / cp`` estimate, and a group
+  takes a sample only while the group's padded tokens fit ``degree x tokens_per_device`` (so that
+  its plan is also valid for this package's packed runtime).
+
+Both return a validated-shape :class:`~lightning_dhp.planner.Plan` (``plan.validate()`` passes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from lightning_dhp.planner.assemble import PlannedGroup, build_plan
+from lightning_dhp.planner.cost_model import CostModel, padded_length, padded_lengths
+from lightning_dhp.planner.inputs import check_every_sample_fits, check_inputs, min_degrees
+from lightning_dhp.planner.placement import PlacementFailure, place
+from lightning_dhp.planner.plan import Plan
+from lightning_dhp.planner.rounds import balanced_assignment, device_seconds, lower_bound, minimum_rounds
+
+MEGATRON_BALANCE_SLACK = 0.05  # BalancedCPScheduler's delta: a group is balanced within 5%
+MEGATRON_BUCKET_SLACK = 1.1  # make_buckets_equal closes a bucket past 110% of its work target
+
+
+def sequential_group_time(cost: CostModel, lengths: Sequence[int], degree: int, crosses_node: bool) -> float:
+    """A group that runs its samples one after another, each as its own forward+backward."""
+    return sum(cost.group_time([length], degree, crosses_node=crosses_node) for length in lengths)
+
+
+# -- dhp-paper -------------------------------------------------------------------------------------------
+
+
+def paper_plan(
+    lengths: Sequence[int] | np.ndarray,
+    num_devices: int,
+    tokens_per_device: int,
+    cost_model: CostModel | None = None,
+    *,
+    node_size: int | None = None,
+) -> Plan:
+    """The DHP paper's planner (module docstring): BFD bins, ``O(K' N^2)`` DP, round-robin leftover."""
+    lengths_array, num_devices, tokens_per_device, node_size = check_inputs(
+        lengths, num_devices, tokens_per_device, node_size
+    )
+    cost = cost_model or CostModel.default()
+    min_degree = min_degrees(lengths_array, tokens_per_device)
+    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device)
+    work = device_seconds(lengths_array, min_degree, cost)
+    fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
+    rounds: list[list[PlannedGroup]] = []
+    placed_in_nodes = True
+    for num_rounds in range(fewest, len(lengths_array) + 1):
+        assignment = balanced_assignment(work, lengths_array, num_rounds, num_devices * tokens_per_device)
+        if assignment is None:
+            continue
+        solved = [
+            _paper_round(np.array(sorted(members), dtype=np.int64), lengths_array, min_degree, num_devices,
+                         tokens_per_device, cost, node_size)
+            for members in assignment
+            if members
+        ]
+        if all(round_ is not None for round_ in solved):
+            rounds = [groups for groups, _ in solved]
+            placed_in_nodes = all(in_nodes for _, in_nodes in solved)
+            break
+    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size)
+    # a round whose degrees do not fit node-aware placement is laid out flat; its plan then claims no nodes
+    plan_nodes = node_size if placed_in_nodes else None
+    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, plan_nodes, bound)
+
+
+def _best_fit_decreasing(
+    lengths: np.ndarray, min_degree: np.ndarray, tokens_per_device: int
+) -> tuple[list[list[int]], list[int]]:
+    """Positions into bins and the bins' degrees: longest first, each sample to the fullest bin that
+    still holds it (memory at the bin's degree, the minimum degree of its first, longest member),
+    or to a new bin when none does."""
+    bins: list[list[int]] = []
+    degrees: list[int] = []
+    used: list[int] = []
+    for position in np.lexsort((np.arange(len(lengths)), -lengths)).tolist():
+        length = int(lengths[position])
+        best, best_room = -1, None
+        for index, degree in enumerate(degrees):
+            room = degree * tokens_per_device - used[index] - padded_length(length, degree)
+            if room >= 0 and (best_room is None or room < best_room):
+                best, best_room = index, room
+        if best < 0:
+            bins.append([position])
+            degrees.append(int(min_degree[position]))
+            used.append(padded_length(length, degrees[-1]))
+        else:
+            bins[best].append(position)
+            used[best] += padded_length(length, degrees[best])
+    return bins, degrees
+
+
+def _paper_round(
+    samples: np.ndarray,
+    all_lengths: np.ndarray,
+    all_min_degree: np.ndarray,
+    num_devices: int,
+    tokens_per_device: int,
+    cost: CostModel,
+    node_size: int | None,
+) -> tuple[list[PlannedGroup], bool] | None:
+    """One round's groups and whether they sit inside nodes, or None when its bins need > N devices."""
+    lengths = all_lengths[samples]
+    bins, bin_min = _best_fit_decreasing(lengths, all_min_degree[samples], tokens_per_device)
+    if sum(bin_min) > num_devices:
+        return None
+    all_degrees = np.arange(num_devices + 1)
+    times = np.full((len(bins), num_devices + 1), np.inf)
+    for index, members in enumerate(bins):
+        candidates = all_degrees[bin_min[index] :]
+        fits = padded_lengths(lengths[members][:, None], candidates[None, :]).sum(axis=0) <= (
+            candidates * tokens_per_device
+        )
+        candidates = candidates[fits]
+        times[index, candidates] = cost.times_over_degrees(lengths[members], candidates, node_size=node_size)
+    degrees = _min_max_dp(times, num_devices)
+    _round_robin_leftover(degrees, times, num_devices)
+    starts = place(degrees.tolist(), num_devices, node_size)
+    in_nodes = not isinstance(starts, PlacementFailure)
+    if not in_nodes:
+        starts = place(degrees.tolist(), num_devices, None)
+    groups = [
+        PlannedGroup(tuple(sorted(samples[members].tolist())), int(degree), int(start))
+        for members, degree, start in zip(bins, degrees.tolist(), starts, strict=True)
+    ]
+    return groups, in_nodes
+
+
+def _min_max_dp(times: np.ndarray, num_devices: int) -> np.ndarray:
+    """Degrees minimising the slowest bin with at most ``num_devices`` devices: the paper's DP.
+
+    ``F[i][j]`` is the best makespan of the first ``i`` bins on ``j`` devices; each bin's row is
+    one ``(j, d)`` table (``O(N^2)``), so the whole DP is ``O(K' N^2)``.
+    """
+    num_bins = len(times)
+    devices = np.arange(num_devices + 1)
+    taken = devices[:, None] - devices[None, :]  # j - d
+    best = np.zeros(num_devices + 1)  # F[0][j] = 0: devices may stay unused
+    choice = np.zeros((num_bins, num_devices + 1), dtype=np.int64)
+    for index in range(num_bins):
+        candidates = np.where(
+            taken >= 0, np.maximum(best[np.maximum(taken, 0)], times[index][None, :]), np.inf
+        )
+        choice[index] = np.argmin(candidates, axis=1)
+        best = candidates[devices, choice[index]]
+    degrees = np.zeros(num_bins, dtype=np.int64)
+    left = num_devices
+    for index in range(num_bins - 1, -1, -1):
+        degrees[index] = choice[index, left]
+        left -= degrees[index]
+    return degrees
+
+
+def _round_robin_leftover(degrees: np.ndarray, times: np.ndarray, num_devices: int) -> None:
+    """Unused devices one at a time to the bins in order, cycling, each to a bin it makes faster."""
+    leftover = num_devices - int(degrees.sum())
+    while leftover > 0:
+        given = 0
+        for index in range(len(degrees)):
+            degree = int(degrees[index])
+            if leftover > given and degree < num_devices and times[index, degree + 1] < times[index, degree]:
+                degrees[index] += 1
+                given += 1
+        if given == 0:
+            return
+        leftover -= given
+
+
+# -- megatron-dcp ----------------------------------------------------------------------------------------
+
+
+def megatron_cp_size(length: int, num_devices: int, tokens_per_device: int) -> int:
+    """Megatron's CP size of a sub-sample: the smallest power of two that holds it, else all devices."""
+    degree = 1
+    while degree < num_devices and padded_length(length, degree) > degree * tokens_per_device:
+        degree *= 2
+    return min(degree, num_devices)
+
+
+def megatron_dcp_plan(
+    lengths: Sequence[int] | np.ndarray,
+    num_devices: int,
+    tokens_per_device: int,
+    cost_model: CostModel | None = None,
+    *,
+    node_size: int | None = None,
+) -> Plan:
+    """Megatron-Core hybrid context parallelism's schedule (module docstring) as a :class:`Plan`.
+
+    Its groups run their samples in sequence: time them with :func:`sequential_group_time`; the
+    plan's own ``predicted_time`` times them packed, as this package's runtime would run them.
+    """
+    lengths_array, num_devices, tokens_per_device, node_size = check_inputs(
+        lengths, num_devices, tokens_per_device, node_size
+    )
+    cost = cost_model or CostModel.default()
+    min_degree = min_degrees(lengths_array, tokens_per_device)
+    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device)
+    sizes = [megatron_cp_size(int(length), num_devices, tokens_per_device) for length in lengths_array.tolist()]
+    for index, size in enumerate(sizes):
+        if padded_length(int(lengths_array[index]), size) > size * tokens_per_device:
+            check_every_sample_fits(lengths_array[index : index + 1], np.array([num_devices + 1]), num_devices,
+                                    tokens_per_device)
+    order = np.lexsort((np.arange(len(lengths_array)), -lengths_array)).tolist()
+    scheduler = _MegatronScheduler(lengths_array, sizes, num_devices, tokens_per_device, cost, node_size)
+    rounds: list[list[PlannedGroup]] = []
+    while order:
+        groups, order = scheduler.next_round(order)
+        rounds.append(groups)
+    fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
+    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size)
+    in_nodes = node_size is None or all(
+        group.degree > node_size or group.first_rank // node_size == (group.first_rank + group.degree - 1) // node_size
+        for groups in rounds
+        for group in groups
+    )
+    plan_nodes = node_size if in_nodes else None  # aligned blocks cross nodes only when node_size is odd-shaped
+    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, plan_nodes, bound)
+
+
+class _MegatronScheduler:
+    """``BalancedCPScheduler.next_hdp_group`` on aligned power-of-two rank blocks."""
+
+    def __init__(self, lengths: np.ndarray, sizes: list[int], num_devices: int, tokens_per_device: int,
+                 cost: CostModel, node_size: int | None):
+        self.lengths, self.sizes = lengths, sizes
+        self.num_devices, self.tokens_per_device = num_devices, tokens_per_device
+        self.cost, self.node_size = cost, node_size
+
+    def _time(self, sample: int, degree: int) -> float:
+        crosses = self.node_size is not None and degree > self.node_size
+        return self.cost.group_time([int(self.lengths[sample])], degree, crosses_node=crosses)
+
+    def _buckets(self, order: list[int]) -> list[list[int]]:
+        """``make_buckets_equal``: as many consecutive buckets (longest first) as distinct CP sizes,
+        each closed past 110% of an even share of the work or when later buckets need its samples."""
+        count = len({self.sizes[sample] for sample in order})
+        work = [self._time(sample, self.sizes[sample]) for sample in order]
+        target = sum(work) / count
+        buckets: list[list[int]] = []
+        current: list[int] = []
+        current_work = 0.0
+        for position, sample in enumerate(order):
+            if current and (current_work + work[position] > target * MEGATRON_BUCKET_SLACK
+                            or len(order) - position <= count - len(buckets)):
+                buckets.append(current)
+                current, current_work = [], 0.0
+            current.append(sample)
+            current_work += work[position]
+        if current:
+            buckets.append(current)
+        return buckets
+
+    def next_round(self, order: list[int]) -> tuple[list[PlannedGroup], list[int]]:
+        """One scheduling group (a round): its groups and the samples left for later rounds."""
+        buckets = self._buckets(order)
+        owner: list[int | None] = [None] * self.num_devices  # group of every rank
+        groups: list[dict] = []  # {"start", "size", "samples", "load", "tokens"}
+        first_size = None
+        check_balance = False
+        while any(buckets):
+            picked = None
+            for bucket in buckets:
+                if not bucket:
+                    continue
+                sample = bucket[0]
+                target = self._target(sample, groups, owner)
+                if target is not None:
+                    picked = (bucket, sample, target)
+                    break
+            if picked is None:
+                break
+            bucket, sample, target = picked
+            size = self.sizes[sample]
+            first_size = first_size or size
+            if target == "new":
+                start = self._free_block(size, owner)
+                groups.append({"start": start, "size": size, "samples": [], "load": 0.0, "tokens": 0})
+                for rank in range(start, start + size):
+                    owner[rank] = len(groups) - 1
+                target = groups[-1]
+            target["samples"].append(sample)
+            target["load"] += self._time(sample, size)
+            target["tokens"] += padded_length(int(self.lengths[sample]), size)
+            bucket.pop(0)
+            if size < first_size:
+                check_balance = True
+            loads = self._rank_loads(groups)
+            if check_balance and any(buckets) and max(loads) - min(loads) <= MEGATRON_BALANCE_SLACK * max(loads):
+                break
+        leftover = [sample for bucket in buckets for sample in bucket]
+        leftover += self._trim_overload(groups)
+        self._fill_empty_ranks(groups)
+        planned = [
+            PlannedGroup(tuple(sorted(group["samples"])), group["size"], group["start"])
+            for group in groups
+            if group["samples"]
+        ]
+        remaining = sorted(leftover, key=lambda sample: (-int(self.lengths[sample]), sample))
+        return planned, remaining
+
+    def _target(self, sample: int, groups: list[dict], owner: list[int | None]) -> dict | str | None:
+        """A new group when free aligned ranks allow one, else the least-loaded group of the sample's
+        size with memory left, else None (the sample waits for a later round)."""
+        size = self.sizes[sample]
+        if self._free_block(size, owner) is not None:
+            return "new"
+        need = padded_length(int(self.lengths[sample]), size)
+        fitting = [group for group in groups
+                   if group["size"] == size and group["tokens"] + need <= size * self.tokens_per_device]
+        return min(fitting, key=lambda group: group["load"]) if fitting else None
+
+    def _free_block(self, size: int, owner: list[int | None]) -> int | None:
+        """First rank of the lowest free aligned block of ``size`` ranks (pre-created groups)."""
+        for start in range(0, self.num_devices - size + 1, size):
+            if all(owner[rank] is None for rank in range(start, start + size)):
+                return start
+        return None
+
+    def _rank_loads(self, groups: list[dict]) -> list[float]:
+        loads = [0.0] * self.num_devices
+        for group in groups:
+            for rank in range(group["start"], group["start"] + group["size"]):
+                loads[rank] = group["load"]
+        return loads
+
+    def _trim_overload(self, groups: list[dict]) -> list[int]:
+        """``trim_overload``: pop the most-loaded group's last sample while that narrows the spread."""
+        removed = []
+        while True:
+            loads = self._rank_loads(groups)
+            high, low = max(loads), min(loads)
+            if high - low <= MEGATRON_BALANCE_SLACK * high or low == 0:
+                return removed
+            group = max(groups, key=lambda g: g["load"])
+            if len(group["samples"]) <= 1:
+                return removed
+            sample = group["samples"][-1]
+            share = self._time(sample, group["size"])
+            projected = [load - share if group["start"] <= rank < group["start"] + group["size"] else load
+                         for rank, load in enumerate(loads)]
+            if max(projected) - min(projected) >= high - low:
+                return removed
+            group["samples"].pop()
+            group["load"] -= share
+            group["tokens"] -= padded_length(int(self.lengths[sample]), group["size"])
+            removed.append(sample)
+
+    def _fill_empty_ranks(self, groups: list[dict]) -> None:
+        """``fill_empty_gpus``: while ranks idle, double the first of the smallest groups, then lay the
+        groups out again, widest first (power-of-two blocks stay aligned)."""
+        groups[:] = [group for group in groups if group["samples"]]
+        while groups and sum(group["size"] for group in groups) < self.num_devices:
+            smallest = min(group["size"] for group in groups)
+            grown = next(group for group in groups if group["size"] == smallest)
+            if sum(group["size"] for group in groups) + smallest > self.num_devices:
+                return
+            grown["size"] *= 2
+            grown["load"] = sum(self._time(sample, grown["size"]) for sample in grown["samples"])
+            start = 0
+            for group in sorted(groups, key=lambda g: -g["size"]):
+                group["start"] = start
+                start += group["size"]
