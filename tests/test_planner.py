@@ -378,3 +378,20 @@ def test_planning_restores_the_garbage_collector_state():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_node_aware_allocation_narrows_the_widest_group_when_nodes_fragment():
+    """Degrees 2, 5, 1 leave no whole node for the third bin's minimum of 2: the widest group gives a rank up."""
+    from lightning_dhp.planner.dhp import _allocate_and_place
+    from lightning_dhp.planner.inputs import min_degrees
+    from lightning_dhp.planner.packing import RoundProblem
+
+    lengths = np.array([1984, 2173, 1338])
+    problem = RoundProblem(lengths, min_degrees(lengths, 1000), 8, 1000, CostModel.default(), 4, 0.0, 3)
+    degrees, starts, _ = _allocate_and_place(problem, [[0], [1], [2]])
+    assert degrees.tolist() == [2, 4, 2]
+    placed = zip(degrees.tolist(), starts, strict=True)
+    ranks = [rank for degree, start in placed for rank in range(start, start + degree)]
+    assert sorted(ranks) == list(range(8))  # disjoint, all inside the 8 devices
+    for degree, start in zip(degrees.tolist(), starts, strict=True):
+        assert start // 4 == (start + degree - 1) // 4  # inside one node

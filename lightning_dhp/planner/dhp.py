@@ -289,7 +289,14 @@ def _allocate_and_place(
         starts = place(degrees.tolist(), num_devices, problem.node_size)
         if not isinstance(starts, PlacementFailure):
             return degrees, starts, table.times_at(degrees)
-        if starts.largest_free < min_degree[starts.bin_index]:
+        if starts.largest_free >= min_degree[starts.bin_index]:
+            max_degree[starts.bin_index] = min(int(max_degree[starts.bin_index]), starts.largest_free)
+            continue
+        # the failing bin fits no free range even at its minimum: the ranks are fragmented, so take
+        # one rank from the widest bin that can give one up, and solve again
+        shrinkable = np.flatnonzero(degrees > min_degree)
+        if shrinkable.size == 0:
             return None
-        max_degree[starts.bin_index] = min(int(max_degree[starts.bin_index]), starts.largest_free)
+        widest = int(shrinkable[np.argmax(degrees[shrinkable])])
+        max_degree[widest] = int(degrees[widest]) - 1
     return None
