@@ -90,6 +90,48 @@ class CostModel:
         """The documented default coefficients (used when a planner call gets no model)."""
         return cls()
 
+    @classmethod
+    def for_transformer(
+        cls,
+        config: Any = None,
+        *,
+        layers: int | None = None,
+        hidden: int | None = None,
+        heads: int | None = None,
+        kv_heads: int | None = None,
+        intermediate: int | None = None,
+        vocab: int | None = None,
+        head_dim: int | None = None,
+        gated_mlp: bool = True,
+        device: str | Any = "H100",
+        dtype_bytes: int = 2,
+        comm_overlap: float = 0.5,
+    ) -> CostModel:
+        """A model of training a decoder of these dimensions on ``device`` (formulas and every preset
+        number's source: :mod:`lightning_dhp.planner.presets`).
+
+        Pass a Hugging Face config (object or dict; a VLM's ``text_config``/``llm_config`` is used)
+        or the dimensions; ``kv_heads`` defaults to ``heads``. ``device`` is ``"H100"``, ``"H200"``,
+        ``"A100"``, ``"Ascend 910B"`` or a :class:`~lightning_dhp.planner.presets.DevicePreset`.
+        """
+        from lightning_dhp.planner.presets import TransformerShape, device_preset, transformer_coefficients
+
+        dimensions = {"layers": layers, "hidden": hidden, "heads": heads, "intermediate": intermediate, "vocab": vocab}
+        if config is not None:
+            given = sorted(name for name, value in dimensions.items() if value is not None)
+            if given:
+                raise ValueError(f"for_transformer: pass a config or dimensions, not both (also got {given})")
+            shape = TransformerShape.from_config(config)
+        else:
+            missing = sorted(name for name, value in dimensions.items() if value is None)
+            if missing:
+                raise ValueError(f"for_transformer: missing {missing}; pass every dimension or an HF config")
+            shape = TransformerShape(
+                kv_heads=kv_heads or heads, head_dim=head_dim, gated_mlp=gated_mlp, **dimensions  # type: ignore[arg-type]
+            )
+        coefficients = transformer_coefficients(shape, device_preset(device), dtype_bytes)
+        return cls(**coefficients, comm_overlap=comm_overlap)
+
     def fixed_time(self, degree: int) -> float:
         """Seconds a group of ``degree`` pays regardless of its samples (overhead + ring latency)."""
         ring = (degree - 1) * (1.0 - self.comm_overlap) * self.ring_step_latency_s
