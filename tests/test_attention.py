@@ -13,6 +13,16 @@ import torch
 import torch.distributed as dist
 
 from lightning_dhp.attention import ZigzagLayout, cp_attention
+from lightning_dhp.attention.blocks import packed_block
+from lightning_dhp.attention.kernels import (
+    KERNELS,
+    MathKernel,
+    VarlenBlock,
+    choose_kernel,
+    heads_first,
+    lse_from_per_sequence,
+    lse_to_per_sequence,
+)
 from lightning_dhp.distributed.context import CPContext, cp_context, require_cp_context
 from lightning_dhp.testing import run_distributed
 
@@ -29,11 +39,61 @@ CONFIGS = [
     ("ring", True, False, None, torch.float32, (2, 2)),
     ("ring", True, True, None, torch.bfloat16, (4, 2)),
     ("allgather", False, True, None, torch.bfloat16, (4, 2)),
+    # The varlen block path (one call per block, gathered rows), with a math kernel standing in for CUDA's.
+    ("ring", False, True, "looped_math_varlen", torch.float64, (4, 2)),
+    ("ring", True, False, "looped_math_varlen", torch.float64, (4, 2)),
+    ("allgather", False, True, "looped_math_varlen", torch.float64, (4, 2)),
 ]
 # bfloat16 (eps 2**-7): the oracle sees the same rounded inputs; what remains is the kernel rounding each
 # block's output and gradients to bfloat16 before the fp32 merge, a few eps for a few blocks.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 HEAD_DIM = 4
+
+
+class LoopedMathVarlen:
+    """A varlen kernel made of the math kernel, one sequence at a time: the varlen block path of
+    blocks.py (gather, one call per block, scatter and merge) runs on CPU as CUDA's kernels drive it."""
+
+    name = "looped_math_varlen"
+    varlen = True
+
+    @staticmethod
+    def _segments(block: VarlenBlock):
+        bounds_q, bounds_k = block.cu_seqlens_q.tolist(), block.cu_seqlens_k.tolist()
+        return [
+            (slice(bounds_q[i], bounds_q[i + 1]), slice(bounds_k[i], bounds_k[i + 1]))
+            for i in range(block.num_sequences)
+        ]
+
+    def forward(self, q, k, v, block, *, scale):
+        outs, lses = [], []
+        for rows, keys in self._segments(block):
+            out, lse = MathKernel().forward(
+                heads_first(q[rows]), heads_first(k[keys]), heads_first(v[keys]), causal=block.causal, scale=scale
+            )
+            outs.append(out[0].transpose(0, 1).to(q.dtype))
+            lses.append(lse[0])
+        return torch.cat(outs), torch.cat(lses, dim=1)
+
+    def backward(self, dout, q, k, v, out, lse, block, *, scale):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for rows, keys in self._segments(block):
+            grads = MathKernel().backward(
+                *(heads_first(x[rows]) for x in (dout, q)),
+                heads_first(k[keys]),
+                heads_first(v[keys]),
+                heads_first(out[rows]),
+                lse[None, :, rows],
+                causal=block.causal,
+                scale=scale,
+            )
+            for target, index, grad in zip((dq, dk, dv), (rows, keys, keys), grads, strict=True):
+                target[index] = grad[0].transpose(0, 1)
+        return dq, dk, dv
+
+
+def register_looped_math_varlen() -> None:
+    KERNELS.setdefault(LoopedMathVarlen.name, LoopedMathVarlen())
 
 
 def packed_lengths(degree: int, seed: int) -> list[int]:
@@ -101,6 +161,7 @@ def run_case(layout, group, ranks, config, seed) -> list[float]:
 
 
 def _check_all_degrees(rank: int, world_size: int) -> dict[str, list[float]]:
+    register_looped_math_varlen()
     errors = {}
     for partition_index, partition in enumerate(PARTITIONS):
         starts = [sum(partition[:i]) for i in range(len(partition))]
@@ -256,3 +317,101 @@ def test_bad_groups_are_rejected_before_any_communication():
     ]
     for message, fragment in zip(messages, expected, strict=True):
         assert fragment in message, message
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_varlen_block_path_matches_the_oracle(monkeypatch, causal, dtype):
+    monkeypatch.setitem(KERNELS, LoopedMathVarlen.name, LoopedMathVarlen())
+    seq_lens = [13, 0, 3, 1, 90, 2, 5, 70]
+    q, k, v, upstream = random_inputs(sum(seq_lens), (4, 2), dtype, seed=11)
+    local = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = cp_attention(*local, ZigzagLayout(seq_lens, 1, 0), causal=causal, kernel=LoopedMathVarlen.name)
+    grads = torch.autograd.grad(out, local, upstream)
+    oracle = oracle_with_grads(q, k, v, upstream, seq_lens, causal)
+    errors = max_errors(ZigzagLayout(seq_lens, 1, 0), [out, *grads], oracle)
+    assert max(errors) < TOLERANCE[dtype], errors
+
+
+def test_packed_block_gathers_rows_with_gaps_and_slices_a_contiguous_range():
+    # Degree 2, rank 0 holds chunks 0 and 3 of each sequence, padded to a multiple of 4: lengths 5, 0, 4, 1
+    # take local rows [0, 4), none, [4, 6), [6, 8), whose real prefixes are 2 (positions 0, 1), 2 (0, 3), 1 (0).
+    own = packed_block(ZigzagLayout([5, 0, 4, 1], 2, 0), 0, True, torch.device("cpu"))
+    assert isinstance(own.query_rows, torch.Tensor) and own.query_rows.tolist() == [0, 1, 4, 5, 6]
+    assert own.varlen.cu_seqlens_q.dtype == torch.int32 and own.varlen.cu_seqlens_q.tolist() == [0, 2, 4, 5]
+    assert own.varlen.query_sequence.tolist() == [0, 0, 1, 1, 2]
+    assert own.varlen.query_offset.tolist() == [0, 1, 0, 1, 0]
+    assert own.varlen.causal and own.varlen.max_seqlen_q == 2
+    # Degree 1: every sequence's rows are one contiguous range, so no gather.
+    whole = packed_block(ZigzagLayout([5, 0, 4], 1, 0), 0, False, torch.device("cpu"))
+    assert whole.query_rows == slice(0, 9) and whole.key_rows == slice(0, 9) and not whole.varlen.causal
+    assert packed_block(ZigzagLayout([0, 0], 1, 0), 0, True, torch.device("cpu")) is None
+
+
+def test_efficient_kernel_lse_layout_round_trips():
+    lens = [3, 40, 1]
+    block = packed_block(ZigzagLayout(lens, 1, 0), 0, True, torch.device("cpu")).varlen
+    packed = torch.randn(2, sum(lens))
+    per_sequence = lse_to_per_sequence(packed, block)
+    assert per_sequence.shape == (3, 2, 64)  # rows padded to a multiple of 32 of the longest
+    assert torch.equal(per_sequence[1, :, :40], packed[:, 3:43]) and per_sequence[1, :, 40:].abs().sum() == 0
+    assert torch.equal(per_sequence[2, :, 0], packed[:, 43])
+    assert torch.equal(lse_from_per_sequence(per_sequence, block), packed)
+
+
+A100, A10, H100, T4, B200, V100 = (8, 0), (8, 6), (9, 0), (7, 5), (10, 0), (7, 0)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "expected"),
+    [
+        (("cpu", torch.float32, 64), {}, "cpu_flash"),
+        (("cpu", torch.int32, 64), {}, "math"),
+        (("npu", torch.bfloat16, 128), {}, "npu_fusion"),
+        (("npu", torch.float64, 128), {}, "math"),
+        (("mps", torch.float32, 64), {}, "math"),
+        (("cuda", torch.bfloat16, 128), {"capability": H100}, "cuda_flash"),
+        (("cuda", torch.float16, 64), {"capability": A100}, "cuda_flash"),
+        (("cuda", torch.bfloat16, 128), {"capability": H100, "flash_attn_installed": True}, "flash_attn"),
+        (("cuda", torch.bfloat16, 128), {"capability": B200, "flash_attn_installed": True}, "cuda_flash"),
+        (("cuda", torch.float32, 128), {"capability": H100}, "cuda_efficient"),  # flash takes no fp32
+        (("cuda", torch.float32, 128), {"capability": H100, "flash_attn_installed": True}, "cuda_efficient"),
+        (("cuda", torch.float16, 64), {"capability": T4}, "cuda_efficient"),  # flash needs sm80
+        (("cuda", torch.float16, 64), {"capability": V100}, "cuda_efficient"),
+        (("cuda", torch.bfloat16, 64), {"capability": T4}, "math"),  # no bf16 before sm80
+        (("cuda", torch.bfloat16, 320), {"capability": H100}, "cuda_efficient"),  # flash: head_dim <= 256
+        (("cuda", torch.bfloat16, 200), {"capability": A10}, "cuda_efficient"),  # sm86 cannot train 192 < d <= 224
+        (("cuda", torch.bfloat16, 200), {"capability": A100}, "cuda_flash"),
+        (("cuda", torch.bfloat16, 4), {"capability": H100}, "math"),  # neither kernel's alignment
+        (("cuda", torch.float32, 4), {"capability": H100}, "cuda_efficient"),
+        (("cuda", torch.float32, 6), {"capability": H100}, "math"),
+        (("cuda", torch.float32, 6), {"capability": T4}, "cuda_efficient"),  # no alignment without tensor cores
+        (("cuda", torch.float64, 64), {"capability": H100}, "math"),
+        (("cuda", torch.bfloat16, 64), {"capability": (5, 2)}, "math"),
+        (("cuda", torch.bfloat16, 128), {"capability": H100, "rocm": True}, "cuda_efficient_per_sequence"),
+        (("cuda", torch.bfloat16, None), {"capability": H100}, "cuda_flash"),
+    ],
+)
+def test_kernel_choice(args, kwargs, expected):
+    assert choose_kernel(*args, **kwargs) == expected
+
+
+def test_kernel_choice_on_cuda_needs_the_capability():
+    with pytest.raises(ValueError, match="needs its compute capability"):
+        choose_kernel("cuda", torch.bfloat16, 64)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(("kernel", "backward"), [("cuda_flash", True), ("cuda_efficient", False)])
+def test_cuda_kernels_call_the_aten_schemas(kernel, backward, causal):
+    """On meta tensors (no GPU): the arguments fit the ops' schemas and the results come back in the
+    packed shapes and dtypes. (torch's meta function of the efficient backward drops its ``out``
+    argument, so that backward is only checked on a GPU, by benchmarks/gpu_check.py.)"""
+    seq_lens = [5, 0, 3, 17]
+    shapes = [(25, 4, 64), (25, 2, 64), (25, 2, 64)]
+    q, k, v = (torch.empty(shape, device="meta", dtype=torch.bfloat16, requires_grad=True) for shape in shapes)
+    out = cp_attention(q, k, v, ZigzagLayout(seq_lens, 1, 0), causal=causal, kernel=kernel)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    if backward:
+        grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out))
+        assert [(g.shape, g.dtype) for g in grads] == [(x.shape, x.dtype) for x in (q, k, v)]
