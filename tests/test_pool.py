@@ -47,6 +47,9 @@ def test_least_recently_used_is_evicted_but_never_the_current_plan():
     pool.acquire_plan([(6, 7)])
     assert len(pool) == 2 and (6, 7) in pool
     assert pool.stats.evictions == len(fake.destroyed)
+    assert (pool.stats.communicators_created, pool.stats.communicators_destroyed) == (6, 4)
+    pool.clear()
+    assert pool.stats.communicators_alive == 0 and len(fake.destroyed) == 6
 
 
 def test_pool_size_must_be_positive():
@@ -67,10 +70,14 @@ def _changing_plans(rank: int, world_size: int) -> list[float]:
                 dist.all_reduce(value, group=groups[ranks])
                 sums.append(value.item())
         assert len(pool) <= max(2, len(groups))
-    return [*sums, pool.stats.misses, pool.stats.evictions]
+    stats = pool.stats
+    return [*sums, stats.misses, stats.evictions, stats.communicators_created, stats.communicators_alive]
 
 
 def test_pool_creates_and_evicts_in_lockstep_on_real_groups():
     results = run_distributed(_changing_plans, 4, timeout_s=180)
-    assert results[0] == [3.0, 1.0, 6.0, 3.0, 6, 4]  # 6 groups created, 4 evicted, all in lockstep
-    assert results[3] == [5.0, 6.0, 6.0, 6, 4]
+    # 6 groups created and 4 evicted on every rank, in lockstep; communicators only where the rank is a
+    # member: rank 0 is in (0,1,2) twice, (0,1), (0,1,2,3); rank 3 in (2,3), (0,1,2,3), (1,2,3); one of
+    # each rank's stays alive ((0,1,2), resp. (1,2,3)).
+    assert results[0] == [3.0, 1.0, 6.0, 3.0, 6, 4, 4, 1]
+    assert results[3] == [5.0, 6.0, 6.0, 6, 4, 3, 1]

@@ -1,7 +1,11 @@
 """A capped, least-recently-used pool of process groups keyed by their global rank tuples.
 
 Creating a communicator is expensive (NCCL: hundreds of MB and up to seconds; HCCL: twice
-HCCL_BUFFSIZE), and ``new_group`` is a collective over the whole world. Every rank therefore calls
+HCCL_BUFFSIZE), and ``new_group`` is a collective over the whole world. When the world group is bound
+to a device (``init_process_group(device_id=...)``, see :mod:`lightning_dhp.distributed.world`), NCCL
+creates each pooled group's communicator at once by splitting the world's (``ncclCommSplit``; ranks
+outside the group take part without joining); otherwise it builds it from scratch at the group's first
+collective. Every rank therefore calls
 :meth:`GroupPool.acquire_plan` with the same rank sets in the same order (every rank knows the whole
 plan), so creation and eviction happen in lockstep and the pools of all ranks stay identical.
 """
@@ -20,12 +24,20 @@ RankSet = tuple[int, ...]
 
 @dataclass
 class PoolStats:
-    """Counters of one pool, for the logger."""
+    """Counters of one pool, for the logger. ``misses`` and ``evictions`` count groups (the same on
+    every rank); ``communicators_*`` count the groups this rank belongs to, each of which holds one
+    communicator on this rank."""
 
     hits: int = 0
     misses: int = 0
     evictions: int = 0
     creation_seconds: float = 0.0
+    communicators_created: int = 0
+    communicators_destroyed: int = 0
+
+    @property
+    def communicators_alive(self) -> int:
+        return self.communicators_created - self.communicators_destroyed
 
     @property
     def hit_rate(self) -> float:
@@ -73,6 +85,7 @@ class GroupPool:
                 started = time.perf_counter()
                 self._groups[ranks] = self._create(list(ranks))
                 self.stats.creation_seconds += time.perf_counter() - started
+                self.stats.communicators_created += _is_member(self._groups[ranks])
         self._evict(keep=set(wanted))
         return {ranks: self._groups[ranks] for ranks in wanted}
 
@@ -81,11 +94,20 @@ class GroupPool:
             if len(self._groups) <= self.capacity:
                 return
             if ranks not in keep:
-                self._destroy(self._groups.pop(ranks))
+                self._release(self._groups.pop(ranks))
                 self.stats.evictions += 1
+
+    def _release(self, group: dist.ProcessGroup) -> None:
+        self._destroy(group)
+        self.stats.communicators_destroyed += _is_member(group)
 
     def clear(self) -> None:
         """Destroy every pooled group (at teardown, on every rank)."""
         while self._groups:
             _, group = self._groups.popitem(last=False)
-            self._destroy(group)
+            self._release(group)
+
+
+def _is_member(group: dist.ProcessGroup) -> bool:
+    """Whether this rank belongs to a group ``new_group`` returned (others get a placeholder)."""
+    return group is not dist.GroupMember.NON_GROUP_MEMBER
