@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from lightning_dhp.attention import ZigzagLayout, cp_attention
+from lightning_dhp.lightning.profiling import transformer_layers, transformer_weights
 from lightning_dhp.planner import CostModel
 from lightning_dhp.simulate import machine_description
 from lightning_dhp.testing import run_distributed
@@ -71,20 +71,6 @@ class Workload:
     repeats: int = 5
 
 
-def transformer_weights(hidden: int, layers: int) -> list[tuple[torch.Tensor, ...]]:
-    """Per layer (qkv, out, up, down) weights, the same on every rank (seeded)."""
-    generator = torch.Generator().manual_seed(0)
-
-    def parameter(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=generator) / shape[0] ** 0.5).requires_grad_()
-
-    return [
-        (parameter(hidden, 3 * hidden), parameter(hidden, hidden), parameter(hidden, 4 * hidden),
-         parameter(4 * hidden, hidden))
-        for _ in range(layers)
-    ]
-
-
 def group_step(
     layout: ZigzagLayout, group: dist.ProcessGroup | None, weights: list[tuple[torch.Tensor, ...]], heads: int
 ) -> Callable[[], None]:
@@ -94,12 +80,8 @@ def group_step(
     x.requires_grad_()
 
     def step() -> None:
-        h = x
-        for qkv_weight, out_weight, up_weight, down_weight in weights:
-            q, k, v = (F.layer_norm(h, (hidden,)) @ qkv_weight).view(h.shape[0], 3, heads, -1).unbind(1)
-            h = h + cp_attention(q, k, v, layout, group).flatten(1) @ out_weight
-            h = h + F.gelu(F.layer_norm(h, (hidden,)) @ up_weight) @ down_weight
-        h.square().mean().backward()
+        out = transformer_layers(x, weights, heads, lambda q, k, v: cp_attention(q, k, v, layout, group))
+        out.square().mean().backward()
 
     return step
 

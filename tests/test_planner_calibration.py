@@ -8,7 +8,7 @@ import math
 import pytest
 
 from lightning_dhp.planner import CostModel
-from lightning_dhp.planner.calibration import calibrate, transformer_step
+from lightning_dhp.planner.calibration import calibrate
 
 TRUE = CostModel(attention_s_per_token2=4e-9, linear_s_per_token=3e-6, overhead_s=2e-3)
 
@@ -49,6 +49,8 @@ def test_calibrate_needs_three_packs():
 
 def test_builtin_transformer_workload_runs_and_fits_on_cpu():
     torch = pytest.importorskip("torch")
+    from lightning_dhp.lightning.profiling import transformer_step
+
     torch.set_num_threads(1)
     step = transformer_step(hidden=16, heads=2, layers=1, device="cpu")
     model, report, measurements = calibrate(step, [(16,), (64,), (32, 32), (128,)], repeats=1, warmup=1)

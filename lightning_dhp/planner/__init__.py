@@ -1,7 +1,7 @@
 """DHP planner: pure Python/numpy (no torch.distributed); see :func:`plan_batch`."""
 
 from lightning_dhp.planner.baselines import static_plan
-from lightning_dhp.planner.calibration import calibrate, transformer_step
+from lightning_dhp.planner.calibration import calibrate
 from lightning_dhp.planner.cost_model import CostModel, FitReport, padded_length
 from lightning_dhp.planner.dhp import plan_batch
 from lightning_dhp.planner.inputs import divisors
@@ -19,5 +19,4 @@ __all__ = [
     "padded_length",
     "plan_batch",
     "static_plan",
-    "transformer_step",
 ]

@@ -1,11 +1,11 @@
-"""Calibrate a CostModel on the current device by timing real forward+backward work.
+"""Calibrate a CostModel by timing forward+backward work on degree-1 packs of samples.
 
-One device cannot time a ring, so calibration measures degree-1 packs of samples (attention +
-linear work + per-step overhead) and fits ``a``, ``b`` and the overhead; the ring terms come from
-``base`` (set them from the interconnect, or fit them from multi-device measurements with
-:meth:`CostModel.fit`). Pass ``run_step`` to time your own model; the built-in workload is a stack
-of pre-norm transformer layers (causal attention per sample + 4x MLP). torch is imported lazily,
-so the planner stays importable without it.
+One device cannot time a ring, so calibration measures degree-1 packs (attention + linear work +
+per-step overhead) and fits ``a``, ``b`` and the overhead; the ring terms come from ``base`` (set
+them from the interconnect, fit them from multi-device measurements with :meth:`CostModel.fit`, or
+profile them with :func:`lightning_dhp.lightning.profiling.profile_cost_model`). ``run_step`` is
+any callable (the user's model, or the built-in workload
+:func:`lightning_dhp.lightning.profiling.transformer_step`); this module itself needs no torch.
 """
 
 from __future__ import annotations
@@ -30,66 +30,8 @@ DEFAULT_PACKS: tuple[tuple[int, ...], ...] = (
 )
 
 
-def transformer_step(
-    hidden: int = 256, heads: int = 4, layers: int = 2, device: str | None = None, dtype: str = "float32"
-) -> Callable[[Sequence[int]], None]:
-    """A ``run_step(lengths)`` doing forward+backward of ``layers`` transformer layers on a pack."""
-    import torch
-    import torch.nn.functional as F
-
-    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = getattr(torch, dtype)
-    generator = torch.Generator().manual_seed(0)
-
-    def parameter(*shape: int) -> torch.Tensor:
-        weight = torch.randn(*shape, generator=generator) / shape[0] ** 0.5
-        return weight.to(torch_device, torch_dtype).requires_grad_()
-
-    weights = [
-        (
-            parameter(hidden, 3 * hidden),
-            parameter(hidden, hidden),
-            parameter(hidden, 4 * hidden),
-            parameter(4 * hidden, hidden),
-        )
-        for _ in range(layers)
-    ]
-    head_dim = hidden // heads
-
-    def run_step(lengths: Sequence[int]) -> None:
-        x = torch.randn(sum(lengths), hidden, device=torch_device, dtype=torch_dtype, requires_grad=True)
-        for qkv_weight, out_weight, up_weight, down_weight in weights:
-            q, k, v = (F.layer_norm(x, (hidden,)) @ qkv_weight).split(hidden, dim=-1)
-            outputs, start = [], 0
-            for length in lengths:
-
-                def heads_first(t: torch.Tensor, begin: int = start, size: int = length) -> torch.Tensor:
-                    return t[begin : begin + size].view(size, heads, head_dim).transpose(0, 1)
-
-                attended = F.scaled_dot_product_attention(
-                    heads_first(q), heads_first(k), heads_first(v), is_causal=True
-                )
-                outputs.append(attended.transpose(0, 1).reshape(length, hidden))
-                start += length
-            x = x + torch.cat(outputs) @ out_weight
-            x = x + F.gelu(F.layer_norm(x, (hidden,)) @ up_weight) @ down_weight
-        x.float().square().mean().backward()
-        _synchronize(torch_device)
-
-    return run_step
-
-
-def _synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "npu":
-        torch.npu.synchronize(device)  # type: ignore[attr-defined]
-
-
 def calibrate(
-    run_step: Callable[[Sequence[int]], None] | None = None,
+    run_step: Callable[[Sequence[int]], None],
     packs: Sequence[Sequence[int]] = DEFAULT_PACKS,
     *,
     repeats: int = 3,
@@ -104,17 +46,26 @@ def calibrate(
     """
     if len(packs) < 3:
         raise ValueError(f"calibrate needs at least 3 packs of lengths, got {len(packs)}")
-    step = run_step or transformer_step()
     measurements = []
     for pack in packs:
         lengths = [int(length) for length in pack]
         for _ in range(warmup):
-            step(lengths)
+            run_step(lengths)
         seconds = []
         for _ in range(repeats):
             start = timer()
-            step(lengths)
+            run_step(lengths)
             seconds.append(timer() - start)
         measurements.append((lengths, 1, statistics.median(seconds)))
     model, report = CostModel.fit(measurements, base=base)
     return model, report, measurements
+
+
+def __getattr__(name: str) -> object:
+    """``transformer_step`` (torch) lives in :mod:`lightning_dhp.lightning.profiling`; loaded on demand so
+    that this module imports without torch."""
+    if name == "transformer_step":
+        from lightning_dhp.lightning.profiling import transformer_step
+
+        return transformer_step
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
