@@ -3,9 +3,10 @@
     python examples/vlm_finetune.py                       # 4 CPU processes (gloo), DHP
     python examples/vlm_finetune.py strategy=static_cp strategy.static_degree=4
     python examples/vlm_finetune.py trainer=gpu           # every visible CUDA GPU
-    python examples/vlm_finetune.py -m strategy=dhp,static_cp
+    python examples/vlm_finetune.py -m strategy=dhp,static_cp,data_parallel
 
-Configuration lives in conf/ (Hydra); outputs (metrics CSV, TensorBoard, plan plot, summary.json)
+Configuration lives in lightning_dhp/conf/ (Hydra; shipped with the package, so an installed
+``dhp-vlm-finetune`` takes the same overrides); outputs (metrics CSV, TensorBoard, plan plot, summary.json)
 land in Hydra's output directory, printed at the end.
 """
 

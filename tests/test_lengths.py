@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,17 @@ def test_data_dir_order_explicit_then_environment_then_repo_default(tmp_path, mo
     assert shared_data_dir(explicit) == explicit
     monkeypatch.setenv("DHP_DATA_DIR", str(tmp_path / "missing"))
     with pytest.raises(LengthFileError, match=r"missing \(from \$DHP_DATA_DIR\) does not exist; set DHP_DATA_DIR"):
+        shared_data_dir()
+
+
+def test_data_dir_default_is_beside_a_checkout_and_absent_when_installed(monkeypatch):
+    from lightning_dhp.data import lengths
+
+    repo = Path(__file__).resolve().parents[1]
+    assert lengths.checkout_data_dir() == repo.parent / "shared" / "data"
+    monkeypatch.delenv("DHP_DATA_DIR", raising=False)
+    monkeypatch.setattr(lengths, "checkout_data_dir", lambda: None)  # what an installed package sees
+    with pytest.raises(LengthFileError, match=r"no data directory: .* set DHP_DATA_DIR .* data\.data_dir="):
         shared_data_dir()
 
 

@@ -1,4 +1,4 @@
-"""Fine-tune the tiny VLM under DHPStrategy, configured with Hydra (``conf/vlm_finetune.yaml``).
+"""Fine-tune the tiny VLM under DHPStrategy, configured with Hydra (``lightning_dhp/conf/vlm_finetune.yaml``).
 
 Every rank runs this file: Lightning's launcher re-executes it for ranks 1..N-1 with the same
 overrides. Pretraining is cached on disk, so only the first run pays for it; evaluation and the
@@ -32,7 +32,7 @@ from lightning_dhp.lightning import DHPConfigError, DHPDataError, DHPDataModule,
 from lightning_dhp.lightning.callbacks import DHPPlanReport
 from lightning_dhp.planner import PlanError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # package data: shipped with every install
 USER_ERRORS = (PlanError, LengthFileError, DHPConfigError, DHPDataError)
 _LAUNCHER_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -63,7 +63,8 @@ def build_datasets(cfg: DictConfig) -> tuple[VideoDigits, VideoDigits, VideoDigi
     """Training, validation and held-out evaluation sets (different seeds, same length rule)."""
     data = cfg.data
     common = {"sample_fps": data.sample_fps, "max_frames": data.max_frames,
-              "frame_sizes": list(data.frame_sizes), "metadata_file": data.metadata_file}
+              "frame_sizes": list(data.frame_sizes), "metadata_file": data.metadata_file,
+              "data_dir": data.data_dir}
     return (VideoDigits(data.num_train, seed=cfg.seed, **common),
             VideoDigits(data.num_val, seed=cfg.seed + 1, **common),
             VideoDigits(cfg.eval.num_samples, seed=cfg.seed + 2, **common))
@@ -143,6 +144,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def _describe(strategy: DHPStrategy) -> str:
+    if strategy.static_degree == 1:
+        return "data parallel (degree 1, no CP)"
     if strategy.static_degree is not None:
         return f"static ring CP, degree {strategy.static_degree}"
     return f"DHP ({strategy.cp_implementation}, tokens_per_device={strategy.tokens_per_device})"

@@ -1,10 +1,11 @@
 """Real per-sample length distributions: read the shared metadata CSVs and turn rows into tokens.
 
-The CSVs (``shared/data`` beside the repository, see its SOURCES.md) hold numbers only: video
-durations, image sizes, caption lengths, LLM request token counts. Each named distribution in
-:data:`DISTRIBUTIONS` states the rule that turns one row into one sample's token count; every
-constant of a rule (sampling fps, visual tokens per frame, ...) is a keyword parameter of
-:func:`token_lengths`, so a figure can always be reported together with its exact rule.
+The CSVs (``$DHP_DATA_DIR``, an explicit ``data_dir``, or by default ``../shared/data`` beside a
+source checkout, see its SOURCES.md) hold numbers only: video durations, image sizes, caption
+lengths, LLM request token counts. Each named distribution in :data:`DISTRIBUTIONS` states the rule
+that turns one row into one sample's token count; every constant of a rule (sampling fps, visual
+tokens per frame, ...) is a keyword parameter of :func:`token_lengths`, so a figure can always be
+reported together with its exact rule.
 """
 
 from __future__ import annotations
@@ -28,23 +29,35 @@ class LengthFileError(ValueError):
     """A metadata file is missing or malformed; the message names the file, row/column and the fix."""
 
 
+def checkout_data_dir() -> Path | None:
+    """``../shared/data`` beside the source checkout this package runs from; None for an installed package.
+
+    A checkout is recognised by its ``setup.cfg`` next to the package folder (an installed package
+    sits in ``site-packages``, which has none).
+    """
+    repo = Path(__file__).resolve().parents[2]
+    return repo.parent / "shared" / "data" if (repo / "setup.cfg").is_file() else None
+
+
 def shared_data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Directory of the shared metadata CSVs.
 
-    Looked up in order: ``explicit``, the ``DHP_DATA_DIR`` environment variable, then
-    ``<repo>/../shared/data`` (where CI and the development machines keep it).
+    Looked up in order: ``explicit`` (the app's ``data.data_dir``), the ``DHP_DATA_DIR`` environment
+    variable, then ``../shared/data`` beside a source checkout (where CI and the development machines
+    keep it). An installed package has no default: set one of the first two.
     """
+    fix = (f"set {DATA_DIR_ENV} to the folder holding the metadata CSVs, or pass it as data_dir "
+           f"(the app: data.data_dir=/path/to/data)")
     if explicit is not None:
         directory, origin = Path(explicit), "the explicit path"
     elif os.environ.get(DATA_DIR_ENV):
         directory, origin = Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}"
+    elif (default := checkout_data_dir()) is not None:
+        directory, origin = default, "the default ../shared/data beside the source checkout"
     else:
-        directory, origin = Path(__file__).resolve().parents[3] / "shared" / "data", "<repo>/../shared/data"
+        raise LengthFileError(f"no data directory: this installed package has no default one; {fix}")
     if not directory.is_dir():
-        raise LengthFileError(
-            f"data directory {directory} (from {origin}) does not exist; "
-            f"set {DATA_DIR_ENV} to the folder holding the metadata CSVs or pass data_dir=..."
-        )
+        raise LengthFileError(f"data directory {directory} (from {origin}) does not exist; {fix}")
     return directory
 
 

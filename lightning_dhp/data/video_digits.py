@@ -23,6 +23,7 @@ Everything is deterministic per ``seed``; ``lengths`` is known without rendering
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,8 +104,13 @@ class VideoDigits(Dataset):
     """Deterministic synthetic video question answering with long-tailed, real sequence lengths.
 
     ``durations_s`` overrides the ActivityNet durations (e.g. in tests); ``num_frames`` fixes the
-    frame count of every sample instead (``single_image`` uses 1).
+    frame count of every sample instead (``single_image`` uses 1). ``metadata_file`` is a path or a
+    file name in ``data_dir`` (default: see :func:`lightning_dhp.data.lengths.shared_data_dir`).
+    ``visual_index`` is per-token (``token_fields``); ``pixel_values``, ``answer`` and ``question``
+    are per-sample.
     """
+
+    token_fields = ("visual_index",)
 
     def __init__(
         self,
@@ -122,6 +128,7 @@ class VideoDigits(Dataset):
         durations_s: Sequence[float] | np.ndarray | None = None,
         num_frames: int | None = None,
         metadata_file: str = ACTIVITYNET_FILE,
+        data_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples is {num_samples}; a dataset needs at least 1 sample")
@@ -146,7 +153,7 @@ class VideoDigits(Dataset):
             self.num_frames = np.full(num_samples, num_frames, dtype=np.int64)
         else:
             if durations_s is None:
-                durations_s = read_metadata(metadata_file, ["duration_s"])["duration_s"]
+                durations_s = read_metadata(metadata_file, ["duration_s"], data_dir=data_dir)["duration_s"]
             durations = rng.choice(np.asarray(durations_s, dtype=np.float64), size=num_samples)
             self.num_frames = video_tokens(
                 durations, 0, sample_fps=sample_fps, tokens_per_frame=1, max_frames=max_frames
