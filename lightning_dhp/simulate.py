@@ -51,6 +51,7 @@ from lightning_dhp.data.lengths import DISTRIBUTIONS, LengthFileError, read_meta
 from lightning_dhp.planner import CostModel, Plan, PlanError, padded_length, plan_batch, static_plan
 from lightning_dhp.planner.inputs import min_degrees
 from lightning_dhp.planner.peers import megatron_dcp_plan, paper_plan, sequential_group_time
+from lightning_dhp.planner.presets import MODEL_PRESETS
 
 DEFAULT_DEVICES = (8, 16, 32, 64, 128, 256, 512, 1024)
 QUICK_DEVICES = (8, 16, 64)
@@ -129,6 +130,39 @@ class SimulationConfig:
     ulysses_heads: int = 8
     ulysses_volume_ratio: float = ULYSSES_VOLUME_RATIO
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The DHP paper's setting: a VLM's language model (:data:`~lightning_dhp.planner.presets.MODEL_PRESETS`)
+    on a device (:data:`~lightning_dhp.planner.presets.DEVICE_PRESETS`), its per-device token budget, and
+    video length distributions.
+
+    The budgets are assumptions (the activation memory left after ZeRO-sharded weights and optimizer
+    states on 64-80 GB devices): 32768 tokens for the 2B model, 16384 for the 7-8B ones. Set
+    ``--tokens-per-device`` from your own memory profile. The vision encoder is not modelled.
+    """
+
+    model: str
+    device: str
+    tokens_per_device: int
+    distributions: tuple[str, ...] = ("activitynet", "epic_kitchens_videos")
+
+    def cost_model(self) -> CostModel:
+        return CostModel.for_transformer(MODEL_PRESETS[self.model], device=self.device)
+
+    def ulysses(self) -> tuple[int, float]:
+        """Ulysses degrees divide the KV heads; its all-to-all moves q, k, v, out and their gradients,
+        ``2 (2 heads + 2 kv_heads)`` head vectors per token and layer, against the ring's ``6 kv_heads``."""
+        shape = MODEL_PRESETS[self.model]
+        return shape.kv_heads, 2 * (2 * shape.heads + 2 * shape.kv_heads) / (6 * shape.kv_heads)
+
+
+PRESETS: dict[str, Preset] = {
+    f"{model}-{device_key}": Preset(model, device, 32768 if model == "internvl3-2b" else 16384)
+    for model in MODEL_PRESETS
+    for device_key, device in (("910b", "Ascend 910B"), ("h100", "H100"))
+}
 
 
 # -- policies ---------------------------------------------------------------------------------------
@@ -383,6 +417,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def _preset_lines(preset: dict[str, Any] | None) -> list[str]:
+    if not preset:
+        return []
+    return [f"Preset {preset['name']}: the {preset['model']} language model on {preset['device']} "
+            "(CostModel.for_transformer; the vision encoder is not modelled).", ""]
+
+
 def format_markdown(result: dict[str, Any], *, preamble: Sequence[str] = ()) -> str:
     """The report: configuration, ``preamble`` lines, then per distribution a summary and a per-policy table."""
     config, lines = result["config"], []
@@ -397,6 +438,7 @@ def format_markdown(result: dict[str, Any], *, preamble: Sequence[str] = ()) -> 
         "",
         "Cost model: " + ", ".join(f"{key}={value:.3g}" for key, value in result["cost_model"].items()) + ".",
         "",
+        *_preset_lines(result.get("preset")),
         *preamble,
     ]
     for distribution in result["distributions"]:
@@ -522,19 +564,24 @@ def build_parser() -> argparse.ArgumentParser:
                          f"--quick {','.join(map(str, QUICK_DEVICES))})")
     cluster.add_argument("--samples-per-device", type=_positive_int, default=defaults.samples_per_device,
                          help="global batch = this x devices (default %(default)s)")
-    cluster.add_argument("--tokens-per-device", type=_positive_int, default=defaults.tokens_per_device,
-                         help="per-device token capacity C (default %(default)s)")
+    cluster.add_argument("--tokens-per-device", type=_positive_int,
+                         help=f"per-device token capacity C (default {defaults.tokens_per_device}, or the preset's)")
     cluster.add_argument("--node-size", type=_positive_int, default=defaults.node_size,
                          help="devices per node; wider groups pay the inter-node bandwidth (default %(default)s)")
     cluster.add_argument("--cost-model", help="CostModel JSON (CostModel.save); default CostModel.default()")
+    cluster.add_argument("--preset", choices=sorted(PRESETS),
+                         help="the DHP paper's setting: the model's cost model on the device "
+                         "(CostModel.for_transformer), its token budget, Ulysses heads and video distributions")
     cluster.add_argument("--steps", type=_positive_int,
                          help=f"global batches per device count (default {defaults.steps}, --quick 3)")
     cluster.add_argument("--pool-size", type=_positive_int, default=defaults.pool_size,
                          help="process-group pool capacity, as DHPStrategy(pool_size=...) (default %(default)s)")
-    cluster.add_argument("--ulysses-heads", type=_positive_int, default=defaults.ulysses_heads,
-                         help="Ulysses degrees must divide this head count (default %(default)s: the KV heads)")
-    cluster.add_argument("--ulysses-volume-ratio", type=float, default=defaults.ulysses_volume_ratio,
-                         help="Ulysses all-to-all bytes per token over the ring's kv_bytes_per_token (default 10/3)")
+    cluster.add_argument("--ulysses-heads", type=_positive_int,
+                         help=f"Ulysses degrees must divide this head count (default {defaults.ulysses_heads}: "
+                         "the KV heads, or the preset's)")
+    cluster.add_argument("--ulysses-volume-ratio", type=float,
+                         help="Ulysses all-to-all bytes per token over the ring's kv_bytes_per_token (default "
+                         "10/3, or the preset's)")
     cluster.add_argument("--seed", type=int, default=defaults.seed, help="batch shuffling seed (default %(default)s)")
     output = parser.add_argument_group("output")
     output.add_argument("--quick", action="store_true", help="small fast run (few steps, devices and distributions)")
@@ -549,14 +596,19 @@ def _sources(args: argparse.Namespace) -> list[LengthSource]:
         raise SimulationError("--column needs --csv PATH (the file that holds that column)")
     if args.csv is not None and args.column is None:
         raise SimulationError(f"--csv {args.csv} needs --column NAME: the column to turn into token lengths")
-    names = args.dist or ([] if args.csv else list(QUICK_DISTRIBUTIONS if args.quick else DISTRIBUTIONS))
+    defaults = PRESETS[args.preset].distributions if args.preset else DISTRIBUTIONS
+    names = args.dist or ([] if args.csv else list(QUICK_DISTRIBUTIONS if args.quick else defaults))
     sources = [named_source(name, data_dir=args.data_dir, params=params) for name in names]
     if args.csv:
         sources.append(csv_source(args.csv, args.column, scale=args.scale, offset=args.offset))
     return sources
 
 
-def _cost_model(path: str | None) -> CostModel:
+def _cost_model(path: str | None, preset: str | None) -> CostModel:
+    if preset is not None:
+        if path is not None:
+            raise SimulationError(f"--cost-model {path} and --preset {preset} both set the cost model; pass one")
+        return PRESETS[preset].cost_model()
     if path is None:
         return CostModel.default()
     try:
@@ -575,25 +627,31 @@ def run(argv: Sequence[str] | None = None, *, prog: str | None = None) -> tuple[
     if prog:
         parser.prog = prog
     args = parser.parse_args(argv)
-    if args.ulysses_volume_ratio < 0 or not math.isfinite(args.ulysses_volume_ratio):
-        parser.error(f"--ulysses-volume-ratio {args.ulysses_volume_ratio} must be a finite number >= 0")
+    defaults, preset = SimulationConfig(), PRESETS.get(args.preset)
+    preset_heads, preset_ratio = preset.ulysses() if preset else (defaults.ulysses_heads, defaults.ulysses_volume_ratio)
+    budget = preset.tokens_per_device if preset else defaults.tokens_per_device
+    ratio = args.ulysses_volume_ratio if args.ulysses_volume_ratio is not None else preset_ratio
+    if ratio < 0 or not math.isfinite(ratio):
+        parser.error(f"--ulysses-volume-ratio {ratio} must be a finite number >= 0")
     config = SimulationConfig(
         devices=args.devices or (QUICK_DEVICES if args.quick else DEFAULT_DEVICES),
         samples_per_device=args.samples_per_device,
-        tokens_per_device=args.tokens_per_device,
+        tokens_per_device=args.tokens_per_device or budget,
         node_size=args.node_size,
-        steps=args.steps or (3 if args.quick else SimulationConfig.steps),
+        steps=args.steps or (3 if args.quick else defaults.steps),
         pool_size=args.pool_size,
-        ulysses_heads=args.ulysses_heads,
-        ulysses_volume_ratio=args.ulysses_volume_ratio,
+        ulysses_heads=args.ulysses_heads or preset_heads,
+        ulysses_volume_ratio=ratio,
         seed=args.seed,
     )
     try:
-        cost = _cost_model(args.cost_model)
+        cost = _cost_model(args.cost_model, args.preset)
         sources = _sources(args)
         result = simulate(sources, config, cost, progress=lambda message: print(message, file=sys.stderr))
     except (SimulationError, LengthFileError, PlanError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if preset:
+        result["preset"] = {"name": args.preset, **dataclasses.asdict(preset)}
     return args, result
 
 

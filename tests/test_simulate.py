@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from lightning_dhp.planner import CostModel, static_plan
 from lightning_dhp.simulate import (
+    PRESETS,
     LengthSource,
     SimulationConfig,
     csv_source,
@@ -157,3 +159,39 @@ def test_ulysses_matches_the_ring_at_degree_1_and_moves_the_stated_volume():
     all_to_all = 2.0 * COST.kv_bytes_per_token * (12288 / degree) / degree / COST.inter_node_bytes_per_s
     expected = COST.overhead_s + compute + (degree - 1) * (COST.ring_step_latency_s + all_to_all)
     assert ulysses(lengths, degree, True) == pytest.approx(expected)
+
+
+def test_presets_are_pinned():
+    pinned = {
+        name: (preset.model, preset.device, preset.tokens_per_device, preset.distributions, preset.ulysses())
+        for name, preset in PRESETS.items()
+    }
+    videos = ("activitynet", "epic_kitchens_videos")
+    assert pinned == {
+        "internvl3-2b-910b": ("internvl3-2b", "Ascend 910B", 32768, videos, (2, 56 / 12)),
+        "internvl3-2b-h100": ("internvl3-2b", "H100", 32768, videos, (2, 56 / 12)),
+        "internvl3-8b-910b": ("internvl3-8b", "Ascend 910B", 16384, videos, (4, 128 / 24)),
+        "internvl3-8b-h100": ("internvl3-8b", "H100", 16384, videos, (4, 128 / 24)),
+        "qwen2.5-vl-7b-910b": ("qwen2.5-vl-7b", "Ascend 910B", 16384, videos, (4, 128 / 24)),
+        "qwen2.5-vl-7b-h100": ("qwen2.5-vl-7b", "H100", 16384, videos, (4, 128 / 24)),
+    }
+    assert PRESETS["qwen2.5-vl-7b-h100"].cost_model() == CostModel.for_transformer(
+        layers=28, hidden=3584, heads=28, kv_heads=4, intermediate=18944, vocab=152064, device="H100")
+
+
+def test_a_preset_sets_the_cost_model_budget_and_distributions_unless_given(tmp_path):
+    json_path = tmp_path / "result.json"
+    main(["--preset", "internvl3-2b-h100", "--devices", "8", "--steps", "1", "--dist", "activitynet",
+          "--json", str(json_path)])
+    result = json.loads(json_path.read_text())
+    assert result["cost_model"] == dataclasses.asdict(PRESETS["internvl3-2b-h100"].cost_model())
+    assert result["config"]["tokens_per_device"] == 32768 and result["config"]["ulysses_heads"] == 2
+    assert result["preset"]["name"] == "internvl3-2b-h100"
+    assert [d["name"] for d in result["distributions"]] == ["activitynet"]
+
+
+def test_a_preset_and_a_cost_model_file_conflict(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--preset", "internvl3-8b-910b", "--cost-model", "model.json", "--steps", "1"])
+    assert exit_info.value.code == 2
+    assert "both set the cost model; pass one" in capsys.readouterr().err

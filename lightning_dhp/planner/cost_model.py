@@ -110,8 +110,9 @@ class CostModel:
         """A model of training a decoder of these dimensions on ``device`` (formulas and every preset
         number's source: :mod:`lightning_dhp.planner.presets`).
 
-        Pass a Hugging Face config (object or dict; a VLM's ``text_config``/``llm_config`` is used)
-        or the dimensions; ``kv_heads`` defaults to ``heads``. ``device`` is ``"H100"``, ``"H200"``,
+        Pass a Hugging Face config (object or dict; a VLM's ``text_config``/``llm_config`` is used),
+        a :class:`~lightning_dhp.planner.presets.TransformerShape`, or the dimensions; ``kv_heads``
+        defaults to ``heads``. ``device`` is ``"H100"``, ``"H200"``,
         ``"A100"``, ``"Ascend 910B"`` or a :class:`~lightning_dhp.planner.presets.DevicePreset`.
         """
         from lightning_dhp.planner.presets import TransformerShape, device_preset, transformer_coefficients
@@ -121,7 +122,7 @@ class CostModel:
             given = sorted(name for name, value in dimensions.items() if value is not None)
             if given:
                 raise ValueError(f"for_transformer: pass a config or dimensions, not both (also got {given})")
-            shape = TransformerShape.from_config(config)
+            shape = config if isinstance(config, TransformerShape) else TransformerShape.from_config(config)
         else:
             missing = sorted(name for name, value in dimensions.items() if value is None)
             if missing:
