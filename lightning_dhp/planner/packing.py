@@ -85,13 +85,16 @@ def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarra
         work = total_work - np.where(leaving, candidate_alone - overhead, 0.0).sum(axis=1)
         tokens = total_tokens - np.where(leaving, candidate_lengths, 0).sum(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            # the pool first fills the time and memory the singles leave free
-            spare_time = np.where(single, (makespans[:, None] - times) * degrees, 0.0).sum(axis=1)
-            spare_tokens = np.where(single, degrees * capacity - problem.padded(candidate_lengths, degrees), 0).sum(
-                axis=1
-            )
-            by_work = np.ceil(np.maximum(0.0, work - spare_time) / (makespans - overhead) - 1e-9)
-        by_memory = -(-np.maximum(0, tokens - spare_tokens) // capacity)
+            # the pool first fills the time and memory the singles leave free; a single takes pool
+            # work only while it has both, so it holds at most min(spare time, spare tokens x the
+            # pool's work per token) (time-full singles hold no tokens, memory-full ones no work)
+            density = work / np.maximum(tokens, 1)
+            spare_time = np.where(single, np.maximum(0.0, makespans[:, None] - times) * degrees, 0.0)
+            spare_tokens = np.where(single, degrees * capacity - problem.padded(candidate_lengths, degrees), 0)
+            usable = np.minimum(spare_time, spare_tokens * density[:, None]).sum(axis=1)
+            by_work = np.ceil(np.maximum(0.0, work - usable) / (makespans - overhead) - 1e-9)
+            usable_tokens = np.where(density > 0, usable / density, spare_tokens.sum(axis=1))
+        by_memory = np.ceil(np.maximum(0.0, tokens - usable_tokens) / capacity - 1e-9)
         pooled = np.where(makespans > overhead, devices + np.maximum(by_work, by_memory), np.inf)
         result = np.where(tokens == 0, devices, pooled)
         return np.where((np.isinf(times) & single).any(axis=1), np.inf, result)
