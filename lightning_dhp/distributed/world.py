@@ -2,8 +2,9 @@
 
 Binding the world group to this process's device (``init_process_group(device_id=...)``) makes NCCL
 create the world communicator at once, and every later ``new_group`` (the group pool's) then splits
-its communicator from the world's (``ncclCommSplit``) instead of bootstrapping a new one through the
-store at its first collective. CPU (gloo) worlds are never bound.
+its communicator from the world's (``ncclCommSplit``; ranks outside the new group take part without
+joining) instead of bootstrapping a new one through the store at its first collective. CPU (gloo)
+worlds are never bound.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import torch.distributed as dist
 
 
 def world_device_id(device: torch.device) -> torch.device | None:
-    """The ``device_id`` for ``init_process_group``: the process's CUDA device with its index, None
-    elsewhere (gloo needs none; other accelerators' backends keep their own initialisation)."""
-    if device.type != "cuda":
+    """The ``device_id`` for ``init_process_group``: this process's accelerator (as Lightning's own
+    DDP strategy passes it), with its index when it is a CUDA device given without one; None on CPU."""
+    if device.type == "cpu":
         return None
-    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def subgroups_split_from_world() -> bool:
