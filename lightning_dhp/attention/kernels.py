@@ -181,6 +181,10 @@ class CPUFlashKernel:
         )
 
 
+_LSE_ALIGNMENT = 32  # the memory-efficient kernel pads each sequence's lse rows to a multiple of 32
+_MASK_NONE, _MASK_CAUSAL_TOP_LEFT = 0, 1
+
+
 def _repeat_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
     """K/V heads repeated for kernels without GQA: query head ``h`` reads key head ``h // groups``."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
@@ -273,10 +277,6 @@ class CUDAFlashKernel:
             unused,
             scale=scale,
         )
-
-
-_LSE_ALIGNMENT = 32  # the memory-efficient kernel pads each sequence's lse rows to a multiple of 32
-_MASK_NONE, _MASK_CAUSAL_TOP_LEFT = 0, 1
 
 
 def lse_from_per_sequence(lse: torch.Tensor, block: VarlenBlock) -> torch.Tensor:
@@ -479,7 +479,6 @@ KERNELS: dict[str, AttentionKernel] = {
         NPUFusionKernel(),
     )
 }
-CUDA_KERNELS = ("cuda_flash", "flash_attn", "cuda_efficient", "cuda_efficient_per_sequence")
 
 _HALF = (torch.float16, torch.bfloat16)
 _CPU_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
