@@ -9,6 +9,10 @@
    64 devices (nodes of 8). "best static" = the power-of-two degree with the lowest predicted time,
    chosen with hindsight per batch; "megatron" = the smallest power of two that fits the longest
    sample of the whole dataset. Speedup = static predicted time / DHP predicted time.
+4. Memory-bound long tails: 512 EPIC-KITCHENS videos or Mooncake conversations (up to ~120k tokens)
+   on 64 devices at 16384 tokens per device (7-10 rounds), held-out seeds: DHP over the best static
+   degree, the DHP paper's algorithm (dhp-paper) and Megatron-Core dynamic CP (megatron-dcp, its groups
+   timed sequentially), the gap to the lower bound, and each planner's process-CPU time.
 
 Token lengths come from ../shared/data with the rules of lightning_dhp.data.DISTRIBUTIONS (printed).
 
@@ -30,7 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.* tooling
 from benchmarks.ilp import ILP_COST_MODELS, ilp_optimum, small_instances
 from lightning_dhp.data import DISTRIBUTIONS, sample_token_lengths, token_lengths
-from lightning_dhp.planner import plan_batch, static_plan
+from lightning_dhp.planner import CostModel, plan_batch, static_plan
+from lightning_dhp.planner.peers import megatron_dcp_plan, paper_plan, sequential_group_time
 
 NODE_SIZE = 8
 # distribution -> tokens_per_device: sized so the dataset's longest samples need several devices
@@ -189,6 +194,52 @@ def dhp_vs_static(names: list[str], batches: int, samples: int, devices: int, se
     return results
 
 
+MEMORY_BOUND = ("epic_kitchens_videos", "mooncake")
+MEMORY_BOUND_CAPACITY = 16384
+PEERS = ("dhp-paper", "megatron-dcp")
+
+
+def memory_bound(batches: int, seed: int) -> list[dict]:
+    """DHP against static ring CP and the two peers on memory-bound long-tailed batches."""
+    cost = CostModel.default()
+    results = []
+    for name in MEMORY_BOUND:
+        rows: dict[str, list[float]] = {key: [] for key in ("best_static", *PEERS, "gap", "rounds")}
+        cpu_ms: dict[str, list[float]] = {"dhp": [], "dhp-paper": [], "megatron-dcp": []}
+        for batch in range(batches):
+            lengths = sample_token_lengths(name, 512, seed=seed + 2000 + batch)
+            plans = {}
+            for policy, planner in (("dhp", plan_batch), *zip(PEERS, (paper_plan, megatron_dcp_plan), strict=True)):
+                started = time.process_time()
+                plans[policy] = planner(lengths, 64, MEMORY_BOUND_CAPACITY, cost, node_size=NODE_SIZE)
+                cpu_ms[policy].append((time.process_time() - started) * 1e3)
+            dhp = plans["dhp"].predicted_time
+            statics = []
+            for degree in (8, 16, 32, 64):
+                with contextlib.suppress(ValueError):
+                    statics.append(static_plan(lengths, 64, MEMORY_BOUND_CAPACITY, degree, cost,
+                                               node_size=NODE_SIZE).predicted_time)
+            megatron = sum(
+                max(sequential_group_time(cost, [lengths[i] for i in group.samples], group.degree,
+                                          group.degree > NODE_SIZE) for group in round_.groups)
+                for round_ in plans["megatron-dcp"].rounds
+            )
+            rows["best_static"].append(min(statics) / dhp)
+            rows["dhp-paper"].append(plans["dhp-paper"].predicted_time / dhp)
+            rows["megatron-dcp"].append(megatron / dhp)
+            rows["gap"].append(dhp / plans["dhp"].lower_bound - 1)
+            rows["rounds"].append(len(plans["dhp"].rounds))
+        results.append({
+            "distribution": name,
+            "tokens_per_device": MEMORY_BOUND_CAPACITY,
+            "dhp_over": {key: spread(rows[key]) for key in ("best_static", "dhp-paper", "megatron-dcp")},
+            "gap_to_lower_bound_mean": float(np.mean(rows["gap"])),
+            "rounds_mean": float(np.mean(rows["rounds"])),
+            "cpu_ms_median": {policy: statistics.median(values) for policy, values in cpu_ms.items()},
+        })
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few batches, one repeat (smoke test)")
@@ -203,6 +254,7 @@ def main() -> None:
             "ilp_instances": 2,
             "static_batches": 1,
             "static_distributions": ["vlm_mix", "azure_conv"],
+            "memory_bound_batches": 1,
         }
     else:
         config = {
@@ -212,6 +264,7 @@ def main() -> None:
             "ilp_instances": 30,
             "static_batches": 5,
             "static_distributions": [*sorted(DISTRIBUTIONS), "vlm_mix"],
+            "memory_bound_batches": 5,
         }
     print(f"config: {config}, node_size {NODE_SIZE}, cost model: CostModel.default()")
 
@@ -256,6 +309,16 @@ def main() -> None:
             f"{row['distribution']:<24}{row['tokens_per_device']:>7}{cell:>24}{degrees:>10}{megatron_cell:>24}"
             f"{row['megatron_degree']:>4}{row['dhp_plan_ms_median']:>9.1f}"
         )
+    memory = memory_bound(config["memory_bound_batches"], args.seed)
+    print("\nMemory-bound long tails, 512 samples on 64 devices at 16384 tokens per device (DHP over each, median "
+          "[p10, p90]; CPU ms medians):")
+    print(f"{'distribution':<24}{'vs best static':>24}{'vs dhp-paper':>24}{'vs megatron-dcp':>24}{'gap':>8}"
+          f"{'rounds':>8}{'ms dhp/paper/mcore':>22}")
+    for row in memory:
+        cells = [f"{d['median']:.3f} [{d['p10']:.3f}, {d['p90']:.3f}]" for d in row["dhp_over"].values()]
+        ms = "/".join(f"{value:.0f}" for value in row["cpu_ms_median"].values())
+        print(f"{row['distribution']:<24}{cells[0]:>24}{cells[1]:>24}{cells[2]:>24}"
+              f"{row['gap_to_lower_bound_mean']:>8.2%}{row['rounds_mean']:>8.1f}{ms:>22}")
     print("\nLength rules:")
     for name in sorted(DISTRIBUTIONS):
         print(f"  {name}: {DISTRIBUTIONS[name].description}")
@@ -263,7 +326,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(
-                {"config": config, "planner_time": timing, "ilp_quality": quality, "dhp_vs_static": static},
+                {"config": config, "planner_time": timing, "ilp_quality": quality, "dhp_vs_static": static,
+                 "memory_bound": memory},
                 handle,
                 indent=2,
             )
