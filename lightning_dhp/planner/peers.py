@@ -94,23 +94,22 @@ def _best_fit_decreasing(
     still holds it (memory at the bin's degree, the minimum degree of its first, longest member),
     or to a new bin when none does."""
     bins: list[list[int]] = []
-    degrees: list[int] = []
-    used: list[int] = []
+    degrees = np.zeros(len(lengths), dtype=np.int64)  # bins never outnumber samples
+    room = np.zeros(len(lengths), dtype=np.int64)  # free padded tokens of each bin
     for position in np.lexsort((np.arange(len(lengths)), -lengths)).tolist():
-        length = int(lengths[position])
-        best, best_room = -1, None
-        for index, degree in enumerate(degrees):
-            room = degree * tokens_per_device - used[index] - padded_length(length, degree)
-            if room >= 0 and (best_room is None or room < best_room):
-                best, best_room = index, room
-        if best < 0:
+        count = len(bins)
+        need = padded_lengths(np.full(count, lengths[position]), degrees[:count])
+        left = np.where(need <= room[:count], room[:count] - need, np.iinfo(np.int64).max)
+        best = int(np.argmin(left)) if count else -1
+        if best < 0 or left[best] == np.iinfo(np.int64).max:
+            degree = int(min_degree[position])
+            degrees[count] = degree
+            room[count] = degree * tokens_per_device - padded_length(int(lengths[position]), degree)
             bins.append([position])
-            degrees.append(int(min_degree[position]))
-            used.append(padded_length(length, degrees[-1]))
         else:
+            room[best] = left[best]
             bins[best].append(position)
-            used[best] += padded_length(length, degrees[best])
-    return bins, degrees
+    return bins, degrees[: len(bins)].tolist()
 
 
 def _paper_round(
@@ -152,26 +151,35 @@ def _paper_round(
 def _min_max_dp(times: np.ndarray, num_devices: int) -> np.ndarray:
     """Degrees minimising the slowest bin with at most ``num_devices`` devices: the paper's DP.
 
-    ``F[i][j]`` is the best makespan of the first ``i`` bins on ``j`` devices; each bin's row is
-    one ``(j, d)`` table (``O(N^2)``), so the whole DP is ``O(K' N^2)``.
+    ``F[i][j]`` is the best makespan of the first ``i`` bins on ``j`` devices, ``F[i][j] = min_d
+    max(F[i-1][j-d], T_i(d))``: ``O(K' N^2)`` in general. Degrees no plan can give a bin (below its
+    minimum, or leaving the other bins less than their minimums) are skipped, which changes no result.
     """
     num_bins = len(times)
+    finite = np.isfinite(times)
+    lowest = np.where(finite.any(axis=1), finite.argmax(axis=1), num_devices + 1)
     devices = np.arange(num_devices + 1)
-    taken = devices[:, None] - devices[None, :]  # j - d
     best = np.zeros(num_devices + 1)  # F[0][j] = 0: devices may stay unused
     choice = np.zeros((num_bins, num_devices + 1), dtype=np.int64)
     for index in range(num_bins):
+        highest = min(num_devices, num_devices - int(lowest.sum() - lowest[index]))
+        degrees = np.arange(int(lowest[index]), max(int(lowest[index]), highest) + 1)
+        degrees = degrees[degrees <= num_devices]
+        if degrees.size == 0:
+            degrees = np.array([0])
+        taken = devices[:, None] - degrees[None, :]  # j - d
         candidates = np.where(
-            taken >= 0, np.maximum(best[np.maximum(taken, 0)], times[index][None, :]), np.inf
+            taken >= 0, np.maximum(best[np.maximum(taken, 0)], times[index][degrees][None, :]), np.inf
         )
-        choice[index] = np.argmin(candidates, axis=1)
-        best = candidates[devices, choice[index]]
-    degrees = np.zeros(num_bins, dtype=np.int64)
+        column = np.argmin(candidates, axis=1)
+        choice[index] = degrees[column]
+        best = candidates[devices, column]
+    result = np.zeros(num_bins, dtype=np.int64)
     left = num_devices
     for index in range(num_bins - 1, -1, -1):
-        degrees[index] = choice[index, left]
-        left -= degrees[index]
-    return degrees
+        result[index] = choice[index, left]
+        left -= result[index]
+    return result
 
 
 def _round_robin_leftover(degrees: np.ndarray, times: np.ndarray, num_devices: int) -> None:
@@ -277,7 +285,7 @@ class _MegatronScheduler:
     def next_round(self, order: list[int]) -> tuple[list[PlannedGroup], list[int]]:
         """One scheduling group (a round): its groups and the samples left for later rounds."""
         buckets = self._buckets(order)
-        owner: list[int | None] = [None] * self.num_devices  # group of every rank
+        busy = np.zeros(self.num_devices, dtype=bool)  # ranks some group of this round holds
         groups: list[dict] = []  # {"start", "size", "samples", "load", "tokens"}
         first_size = None
         check_balance = False
@@ -287,7 +295,7 @@ class _MegatronScheduler:
                 if not bucket:
                     continue
                 sample = bucket[0]
-                target = self._target(sample, groups, owner)
+                target = self._target(sample, groups, busy)
                 if target is not None:
                     picked = (bucket, sample, target)
                     break
@@ -297,10 +305,9 @@ class _MegatronScheduler:
             size = self.sizes[sample]
             first_size = first_size or size
             if target == "new":
-                start = self._free_block(size, owner)
+                start = self._free_block(size, busy)
                 groups.append({"start": start, "size": size, "samples": [], "load": 0.0, "tokens": 0})
-                for rank in range(start, start + size):
-                    owner[rank] = len(groups) - 1
+                busy[start : start + size] = True
                 target = groups[-1]
             target["samples"].append(sample)
             target["load"] += self._time(sample, size)
@@ -308,8 +315,8 @@ class _MegatronScheduler:
             bucket.pop(0)
             if size < first_size:
                 check_balance = True
-            loads = self._rank_loads(groups)
-            if check_balance and any(buckets) and max(loads) - min(loads) <= MEGATRON_BALANCE_SLACK * max(loads):
+            high, low = self._load_range(groups)
+            if check_balance and any(buckets) and high - low <= MEGATRON_BALANCE_SLACK * high:
                 break
         leftover = [sample for bucket in buckets for sample in bucket]
         leftover += self._trim_overload(groups)
@@ -322,37 +329,37 @@ class _MegatronScheduler:
         remaining = sorted(leftover, key=lambda sample: (-int(self.lengths[sample]), sample))
         return planned, remaining
 
-    def _target(self, sample: int, groups: list[dict], owner: list[int | None]) -> dict | str | None:
+    def _target(self, sample: int, groups: list[dict], busy: np.ndarray) -> dict | str | None:
         """A new group when free aligned ranks allow one, else the least-loaded group of the sample's
         size with memory left, else None (the sample waits for a later round)."""
         size = self.sizes[sample]
-        if self._free_block(size, owner) is not None:
+        if self._free_block(size, busy) is not None:
             return "new"
         need = padded_length(int(self.lengths[sample]), size)
-        fitting = [group for group in groups
-                   if group["size"] == size and group["tokens"] + need <= size * self.tokens_per_device]
-        return min(fitting, key=lambda group: group["load"]) if fitting else None
-
-    def _free_block(self, size: int, owner: list[int | None]) -> int | None:
-        """First rank of the lowest free aligned block of ``size`` ranks (pre-created groups)."""
-        for start in range(0, self.num_devices - size + 1, size):
-            if all(owner[rank] is None for rank in range(start, start + size)):
-                return start
-        return None
-
-    def _rank_loads(self, groups: list[dict]) -> list[float]:
-        loads = [0.0] * self.num_devices
+        limit = size * self.tokens_per_device - need
+        best = None
         for group in groups:
-            for rank in range(group["start"], group["start"] + group["size"]):
-                loads[rank] = group["load"]
-        return loads
+            if group["size"] == size and group["tokens"] <= limit and (best is None or group["load"] < best["load"]):
+                best = group
+        return best
+
+    def _free_block(self, size: int, busy: np.ndarray) -> int | None:
+        """First rank of the lowest free aligned block of ``size`` ranks (pre-created groups)."""
+        blocks = self.num_devices // size
+        free = np.flatnonzero(~busy[: blocks * size].reshape(blocks, size).any(axis=1))
+        return int(free[0]) * size if free.size else None
+
+    def _load_range(self, groups: list[dict], shift: dict | None = None, by: float = 0.0) -> tuple[float, float]:
+        """Highest and lowest per-rank load (idle ranks count 0), with ``shift``'s load lowered by ``by``."""
+        loads = [group["load"] - (by if group is shift else 0.0) for group in groups]
+        idle = sum(group["size"] for group in groups) < self.num_devices
+        return max(loads, default=0.0), 0.0 if idle or not loads else min(loads)
 
     def _trim_overload(self, groups: list[dict]) -> list[int]:
         """``trim_overload``: pop the most-loaded group's last sample while that narrows the spread."""
         removed = []
-        while True:
-            loads = self._rank_loads(groups)
-            high, low = max(loads), min(loads)
+        while groups:
+            high, low = self._load_range(groups)
             if high - low <= MEGATRON_BALANCE_SLACK * high or low == 0:
                 return removed
             group = max(groups, key=lambda g: g["load"])
@@ -360,14 +367,14 @@ class _MegatronScheduler:
                 return removed
             sample = group["samples"][-1]
             share = self._time(sample, group["size"])
-            projected = [load - share if group["start"] <= rank < group["start"] + group["size"] else load
-                         for rank, load in enumerate(loads)]
-            if max(projected) - min(projected) >= high - low:
+            projected_high, projected_low = self._load_range(groups, group, share)
+            if projected_high - projected_low >= high - low:
                 return removed
             group["samples"].pop()
             group["load"] -= share
             group["tokens"] -= padded_length(int(self.lengths[sample]), group["size"])
             removed.append(sample)
+        return removed
 
     def _fill_empty_ranks(self, groups: list[dict]) -> None:
         """``fill_empty_gpus``: while ranks idle, double the first of the smallest groups, then lay the
