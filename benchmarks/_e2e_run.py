@@ -3,10 +3,11 @@
 Run by ``benchmarks/e2e.py`` as a subprocess: ``python benchmarks/_e2e_run.py SPEC_JSON RESULT_JSON``.
 Lightning's default (popen) launcher re-executes this script for ranks 1..N-1 with the same
 arguments; global rank 0 writes the result: the global loss of every step, the steady-state
-throughput from ``DHPStrategy.plan_history`` and the fit's wall time. With ``params_path`` in the
+throughput from the strategy's plan history (every timed step: a run whose history was cut fails) and
+the fit's wall time. With ``params_path`` in the
 spec it also saves the final parameters as one flat float64 tensor (for the exactness check).
 
-The spec (JSON) holds ``overrides`` (Hydra overrides of ``conf/vlm_finetune.yaml``), ``devices``,
+The spec (JSON) holds ``overrides`` (Hydra overrides of ``lightning_dhp/conf/vlm_finetune.yaml``), ``devices``,
 ``steps``, ``warmup_steps`` (recorded steps left out of the throughput), ``precision``,
 ``tokens_per_device``, ``static_degree`` (null for DHP) and optionally ``cost_model`` (a JSON path); the
 strategy's other settings come from the configuration (``strategy.cp_implementation=allgather`` works).
@@ -34,7 +35,7 @@ from lightning_dhp.lightning.callbacks import plan_summary
 
 
 def compose_config(overrides: Sequence[str]) -> DictConfig:
-    """The example's Hydra configuration (``conf/vlm_finetune.yaml``) with ``overrides`` applied."""
+    """The example's Hydra configuration (``lightning_dhp/conf/vlm_finetune.yaml``) with ``overrides`` applied."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="vlm_finetune", overrides=list(overrides))
 
@@ -63,6 +64,10 @@ def train(spec: dict[str, Any]) -> dict[str, Any] | None:
         flat = torch.cat([p.detach().double().reshape(-1) for p in task.parameters()])
         torch.save(flat, spec["params_path"])
     history = strategy.plan_history
+    timed_steps = trainer.global_step - 1  # a step is timed at the next step's start: the last one is not
+    if len(history) != timed_steps:
+        raise RuntimeError(f"the plan history holds {len(history)} steps but {timed_steps} were timed: it was cut, "
+                           f"so the throughput window would be wrong; run fewer --steps")
     steady = history[spec["warmup_steps"]:]
     return {
         "steps": trainer.global_step,

@@ -2,7 +2,8 @@
 
 1. CP efficiency of one long causal sequence, forward + backward: the dense single-process time over
    ``degree x`` the per-rank time at degrees 2 and 4, ring vs all-gather. All variants run interleaved in
-   one spawned gloo world (ranks outside a variant's group wait at a barrier), one thread per rank.
+   one gloo world (``lightning_dhp.testing.run_distributed``; ranks outside a variant's group wait at a
+   barrier), one thread per rank.
    The per-rank time of a repeat is the slowest rank's. Reported from wall time and from process CPU
    time: with more ranks than cores the wall time also counts waiting for a core.
 2. A pack of many short causal sequences at degree 1: cp_attention (one kernel call per sequence and
@@ -20,15 +21,15 @@ import itertools
 import json
 import os
 import statistics
-import tempfile
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lightning_dhp.attention import ZigzagLayout, cp_attention
+from lightning_dhp.testing import run_distributed
+
+EFFICIENCY_TIMEOUT_S = 1800.0  # the full run on a loaded 2-core machine takes minutes; a hang fails here
 
 
 def fwd_bwd_seconds(step) -> tuple[float, float]:
@@ -52,15 +53,8 @@ def attention_step(layout, heads, head_dim, *, group=None, ranks=None, implement
     return step
 
 
-def _efficiency_worker(rank, world_size, store_path, out_dir, config):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store_path}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=1800),
-    )
+def _efficiency_timings(rank: int, world_size: int, config: dict) -> dict[str, list[tuple[float, float]]]:
+    """This rank's (wall, CPU) seconds of every variant it takes part in, per measured repeat."""
     variants = [("dense", 1)] + [(impl, degree) for degree in config["degrees"] for impl in ("ring", "allgather")]
     subgroups = {
         degree: dist.group.WORLD if degree == world_size else dist.new_group(list(range(degree)))
@@ -87,14 +81,7 @@ def _efficiency_worker(rank, world_size, store_path, out_dir, config):
                 if repeat >= config["warmup"]:
                     timings[f"{implementation}@{degree}"].append(seconds)
             dist.barrier()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(timings, f)
-    dist.destroy_process_group()
-
-
-def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    return timings
 
 
 def median_and_spread(values: list[float]) -> dict[str, float]:
@@ -102,14 +89,7 @@ def median_and_spread(values: list[float]) -> dict[str, float]:
 
 
 def cp_efficiency(config: dict) -> dict:
-    world_size = max(config["degrees"])
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(
-            _efficiency_worker,
-            args=(world_size, os.path.join(out_dir, "store"), out_dir, config),
-            nprocs=world_size,
-        )
-        per_rank = [read_json(os.path.join(out_dir, f"rank{rank}.json")) for rank in range(world_size)]
+    per_rank = run_distributed(_efficiency_timings, max(config["degrees"]), config, timeout_s=EFFICIENCY_TIMEOUT_S)
     results = {}
     for variant in per_rank[0]:
         degree = int(variant.split("@")[1])

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import subprocess
 import sys
@@ -47,11 +48,23 @@ def test_e2e_bench_quick(tmp_path):
     header, *rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert header.startswith("| strategy | tokens/s median | min-max |")
     names = [row.split(" | ")[0][2:] for row in rows]
-    assert names[:2] == ["DHP", "static CP d=2"] and names[2].startswith("DDP (d=1, T=") and len(names) == 3
-    assert "DHP over best static (static CP d=2): " in result.stdout
+    assert names[:2] == ["DHP", "static CP d=2"] and names[2].startswith("data parallel (d=1, T=") and len(names) == 3
+    assert "DHP over best static (static CP d=2): steady state " in result.stdout
+    assert "; whole run (fit wall time) " in result.stdout
     assert "Loss agreement (float32, every step, every run): max relative difference " in result.stdout
     results = json.loads(output.read_text())
     assert results["setting"]["devices"] == 2 and results["setting"]["length_rule"]
     assert list(results["summary"]["variants"]) == names
     assert results["summary"]["dhp_over_best_static"]["median"] > 0
+    assert results["summary"]["dhp_over_best_static_whole_run"]["median"] > 0
+    assert [run["position_in_repeat"] for run in (results["runs"][name][0] for name in names)] == [0, 1, 2]
     assert results["summary"]["float32_loss_max_relative_difference"] < 1e-5
+
+
+def test_e2e_bench_rotates_which_variant_runs_first():
+    spec = importlib.util.spec_from_file_location("e2e_bench", REPO / "benchmarks" / "e2e.py")
+    e2e = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = e2e  # its dataclasses look their module up there
+    spec.loader.exec_module(e2e)
+    orders = [e2e.rotated_order(3, repeat) for repeat in range(4)]
+    assert orders == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
