@@ -71,3 +71,13 @@ def test_plan_batch_beats_or_matches_every_static_degree_on_a_mixed_batch():
     dynamic = plan_batch(lengths, 16, 8192)
     statics = [static_plan(lengths, 16, 8192, degree).predicted_time for degree in (4, 8, 16)]
     assert dynamic.predicted_time < min(statics)
+
+
+def test_two_long_samples_share_a_group_when_alone_they_would_need_too_many_devices():
+    """Four samples above one device's memory need 8 devices alone but 7 are there: the optimum
+    (ILP) puts two of them in one degree-3 group; sizing alone never pairs them."""
+    lengths, num_devices, capacity = [10583, 6934, 1778, 1334, 8250, 631, 8795, 10095], 7, 8192
+    cost = MODELS["comm_heavy"]
+    plan = plan_batch(lengths, num_devices, capacity, cost)
+    assert len(plan.rounds) == 1
+    assert plan.predicted_time == pytest.approx(ilp_optimum(lengths, num_devices, capacity, cost), rel=1e-6)

@@ -48,6 +48,7 @@ REFINE_MAX_SAMPLES = 128
 # the power-of-two starts of memory-tight rounds are tried in one-round batches only: with several
 # rounds, static CP's layouts are tried over the whole batch instead (the static fallback)
 TIGHT_STARTS_MULTI_ROUND = False
+MERGE_START = True  # small rounds also start from merged single-sample bins (see _merge_start)
 
 
 def plan_batch(
@@ -165,10 +166,11 @@ def _solve_round(
 ) -> list[PlannedGroup] | None:
     """Groups of one round (global sample indices), or None if the round cannot be packed.
 
-    The sized longest-first packing is the main start; small rounds also try uniform-degree
-    starts (the static layouts), memory-tight rounds try the two smallest power-of-two layouts
-    that hold their longest sample, and a round whose main packing runs out of memory tries the
-    uniform starts, small degrees first. The best refined start wins (the first on ties).
+    The sized longest-first packing is the main start; small rounds also try the merge start
+    (:func:`_merge_start`) and uniform-degree starts (the static layouts), memory-tight rounds try
+    the two smallest power-of-two layouts that hold their longest sample, and a round whose main
+    packing runs out of memory tries the uniform starts, small degrees first. The best refined
+    start wins (the first on ties).
     """
     lengths, min_degree = all_lengths[samples], all_min_degree[samples]
     bound = lower_bound(lengths, min_degree, num_devices, 1, cost, node_size)
@@ -188,6 +190,11 @@ def _solve_round(
         degrees = small
         rescue = [d for d in range(1, num_devices + 1) if num_devices // d != num_devices // (d + 1) and d not in small]
     best = _improve(problem, main) if main is not None else None
+    if few_samples and MERGE_START:
+        merged = _merge_start(problem)
+        result = _improve(problem, merged) if merged is not None else None
+        if result is not None and (best is None or result.makespan < best.makespan):
+            best = result
     for degree in degrees + rescue:
         if best is not None and (degree in rescue or best.makespan <= bound * (1 + CLOSE_ENOUGH)):
             break
@@ -198,6 +205,40 @@ def _solve_round(
         if result is not None and (best is None or result.makespan < best.makespan):
             best = result
     return best.groups(samples) if best is not None else None
+
+
+def _merge_start(problem: RoundProblem) -> list[list[int]] | None:
+    """Every sample alone at its minimum degree; while the bins need more devices than there are, merge
+    the two bins whose union saves the most devices (the least work first among equals), or None.
+
+    Sizing gives every sample that needs several devices a group of its own; when those groups
+    need more devices than there are, two long samples have to share one (two samples of 1.1 and
+    1.2 devices' memory need 4 devices alone, 3 together).
+    """
+    order = np.lexsort((np.arange(len(problem.lengths)), -problem.lengths)).tolist()
+    bins = [[position] for position in order]
+    degrees = problem.min_degree[order].astype(np.int64)
+    work = problem.sample_costs(problem.lengths[order], np.ones(len(order), dtype=np.int64))
+    while degrees.sum() > problem.num_devices and len(bins) > 1:
+        first, second = np.triu_indices(len(bins), k=1)
+        sizes = np.array([len(bins[a]) + len(bins[b]) for a, b in zip(first.tolist(), second.tolist(), strict=True)])
+        members = np.fromiter(
+            (sample for a, b in zip(first.tolist(), second.tolist(), strict=True) for sample in bins[a] + bins[b]),
+            dtype=np.int64, count=int(sizes.sum()),
+        )
+        owner = np.repeat(np.arange(len(sizes)), sizes)
+        merged = bin_min_degrees(problem.lengths[members], owner, problem.min_degree[members], len(sizes),
+                                 problem.tokens_per_device, problem.num_devices)
+        saving = degrees[first] + degrees[second] - merged
+        if saving.max() <= 0:
+            return None
+        best = int(np.lexsort((work[first] + work[second], -saving))[0])
+        a, b = int(first[best]), int(second[best])
+        bins[a] += bins.pop(b)
+        work[a] += work[b]
+        degrees[a] = merged[best]
+        work, degrees = np.delete(work, b), np.delete(degrees, b)
+    return bins if degrees.sum() <= problem.num_devices else None
 
 
 def _tight_start_degrees(longest_min_degree: int, num_devices: int, exclude: list[int]) -> list[int]:
