@@ -25,7 +25,7 @@ to float32 rounding, since DHPStrategy logs ``dhp/loss`` in float32.
 
 Usage: python benchmarks/e2e.py [--quick] [--json PATH] [--devices 4] [--steps N] [--repeats R]
        [--distribution activitynet] [--tokens-per-device T] [--check-steps K] [HYDRA_OVERRIDE ...]
-(overrides of conf/vlm_finetune.yaml, e.g. data.sample_fps=0.25 data.global_batch_size=64)
+(overrides of lightning_dhp/conf/vlm_finetune.yaml, e.g. data.sample_fps=0.25 data.global_batch_size=64)
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def main() -> None:
     parser.add_argument("--check-steps", type=int, help="steps of the float64 exactness runs (default 3; 0 or "
                                                         "quick: none)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds one training run may take")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/vlm_finetune.yaml")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of lightning_dhp/conf/vlm_finetune.yaml")
     args = parser.parse_args()
     quick = args.quick
     devices = args.devices or (2 if quick else 4)
