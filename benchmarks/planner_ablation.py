@@ -66,7 +66,7 @@ VARIANTS: dict[str, list[tuple[Any, str, Any]]] = {
     "CLOSE_ENOUGH 0.01 -> 0.03": [(dhp, "CLOSE_ENOUGH", 0.03)],
     "START_MARGIN 0.1 -> inf (refine every start)": [(dhp, "START_MARGIN", math.inf)],
     "START_MARGIN 0.1 -> 0.02": [(dhp, "START_MARGIN", 0.02)],
-    "REFINE_MAX_SAMPLES 128 -> inf (refine every round)": [(dhp, "REFINE_MAX_SAMPLES", math.inf)],
+    "REFINE_MAX_SAMPLES 128 -> inf (refine every batch)": [(dhp, "REFINE_MAX_SAMPLES", math.inf)],
     "REFINE_MAX_SAMPLES 128 -> 64": [(dhp, "REFINE_MAX_SAMPLES", 64)],
     "TIGHT_STARTS_MULTI_ROUND False -> True": [(dhp, "TIGHT_STARTS_MULTI_ROUND", True)],
 }
