@@ -70,6 +70,8 @@ def plot(bars: list[tuple[str, list[float]]], path: Path) -> None:
         axis.bar(positions + (index - (len(COLUMNS) - 1) / 2) * width, [values[index] for _, values in bars], width,
                  label=f"DHP / {label}")
     axis.axhline(1.0, color="grey", linewidth=0.8)
+    lowest = min(min(values) for _, values in bars)
+    axis.set_ylim(min(0.95, lowest - 0.02), max(max(values) for _, values in bars) + 0.03)
     axis.set_xticks(positions, [label for label, _ in bars], fontsize=6, rotation=60, ha="right")
     axis.set_ylabel("speedup (predicted step time ratio)")
     axis.set_title("DHP over each baseline in the paper's setting (largest simulated device count)", fontsize=9)
