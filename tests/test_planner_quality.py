@@ -81,3 +81,12 @@ def test_two_long_samples_share_a_group_when_alone_they_would_need_too_many_devi
     plan = plan_batch(lengths, num_devices, capacity, cost)
     assert len(plan.rounds) == 1
     assert plan.predicted_time == pytest.approx(ilp_optimum(lengths, num_devices, capacity, cost), rel=1e-6)
+
+
+def test_the_multi_round_ilp_sums_the_rounds_and_needs_enough_of_them():
+    cost = MODELS["default"]
+    one = cost.group_time([1000], 1)
+    assert ilp_optimum([1000, 1000], 1, 1000, cost) is None  # two full samples do not fit one round
+    assert ilp_optimum([1000, 1000], 1, 1000, cost, num_rounds=2) == pytest.approx(2 * one, rel=1e-6)
+    together = cost.group_time([900, 10], 1)  # one round holds both: the second stays empty and free
+    assert ilp_optimum([900, 10], 1, 1000, cost, num_rounds=2) == pytest.approx(together, rel=1e-6)

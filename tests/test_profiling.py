@@ -49,7 +49,27 @@ def test_profiling_synthetic_timings_recovers_every_coefficient():
     assert report.compute.max_abs_pct_error < 1e-6 and report.ring.max_abs_pct_error < 1e-6
     assert report.ring.num_measurements == 9 and len(cluster.ring_calls) == 9 * (1 + 3)  # warmup + repeats
     assert [lengths for lengths, _, _ in report.packs] == profile_packs([256, 1024, 4096, 8192])
-    assert "compute fit median 0.0%" in report.summary()
+    assert "fit median 0.0%" in report.summary()
+
+
+def test_profiling_whole_groups_fits_every_term_at_once():
+    cluster = FakeCluster()
+
+    def run_group(degree, lengths):
+        cluster.now += TRUE.group_time(lengths, degree)
+
+    base = dataclasses.replace(CostModel.default(), kv_bytes_per_token=TRUE.kv_bytes_per_token)
+    model, report = profile_cost_model(cluster.run_pack, [300, 1200, 5000], run_group=run_group,
+                                       group_degrees=[2, 3, 4], base=base, timer=cluster.clock)
+    exposed = dataclasses.replace(TRUE, comm_overlap=0.0, ring_step_latency_s=TRUE.ring_step_latency_s * 0.7,
+                                  intra_node_bytes_per_s=TRUE.intra_node_bytes_per_s / 0.7)  # 30% of the ring hidden
+    for lengths, degree in (([4000], 3), ([100, 2500, 700], 4), ([900], 1)):
+        assert model.group_time(lengths, degree) == pytest.approx(TRUE.group_time(lengths, degree), rel=1e-6)
+        assert model.group_time(lengths, degree) == pytest.approx(exposed.group_time(lengths, degree), rel=1e-6)
+    assert model.attention_s_per_token2 == pytest.approx(TRUE.attention_s_per_token2, rel=1e-6)
+    assert report.ring is None and len(report.groups) == 3 * len(report.packs)
+    assert report.compute.num_measurements == 4 * len(report.packs) and report.compute.max_abs_pct_error < 1e-6
+    assert "groups of degree [2, 3, 4]" in report.summary()
 
 
 def test_without_a_ring_step_the_ring_terms_stay_the_base_models():
@@ -76,7 +96,9 @@ def test_profile_packs_time_each_length_alone_split_in_two_and_next_to_its_neigh
     ("kwargs", "message"),
     [
         ({"lengths": [5, 5]}, "at least 2 distinct sample lengths"),
-        ({"lengths": [5, 9], "ring_step": lambda d, t: None, "ring_degrees": [1]}, "a group of degree >= 2"),
+        ({"lengths": [5, 9], "ring_step": lambda d, t: None, "ring_degrees": [1]}, "needs a degree >= 2"),
+        ({"lengths": [5, 9], "run_group": lambda d, p: None, "group_degrees": [2], "ring_step": lambda d, t: None},
+         "not both"),
         ({"lengths": [5, 9], "ring_step": lambda d, t: None, "ring_degrees": [2], "ring_tokens": [64]},
          "timings at 2 or more token counts"),
     ],
