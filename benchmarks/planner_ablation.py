@@ -62,6 +62,7 @@ VARIANTS: dict[str, list[tuple[Any, str, Any]]] = {
     "no merge start": [(dhp, "MERGE_START", False)],
     "no tight-memory starts/fallback (TIGHT_MEMORY inf)": [(dhp, "TIGHT_MEMORY", math.inf)],
     "no static fallback": [(dhp, "static_plan", _no_static)],
+    "no cross-round rebalancing": [(dhp, "REBALANCE", False)],
     "CLOSE_ENOUGH 0.01 -> 0": [(dhp, "CLOSE_ENOUGH", 0.0)],
     "CLOSE_ENOUGH 0.01 -> 0.03": [(dhp, "CLOSE_ENOUGH", 0.03)],
     "START_MARGIN 0.1 -> inf (refine every start)": [(dhp, "START_MARGIN", math.inf)],

@@ -4,7 +4,9 @@ Pipeline per batch: check inputs and minimum degrees; split into the fewest roun
 bound, then one more round at a time if a round cannot be packed), balancing device-seconds; per
 round: size and pack bins (:mod:`.packing`), exact min-max degree allocation with leftover devices
 (:mod:`.allocation`), node-aware placement (:mod:`.placement`), then alternate refinement and
-re-allocation while the round's makespan drops. Everything is deterministic.
+re-allocation while the round's makespan drops; multi-round batches also try static CP's layouts
+over the whole batch, and the best plan then moves samples between rounds (:mod:`.rebalance`).
+Everything is deterministic.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from lightning_dhp.planner.inputs import check_every_sample_fits, check_inputs, 
 from lightning_dhp.planner.packing import RoundProblem, pack_round, size_round
 from lightning_dhp.planner.placement import PlacementFailure, place
 from lightning_dhp.planner.plan import Plan, PlanError
+from lightning_dhp.planner.rebalance import rebalance_plan
 from lightning_dhp.planner.refine import Refiner
 from lightning_dhp.planner.rounds import balanced_assignment, device_seconds, lower_bound, minimum_rounds
 
@@ -50,6 +53,7 @@ REFINE_MAX_SAMPLES = 128
 # rounds, static CP's layouts are tried over the whole batch instead (the static fallback)
 TIGHT_STARTS_MULTI_ROUND = False
 MERGE_START = True  # small rounds also start from merged single-sample bins (see _merge_start)
+REBALANCE = True  # multi-round plans move samples between rounds (see rebalance.py)
 
 
 def plan_batch(
@@ -138,7 +142,7 @@ def _plan(
                 continue  # the degree does not suit the node size
             if static.predicted_time < plan.predicted_time:
                 plan = static
-    return plan
+    return rebalance_plan(plan, lengths_array, cost) if REBALANCE else plan
 
 
 def _static_bound(
