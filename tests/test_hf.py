@@ -1,0 +1,158 @@
+"""Hugging Face models under DHP against a plain single-process HF loop, in float64.
+
+One spawned world per size (1, 2 and 3 processes) trains a tiny Llama (GQA) and a tiny Qwen2-VL and
+Qwen2.5-VL for 3 optimizer steps; the tests compare the parameters with ``tests.hf_models``' oracle
+(each sample alone through the model's own forward and attention, the same AdamW).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_dhp import DHPStrategy
+from lightning_dhp.errors import DHPDataError
+from lightning_dhp.hf import HFModule
+from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPlanReport
+from lightning_dhp.testing import run_distributed
+from tests import hf_models
+from tests.test_strategy import GLOBAL_BATCH, LENGTHS, STEPS, _as_torchrun_rank, _trainer
+from tests.tiny_lm import TokenDataset
+
+WORLD_SIZES = (1, 2, 3)
+TOKENS_PER_DEVICE = {1: 64, 2: 20, 3: 20}  # the longest samples need CP degree 2 on 2+ processes
+VL_TOKENS_PER_DEVICE = {1: 64, 2: 16, 3: 16}
+VL_BATCH = 5
+BAD_INDEX = 3
+
+
+class RecordingModule(HFModule):
+    """Records, per step and rank, which vision rows of which dataset sample this rank held."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model, optimizer=hf_models.optimizer)
+        self.held: list[tuple[int, int, tuple[int, ...]]] = []
+
+    def training_step(self, batch, batch_idx):
+        info = batch["dhp"]
+        if self.is_qwen_vl and len(batch["input_ids"]):
+            valid = info.layout.valid
+            for position, index in enumerate(info.sample_indices):
+                rows = batch["vision_rows"][valid & (info.layout.sequence_ids == position)]
+                self.held.append((batch_idx, index, tuple(sorted(rows[rows > 0].tolist()))))
+        return super().training_step(batch, batch_idx)
+
+
+def _vl_lengths(items: list[dict]) -> list[int]:
+    return [item["input_ids"].numel() for item in items]
+
+
+def _bad_items() -> list[dict]:
+    items = hf_models.vl_items()
+    items[BAD_INDEX]["image_grid_thw"] = torch.tensor([[1, 4, 4]])  # 4 tokens' grid for the item's run of 6
+    return items
+
+
+def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int) -> dict:
+    plans = DHPPlanReport(log_metrics=False)
+    _trainer(world_size, DHPStrategy(tokens), STEPS, callbacks=[plans]).fit(task, datamodule=data)
+    groups = [g for entry in plans.history for r in entry["plan"].rounds for g in r.groups]
+    return {"params": {name: value.detach().clone() for name, value in task.model.state_dict().items()},
+            "rounds": max(len(entry["plan"].rounds) for entry in plans.history),
+            "degree": max(group.degree for group in groups), "held": getattr(task, "held", [])}
+
+
+def _error(run) -> tuple[str, str]:
+    try:
+        run()
+    except Exception as error:
+        return type(error).__name__, str(error)
+    return "ok", ""
+
+
+def _scenarios(rank: int, world_size: int) -> dict:
+    _as_torchrun_rank(rank)
+    reports = {}
+    llama = hf_models.module(hf_models.llama())
+    reports["llama"] = _fit(world_size, llama, DHPDataModule(TokenDataset(LENGTHS), LENGTHS, GLOBAL_BATCH, seed=0),
+                            TOKENS_PER_DEVICE[world_size])
+    items = hf_models.vl_items()
+    for version in ("2", "2.5"):
+        task = RecordingModule(hf_models.qwen_vl(version))
+        data = DHPDataModule(items, _vl_lengths(items), VL_BATCH, seed=0, **task.packing_options)
+        reports[f"qwen{version}_vl"] = _fit(world_size, task, data, VL_TOKENS_PER_DEVICE[world_size])
+    task = RecordingModule(hf_models.qwen_vl())
+    bad = _bad_items()
+    data = DHPDataModule(bad, _vl_lengths(bad), len(bad), seed=0, **task.packing_options)
+    reports["bad_item"] = _error(lambda: _fit(world_size, task, data, VL_TOKENS_PER_DEVICE[world_size]))
+    return reports
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"{size}-process" for size in WORLD_SIZES])
+def world(request) -> tuple[int, list[dict]]:
+    return request.param, run_distributed(_scenarios, request.param, timeout_s=600)
+
+
+def _batches(lengths: list[int], global_batch: int) -> list[list[int]]:
+    sampler = DHPBatchSampler(lengths, global_batch, seed=0)
+    return sampler.batches()
+
+
+def _assert_params_close(params: dict, expected: dict) -> None:
+    assert params.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-9, atol=1e-12, msg=f"parameter {name}")
+
+
+def _moved(expected: dict, initial: dict) -> None:
+    assert all(not torch.equal(expected[name], initial[name]) for name in expected), "every parameter should train"
+
+
+def test_llama_under_dhp_equals_the_plain_hf_loop(world):
+    world_size, reports = world
+    samples = [{"input_ids": tokens} for tokens in TokenDataset(LENGTHS).samples]
+    expected = hf_models.reference_training(hf_models.llama(), samples, _batches(LENGTHS, GLOBAL_BATCH), STEPS)
+    _moved(expected, hf_models.llama().state_dict())
+    for report in reports:
+        _assert_params_close(report["llama"]["params"], expected)
+    assert reports[0]["llama"]["rounds"] > 1, "the test data should need several rounds"
+    if world_size > 1:
+        assert reports[0]["llama"]["degree"] > 1, "the test data should use context parallelism"
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_qwen_vl_under_dhp_equals_the_plain_hf_loop(world, version):
+    world_size, reports = world
+    items = hf_models.vl_items()
+    expected = hf_models.reference_training(hf_models.qwen_vl(version), items, _batches(_vl_lengths(items), VL_BATCH),
+                                            STEPS)
+    _moved(expected, hf_models.qwen_vl(version).state_dict())
+    for report in reports:
+        _assert_params_close(report[f"qwen{version}_vl"]["params"], expected)
+    report = reports[0][f"qwen{version}_vl"]
+    assert report["rounds"] > 1, "the test data should need several rounds"
+    if world_size > 1:
+        assert report["degree"] > 1, "the test data should use context parallelism"
+        assert _straddling_images(reports, version, items) > 0, "some image should straddle a shard boundary"
+
+
+def _straddling_images(reports: list[dict], version: str, items: list[dict]) -> int:
+    """Images whose tokens were held by two or more ranks in one step."""
+    holders: dict[tuple[int, int, int], set[int]] = {}
+    for rank, report in enumerate(reports):
+        for step, index, rows in report[f"qwen{version}_vl"]["held"]:
+            grid = items[index].get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long))
+            ends = (grid.prod(-1) // 4).cumsum(0)
+            for row in rows:
+                image = int(torch.searchsorted(ends, torch.tensor(row), right=False))
+                holders.setdefault((step, index, image), set()).add(rank)
+    return sum(len(ranks) > 1 for ranks in holders.values())
+
+
+def test_image_tokens_that_do_not_match_the_grid_are_the_same_data_error_on_every_rank(world):
+    _, reports = world
+    errors = {report["bad_item"] for report in reports}
+    assert len(errors) == 1, f"ranks disagree: {errors}"
+    kind, message = errors.pop()
+    assert kind == DHPDataError.__name__
+    assert f"dataset item {BAD_INDEX}" in message and "image tokens do not match image_grid_thw" in message
