@@ -13,6 +13,23 @@ from lightning_dhp.planner.plan import Plan, PlanError
 from lightning_dhp.planner.rounds import balanced_assignment, lower_bound, minimum_rounds
 
 
+def static_slots(
+    lengths: np.ndarray, num_devices: int, tokens_per_device: int, degree: int, cost: CostModel, extra_rounds: int = 0
+) -> list[list[list[int]]]:
+    """Per round, the members of its ``num_devices // degree`` groups of ``degree`` (checked inputs):
+    samples heaviest first to the least-loaded group slot with memory left over all rounds at once,
+    over the fewest rounds that hold them plus ``extra_rounds``."""
+    groups_per_round = num_devices // degree
+    padded = padded_lengths(lengths, degree)
+    work = cost.sample_costs(lengths, degree)
+    num_rounds = minimum_rounds(padded, num_devices, tokens_per_device) + extra_rounds
+    while (
+        slots := balanced_assignment(work, padded, num_rounds * groups_per_round, degree * tokens_per_device)
+    ) is None:
+        num_rounds += 1
+    return [slots[index * groups_per_round : (index + 1) * groups_per_round] for index in range(num_rounds)]
+
+
 def static_plan(
     lengths: Sequence[int] | np.ndarray,
     num_devices: int,
@@ -54,24 +71,12 @@ def static_plan(
             f"per device at degree {degree}, over tokens_per_device={tokens_per_device}; use a degree in "
             f"{fitting} or raise tokens_per_device to >= {per_device}"
         )
-    groups_per_round = num_devices // degree
-    work = cost.sample_costs(lengths_array, degree)
-    num_rounds = minimum_rounds(padded, num_devices, tokens_per_device)
-    while (
-        slots := balanced_assignment(work, padded, num_rounds * groups_per_round, degree * tokens_per_device)
-    ) is None:
-        num_rounds += 1
-    rounds: list[list[PlannedGroup]] = []
-    for round_index in range(num_rounds):
-        planned = [
-            PlannedGroup(tuple(sorted(members)), degree, position * degree)
-            for position, members in enumerate(
-                slots[round_index * groups_per_round : (round_index + 1) * groups_per_round]
-            )
-            if members
-        ]
-        if planned:
-            rounds.append(planned)
+    rounds = [
+        [PlannedGroup(tuple(sorted(members)), degree, position * degree) for position, members in enumerate(slots)
+         if members]
+        for slots in static_slots(lengths_array, num_devices, tokens_per_device, degree, cost)
+    ]
+    rounds = [planned for planned in rounds if planned]
     fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
     bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size)
     return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, node_size, bound)

@@ -22,7 +22,7 @@ import numpy as np
 
 from lightning_dhp.planner.allocation import allocate, bin_min_degrees, spend_leftover, table_from_flat
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
-from lightning_dhp.planner.baselines import static_plan
+from lightning_dhp.planner.baselines import static_plan, static_slots
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
 from lightning_dhp.planner.inputs import check_every_sample_fits, check_inputs, min_degrees
 from lightning_dhp.planner.packing import RoundProblem, pack_round, size_round
@@ -54,6 +54,10 @@ REFINE_MAX_SAMPLES = 128
 TIGHT_STARTS_MULTI_ROUND = False
 MERGE_START = True  # small rounds also start from merged single-sample bins (see _merge_start)
 REBALANCE = True  # multi-round plans move samples between rounds (see rebalance.py)
+# when the best static layout comes within STATIC_CLOSE of per-round planning (memory binds), its
+# round assignment with STATIC_ROUNDS_EXTRA more rounds is planned round by round too (0: off)
+STATIC_ROUNDS_EXTRA = 1
+STATIC_CLOSE = 0.02
 
 
 def plan_batch(
@@ -128,9 +132,11 @@ def _plan(
             break
     bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size)
     plan = build_plan(planned, lengths_array, num_devices, tokens_per_device, cost, node_size, bound)
+    candidates: list[Plan] = []  # besides the best plan so far
     if len(plan.rounds) > 1 or lengths_array.sum() > TIGHT_MEMORY * num_devices * tokens_per_device:
         # memory binds: static CP's joint packing over all rounds can beat per-round planning, and
         # a static layout is a valid DHP plan, so take it when it is faster
+        per_round_time, best_static = plan.predicted_time, None
         for degree in _tight_start_degrees(int(min_degree.max()), num_devices, exclude=[]):
             if _static_bound(lengths_array, num_devices, tokens_per_device, degree, cost, node_size) >= (
                 plan.predicted_time * (1 + STATIC_BOUND_MARGIN)
@@ -140,9 +146,33 @@ def _plan(
                 static = static_plan(lengths_array, num_devices, tokens_per_device, degree, cost, node_size=node_size)
             except PlanError:
                 continue  # the degree does not suit the node size
+            if best_static is None or static.predicted_time < best_static[1]:
+                best_static = (degree, static.predicted_time)
             if static.predicted_time < plan.predicted_time:
                 plan = static
-    return rebalance_plan(plan, lengths_array, cost) if REBALANCE else plan
+        if (
+            best_static is not None
+            and STATIC_ROUNDS_EXTRA
+            and best_static[1] <= per_round_time * (1 + STATIC_CLOSE)
+        ):
+            # static CP's joint round assignment (nearly) matches planning rounds one by one: plan its
+            # rounds with one more round of memory slack too, so short samples can leave the wide groups
+            rounds = [
+                _solve_round(np.array(sorted(sample for group in slots for sample in group), dtype=np.int64),
+                             lengths_array, min_degree, num_devices, tokens_per_device, cost, node_size,
+                             tight_starts=False)
+                for slots in static_slots(lengths_array, num_devices, tokens_per_device, best_static[0], cost,
+                                          STATIC_ROUNDS_EXTRA)
+                if any(slots)
+            ]
+            if all(groups is not None for groups in rounds):
+                candidates.append(
+                    build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, node_size, bound)
+                )
+    candidates.insert(0, plan)
+    if REBALANCE:
+        candidates = [rebalance_plan(candidate, lengths_array, cost) for candidate in candidates]
+    return min(candidates, key=lambda candidate: candidate.predicted_time)  # the first on ties
 
 
 def _static_bound(
