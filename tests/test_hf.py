@@ -7,13 +7,18 @@ Qwen2.5-VL for 3 optimizer steps; the tests compare the parameters with ``tests.
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lightning_dhp import DHPStrategy
-from lightning_dhp.errors import DHPDataError
-from lightning_dhp.hf import HFModule
-from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPlanReport
+from lightning_dhp import DHPStrategy, ZigzagLayout
+from lightning_dhp.errors import DHPConfigError, DHPDataError
+from lightning_dhp.hf import ATTENTION_NAME, HFModule, dhp_attention
+from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPacking, DHPPlanReport
+from lightning_dhp.lightning.batch import DHPBatchInfo
 from lightning_dhp.testing import run_distributed
 from tests import hf_models
 from tests.test_strategy import GLOBAL_BATCH, LENGTHS, STEPS, _as_torchrun_rank, _trainer
@@ -59,7 +64,8 @@ def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int) -> d
     groups = [g for entry in plans.history for r in entry["plan"].rounds for g in r.groups]
     return {"params": {name: value.detach().clone() for name, value in task.model.state_dict().items()},
             "rounds": max(len(entry["plan"].rounds) for entry in plans.history),
-            "degree": max(group.degree for group in groups), "held": getattr(task, "held", [])}
+            "degree": max(group.degree for group in groups), "held": getattr(task, "held", []),
+            "idle": sum(entry["plan"].stats()["idle_device_rounds"] for entry in plans.history)}
 
 
 def _error(run) -> tuple[str, str]:
@@ -134,6 +140,7 @@ def test_qwen_vl_under_dhp_equals_the_plain_hf_loop(world, version):
     if world_size > 1:
         assert report["degree"] > 1, "the test data should use context parallelism"
         assert _straddling_images(reports, version, items) > 0, "some image should straddle a shard boundary"
+        assert report["idle"] > 0, "some rank should be idle in some round (it runs the model on a dummy token)"
 
 
 def _straddling_images(reports: list[dict], version: str, items: list[dict]) -> int:
@@ -156,3 +163,108 @@ def test_image_tokens_that_do_not_match_the_grid_are_the_same_data_error_on_ever
     kind, message = errors.pop()
     assert kind == DHPDataError.__name__
     assert f"dataset item {BAD_INDEX}" in message and "image tokens do not match image_grid_thw" in message
+
+
+# -- single-process checks (no world) ------------------------------------------------------------
+
+
+def _one_sample_batch(input_ids: torch.Tensor, **fields) -> dict:
+    layout = ZigzagLayout([len(input_ids)], 1, 0)
+    labels = torch.cat([input_ids[1:], input_ids.new_full((1,), -100)])[:len(input_ids)]
+    info = DHPBatchInfo(layout, (0,), (0,), 0, 1, len(input_ids) - 1, len(input_ids) - 1, 1)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": layout.position_ids, "dhp": info, **fields}
+
+
+def test_hf_builds_no_mask_for_the_dhp_attention_and_the_attention_gets_none(monkeypatch):
+    model = hf_models.llama()
+    HFModule(model)
+    embeds = torch.zeros(1, 5, 16, dtype=torch.float64)
+    assert create_causal_mask(model.config, embeds, None, None, torch.arange(5)[None]) is None
+    masks = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return dhp_attention(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, ATTENTION_NAME, spy)
+    model(input_ids=torch.arange(5)[None], attention_mask=torch.ones(1, 5, dtype=torch.long))
+    assert len(masks) == model.config.num_hidden_layers and all(mask is None for mask in masks)
+
+
+@pytest.mark.parametrize(("model_class", "config", "reason"), [
+    ("MistralForCausalLM", {"sliding_window": 4096}, "sliding-window attention"),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": 0}, "sliding-window attention"),
+    ("Gemma2ForCausalLM", {"sliding_window": None, "layer_types": ["full_attention"] * 2},
+     "soft-capped attention logits"),
+    ("LlamaForCausalLM", {"attention_dropout": 0.1}, "attention dropout 0.1"),
+    ("LlamaForSequenceClassification", {}, "is not a model HFModule can train"),
+])
+def test_models_whose_attention_cannot_be_routed_are_refused_naming_the_class(model_class, config, reason):
+    import transformers
+
+    model_type = getattr(transformers, model_class)
+    size = {key: value for key, value in hf_models.TEXT.items() if not key.endswith("token_id")}
+    model = model_type(model_type.config_class(**size, head_dim=4, **config))
+    with pytest.raises(DHPConfigError, match=model_class) as error:
+        HFModule(model)
+    assert reason in str(error.value) and "supported: decoder-only" in str(error.value).lower()
+
+
+def test_attention_the_config_check_cannot_see_is_refused_when_it_runs():
+    model = hf_models.llama()
+    HFModule(model)
+    attention = model.model.layers[0].self_attn
+    q = torch.zeros(1, 4, 3, 4, dtype=torch.float64)
+    with pytest.raises(DHPConfigError, match="LlamaAttention asks for attention with sliding_window"):
+        dhp_attention(attention, q, q[:, :2], q[:, :2], None, sliding_window=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_loss_comes_from_the_logits_in_the_models_dtype_half_precision_upcast(dtype):
+    model = hf_models.llama().to(dtype)
+    task = HFModule(model)
+    batch = _one_sample_batch(torch.arange(9) % 7)
+    loss = task.loss(batch)
+    logits = model(input_ids=batch["input_ids"][None]).logits[0]
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = torch.nn.functional.cross_entropy(logits.to(expected_dtype), batch["labels"], reduction="sum") / 8
+    assert loss.dtype == expected_dtype
+    torch.testing.assert_close(loss, expected)
+
+
+def test_an_idle_rank_gets_a_zero_loss_whose_graph_reaches_the_text_model():
+    task = HFModule(hf_models.qwen_vl())
+    batch = _one_sample_batch(torch.zeros(0, dtype=torch.long), position_ids=torch.zeros(0, 3, dtype=torch.long),
+                              vision_rows=torch.zeros(0, dtype=torch.long), image_grid_thw=[], video_grid_thw=[])
+    batch["dhp"].layout = ZigzagLayout([], 1, 0)
+    loss = task.loss(batch)
+    loss.backward()
+    assert loss.item() == 0.0
+    text = task.model.model.language_model
+    assert all(p.grad is not None and not p.grad.any() for p in text.parameters())
+
+
+def test_the_qwen_vl_item_transform_uses_the_models_rope_index_and_names_a_bad_item():
+    model = hf_models.qwen_vl("2.5")
+    transform = pickle.loads(pickle.dumps(HFModule(model).packing_options["item_transform"]))
+    items = hf_models.vl_items()
+    for item in (items[2], items[1], items[-1]):  # two images; text only; an image and a video
+        out = transform(item)
+        input_ids = item["input_ids"].reshape(1, -1)
+        types = (input_ids == hf_models.IMAGE).long() + 2 * (input_ids == hf_models.VIDEO).long()
+        expected, _ = model.model.get_rope_index(input_ids, types, item.get("image_grid_thw"),
+                                                 item.get("video_grid_thw"))
+        assert torch.equal(out["position_ids"], expected[:, 0].T)
+        vision = types[0] > 0
+        assert torch.equal(out["vision_rows"][vision], torch.arange(1, int(vision.sum()) + 1))
+        assert not out["vision_rows"][~vision].any()
+    bad = _bad_items()
+    packing = DHPPacking(token_fields=["position_ids", "vision_rows"], item_transform=transform)
+    with pytest.raises(DHPDataError, match=f"dataset item {BAD_INDEX} failed: .*image tokens do not match "
+                                           r"image_grid_thw: .* lengths \[6\], but image_grid_thw=\[\[1, 4, 4\]\] "
+                                           r"needs \[4\]"):
+        packing.load(bad, BAD_INDEX, bad[BAD_INDEX]["input_ids"].numel())
+    merged = dict(items[2], input_ids=items[2]["input_ids"].masked_fill(items[2]["input_ids"] == hf_models.END,
+                                                                        hf_models.IMAGE))
+    with pytest.raises(ValueError, match="image tokens do not match"):  # two images' tokens run together
+        transform(merged)
