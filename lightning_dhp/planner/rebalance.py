@@ -60,11 +60,20 @@ def rebalance(
     sum_p2 = np.array([(values * values).sum() for values in padded])
     capacity = degree * tokens_per_device
 
+    # a group's time is linear in its padded sum and sum of squares: fixed + per_square * squares +
+    # per_token * sums, with coefficients fixed by its degree and whether it crosses a node (node_size=0
+    # makes a group pay the inter-node bandwidth, as in build_plan)
+    zero, one = np.zeros(len(groups)), np.ones(len(groups))
+
+    def at_degrees(sums: np.ndarray, squares: np.ndarray) -> np.ndarray:
+        inside = cost.times_from_sums(sums, squares, degree)
+        return np.where(crosses, cost.times_from_sums(sums, squares, degree, node_size=0), inside)
+
+    fixed = at_degrees(zero, zero)
+    per_token, per_square = at_degrees(one, zero) - fixed, at_degrees(zero, one) - fixed
+
     def times(sums: np.ndarray, squares: np.ndarray, which: np.ndarray) -> np.ndarray:
-        # node_size=0 makes a group pay the inter-node bandwidth, as in build_plan
-        inside = cost.times_from_sums(sums, squares, degree[which])
-        across = cost.times_from_sums(sums, squares, degree[which], node_size=0)
-        return np.where(crosses[which], across, inside)
+        return fixed[which] + per_square[which] * squares + per_token[which] * sums
 
     every = np.arange(len(groups))
     time = times(sum_p, sum_p2, every)
@@ -134,12 +143,9 @@ def _best_move(
 
 def _second_largest(time: np.ndarray, round_of: np.ndarray, num_rounds: int) -> np.ndarray:
     """Per round, the second-largest group time (0 for a round of one group)."""
-    largest = np.zeros(num_rounds)
-    np.maximum.at(largest, round_of, time)
-    is_largest = np.zeros(len(time), dtype=bool)
-    for round_index in range(num_rounds):
-        in_round = np.flatnonzero(round_of == round_index)
-        is_largest[in_round[np.argmax(time[in_round])]] = True
+    order = np.lexsort((-time, round_of))  # by round, slowest group first
+    first_of_round = np.concatenate([[True], round_of[order][1:] != round_of[order][:-1]])
+    rest = order[~first_of_round]
     second = np.zeros(num_rounds)
-    np.maximum.at(second, round_of[~is_largest], time[~is_largest])
+    np.maximum.at(second, round_of[rest], time[rest])
     return second
