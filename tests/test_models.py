@@ -9,7 +9,7 @@ from lightning_dhp.attention import ZigzagLayout
 from lightning_dhp.data.video_digits import BOS_ID, TOKEN_IDS, VideoDigits
 from lightning_dhp.distributed.context import CPContext, cp_context
 from lightning_dhp.lightning import DHPBatchInfo, DHPDataModule, DHPStrategy
-from lightning_dhp.lightning.collate import empty_batch
+from lightning_dhp.lightning.collate import DHPPacking
 from lightning_dhp.models import (
     TinyVLM,
     TinyVLMConfig,
@@ -326,7 +326,7 @@ def test_training_step_returns_this_ranks_share_of_the_global_mean():
 
 def test_an_idle_ranks_empty_batch_gives_a_zero_loss_that_reaches_every_parameter():
     task = VLMTask(TINY)
-    batch, layout = empty_batch(single_process_batch(_video_items(1, seed=0), [0]))
+    batch, layout = DHPPacking(VideoDigits.token_fields).empty_batch(single_process_batch(_video_items(1, seed=0), [0]))
     batch["dhp"] = DHPBatchInfo(layout, (0,), (), 0, 1, 0, global_loss_tokens=5)
     with cp_context(CPContext(layout, None, (0,))):
         loss = task.training_step(batch, 0)
@@ -349,7 +349,8 @@ def test_validation_under_dhp_strategy_logs_the_exact_loss_and_accuracy():
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    data = DHPDataModule(train, [len(item["input_ids"]) for item in train], 2, val_dataset=val)
+    data = DHPDataModule(train, [len(item["input_ids"]) for item in train], 2, val_dataset=val,
+                         token_fields=VideoDigits.token_fields)
     trainer.fit(task, datamodule=data)  # validates once, at the end of its only epoch, after the last step
     metrics = trainer.callback_metrics
 

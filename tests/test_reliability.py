@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_dhp import DHPStrategy
-from lightning_dhp.lightning import DHPBatchSampler, DHPDataLoader
+from lightning_dhp.lightning import DHPBatchSampler, DHPDataLoader, DHPPacking
 from lightning_dhp.lightning.planned_loader import PlanConfig, StepRequest
 from lightning_dhp.testing import run_distributed
-from tests.test_strategy import _as_torchrun_rank, _assert_params_close, _data, _trainer
+from tests.test_strategy import _as_torchrun_rank, _assert_params_close, _data, _trainer, plan_report
 from tests.tiny_lm import LMTask
 
 
@@ -34,7 +34,7 @@ class Zeros(torch.utils.data.Dataset):
 
 def _loaders(lengths: list[int], batch: int, world: int, tokens_per_device: int, trained: dict) -> list:
     return [DHPDataLoader(Zeros(lengths), DHPBatchSampler(lengths, batch, seed=3), PlanConfig(world, rank,
-                          tokens_per_device), trained) for rank in range(world)]
+                          tokens_per_device), DHPPacking(), trained) for rank in range(world)]
 
 
 @settings(max_examples=25, deadline=None)
@@ -87,7 +87,7 @@ def test_skipped_samples_are_counted_once_over_all_ranks(lengths, world, data):
     bad = set(data.draw(st.lists(st.integers(0, len(lengths) - 1), unique=True)))
     dataset = ZerosWithBadItems(lengths, bad)
     steps = [DHPDataLoader(dataset, DHPBatchSampler(lengths, len(lengths), seed=1),
-                           PlanConfig(world, rank, 64, skip_bad_samples=True), {}).dataset[
+                           PlanConfig(world, rank, 64, skip_bad_samples=True), DHPPacking(), {}).dataset[
                  StepRequest("x", 0, 0, tuple(range(len(lengths))))] for rank in range(world)]
     assert sum(step.leader_skipped for step in steps) == len(bad)
     assert all(step.error is None for step in steps)
@@ -98,11 +98,12 @@ def _fit_with_checkpoints(rank: int, world_size: int, directory: str, steps: int
     task = LMTask()
     strategy = DHPStrategy(20)
     checkpoints = ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_top_k=-1, filename="{step}")
-    trainer = _trainer(world_size, strategy, steps=steps, enable_checkpointing=True, callbacks=[checkpoints],
+    report = plan_report()
+    trainer = _trainer(world_size, strategy, steps=steps, enable_checkpointing=True, callbacks=[checkpoints, report],
                        limit_val_batches=0)
     trainer.fit(task, datamodule=_data(), ckpt_path=f"{directory}/step=2.ckpt" if resume else None)
     return {"params": {k: v.detach().clone() for k, v in task.model.state_dict().items()},
-            "batches": [entry["plan"].lengths for entry in strategy.plan_history]}
+            "batches": [entry["plan"].lengths for entry in report.history]}
 
 
 @pytest.fixture(scope="module")

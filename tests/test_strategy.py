@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,9 @@ import torch
 from lightning.pytorch import Trainer
 
 from lightning_dhp import DHPStrategy
-from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule
+from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPlanReport
 from lightning_dhp.testing import run_distributed
-from tests.tiny_lm import LMTask, TokenDataset, reference_training
+from tests.tiny_lm import LMTask, TokenDataset, reference_mean_loss, reference_training
 
 LENGTHS = [37, 5, 9, 2, 16, 23, 4, 11, 30, 6, 3, 14, 1, 19, 8, 27, 12, 7, 21, 10, 2, 33, 5, 13]
 GLOBAL_BATCH = 6
@@ -44,6 +45,11 @@ def _trainer(world_size: int, strategy: DHPStrategy | str, steps: int = STEPS, *
     return Trainer(accelerator="cpu", devices=world_size, strategy=strategy, **options)
 
 
+def plan_report() -> DHPPlanReport:
+    """A plan recorder whose end-of-training files go to a fresh temporary folder, not the working directory."""
+    return DHPPlanReport(dirpath=tempfile.mkdtemp(prefix="dhp-plans-"), log_metrics=False)
+
+
 def _as_torchrun_rank(rank: int) -> None:
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
 
@@ -58,10 +64,11 @@ def _fit(rank: int, world_size: int, tokens_per_device: int, global_batch: int, 
     _as_torchrun_rank(rank)
     task = LMTask()
     strategy = DHPStrategy(tokens_per_device, **strategy_kwargs)
-    trainer = _trainer(world_size, strategy, **trainer_kwargs)
+    report = plan_report()
+    trainer = _trainer(world_size, strategy, callbacks=[report], **trainer_kwargs)
     data = _data(global_batch)
     trainer.fit(task, datamodule=data)
-    plans = [entry["plan"] for entry in strategy.plan_history]
+    plans = [entry["plan"] for entry in report.history]
     validation = trainer.validate(task, datamodule=data, verbose=False)
     return {"params": {k: v.detach().clone() for k, v in task.model.state_dict().items()},
             "rounds": [len(plan.rounds) for plan in plans],
@@ -73,15 +80,6 @@ def _fit(rank: int, world_size: int, tokens_per_device: int, global_batch: int, 
 def _assert_params_close(params: dict, expected: dict) -> None:
     for name, value in expected.items():
         torch.testing.assert_close(params[name], value, rtol=1e-9, atol=1e-12, msg=f"parameter {name}")
-
-
-def _reference_val_loss(params: dict, global_batch: int) -> float:
-    task = LMTask()
-    task.model.load_state_dict(params)
-    samples = TokenDataset(LENGTHS, seed=1).samples
-    batches = DHPBatchSampler(LENGTHS, global_batch, shuffle=False).batches()
-    with torch.no_grad():
-        return sum(task.model.reference_loss([samples[i] for i in batch]).item() for batch in batches)
 
 
 @pytest.mark.parametrize(("world_size", "tokens_per_device", "global_batch", "strategy_kwargs", "trainer_kwargs"), [
@@ -100,7 +98,9 @@ def test_dhp_training_equals_single_device_training(world_size, tokens_per_devic
                               timeout_s=240)
     for result in results:  # every rank ends with the same parameters, equal to the oracle
         _assert_params_close(result["params"], reference)
-        assert result["val_loss"] == pytest.approx(_reference_val_loss(reference, global_batch), rel=1e-9)
+        val_batches = DHPBatchSampler(LENGTHS, global_batch, shuffle=False).batches()
+        expected_val_loss = reference_mean_loss(reference, LENGTHS, val_batches, seed=1)
+        assert result["val_loss"] == pytest.approx(expected_val_loss, rel=1e-9)
     if world_size in (2, 3):
         assert max(results[0]["rounds"]) > 1, "the test data should need several rounds"
     if strategy_kwargs.get("static_degree") == 1:

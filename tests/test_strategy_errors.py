@@ -44,6 +44,15 @@ def _fit_and_report(task, data, strategy) -> tuple[str, str] | tuple[str, int]:
     return "ok", strategy.skipped_samples
 
 
+def _build_and_report(build) -> tuple[str, str]:
+    """Build a loader: wrong input must fail here, when the loader is built, not when training runs."""
+    try:
+        build()
+    except Exception as error:
+        return type(error).__name__, str(error)
+    return "ok", ""
+
+
 def _scenarios(rank: int, world_size: int) -> dict:
     _as_torchrun_rank(rank)
     data = DHPDataModule(TokenDataset(LENGTHS), LENGTHS, GLOBAL_BATCH)
@@ -57,8 +66,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
         "plain_dataloader": _fit_and_report(LMTask(), DataLoader(TokenDataset(LENGTHS)), DHPStrategy(20)),
         "plan_mismatch": _fit_and_report(
             LMTask(), DHPDataModule(TokenDataset(other_lengths), other_lengths, GLOBAL_BATCH), DHPStrategy(20)),
-        "wrong_lengths": _fit_and_report(
-            LMTask(), dhp_dataloader(TokenDataset(LENGTHS), [*LENGTHS, 1], GLOBAL_BATCH), DHPStrategy(20)),
+        "wrong_lengths": _build_and_report(lambda: dhp_dataloader(TokenDataset(LENGTHS), [*LENGTHS, 1], GLOBAL_BATCH)),
         "datamodule_without_dhp": _fit_and_report(LMTask(), data, "ddp"),
     }
 
@@ -75,9 +83,9 @@ def reports() -> list[dict]:
                                    "skip_bad_samples=True"]),
     ("attention_outside_batch", "RuntimeError", ["outside a DHP batch", "training_step"]),
     ("plain_dataloader", "DHPConfigError", ["DHPBatchSampler", "DHPDataModule"]),
-    ("plan_mismatch", "DHPPlanMismatchError", ["global batch 0", "ranks [1] differ from rank 0"]),
-    ("wrong_lengths", "DHPDataError", [f"{len(LENGTHS) + 1} lengths", f"{len(LENGTHS)} items"]),
-    ("datamodule_without_dhp", "RuntimeError", ["strategy=DHPStrategy", "DDPStrategy"]),
+    ("plan_mismatch", "DHPRankMismatchError", ["global batch 0", "ranks [1] differ from rank 0"]),
+    ("wrong_lengths", "DHPDataError", [f"lengths has {len(LENGTHS) + 1} entries", f"{len(LENGTHS)} items"]),
+    ("datamodule_without_dhp", "DHPConfigError", ["strategy=DHPStrategy", "DDPStrategy"]),
 ])
 def test_bad_input_gives_the_same_clear_error_on_every_rank(reports, scenario, kind, fragments):
     kinds_and_messages = {reports_of_rank[scenario] for reports_of_rank in reports}

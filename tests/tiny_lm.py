@@ -7,6 +7,7 @@ PyTorch, no packing, no planner, no context parallelism.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,24 +28,43 @@ def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 
 
-class TinyLM(nn.Module):
+class Block(nn.Module):
+    """Attention (through ``attention``, by default cp_attention) and an MLP, both residual."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, HIDDEN)
         self.head_dim = HIDDEN // HEADS
         self.qkv = nn.Linear(HIDDEN, (HEADS + 2 * KV_HEADS) * self.head_dim)
         self.out = nn.Linear(HIDDEN, HIDDEN)
         self.mlp = nn.Sequential(nn.Linear(HIDDEN, 2 * HIDDEN), nn.GELU(), nn.Linear(2 * HIDDEN, HIDDEN))
-        self.lm_head = nn.Linear(HIDDEN, VOCAB)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention=cp_attention) -> torch.Tensor:
-        x = self.embed(input_ids)
-        q, k, v = self.qkv(x).split([HEADS * self.head_dim, KV_HEADS * self.head_dim, KV_HEADS * self.head_dim], -1)
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, attention=cp_attention) -> torch.Tensor:
+        sizes = [HEADS * self.head_dim, KV_HEADS * self.head_dim, KV_HEADS * self.head_dim]
+        q, k, v = self.qkv(x).split(sizes, -1)
         q = rope(q.view(-1, HEADS, self.head_dim), position_ids)
         k = rope(k.view(-1, KV_HEADS, self.head_dim), position_ids)
         v = v.view(-1, KV_HEADS, self.head_dim)
         x = x + self.out(attention(q, k, v).reshape(-1, HIDDEN))
-        x = x + self.mlp(x)
+        return x + self.mlp(x)
+
+
+class TinyLM(nn.Module):
+    """``checkpoint``: None, "reentrant" or "non-reentrant" (the block runs under torch's checkpoint)."""
+
+    def __init__(self, checkpoint: str | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.block = Block()
+        self.lm_head = nn.Linear(HIDDEN, VOCAB)
+        self.checkpoint = checkpoint
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention=cp_attention) -> torch.Tensor:
+        x = self.embed(input_ids)
+        if self.checkpoint is None:
+            x = self.block(x, position_ids, attention)
+        else:
+            x = torch.utils.checkpoint.checkpoint(self.block, x, position_ids, attention,
+                                                  use_reentrant=self.checkpoint == "reentrant")
         return self.lm_head(x)
 
     def reference_loss(self, samples: list[torch.Tensor]) -> torch.Tensor:
@@ -82,40 +102,76 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 class LMTask(LightningModule):
-    def __init__(self, lr: float = 0.1) -> None:
+    """Logs the loss share of every step (train, validate, test) as a user would: ``self.log(name, share)``."""
+
+    def __init__(self, lr: float = 0.1, checkpoint: str | None = None, lr_gamma: float | None = None) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.model = TinyLM().double()
+        self.model = TinyLM(checkpoint).double()
         self.lr = lr
+        self.lr_gamma = lr_gamma  # if set, the learning rate is multiplied by it after every step
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def loss(self, batch: dict) -> torch.Tensor:
         logits = self.model(batch["input_ids"], batch["position_ids"])
         loss_sum = F.cross_entropy(logits, batch["labels"], ignore_index=-100, reduction="sum")
         return loss_share(loss_sum, batch)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log("val_loss", self.training_step(batch, batch_idx), reduce_fx="sum", sync_dist=True,
-                 batch_size=1)
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val_loss", self.loss(batch), sync_dist=True)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("test_loss", self.loss(batch))
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"logits": self.model(batch["input_ids"], batch["position_ids"]),
+                "length": [len(batch["input_ids"])] * len(batch["dhp"].sample_indices)}
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if self.lr_gamma is None:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=self.lr_gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def reference_training(lengths: list[int], batches: list[list[int]], steps: int, lr: float = 0.1, *,
-                       accumulate: int = 1, clip: float | None = None) -> dict:
+                       accumulate: int = 1, clip: float | None = None, losses: list | None = None,
+                       lr_gamma: float | None = None) -> dict:
     """Plain PyTorch: the same model, optimizer and global batches, one process, no Lightning.
 
     Each optimizer step averages the mean losses of ``accumulate`` consecutive global batches, as
     Lightning's ``accumulate_grad_batches`` does; ``clip`` clips the gradient norm before stepping.
+    ``losses`` (if given) receives each global batch's mean loss, before its update.
     """
-    task = LMTask(lr)
+    task = LMTask(lr, lr_gamma=lr_gamma)
     data = TokenDataset(lengths)
-    optimizer = task.configure_optimizers()
+    configured = task.configure_optimizers()
+    optimizer = configured if lr_gamma is None else configured["optimizer"]
     for step in range(steps):
         optimizer.zero_grad()
         for batch in batches[step * accumulate:(step + 1) * accumulate]:
-            (task.model.reference_loss([data.samples[i] for i in batch]) / accumulate).backward()
+            loss = task.model.reference_loss([data.samples[i] for i in batch])
+            (loss / accumulate).backward()
+            if losses is not None:
+                losses.append(loss.item())
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(task.model.parameters(), clip)
         optimizer.step()
+        if lr_gamma is not None:
+            configured["lr_scheduler"]["scheduler"].step()
     return {name: value.detach().clone() for name, value in task.model.state_dict().items()}
+
+
+def reference_mean_loss(params: dict, lengths: list[int], batches: list[list[int]], seed: int) -> float:
+    """The mean over global batches of each batch's mean loss, weighted by batch size (Lightning's epoch mean)."""
+    task = LMTask()
+    task.model.load_state_dict(params)
+    samples = TokenDataset(lengths, seed=seed).samples
+    with torch.no_grad():
+        total = sum(task.model.reference_loss([samples[i] for i in batch]).item() * len(batch) for batch in batches)
+    return total / sum(len(batch) for batch in batches)

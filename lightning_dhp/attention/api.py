@@ -13,9 +13,7 @@ from lightning_dhp.attention.blocks import AttentionProblem
 from lightning_dhp.attention.kernels import default_scale, select_kernel
 from lightning_dhp.attention.layout import ZigzagLayout
 from lightning_dhp.attention.ring import RingAttention, RingExchange
-from lightning_dhp.distributed.context import current_cp_context, missing_context_reason
-
-IMPLEMENTATIONS = ("ring", "allgather")
+from lightning_dhp.distributed.context import CP_IMPLEMENTATIONS, current_cp_context, missing_context_reason
 
 
 @functools.lru_cache(maxsize=16)
@@ -47,7 +45,7 @@ def cp_attention(
     strategy requires a context, then this raises). At degree > 1, ``group`` is the ring's process
     group; with the WORLD group and ``ranks`` (global ranks in ring order) the ring runs group-free.
     ``implementation`` is "ring" (default) or "allgather"; ``kernel`` forces a local kernel ("math",
-    "cpu_flash", "cuda_efficient", "npu_fusion").
+    "cpu_flash", "cuda_flash", "flash_attn", "cuda_efficient", "cuda_efficient_per_sequence", "npu_fusion").
     """
     _check_shapes(q, k, v)
     if layout is None:
@@ -63,8 +61,8 @@ def cp_attention(
                 raise RuntimeError(reason)
             layout = _single_sequence_layout(q.shape[0])
     implementation = "ring" if implementation is None else implementation
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"cp_attention: unknown implementation {implementation!r}; use one of {IMPLEMENTATIONS}")
+    if implementation not in CP_IMPLEMENTATIONS:
+        raise ValueError(f"cp_attention: unknown implementation {implementation!r}; use one of {CP_IMPLEMENTATIONS}")
     if q.shape[0] != layout.num_local_tokens:
         raise ValueError(
             f"cp_attention: q, k, v have {q.shape[0]} rows but {layout} holds {layout.num_local_tokens} "
@@ -74,7 +72,7 @@ def cp_attention(
         layout,
         causal,
         default_scale(q.shape[-1]) if scale is None else float(scale),
-        select_kernel(q.device, q.dtype, kernel),
+        select_kernel(q.device, q.dtype, kernel, head_dim=q.shape[-1]),
     )
     if layout.degree == 1:
         return RingAttention.apply(q, k, v, problem, None)

@@ -1,4 +1,4 @@
-"""The thin Lightning layer: strategy, sampler, collate, data module, NPU accelerator.
+"""The thin Lightning layer: strategy, sampler, packing, data module, plan report, NPU accelerator.
 
 Importing it registers ``strategy="dhp"`` and ``accelerator="npu"`` with Lightning.
 """
@@ -6,12 +6,15 @@ Importing it registers ``strategy="dhp"`` and ``accelerator="npu"`` with Lightni
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_dhp.lightning.collate import DHPBatchInfo, DHPDataError, loss_share
+from lightning_dhp.errors import DHPConfigError, DHPDataError, DHPRankMismatchError
+from lightning_dhp.lightning.batch import DHPBatchInfo, global_share, loss_share
+from lightning_dhp.lightning.callbacks import DHPPlanReport
+from lightning_dhp.lightning.collate import DHPPacking
 from lightning_dhp.lightning.datamodule import DHPDataModule, dhp_dataloader
 from lightning_dhp.lightning.npu import NPUAccelerator
 from lightning_dhp.lightning.planned_loader import DHPDataLoader, PlannedStep
 from lightning_dhp.lightning.sampler import DHPBatchSampler
-from lightning_dhp.lightning.strategy import DHPConfigError, DHPPlanMismatchError, DHPStrategy
+from lightning_dhp.lightning.strategy import DHPStrategy
 
 if "dhp" not in StrategyRegistry:
     StrategyRegistry.register("dhp", DHPStrategy, description="Dynamic Hybrid Parallelism (per-batch CP plans)")
@@ -27,10 +30,13 @@ __all__ = [
     "DHPDataError",
     "DHPDataLoader",
     "DHPDataModule",
-    "DHPPlanMismatchError",
+    "DHPPacking",
+    "DHPPlanReport",
+    "DHPRankMismatchError",
     "DHPStrategy",
     "NPUAccelerator",
     "PlannedStep",
     "dhp_dataloader",
+    "global_share",
     "loss_share",
 ]

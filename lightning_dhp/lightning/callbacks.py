@@ -1,19 +1,23 @@
-"""A callback that leaves a readable record of the plans a run used: a PNG and a JSON summary."""
+"""A callback that records the plans a run used, logs them as ``dhp/*`` metrics, and leaves a readable
+record at the end: a PNG of the first plans and a JSON summary."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
 
+from lightning_dhp.lightning.planned_loader import PlannedStep
 from lightning_dhp.plots import draw_plans
 
 
 def plan_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Aggregate statistics of recorded steps (see ``DHPStrategy.plan_history``)."""
+    """Aggregate statistics of recorded steps (see :attr:`DHPPlanReport.history`)."""
     if not history:
         return {"steps": 0}
     degrees: dict[int, int] = {}
@@ -36,36 +40,82 @@ def plan_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class DHPPlanReport(Callback):
-    """At the end of training, on global rank 0, write ``plans.png`` and ``dhp_summary.json``.
+    """Record every training step's plan and time, log ``dhp/*`` metrics, write files at the end.
 
-    Files go to ``dirpath`` or else the logger's directory. The PNG draws the first
-    ``num_plotted_steps`` recorded steps. ``losses`` keeps the global loss of every step.
+    ``history`` holds one entry per training step: ``plan``, ``measured_s`` (wall time of the step,
+    from batch start to batch end), ``tokens``, ``planner_s``, ``position`` and ``epoch``; it keeps
+    the last ``max_history`` steps (all by default). At the end of training, on global rank 0,
+    ``plans.png`` (the first ``num_plotted_steps`` steps) and ``dhp_summary.json`` go to ``dirpath``
+    or else the logger's directory. ``losses`` keeps the global loss of every step.
     """
 
-    def __init__(self, dirpath: str | None = None, num_plotted_steps: int = 6) -> None:
+    def __init__(self, dirpath: str | None = None, num_plotted_steps: int = 6, *, log_metrics: bool = True,
+                 max_history: int | None = None) -> None:
         self.dirpath = dirpath
         self.num_plotted_steps = num_plotted_steps
+        self.log_metrics = log_metrics
+        self.max_history = max_history
+        self.history: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {}
         self.plot_path: Path | None = None
         self.losses: list[float] = []
+        self._started: float | None = None
 
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._started = time.perf_counter()
+
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = trainer.callback_metrics.get("dhp/loss")
         if loss is not None:
             self.losses.append(float(loss))
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        history = getattr(trainer.strategy, "plan_history", None)
-        if not trainer.is_global_zero or not history:
+        if not isinstance(batch, PlannedStep) or self._started is None:
             return
-        directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        measured = time.perf_counter() - self._started
+        self.history.append({"plan": batch.plan, "measured_s": measured, "tokens": batch.num_tokens,
+                             "planner_s": batch.planner_seconds, "position": batch.request.position,
+                             "epoch": batch.request.epoch})
+        if self.max_history is not None:
+            del self.history[:-self.max_history]
+        if self.log_metrics:
+            pl_module.log_dict(self._metrics(trainer, batch, measured), on_step=True, on_epoch=False,
+                               batch_size=len(batch.request.sample_ids))
+
+    @staticmethod
+    def _metrics(trainer: Trainer, step: PlannedStep, measured_seconds: float) -> dict[str, float]:
+        stats = step.plan.stats()
+        strategy = trainer.strategy
+        metrics = {
+            "dhp/rounds": float(len(step.plan.rounds)),
+            "dhp/groups": float(stats["num_groups"]),
+            "dhp/max_degree": float(stats["max_degree"]),
+            "dhp/mean_degree": float(stats["mean_degree"]),
+            "dhp/predicted_step_s": float(step.plan.predicted_time),
+            "dhp/planner_ms": step.planner_seconds * 1e3,
+            "dhp/step_s": measured_seconds,
+            "dhp/tokens_per_s": step.num_tokens / measured_seconds,
+        }
+        if hasattr(strategy, "pool"):
+            metrics.update({"dhp/pool_hits": float(strategy.pool.stats.hits),
+                            "dhp/pool_misses": float(strategy.pool.stats.misses),
+                            "dhp/pool_groups": float(len(strategy.pool)),
+                            "dhp/skipped_samples": float(strategy.skipped_samples)})
+        return metrics
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_dir = self.dirpath or trainer.log_dir  # a collective: every rank asks
+        if not trainer.is_global_zero or not self.history:
+            return
+        directory = Path(log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         pool = trainer.strategy.pool.stats
-        self.summary = {**plan_summary(history), "pool_hits": pool.hits, "pool_misses": pool.misses,
+        self.summary = {**plan_summary(self.history), "pool_hits": pool.hits, "pool_misses": pool.misses,
                         "pool_evictions": pool.evictions, "pool_creation_s": pool.creation_seconds}
         (directory / "dhp_summary.json").write_text(json.dumps(self.summary, indent=2))
-        shown = history[: self.num_plotted_steps]
+        shown = self.history[: self.num_plotted_steps]
         self.plot_path = draw_plans([entry["plan"] for entry in shown], directory / "plans.png",
                                     measured_seconds=[entry["measured_s"] for entry in shown],
                                     titles=[f"step {entry['position']} (epoch {entry['epoch']})" for entry in shown])

@@ -1,71 +1,139 @@
-"""Turn the dataset items of one group into this rank's packed, zigzag-sharded tensors."""
+"""Turn the dataset items of one group into this rank's packed, zigzag-sharded tensors.
+
+Field kinds are declared, never guessed from shapes: ``input_ids`` and ``labels`` are per-token,
+so are the fields named in :attr:`DHPPacking.token_fields` (first dimension = the sample's tokens);
+every other field is per-sample and arrives as a list in the group's packing order.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.data import default_collate
 
 from lightning_dhp.attention import ZigzagLayout
+from lightning_dhp.errors import DHPConfigError, DHPDataError
 
 IGNORE_INDEX = -100
+ItemTransform = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-class DHPDataError(ValueError):
-    """A dataset item that cannot be trained; the message names the dataset index and the fix."""
+@dataclass(frozen=True)
+class DHPPacking:
+    """How DHPStrategy packs dataset items; pass it as a DHP DataLoader's ``collate_fn``.
 
-
-@dataclass
-class DHPBatchInfo:
-    """What a LightningModule needs to know about the micro-step it runs (``batch["dhp"]``).
-
-    ``global_loss_tokens`` counts the labelled tokens of the whole global batch over all ranks and
-    rounds; divide the summed token loss by it (see :func:`loss_share`) so that summing gradients
-    across ranks gives exactly the gradient of the global mean loss.
+    ``token_fields`` names the per-token fields besides ``input_ids``/``labels`` (sharded like
+    ``input_ids``; ``position_ids`` among them replaces the in-sequence positions, otherwise an
+    item's ``position_ids`` is ignored). ``item_transform``
+    runs on every item right after loading, before any check (it must be picklable for
+    ``num_workers > 0``). Calling it as a plain collate function raises: only the strategy packs.
     """
 
-    layout: ZigzagLayout
-    group_ranks: tuple[int, ...]
-    sample_indices: tuple[int, ...]
-    round_index: int
-    num_rounds: int
-    loss_tokens: int
-    global_loss_tokens: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
+    token_fields: frozenset[str] = field(default_factory=frozenset)
+    item_transform: ItemTransform | None = None
 
-    @property
-    def degree(self) -> int:
-        return len(self.group_ranks)
+    def __init__(self, token_fields: Collection[str] = (), item_transform: ItemTransform | None = None) -> None:
+        if isinstance(token_fields, str):
+            raise DHPConfigError(f"token_fields takes a collection of field names, got the string {token_fields!r}; "
+                                 f"write token_fields=[{token_fields!r}]")
+        object.__setattr__(self, "token_fields", frozenset(token_fields) - {"input_ids", "labels"})
+        object.__setattr__(self, "item_transform", item_transform)
 
+    def __call__(self, items: Any) -> Any:
+        raise DHPConfigError("this DataLoader yields global batches for DHPStrategy to plan; train it with "
+                             "Trainer(strategy=DHPStrategy(...)) or strategy='dhp'")
 
-def loss_share(loss_sum: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """This rank's share of the global mean loss: its summed token loss over the batch's loss tokens."""
-    return loss_sum / max(batch["dhp"].global_loss_tokens, 1)
+    @classmethod
+    def from_collate_fn(cls, collate_fn: Any) -> DHPPacking:
+        """The packing of a DataLoader: its ``DHPPacking``, the default one for PyTorch's default collate,
+        or a clear error for a custom ``collate_fn`` (which would be silently bypassed)."""
+        if isinstance(collate_fn, DHPPacking):
+            return collate_fn
+        if collate_fn is None or collate_fn is default_collate:
+            return cls()
+        name = getattr(collate_fn, "__qualname__", type(collate_fn).__name__)
+        raise DHPConfigError(
+            f"the DataLoader's collate_fn {name} would be bypassed: DHPStrategy packs samples itself. Move "
+            "per-sample processing into the dataset or pass collate_fn=DHPPacking(item_transform=..., "
+            "token_fields=...), which runs your function on every item before packing")
 
+    def load(self, dataset: Any, index: int, declared_length: int) -> dict[str, Any]:
+        """Item ``index`` transformed and checked; :class:`DHPDataError` names the index when it is bad."""
+        try:
+            item = dataset[index]
+            if self.item_transform is not None:
+                item = self.item_transform(item)
+        except DHPDataError:
+            raise
+        except Exception as failure:  # a crash in one rank's loader must not hang the others
+            reason = traceback.format_exception_only(failure)[-1].strip()
+            raise DHPDataError(f"loading dataset item {index} failed: {reason}") from failure
+        self.check(item, index, declared_length)
+        return item
 
-def check_item(item: Any, index: int, declared_length: int) -> None:
-    """Raise :class:`DHPDataError` naming ``index`` if ``item`` is not a trainable sample."""
-    if not isinstance(item, dict) or "input_ids" not in item:
-        keys = f" with keys {sorted(item)}" if isinstance(item, dict) else ""
-        raise DHPDataError(f"dataset item {index} must be a dict with an 'input_ids' tensor, "
-                           f"got {type(item).__name__}{keys}")
-    input_ids = item["input_ids"]
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.dtype.is_floating_point \
-            or input_ids.dtype == torch.bool or input_ids.is_complex():
-        raise DHPDataError(f"dataset item {index}: 'input_ids' must be a 1-D integer tensor, got "
-                           f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} of shape "
-                           f"{tuple(getattr(input_ids, 'shape', ()))}")
-    if len(input_ids) != declared_length:
-        raise DHPDataError(f"dataset item {index} has {len(input_ids)} tokens but lengths[{index}] = "
-                           f"{declared_length}; make the lengths passed to the sampler match the dataset")
-    if len(input_ids) == 0:
-        raise DHPDataError(f"dataset item {index} is empty (0 tokens); remove it from the dataset")
-    labels = item.get("labels")
-    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
-        raise DHPDataError(f"dataset item {index}: 'labels' must be a tensor shaped like 'input_ids' "
-                           f"{tuple(input_ids.shape)}, got {tuple(getattr(labels, 'shape', ()))}")
+    def check(self, item: Any, index: int, declared_length: int) -> None:
+        """Raise :class:`DHPDataError` naming ``index`` if ``item`` is not a trainable sample."""
+        if not isinstance(item, dict) or "input_ids" not in item:
+            keys = f" with keys {sorted(item)}" if isinstance(item, dict) else ""
+            raise DHPDataError(f"dataset item {index} must be a dict with an 'input_ids' tensor, "
+                               f"got {type(item).__name__}{keys}")
+        input_ids = item["input_ids"]
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.dtype.is_floating_point \
+                or input_ids.dtype == torch.bool or input_ids.is_complex():
+            raise DHPDataError(f"dataset item {index}: 'input_ids' must be a 1-D integer tensor, got "
+                               f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} of shape "
+                               f"{tuple(getattr(input_ids, 'shape', ()))}")
+        if len(input_ids) != declared_length:
+            raise DHPDataError(f"dataset item {index} has {len(input_ids)} tokens but lengths[{index}] = "
+                               f"{declared_length}; make the lengths passed to the sampler match the dataset")
+        labels = item.get("labels")
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            raise DHPDataError(f"dataset item {index}: 'labels' must be a tensor shaped like 'input_ids' "
+                               f"{tuple(input_ids.shape)}, got {tuple(getattr(labels, 'shape', ()))}")
+        for name in sorted(self.token_fields):
+            value = item.get(name)
+            if not isinstance(value, torch.Tensor) or value.dim() < 1 or value.shape[0] != len(input_ids):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise DHPDataError(
+                    f"dataset item {index}: token field {name!r} must be a tensor with one row per token "
+                    f"({len(input_ids)} rows), got {got}; fix the item or drop {name!r} from token_fields")
+
+    def collate_group(self, items: Sequence[dict[str, Any]], layout: ZigzagLayout) -> dict[str, Any]:
+        """This rank's rows of the packed group: labels shifted before sharding, padding labelled -100.
+
+        Token fields are sharded like ``input_ids`` (padding rows 0); other fields become lists in
+        group order.
+        """
+        batch: dict[str, Any] = {"position_ids": layout.position_ids}
+        for key in items[0]:
+            if key in ("labels", "position_ids") and key not in self.token_fields:
+                continue
+            if key == "input_ids" or key in self.token_fields:
+                batch[key] = layout.shard(torch.cat([item[key] for item in items]))
+            else:
+                batch[key] = [item.get(key) for item in items]
+        batch["labels"] = layout.shard(torch.cat([shifted_labels(item) for item in items]), pad_value=IGNORE_INDEX)
+        return batch
+
+    def empty_batch(self, template: dict[str, Any]) -> tuple[dict[str, Any], ZigzagLayout]:
+        """A batch of zero tokens with the fields of ``template``, for a rank idle in a round.
+
+        Running the user's step on it keeps every rank's sequence of steps (and of collectives)
+        identical, and its zero loss still reaches every parameter.
+        """
+        layout = ZigzagLayout([], 1, 0)
+        batch: dict[str, Any] = {"position_ids": layout.position_ids}
+        for key, value in template.items():
+            if key == "input_ids" or key in self.token_fields:
+                batch[key] = value[:0]
+            elif key not in ("labels", "position_ids"):
+                batch[key] = []
+        batch["labels"] = template["input_ids"].new_empty(0).long()
+        return batch, layout
 
 
 def shifted_labels(item: dict[str, Any]) -> torch.Tensor:
@@ -76,46 +144,3 @@ def shifted_labels(item: dict[str, Any]) -> torch.Tensor:
 
 def count_loss_tokens(items: Sequence[dict[str, Any]]) -> int:
     return sum(int((shifted_labels(item) != IGNORE_INDEX).sum()) for item in items)
-
-
-def _is_per_token(key: str, items: Sequence[dict[str, Any]]) -> bool:
-    return all(isinstance(item.get(key), torch.Tensor) and item[key].dim() >= 1
-               and item[key].shape[0] == len(item["input_ids"]) for item in items)
-
-
-def collate_group(items: Sequence[dict[str, Any]], layout: ZigzagLayout) -> dict[str, Any]:
-    """This rank's rows of the packed group: labels shifted before sharding, padding labelled -100.
-
-    Tensors whose first dimension equals the item's token count are per-token and sharded like
-    ``input_ids`` (padding rows 0); every other field is per-sample and passed through as a list in
-    group order.
-    """
-    batch: dict[str, Any] = {}
-    for key in items[0]:
-        if key == "labels":
-            continue
-        if key == "input_ids" or _is_per_token(key, items):
-            batch[key] = layout.shard(torch.cat([item[key] for item in items]))
-        else:
-            batch[key] = [item.get(key) for item in items]
-    batch["labels"] = layout.shard(torch.cat([shifted_labels(item) for item in items]), pad_value=IGNORE_INDEX)
-    batch["position_ids"] = layout.position_ids
-    return batch
-
-
-def empty_batch(template: dict[str, Any]) -> tuple[dict[str, Any], ZigzagLayout]:
-    """A batch of zero tokens with the fields of ``template``, for a rank idle in a round.
-
-    Running the user's step on it keeps every rank's sequence of steps (and of logging collectives)
-    identical, and its zero loss still reaches every parameter.
-    """
-    layout = ZigzagLayout([], 1, 0)
-    batch: dict[str, Any] = {}
-    for key, value in template.items():
-        if key == "input_ids" or _is_per_token(key, [template]):
-            batch[key] = value[:0]
-        elif key != "labels":
-            batch[key] = []
-    batch["labels"] = template["input_ids"].new_empty(0).long()
-    batch["position_ids"] = layout.position_ids
-    return batch, layout

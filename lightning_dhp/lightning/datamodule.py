@@ -1,70 +1,101 @@
-"""A DataModule that wires the DHP sampler and DataLoader for the common case."""
+"""A DataLoader factory and a DataModule that wire the DHP sampler and packing for the common case."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lightning_dhp.lightning.sampler import DHPBatchSampler
-
-
-def _not_planned(_: Any) -> Any:
-    raise RuntimeError("this DataLoader yields global batches for DHPStrategy to plan; train it with "
-                       "Trainer(strategy=DHPStrategy(...)) or strategy='dhp'")
+from lightning_dhp.errors import DHPConfigError, DHPDataError
+from lightning_dhp.lightning.collate import DHPPacking, ItemTransform
+from lightning_dhp.lightning.sampler import DHPBatchSampler, checked_lengths
 
 
 def dhp_dataloader(dataset: Any, lengths: Sequence[int], global_batch_size: int, *, shuffle: bool = True,
-                   seed: int = 0, drop_last: bool = False, num_workers: int = 0) -> DataLoader:
-    """A DataLoader that DHPStrategy turns into planned steps (use it in a custom DataModule)."""
+                   seed: int = 0, drop_last: bool = False, num_workers: int = 0,
+                   token_fields: Collection[str] | None = None,
+                   item_transform: ItemTransform | None = None) -> DataLoader:
+    """A DataLoader that DHPStrategy turns into planned steps (use it in a custom DataModule).
+
+    ``lengths[i]`` is the token count of ``dataset[i]`` (checked here, naming bad indices).
+    ``token_fields`` names the per-token fields besides ``input_ids``/``labels`` (default: the
+    dataset's ``token_fields`` attribute, else none); every other field is per-sample. See
+    :class:`DHPPacking` for ``item_transform``.
+    """
+    check_lengths(dataset, lengths)
+    if token_fields is None:
+        token_fields = getattr(dataset, "token_fields", ())
     sampler = DHPBatchSampler(lengths, global_batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_not_planned,
-                      persistent_workers=num_workers > 0)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      collate_fn=DHPPacking(token_fields, item_transform), persistent_workers=num_workers > 0)
+
+
+def check_lengths(dataset: Any, lengths: Sequence[int]) -> None:
+    """One whole token count >= 1 per dataset item, or a :class:`DHPDataError` naming the bad indices."""
+    if len(lengths) != len(dataset):
+        raise DHPDataError(f"lengths has {len(lengths)} entries but the dataset has {len(dataset)} items; pass one "
+                           "token count per item, in dataset order")
+    checked_lengths(lengths)
 
 
 class DHPDataModule(LightningDataModule):
-    """Training (and optional validation) data for DHPStrategy.
+    """Training data, and optional validation, test and predict data, for DHPStrategy.
 
     ``lengths[i]`` is the token count of ``train_dataset[i]``; the planner needs it before loading.
-    Validation batches are not shuffled and keep the last short batch.
+    Each other dataset takes its lengths from ``*_lengths`` or its own ``lengths`` attribute.
+    Validation, test and predict batches are not shuffled and keep the last short batch, so
+    predictions come back in dataset order. ``token_fields`` and ``item_transform``: see
+    :func:`dhp_dataloader`.
     """
 
     def __init__(self, train_dataset: Any, lengths: Sequence[int], global_batch_size: int, *,
-                 val_dataset: Any = None, val_lengths: Sequence[int] | None = None, num_workers: int = 0,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
+                 val_dataset: Any = None, val_lengths: Sequence[int] | None = None,
+                 test_dataset: Any = None, test_lengths: Sequence[int] | None = None,
+                 predict_dataset: Any = None, predict_lengths: Sequence[int] | None = None,
+                 num_workers: int = 0, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 token_fields: Collection[str] | None = None, item_transform: ItemTransform | None = None) -> None:
         super().__init__()
-        if len(lengths) != len(train_dataset):
-            raise ValueError(f"lengths has {len(lengths)} entries but train_dataset has {len(train_dataset)} "
-                             "items; pass one token count per item, in dataset order")
-        if val_dataset is not None:
-            val_lengths = val_lengths if val_lengths is not None else getattr(val_dataset, "lengths", None)
-            if val_lengths is None or len(val_lengths) != len(val_dataset):
-                raise ValueError("val_dataset needs val_lengths (one token count per item) or a `lengths` "
-                                 "attribute of the same length")
-        self.train_dataset, self.lengths = train_dataset, lengths
-        self.val_dataset, self.val_lengths = val_dataset, val_lengths
         self.global_batch_size, self.num_workers = global_batch_size, num_workers
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.packing_options = {"token_fields": token_fields, "item_transform": item_transform}
+        self.datasets = {"train": (train_dataset, lengths)}
+        for stage, dataset, stage_lengths in (("val", val_dataset, val_lengths), ("test", test_dataset, test_lengths),
+                                              ("predict", predict_dataset, predict_lengths)):
+            if dataset is not None:
+                stage_lengths = stage_lengths if stage_lengths is not None else getattr(dataset, "lengths", None)
+                if stage_lengths is None:
+                    raise DHPConfigError(f"{stage}_dataset needs {stage}_lengths (one token count per item) or a "
+                                         "`lengths` attribute")
+                self.datasets[stage] = (dataset, stage_lengths)
+        for dataset, stage_lengths in self.datasets.values():
+            check_lengths(dataset, stage_lengths)
 
-    def _check_strategy(self) -> None:
+    def _loader(self, stage: str) -> Any:
+        if stage not in self.datasets:
+            return []
         from lightning_dhp.lightning.strategy import DHPStrategy
 
-        if self.trainer is not None and not isinstance(self.trainer.strategy, DHPStrategy):
-            raise RuntimeError(
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        if strategy is not None and not isinstance(strategy, DHPStrategy):
+            raise DHPConfigError(
                 f"DHPDataModule yields global batches for DHPStrategy to plan, but the Trainer uses "
-                f"{type(self.trainer.strategy).__name__}; pass Trainer(strategy=DHPStrategy(...)) or "
-                "strategy='dhp' (also on one device)")
+                f"{type(strategy).__name__}; pass Trainer(strategy=DHPStrategy(...)) or strategy='dhp' "
+                "(also on one device)")
+        training = stage == "train"
+        return dhp_dataloader(*self.datasets[stage], self.global_batch_size, shuffle=self.shuffle and training,
+                              seed=self.seed, drop_last=self.drop_last and training, num_workers=self.num_workers,
+                              **self.packing_options)
 
-    def train_dataloader(self) -> DataLoader:
-        self._check_strategy()
-        return dhp_dataloader(self.train_dataset, self.lengths, self.global_batch_size, shuffle=self.shuffle,
-                              seed=self.seed, drop_last=self.drop_last, num_workers=self.num_workers)
+    def train_dataloader(self) -> Any:
+        return self._loader("train")
 
     def val_dataloader(self) -> Any:
-        if self.val_dataset is None:
-            return []
-        self._check_strategy()
-        return dhp_dataloader(self.val_dataset, self.val_lengths, self.global_batch_size, shuffle=False,
-                              num_workers=self.num_workers)
+        return self._loader("val")
+
+    def test_dataloader(self) -> Any:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> Any:
+        return self._loader("predict")

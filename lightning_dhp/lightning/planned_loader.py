@@ -9,7 +9,6 @@ inputs, so every rank holds the whole plan without any communication.
 from __future__ import annotations
 
 import time
-import traceback
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,16 +18,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_dhp.attention import ZigzagLayout
-from lightning_dhp.lightning.collate import (
-    DHPBatchInfo,
-    DHPDataError,
-    check_item,
-    collate_group,
-    count_loss_tokens,
-    empty_batch,
-)
+from lightning_dhp.errors import DHPDataError, PlanError
+from lightning_dhp.lightning.batch import DHPBatchInfo
+from lightning_dhp.lightning.collate import DHPPacking, count_loss_tokens
 from lightning_dhp.lightning.sampler import DHPBatchSampler
-from lightning_dhp.planner import CostModel, Plan, PlanError, plan_batch, static_plan
+from lightning_dhp.planner import CostModel, Plan, plan_batch, static_plan
 
 
 @dataclass(frozen=True)
@@ -85,10 +79,11 @@ class PlannedStep:
 class PlannedDataset(Dataset):
     """Maps a :class:`StepRequest` to this rank's :class:`PlannedStep`."""
 
-    def __init__(self, dataset: Any, lengths: Sequence[int], config: PlanConfig) -> None:
+    def __init__(self, dataset: Any, lengths: Sequence[int], config: PlanConfig, packing: DHPPacking) -> None:
         self.dataset = dataset
         self.lengths = lengths
         self.config = config
+        self.packing = packing
 
     def __getitem__(self, request: StepRequest) -> PlannedStep:
         config = self.config
@@ -105,10 +100,10 @@ class PlannedDataset(Dataset):
                 if group is not None else ([], ())
             if items:
                 layout = ZigzagLayout([self.lengths[i] for i in kept], group.degree, group.ranks.index(config.rank))
-                batch, group_ranks = collate_group(items, layout), group.ranks
+                batch, group_ranks = self.packing.collate_group(items, layout), group.ranks
             else:  # idle in this round
                 template = template or self._template(request)
-                batch, layout = empty_batch(template)
+                batch, layout = self.packing.empty_batch(template)
                 group_ranks = (config.rank,)
             loss_tokens = count_loss_tokens(items)
             if group is not None and config.rank == group.ranks[0]:  # counted once per group, by its first rank
@@ -138,20 +133,13 @@ class PlannedDataset(Dataset):
         items, kept = [], []
         for index in sample_ids:
             try:
-                item = self.dataset[index]
-                check_item(item, index, self.lengths[index])
-            except DHPDataError as bad:
-                message = str(bad)
-            except Exception as failure:  # a crash in one rank's loader must not hang the others
-                message = f"loading dataset item {index} failed: {traceback.format_exception_only(failure)[-1].strip()}"
-            else:
-                items.append(item)
+                items.append(self.packing.load(self.dataset, index, self.lengths[index]))
                 kept.append(index)
-                continue
-            if self.config.skip_bad_samples:
-                skipped.append(index)
-            else:
-                errors.append(message + " (or pass skip_bad_samples=True to skip and count such samples)")
+            except DHPDataError as bad:
+                if self.config.skip_bad_samples:
+                    skipped.append(index)
+                else:
+                    errors.append(f"{bad} (or pass skip_bad_samples=True to skip and count such samples)")
         return items, tuple(kept)
 
     def __len__(self) -> int:
@@ -181,8 +169,8 @@ def _unbatched(step: PlannedStep) -> PlannedStep:
     return step
 
 
-def check_fits(lengths: Sequence[int], config: PlanConfig) -> None:
-    """Fail at bind time, naming the dataset index, if the longest sample fits on no group."""
+def check_longest_sample_fits(lengths: Sequence[int], config: PlanConfig) -> None:
+    """Fail when the loader is built, naming the dataset index, if the longest sample fits on no group."""
     longest = max(range(len(lengths)), key=lambda i: lengths[i])
     try:
         config.plan([lengths[longest]])
@@ -197,19 +185,19 @@ class DHPDataLoader(DataLoader):
     in Lightning checkpoints) counts batches up to that one, not the ones already prefetched.
     """
 
-    def __init__(self, dataset: Any, batch_sampler: DHPBatchSampler, config: PlanConfig,
+    def __init__(self, dataset: Any, batch_sampler: DHPBatchSampler, config: PlanConfig, packing: DHPPacking,
                  trained: dict[str, StepRequest], **loader_kwargs: Any):
         if len(batch_sampler.lengths) != len(dataset):
             raise DHPDataError(
                 f"the sampler has {len(batch_sampler.lengths)} lengths but the dataset has {len(dataset)} items; "
                 "pass one length per dataset item (in dataset order)")
-        check_fits(batch_sampler.lengths, config)
+        check_longest_sample_fits(batch_sampler.lengths, config)
         self.dhp_batch_sampler = batch_sampler
         self.plan_config = config
         self.loader_id = uuid.uuid4().hex
         self._trained = trained
         self._start = (batch_sampler.epoch, batch_sampler.resume_position)
-        super().__init__(PlannedDataset(dataset, batch_sampler.lengths, config),
+        super().__init__(PlannedDataset(dataset, batch_sampler.lengths, config, packing),
                          sampler=StepRequests(batch_sampler, self.loader_id),
                          batch_size=None, collate_fn=_unbatched, **loader_kwargs)
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from lightning_dhp.errors import DHPConfigError, DHPDataError
 
 
 class DHPBatchSampler:
@@ -21,10 +24,8 @@ class DHPBatchSampler:
     def __init__(self, lengths: Sequence[int], global_batch_size: int, *, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = False) -> None:
         if global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
-        if len(lengths) == 0:
-            raise ValueError("lengths is empty: the dataset has no samples to batch")
-        self.lengths = [int(length) for length in lengths]
+            raise DHPConfigError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        self.lengths = checked_lengths(lengths)
         self.global_batch_size = global_batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -66,14 +67,43 @@ class DHPBatchSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["num_samples"] != len(self.lengths):
-            raise ValueError(
+            raise DHPConfigError(
                 f"cannot resume: the checkpoint's sampler saw {state['num_samples']} samples, this dataset "
                 f"has {len(self.lengths)}; resume with the same dataset")
         if state["global_batch_size"] != self.global_batch_size:
-            raise ValueError(
+            raise DHPConfigError(
                 f"cannot resume: the checkpoint used global_batch_size={state['global_batch_size']}, this run "
                 f"uses {self.global_batch_size}; resume with the same global batch size")
         self.seed = state["seed"]
         self.epoch = state["epoch"]
         self._batches_consumed = state["batches_consumed"]
         self.resume_position = state["batches_consumed"]  # == len(self): the epoch is done
+
+
+def checked_lengths(lengths: Sequence[int]) -> list[int]:
+    """``lengths`` as ints, or a :class:`DHPDataError` naming the dataset indices that cannot be trained.
+
+    Checked when the DataLoader is built, so a bad length never waits for its batch to come up.
+    """
+    if len(lengths) == 0:
+        raise DHPDataError("lengths is empty: the dataset has no samples to batch")
+    values = list(lengths)
+    not_integers = [index for index, length in enumerate(values) if not _is_whole_number(length)]
+    if not_integers:
+        shown = ", ".join(f"lengths[{index}] = {values[index]!r}" for index in not_integers[:5])
+        raise DHPDataError(f"token counts must be whole numbers; dataset items {not_integers[:5]} have {shown}")
+    values = [int(length) for length in values]
+    bad = [index for index, length in enumerate(values) if length < 1]
+    if bad:
+        shown = ", ".join(f"lengths[{index}] = {values[index]}" for index in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DHPDataError(f"dataset items {bad[:5]}{more} have no tokens to train ({shown}); every length must "
+                           "be >= 1: remove those items or fix their lengths")
+    return values
+
+
+def _is_whole_number(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    return isinstance(value, (numbers.Integral, np.integer)) or (isinstance(value, numbers.Real)
+                                                               and float(value).is_integer())

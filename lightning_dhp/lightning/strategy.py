@@ -1,52 +1,72 @@
-"""DHPStrategy: Lightning's DDP strategy, with every global batch planned onto varying CP groups.
+"""DHPStrategy: every global batch planned onto context-parallel groups whose sizes change per batch.
 
-What changes against DDP, hook by hook:
-- ``process_dataloader``: a DataLoader with a :class:`DHPBatchSampler` becomes a
-  :class:`DHPDataLoader` that plans each global batch and collates this rank's rounds.
-- ``configure_ddp``: the model is not wrapped; ranks run different shapes, so gradients are summed
-  explicitly, once per optimizer step (``optimizer_step``), before clipping.
-- ``training_step`` / ``validation_step``: agree on the plan (one small all-gather), take the plan's
-  groups from the pool in lockstep, then run the user's step once per round inside the round's CP
-  context. Every rank runs every round (an idle rank gets an empty batch), so the user's logging
-  stays collective-safe.
+A :class:`~lightning.pytorch.strategies.ParallelStrategy` (like Lightning's ModelParallelStrategy):
+the model is never wrapped, ranks run different shapes. What each hook adds:
+
+- ``process_dataloader``: a DataLoader with a :class:`DHPBatchSampler` becomes a :class:`DHPDataLoader`
+  that plans each global batch and collates this rank's rounds.
+- ``training_step`` / ``validation_step`` / ``test_step`` / ``predict_step``: agree on the plan (one
+  small all-gather), take the plan's groups from the pool, run the user's step once per round inside
+  the round's CP context (every rank runs every round: an idle rank gets an empty batch), then sum
+  what the step logged over rounds and ranks (:mod:`~lightning_dhp.lightning.shares`).
+- ``backward`` / ``block_backward_sync``: gradients of early rounds kept aside, one sum over the world
+  after the last round's backward (:mod:`~lightning_dhp.lightning.gradients`).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+import warnings
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.overrides.distributed import _sync_module_states
-from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from lightning_dhp.distributed import CPContext, cp_context, require_cp_context
+from lightning_dhp.distributed.checkpointing import apply_activation_checkpointing
+from lightning_dhp.distributed.context import CP_IMPLEMENTATIONS
 from lightning_dhp.distributed.pool import GroupPool
-from lightning_dhp.lightning.collate import DHPDataError
+from lightning_dhp.distributed.world import world_device_id
+from lightning_dhp.errors import DHPConfigError, DHPDataError, DHPRankMismatchError
+from lightning_dhp.lightning import _lightning, sharding
+from lightning_dhp.lightning.batch import DHPBatchInfo
+from lightning_dhp.lightning.collate import DHPPacking
+from lightning_dhp.lightning.gradients import GradientSync
 from lightning_dhp.lightning.planned_loader import DHPDataLoader, PlanConfig, PlannedStep, StepRequest
+from lightning_dhp.lightning.predictions import assemble, piece_of
 from lightning_dhp.lightning.sampler import DHPBatchSampler
-from lightning_dhp.planner import CostModel, Plan
+from lightning_dhp.lightning.sharding import (
+    SHARDINGS,
+    ShardedGradientSync,
+    is_sharded,
+    mixed_precision_policy,
+    shard_model,
+)
+from lightning_dhp.lightning.shares import ALREADY_SUMMED, LoggedShares
+from lightning_dhp.planner import CostModel, Plan, divisors
 
-
-class DHPConfigError(ValueError):
-    """DHPStrategy used in a way it cannot work; the message says what to change."""
-
-
-class DHPPlanMismatchError(RuntimeError):
-    """Ranks hold different plans for the same step (different data, lengths or planner inputs)."""
-
-
-_PLAN_HISTORY = 64  # plans kept for plots and summaries
+# DHPBatchSampler never drops predict samples (predict loaders keep the last short batch), which
+# Lightning cannot check on a custom batch sampler and warns about.
+warnings.filterwarnings("ignore", message="You are using a custom batch sampler `DHPBatchSampler` for prediction")
 _PEER_FAILURE = re.compile(r"closed by peer|reset by peer|timed out|timeout|Broken pipe|NCCL|HCCL", re.IGNORECASE)
 
 
-class DHPStrategy(DDPStrategy):
+class DHPStrategy(ParallelStrategy):
     """Dynamic Hybrid Parallelism: per-batch context-parallel groups of any size.
 
     Args:
@@ -63,7 +83,15 @@ class DHPStrategy(DDPStrategy):
         skip_bad_samples: drop and count malformed dataset items instead of stopping the run.
         static_degree: plan every group with exactly this many ranks (Megatron-style static ring CP,
             data parallel over ``world_size / static_degree`` groups); 1 is plain data parallelism.
-        **ddp_kwargs: DDPStrategy arguments (``timeout``, ``process_group_backend``, ``accelerator`` ...).
+        activation_checkpointing: module classes whose instances recompute their activations in
+            backward (Lightning FSDPStrategy's convention), inside the CP context of their forward.
+        sharding: ``"replicate"`` (every rank holds the whole model) or ``"fsdp"`` (FSDP2 over a 1-D mesh
+            of all ranks; the LightningModule's direct children are the roots, so a step must call
+            them, e.g. ``self.model(...)``). A ``configure_model`` that shards with ``self.device_mesh``
+            itself is left as it is.
+        fsdp_modules: with ``sharding="fsdp"``, module classes sharded on their own (e.g. decoder layers).
+        process_group_backend, timeout: as for Lightning's DDPStrategy; ``timeout`` bounds every
+            collective, so a stalled rank stops the others with the step named.
     """
 
     strategy_name = "dhp"
@@ -71,18 +99,26 @@ class DHPStrategy(DDPStrategy):
     def __init__(self, tokens_per_device: int | None = None, cost_model: CostModel | str | None = None,
                  pool_size: int = 32, start_method: str = "popen", *, cp_implementation: str = "ring",
                  group_free_ring: bool = False, node_size: int | None = None, skip_bad_samples: bool = False,
-                 static_degree: int | None = None, **ddp_kwargs: Any) -> None:
-        super().__init__(start_method=start_method, **ddp_kwargs)
-        if self._ddp_kwargs:
-            raise DHPConfigError(
-                f"DHPStrategy does not wrap the model in DistributedDataParallel, so {sorted(self._ddp_kwargs)} "
-                "would be ignored; remove them")
+                 static_degree: int | None = None,
+                 activation_checkpointing: type[nn.Module] | Collection[type[nn.Module]] | None = None,
+                 sharding: str = "replicate", fsdp_modules: type[nn.Module] | Collection[type[nn.Module]] | None = None,
+                 process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout,
+                 **parallel_kwargs: Any) -> None:
+        super().__init__(**parallel_kwargs)
         if tokens_per_device is not None and tokens_per_device < 1:
             raise DHPConfigError(f"tokens_per_device must be >= 1, got {tokens_per_device}")
-        if cp_implementation not in ("ring", "allgather"):
-            raise DHPConfigError(f"cp_implementation must be 'ring' or 'allgather', got {cp_implementation!r}")
+        if cp_implementation not in CP_IMPLEMENTATIONS:
+            raise DHPConfigError(f"cp_implementation must be one of {CP_IMPLEMENTATIONS}, got {cp_implementation!r}")
         if group_free_ring and cp_implementation != "ring":
             raise DHPConfigError("group_free_ring=True needs cp_implementation='ring' (all-gather needs groups)")
+        if start_method not in ("popen", "spawn", "fork", "forkserver"):
+            raise DHPConfigError(f"start_method must be 'popen', 'spawn', 'fork' or 'forkserver', got {start_method!r}")
+        if static_degree is not None and static_degree < 1:
+            raise DHPConfigError(f"static_degree must be >= 1, got {static_degree}")
+        if sharding not in SHARDINGS:
+            raise DHPConfigError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+        if fsdp_modules and sharding != "fsdp":
+            raise DHPConfigError("fsdp_modules needs sharding='fsdp'")
         self.tokens_per_device = tokens_per_device
         self.cost_model = cost_model
         self.cp_implementation = cp_implementation
@@ -90,46 +126,114 @@ class DHPStrategy(DDPStrategy):
         self.node_size = node_size
         self.skip_bad_samples = skip_bad_samples
         self.static_degree = static_degree
+        self.activation_checkpointing = _classes(activation_checkpointing)
+        self.sharding = sharding
+        self.fsdp_modules = _classes(fsdp_modules)
         self.pool = GroupPool(pool_size)
-        self.plan_history: list[dict[str, Any]] = []
         self.skipped_samples = 0
+        self.num_nodes = 1
+        self._start_method = start_method
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
         self._trained: dict[str, StepRequest] = {}
-        self._step_started: float | None = None
-        self._last_step: PlannedStep | None = None
         self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
-        self._scopes = ExitStack()
-        self._early_grads: list[torch.Tensor | None] | None = None
-        self._in_early_backward = False
+        self._scopes = ExitStack()  # open for the whole run
+        self._round_scope = ExitStack()  # the current round's CP context, open until its backward ran
+        self._round: DHPBatchInfo | None = None
+        self._step_counts: tuple[int, int] = (0, 0)  # global loss tokens and samples of the current step
         self._current_request: StepRequest | None = None
+        self._gradients: GradientSync | ShardedGradientSync | None = None
+        self._device_mesh: DeviceMesh | None = None
+        self._skipping = False  # every rank returned None: the step trains nothing
+        self._logged = LoggedShares()
 
     # -- environment -------------------------------------------------------------------------------
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
 
     @property
     def is_multi_process(self) -> bool:
         return self.num_nodes * self.num_processes > 1
 
-    def setup_distributed(self) -> None:
-        if self.is_multi_process:
-            super().setup_distributed()
-        else:  # one device: no process group at all
-            self.set_world_ranks()
+    @property
+    def is_distributed(self) -> bool:
+        """Lightning syncs ``self.log(..., sync_dist=True)`` outside DHP steps only when this is true."""
+        return self.is_multi_process or _lightning._distributed_is_initialized()
 
-    def _get_process_group_backend(self) -> str:
-        if self._process_group_backend is None and self.root_device.type == "npu":
-            return "hccl"
-        return super()._get_process_group_backend()
+    @property
+    def process_group_backend(self) -> str | None:
+        return self._process_group_backend
 
-    def setup(self, trainer: Any) -> None:
-        # Batches are split by the planner, never by Lightning's DistributedSampler.
-        trainer._accelerator_connector.use_distributed_sampler = False
-        if not self.is_multi_process:  # DDPStrategy.setup would broadcast through a process group we lack
-            Strategy.setup(self, trainer)
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            self._launcher = _lightning._SubprocessScriptLauncher(self.cluster_environment, self.num_processes,
+                                                                  self.num_nodes)
         else:
-            super().setup(trainer)
+            self._launcher = _lightning._MultiProcessingLauncher(self, start_method=self._start_method)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self.set_world_ranks()
+        if not self.is_multi_process:  # one device: no process group at all
+            return
+        reset_seed()
+        self._process_group_backend = self._process_group_backend or self._default_backend()
+        _lightning._init_dist_connection(self.cluster_environment, self._process_group_backend,
+                                         timeout=self._timeout, device_id=world_device_id(self.root_device))
+        if self.sharding == "fsdp":  # before configure_model, which may shard with it
+            self._device_mesh = init_device_mesh(self.root_device.type, (self.world_size,))
+            self.lightning_module._device_mesh = self._device_mesh
+
+    def _default_backend(self) -> str:
+        if self.root_device.type == "npu":
+            return "hccl"
+        return _lightning._get_default_process_group_backend_for_device(self.root_device)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    @override
+    def setup(self, trainer: Any) -> None:
+        _lightning.disable_distributed_sampler(trainer)
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        policy = mixed_precision_policy(self.precision_plugin.precision) if self.sharding == "fsdp" else None
+        if self.activation_checkpointing:  # raises the same error on every rank before any collective
+            apply_activation_checkpointing(self.lightning_module, self.activation_checkpointing)
+        if self.is_multi_process:
+            if not is_sharded(self.lightning_module):  # shards must be cut from identical parameters
+                _lightning._sync_module_states(self.model)
             # outside a planned step, attention has no layout to follow
             self._scopes.enter_context(require_cp_context(
                 "cp_attention was called outside a DHP batch on a multi-device run; call it from "
-                "training_step/validation_step, which DHPStrategy runs inside the batch's context-parallel group"))
+                "training_step/validation_step/test_step/predict_step, which DHPStrategy runs inside the "
+                "batch's context-parallel group"))
+        if self._device_mesh is not None:
+            self._gradients = ShardedGradientSync(
+                shard_model(self.lightning_module, self._device_mesh, self.fsdp_modules, policy))
+        else:
+            self._gradients = GradientSync(self.lightning_module, dist.group.WORLD if self.is_multi_process else None)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _lightning._optimizers_to_device(self.optimizers, self.root_device)
         if self.cost_model == "auto":
             self.cost_model = self._calibrate()
         elif isinstance(self.cost_model, str):
@@ -146,46 +250,108 @@ class DHPStrategy(DDPStrategy):
             rank_zero_info(f"DHP: calibrated the cost model on {self.root_device} in "
                            f"{time.perf_counter() - started:.1f} s (fit error: median "
                            f"{report.median_abs_pct_error:.1f}%, p90 {report.p90_abs_pct_error:.1f}%)")
-        return self.broadcast(model) if self.is_multi_process else model
+        return self.broadcast(model)
 
-    def configure_ddp(self) -> None:
-        if self.is_multi_process:
-            _sync_module_states(self.model)
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
 
-    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model  # never wrapped in DistributedDataParallel: gradients are summed in optimizer_step
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if not _lightning._distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
 
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _lightning._distributed_is_initialized():
+            return obj
+        objects = [obj]
+        dist.broadcast_object_list(objects, src)
+        return objects[0]
+
+    @override
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        if group is ALREADY_SUMMED:  # a value the strategy logged after summing it over ranks
+            return tensor
+        if isinstance(tensor, torch.Tensor):
+            return _lightning._sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    @override
     def on_exception(self, exception: BaseException) -> None:
         """Say which step a failed collective belongs to and what it usually means."""
-        super().on_exception(exception)
         message = str(exception)
         if self._current_request is not None and _PEER_FAILURE.search(message):
             request = self._current_request
             exception.args = (
                 f"DHP: a peer rank died or stalled during global batch {request.position} (epoch {request.epoch}); "
                 f"rank {self.global_rank} stopped when a collective failed or passed the timeout ({self._timeout}). "
-                f"The first error is in the other ranks' logs. Original error: {message}",)
+                "The first error is in the other ranks' logs. If no rank failed, check that every rank makes "
+                f"the same collective calls in every round. Original error: {message}",)
 
+    # -- checkpoints (sharded models save and load full state dicts) -------------------------------
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return self.sharding == "fsdp"  # load into the sharded model
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if not is_sharded(self.lightning_module):
+            return super().lightning_module_state_dict()
+        return sharding.full_model_state(self.lightning_module)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if not is_sharded(self.lightning_module):
+            return super().load_model_state_dict(checkpoint, strict)
+        sharding.load_full_model_state(self.lightning_module, checkpoint["state_dict"], strict)
+        return None
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if not is_sharded(self.lightning_module):
+            return super().optimizer_state(optimizer)
+        return sharding.full_optimizer_state(self.lightning_module, getattr(optimizer, "_optimizer", optimizer))
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        if not is_sharded(self.lightning_module):
+            return super().load_optimizer_state_dict(checkpoint)
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            sharding.load_full_optimizer_state(self.lightning_module, optimizer, state)
+        return None
+
+    @override
     def teardown(self) -> None:
+        self._close_round()
         self._scopes.close()
         self.pool.clear()
         super().teardown()
 
     # -- data --------------------------------------------------------------------------------------
 
+    @override
     def process_dataloader(self, dataloader: object) -> object:
         if isinstance(dataloader, DHPDataLoader) or dataloader == []:  # [] is Lightning's "no loader"
             return dataloader
-        batch_sampler = getattr(dataloader, "batch_sampler", None)
+        batch_sampler = _lightning.unwrap_batch_sampler(getattr(dataloader, "batch_sampler", None))
         if not isinstance(batch_sampler, DHPBatchSampler):
             raise DHPConfigError(
                 "DHPStrategy plans every global batch, so its DataLoaders need "
-                "`batch_sampler=DHPBatchSampler(lengths, global_batch_size)` (or use DHPDataModule); got "
-                f"{type(batch_sampler).__name__}")
+                "`batch_sampler=DHPBatchSampler(lengths, global_batch_size)` (or use DHPDataModule / "
+                f"dhp_dataloader); got {type(batch_sampler).__name__}")
+        packing = DHPPacking.from_collate_fn(dataloader.collate_fn)
         if self.static_degree is not None and self.world_size % self.static_degree:
-            divisors = [d for d in range(1, self.world_size + 1) if self.world_size % d == 0]
             raise DHPConfigError(f"static_degree={self.static_degree} does not divide the {self.world_size} devices; "
-                                 f"use one of {divisors} (or DHP, static_degree=None, which takes any degree)")
+                                 f"use one of {divisors(self.world_size)} (or DHP, static_degree=None, which takes "
+                                 "any degree)")
         config = PlanConfig(
             num_devices=self.world_size, rank=self.global_rank,
             tokens_per_device=self.tokens_per_device or max(batch_sampler.lengths),
@@ -197,77 +363,98 @@ class DHPStrategy(DDPStrategy):
                           "persistent_workers")}
         if dataloader.num_workers > 0:
             loader_kwargs["prefetch_factor"] = dataloader.prefetch_factor
-        return DHPDataLoader(dataloader.dataset, batch_sampler, config, self._trained, **loader_kwargs)
+        return DHPDataLoader(dataloader.dataset, batch_sampler, config, packing, self._trained, **loader_kwargs)
 
     # -- steps -------------------------------------------------------------------------------------
 
+    @override
     def training_step(self, step: PlannedStep, batch_idx: int) -> Any:
+        module = self.lightning_module
+        automatic = module.automatic_optimization
         self._begin_step(step)
-        accumulation = self.lightning_module.trainer.accumulate_grad_batches
-        earlier_rounds = torch.zeros((), device=self.root_device)
-        last_round = len(step.plan.rounds) - 1
-        for round_index in range(last_round + 1):
-            output = self._run_round(step, round_index, super().training_step, batch_idx)
-            if round_index < last_round:
-                # Backward now, so only one round's activations are alive; Lightning runs the last one.
+        returned_none, earlier_losses, output = 0, [], None
+        with self._logged.capture(module):
+            for round_index in range(len(step.plan.rounds)):
+                batch = self._enter_round(step, round_index)
+                output = super().training_step(batch, batch_idx)
                 loss = _loss_of(output)
-                self._backward_early_round(loss / accumulation)
-                earlier_rounds = earlier_rounds + loss.detach()
-        step_loss = _loss_of(output) + earlier_rounds  # the whole share's value, the last round's graph
-        self._log_step(step, step_loss.detach())
+                returned_none += loss is None
+                if round_index == len(step.plan.rounds) - 1:
+                    continue
+                if automatic and self.is_multi_process:  # the backward below may communicate: agree first
+                    self._check_none(step, self._all_gather_tensor(self._none_report(loss is None))[:, 0], 1)
+                if loss is None:
+                    continue
+                earlier_losses.append(loss.detach())
+                if automatic:  # backward now, so only one round's activations are alive
+                    assert self._gradients is not None
+                    with self._gradients.early_backward():
+                        self.backward(loss / module.trainer.accumulate_grad_batches, None)
+        every_rank_returned = self._finish_step(step, returned_none, strict=automatic)
         self._trained[step.request.loader_id] = step.request
-        return _with_loss(output, step_loss)
+        if every_rank_returned:
+            step_loss = sum(earlier_losses, _loss_of(output))  # the whole share's value, the last round's graph
+            self._logged.add("dhp/loss", step_loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self._publish(step)
+        if every_rank_returned:
+            return _with_loss(output, step_loss)
+        if automatic:
+            # Lightning's skip, which it refuses on several processes: no backward, gradients stay as they
+            # are (None after zero_grad), so the optimizer leaves every parameter and its state alone.
+            assert self._gradients is not None
+            self._gradients.discard()
+            self._skipping = True
+            return torch.zeros((), device=self.root_device)
+        return None
 
-    def _backward_early_round(self, loss: torch.Tensor) -> None:
-        """Backward of a round before the last, into gradients kept aside.
-
-        Lightning zeroes gradients between the training step and the backward it runs, so early rounds'
-        gradients wait in ``_early_grads`` and join in ``post_backward`` of the last round.
-        """
-        params = self._trainable_parameters()
-        outer = [p.grad for p in params]
-        for p, early in zip(params, self._early_grads or [None] * len(params), strict=True):
-            p.grad = early
-        self._in_early_backward = True
-        try:
-            self.backward(loss, None)
-        finally:
-            self._in_early_backward = False
-        self._early_grads = [p.grad for p in params]
-        for p, grad in zip(params, outer, strict=True):
-            p.grad = grad
-
-    def post_backward(self, closure_loss: torch.Tensor) -> None:
-        super().post_backward(closure_loss)
-        if self._in_early_backward or self._early_grads is None:
-            return
-        for p, early in zip(self._trainable_parameters(), self._early_grads, strict=True):
-            if early is not None:
-                p.grad = early if p.grad is None else p.grad.add_(early)
-        self._early_grads = None
-
-    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.lightning_module.parameters() if p.requires_grad]
-
+    @override
     def validation_step(self, step: PlannedStep, batch_idx: int, *args: Any) -> Any:
-        self._begin_step(step, training=False)
-        user_step = super().validation_step
-        outputs = [self._run_round(step, round_index, user_step, batch_idx, *args)
-                   for round_index in range(len(step.plan.rounds))]
-        return outputs[-1]
+        return self._evaluation_step(step, super().validation_step, batch_idx, *args)
 
-    def _run_round(self, step: PlannedStep, round_index: int, user_step: Callable[..., Any], *args: Any) -> Any:
-        batch = step.rounds[round_index]
+    @override
+    def test_step(self, step: PlannedStep, batch_idx: int, *args: Any) -> Any:
+        return self._evaluation_step(step, super().test_step, batch_idx, *args)
+
+    @override
+    def predict_step(self, step: PlannedStep, batch_idx: int, *args: Any) -> list[Any]:
+        """One output per sample of the global batch, in the batch's order, the same on every rank."""
+        self._begin_step(step, training=False)
+        pieces = []
+        for round_index in range(len(step.plan.rounds)):
+            batch = self._enter_round(step, round_index)
+            pieces.append(piece_of(batch["dhp"], super().predict_step(batch, batch_idx, *args)))
+        self._close_round()
+        gathered = self._all_gather_objects([piece for piece in pieces if piece is not None])
+        return assemble([piece for rank_pieces in gathered for piece in rank_pieces], step.request.sample_ids)
+
+    def _evaluation_step(self, step: PlannedStep, user_step: Callable[..., Any], *args: Any) -> Any:
+        self._begin_step(step, training=False)
+        output = None
+        with self._logged.capture(self.lightning_module):
+            for round_index in range(len(step.plan.rounds)):
+                output = user_step(self._enter_round(step, round_index), *args)
+        self._close_round()
+        self._finish_step(step, returned_none=0, strict=False)
+        self._publish(step)
+        return output
+
+    def _enter_round(self, step: PlannedStep, round_index: int) -> dict[str, Any]:
+        """This round's batch on the device, its CP context current until the round's backward ran."""
+        self._close_round()
+        batch, step.rounds[round_index] = step.rounds[round_index], None  # free each round after use
         info = batch.pop("dhp")
         batch = self.batch_to_device(batch)
+        info.global_loss_tokens, info.global_samples = self._step_counts
         batch["dhp"] = info
-        info.global_loss_tokens = self._global_loss_tokens
-        context = CPContext(layout=info.layout, group=self._group_of(info.group_ranks),
-                            ranks=info.group_ranks, implementation=self.cp_implementation)
-        with cp_context(context):
-            output = user_step(batch, *args)
-        step.rounds[round_index] = None  # free the round's tensors before the next one
-        return self._tie_to_parameters(output)
+        self._round_scope.enter_context(cp_context(CPContext(
+            layout=info.layout, group=self._group_of(info.group_ranks), ranks=info.group_ranks,
+            implementation=self.cp_implementation)))
+        self._round = info
+        return batch
+
+    def _close_round(self) -> None:
+        self._round_scope.close()
+        self._round = None
 
     def _group_of(self, ranks: tuple[int, ...]) -> dist.ProcessGroup | None:
         if len(ranks) == 1:
@@ -276,26 +463,16 @@ class DHPStrategy(DDPStrategy):
             return dist.group.WORLD
         return self._groups[ranks]
 
-    def _tie_to_parameters(self, output: Any) -> Any:
-        """An empty round's loss has no graph; give it one so Lightning's backward works everywhere."""
-        loss = _loss_of(output)
-        if loss is None or loss.requires_grad or not torch.is_grad_enabled():
-            return output
-        zero = sum(p.reshape(-1)[:1].sum() for p in self._trainable_parameters()) * 0.0
-        return _with_loss(output, loss + zero)
-
-    # -- agreement, groups, metrics ----------------------------------------------------------------
+    # -- agreement ---------------------------------------------------------------------------------
 
     def _begin_step(self, step: PlannedStep, training: bool = True) -> None:
-        """Agree on the plan and on bad data, count loss tokens, and take the plan's groups."""
+        """Agree on the plan and on bad data, count the global batch, and take the plan's groups."""
+        self._close_round()
+        self._skipping = False
         self._current_request = step.request
-        now = time.perf_counter()
-        if training and self._last_step is not None and self._step_started is not None:
-            self._record(self._last_step, now - self._step_started)
-        self._step_started, self._last_step = now, step if training else None
         report = torch.tensor([step.leader_loss_tokens, step.error is not None, _digest_number(step.plan),
                                step.leader_skipped], dtype=torch.int64, device=self.root_device)
-        reports = self._all_gather_reports(report)
+        reports = self._all_gather_tensor(report)
         if reports[:, 1].any():
             ranks_by_error: dict[str, list[int]] = {}
             for rank, errors in enumerate(self._all_gather_objects(step.error)):
@@ -306,21 +483,56 @@ class DHPStrategy(DDPStrategy):
         digests = reports[:, 2]
         if (digests != digests[0]).any():
             differing = [rank for rank in range(len(digests)) if digests[rank] != digests[0]]
-            raise DHPPlanMismatchError(
+            raise DHPRankMismatchError(
                 f"ranks disagree on the plan of global batch {step.request.position} (epoch {step.request.epoch}): "
                 f"ranks {differing} differ from rank 0. Every rank must see the same dataset lengths, sampler "
                 "seed, tokens_per_device and cost model")
-        self._global_loss_tokens = int(reports[:, 0].sum())
+        skipped = int(reports[:, 3].sum())
+        self._step_counts = (int(reports[:, 0].sum()), len(step.request.sample_ids) - skipped)
         if training:
-            self.skipped_samples += int(reports[:, 3].sum())
+            self.skipped_samples += skipped
         if self.is_multi_process and not self.group_free_ring:
             self._groups = self.pool.acquire_plan(group.ranks for round_ in step.plan.rounds for group in round_.groups)
 
-    def _all_gather_reports(self, report: torch.Tensor) -> torch.Tensor:
+    def _finish_step(self, step: PlannedStep, returned_none: int, strict: bool) -> bool:
+        """Check that ranks logged the same names and (``strict``: automatic optimization) agree on None;
+        True if every round of every rank returned a value."""
+        header = torch.tensor([returned_none, self._logged.digest()], dtype=torch.int64, device=self.root_device)
+        headers = self._all_gather_tensor(header)
+        where = f"global batch {step.request.position} (epoch {step.request.epoch})"
+        if (headers[:, 1] != headers[0, 1]).any():
+            raise DHPRankMismatchError(
+                f"ranks logged different values in {where}: inside a DHP step every rank must make the same "
+                "self.log calls in every round (an idle rank runs your step on an empty batch: log there too)")
+        if strict:
+            self._check_none(step, headers[:, 0], len(step.plan.rounds))
+        return int(headers[:, 0].sum()) == 0
+
+    def _none_report(self, returned_none: bool) -> torch.Tensor:
+        return torch.tensor([int(returned_none)], dtype=torch.int64, device=self.root_device)
+
+    def _check_none(self, step: PlannedStep, nones_by_rank: torch.Tensor, rounds: int) -> None:
+        """None must come from every rank in every round, or from none: a partial None cannot skip a
+        global batch consistently (and would leave a peer waiting in a ring's backward)."""
+        total = int(nones_by_rank.sum())
+        if 0 < total < self.world_size * rounds:
+            ranks = [rank for rank in range(len(nones_by_rank)) if nones_by_rank[rank]]
+            raise DHPRankMismatchError(
+                f"training_step returned None on ranks {ranks} in global batch {step.request.position} (epoch "
+                f"{step.request.epoch}) but a loss elsewhere. Under DHP each rank runs your step once per round on "
+                "part of the global batch (an empty batch where it is idle); return None in every round on every "
+                "rank to skip the whole global batch, or return a loss (e.g. loss_share of a zero sum)")
+
+    def _publish(self, step: PlannedStep) -> None:
+        if self.is_multi_process and len(self._logged):
+            self._logged.sum_over_ranks(dist.all_reduce, self.root_device)
+        self._logged.publish(self.lightning_module, global_batch_size=self._step_counts[1])
+
+    def _all_gather_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         if not self.is_multi_process:
-            return report.unsqueeze(0).cpu()
-        gathered = [torch.empty_like(report) for _ in range(self.world_size)]
-        dist.all_gather(gathered, report)
+            return tensor.unsqueeze(0).cpu()
+        gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(gathered, tensor)
         return torch.stack(gathered).cpu()
 
     def _all_gather_objects(self, value: Any) -> list[Any]:
@@ -330,70 +542,56 @@ class DHPStrategy(DDPStrategy):
         dist.all_gather_object(values, value)
         return values
 
-    def _log_step(self, step: PlannedStep, step_loss: torch.Tensor) -> None:
-        global_loss = self.reduce(step_loss.clone(), reduce_op="sum") if self.is_multi_process else step_loss
-        stats = step.plan.stats()
-        metrics = {
-            "dhp/rounds": float(len(step.plan.rounds)),
-            "dhp/groups": float(stats["num_groups"]),
-            "dhp/max_degree": float(stats["max_degree"]),
-            "dhp/mean_degree": float(stats["mean_degree"]),
-            "dhp/predicted_step_s": float(step.plan.predicted_time),
-            "dhp/planner_ms": step.planner_seconds * 1e3,
-            "dhp/pool_hits": float(self.pool.stats.hits),
-            "dhp/pool_misses": float(self.pool.stats.misses),
-            "dhp/pool_groups": float(len(self.pool)),
-            "dhp/skipped_samples": float(self.skipped_samples),
-        }
-        if self.plan_history and "measured_s" in self.plan_history[-1]:
-            previous = self.plan_history[-1]
-            metrics["dhp/step_s"] = previous["measured_s"]
-            metrics["dhp/tokens_per_s"] = previous["tokens"] / previous["measured_s"]
-        self.lightning_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False,
-                                       batch_size=len(step.request.sample_ids))
-        self.lightning_module.log("dhp/loss", global_loss, on_step=True, on_epoch=False, prog_bar=True,
-                                  batch_size=len(step.request.sample_ids))
-
-    def _record(self, step: PlannedStep, measured_seconds: float) -> None:
-        entry = {"plan": step.plan, "measured_s": measured_seconds, "tokens": step.num_tokens,
-                 "planner_s": step.planner_seconds, "position": step.request.position, "epoch": step.request.epoch}
-        self.plan_history.append(entry)
-        del self.plan_history[:-_PLAN_HISTORY]
-
     # -- gradients ---------------------------------------------------------------------------------
 
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's backward, plus: a round with nothing to differentiate runs no autograd, and the
+        last round's backward ends with the gradient sum (before ``on_after_backward``, as under DDP)."""
+        round_ = self._round
+        if round_ is None:  # a backward outside a DHP step
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        module = self.lightning_module
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        assert self._gradients is not None
+        self._gradients.before_backward(round_.is_last_round)
+        if closure_loss.requires_grad and not self._skipping:
+            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+        if round_.is_last_round:
+            self._gradients.finish_backward(only_if_any=self._skipping)
+            self._close_round()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Iterator[None]:
+        """While Lightning accumulates gradients over global batches, do not sum them over ranks yet."""
+        assert self._gradients is not None
+        enabled, self._gradients.enabled = self._gradients.enabled, False
+        try:
+            yield
+        finally:
+            self._gradients.enabled = enabled
+
+    @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
                        **kwargs: Any) -> Any:
-        def closure_then_sum_gradients() -> Any:
-            result = closure()
-            self.sum_gradients(optimizer)
-            return result
+        round_ = self._round
+        if round_ is not None and not round_.is_last_round:
+            raise DHPConfigError(
+                f"the optimizer stepped in round {round_.round_index + 1} of {round_.num_rounds} of a global batch. "
+                "Under DHP manual optimization runs training_step once per round: call self.manual_backward(loss) "
+                "in every round and step (and zero_grad) only when batch['dhp'].is_last_round")
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
 
-        return super().optimizer_step(optimizer, closure_then_sum_gradients, model, **kwargs)
 
-    def sum_gradients(self, optimizer: Optimizer) -> None:
-        """Sum every parameter's gradient over the world, one flat all-reduce per dtype and device.
-
-        A rank whose rounds never touched a parameter contributes zeros, so all ranks launch identical
-        collectives.
-        """
-        if not self.is_multi_process:
-            return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-        for p in params:
-            buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
-        for grads in buckets.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-
+def _classes(classes: type[nn.Module] | Collection[type[nn.Module]] | None) -> tuple[type[nn.Module], ...]:
+    if isinstance(classes, type):
+        return (classes,)
+    return tuple(classes or ())
 
 
 def _loss_of(output: Any) -> torch.Tensor | None:
@@ -410,4 +608,3 @@ def _with_loss(output: Any, loss: torch.Tensor) -> Any:
 
 def _digest_number(plan: Plan) -> int:
     return int(plan.digest()[:15], 16)
-

@@ -19,8 +19,10 @@ from lightning import LightningModule
 from torch.utils.data import Dataset
 
 from lightning_dhp.attention import ZigzagLayout
+from lightning_dhp.data.video_digits import VideoDigits
 from lightning_dhp.distributed.context import CPContext, cp_context
-from lightning_dhp.lightning.collate import IGNORE_INDEX, DHPBatchInfo, collate_group, count_loss_tokens, loss_share
+from lightning_dhp.lightning.batch import DHPBatchInfo, loss_share
+from lightning_dhp.lightning.collate import IGNORE_INDEX, DHPPacking, count_loss_tokens
 from lightning_dhp.models.tiny_vlm import TinyVLM, TinyVLMConfig
 
 
@@ -124,7 +126,7 @@ def single_process_batch(
 ) -> dict[str, Any]:
     """A degree-1 DHP batch of ``items`` (one group holding every sample), as the strategy would build it."""
     layout = ZigzagLayout([len(item["input_ids"]) for item in items], 1, 0)
-    batch = collate_group(items, layout)
+    batch = DHPPacking(VideoDigits.token_fields).collate_group(items, layout)
     loss_tokens = count_loss_tokens(items)
     batch["dhp"] = DHPBatchInfo(
         layout=layout,

@@ -1,0 +1,47 @@
+"""Every use of Lightning's private API in lightning-dhp, in one place.
+
+Supported Lightning: >=2.6,<2.7 (the range pinned in setup.cfg). When a Lightning release moves one of
+these names, this module is the only one to change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.overrides.distributed import _IndexBatchSamplerWrapper, _sync_module_states
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+
+SUPPORTED_LIGHTNING = ">=2.6,<2.7"
+
+__all__ = [
+    "SUPPORTED_LIGHTNING",
+    "_MultiProcessingLauncher",
+    "_SubprocessScriptLauncher",
+    "_distributed_is_initialized",
+    "_get_default_process_group_backend_for_device",
+    "_init_dist_connection",
+    "_optimizers_to_device",
+    "_sync_ddp_if_available",
+    "_sync_module_states",
+    "disable_distributed_sampler",
+    "unwrap_batch_sampler",
+]
+
+
+def disable_distributed_sampler(trainer: Any) -> None:
+    """Batches are split by the planner, never by an injected DistributedSampler."""
+    trainer._accelerator_connector.use_distributed_sampler = False
+
+
+def unwrap_batch_sampler(batch_sampler: Any) -> Any:
+    """The user's batch sampler, without the index-recording wrapper Lightning adds for predict."""
+    if isinstance(batch_sampler, _IndexBatchSamplerWrapper):
+        return batch_sampler._batch_sampler
+    return batch_sampler

@@ -1,0 +1,131 @@
+"""FSDP2 sharding over all ranks, composed with DHP's per-batch context-parallel groups.
+
+The sharding group (a 1-D mesh of every rank) never changes, while CP groups change per batch, so
+FSDP's all-gathers and reduce-scatters and the rings never share a communicator. Gradients are
+*summed* (divide factor 1): every rank's loss is already its share of the global mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.optim import Optimizer
+
+from lightning_dhp.errors import DHPConfigError
+
+SHARDINGS = ("replicate", "fsdp")
+_POLICIES = {
+    "32-true": None,
+    "64-true": None,
+    "bf16-true": None,  # parameters are already bf16
+    "bf16-mixed": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+}
+
+
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy | None:
+    """FSDP2's policy for Lightning's precision flag, or a clear error for one it cannot honour."""
+    if precision not in _POLICIES:
+        raise DHPConfigError(f"sharding='fsdp' supports precision {sorted(_POLICIES)}, got {precision!r}; choose one "
+                             "of them or sharding='replicate'")
+    return _POLICIES[precision]
+
+
+def shard_model(module: nn.Module, mesh: DeviceMesh, block_types: Collection[type[nn.Module]],
+                policy: MixedPrecisionPolicy | None) -> list[FSDPModule]:
+    """Shard every ``block_types`` instance on its own, then each direct child of ``module`` as a root.
+
+    The roots are the children (e.g. a LightningModule's ``self.model``): a step calls them, which is
+    when FSDP gathers their parameters. A module the user sharded already (in ``configure_model``)
+    is kept as it is. Returns every FSDP module, with gradients summed over the mesh.
+    """
+    block_types = tuple(block_types)
+    if any(True for _ in module.parameters(recurse=False)):
+        raise DHPConfigError(f"sharding='fsdp' shards the submodules of {type(module).__name__}, but it holds "
+                             "parameters of its own; move them into a submodule (e.g. self.model)")
+    kwargs: dict[str, Any] = {"mesh": mesh} if policy is None else {"mesh": mesh, "mp_policy": policy}
+    if not is_sharded(module):
+        blocks = [child for child in module.modules() if isinstance(child, block_types)]
+        if block_types and not blocks:
+            present = sorted({type(child).__name__ for child in module.modules()})
+            raise DHPConfigError(
+                f"fsdp_modules={{{', '.join(block.__name__ for block in block_types)}}} matches no module of "
+                f"{type(module).__name__}; its module classes are {present}")
+        for block in blocks:
+            fully_shard(block, **kwargs)
+        for child in module.children():
+            if not isinstance(child, FSDPModule) and any(True for _ in child.parameters()):
+                fully_shard(child, **kwargs)
+    sharded = _fsdp_modules(module)
+    for fsdp_module in sharded:
+        fsdp_module.set_gradient_divide_factor(1.0)
+    return sharded
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP already shards ``module`` or one of its submodules."""
+    return bool(_fsdp_modules(module))
+
+
+def _fsdp_modules(module: nn.Module) -> list[FSDPModule]:
+    return [child for child in module.modules() if isinstance(child, FSDPModule)]
+
+
+class ShardedGradientSync:
+    """FSDP2's reduce-scatter, summed, once per optimizer step: earlier rounds (and global batches that
+    Lightning accumulates) backward with gradient sync off, keeping unsharded gradients locally."""
+
+    def __init__(self, modules: list[FSDPModule]) -> None:
+        self.modules = modules
+        self.enabled = True
+
+    def _set_sync(self, sync: bool) -> None:
+        for fsdp_module in self.modules:
+            fsdp_module.set_requires_gradient_sync(sync, recurse=False)
+
+    @contextmanager
+    def early_backward(self) -> Iterator[None]:
+        yield  # before_backward(last_round=False) already turned the sync off
+
+    def before_backward(self, last_round: bool) -> None:
+        self._set_sync(last_round and self.enabled)
+
+    def finish_backward(self, only_if_any: bool = False) -> None:
+        """FSDP reduce-scattered during the backward: nothing left to do."""
+
+    def discard(self) -> None:
+        """Nothing kept aside outside FSDP."""
+
+
+# Checkpoints of a sharded model are full (consolidated) state dicts: loadable without any distributed
+# setup, and re-sharded on load for any world size. Gathering is a collective: every rank calls.
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(module: nn.Module) -> dict[str, Any]:
+    """The whole model's state dict on global rank 0 (empty elsewhere)."""
+    return get_model_state_dict(module, options=_GATHER)
+
+
+def load_full_model_state(module: nn.Module, state: dict[str, Any], strict: bool = True) -> None:
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def full_optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+    return get_optimizer_state_dict(module, optimizer, options=_GATHER)
+
+
+def load_full_optimizer_state(module: nn.Module, optimizer: Optimizer, state: dict[str, Any]) -> None:
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))

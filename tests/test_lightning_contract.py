@@ -1,0 +1,331 @@
+"""The Lightning features a user reaches for, under DHP, against float64 single-device references.
+
+One spawned world per size (1, 2 and 3 processes) runs every scenario and reports what it saw; the
+tests compare each report with a plain PyTorch loop on the same global batches (``tests.tiny_lm``),
+which uses neither the planner, nor packing, nor ``cp_attention``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback
+from torch.utils.data import DataLoader
+
+from lightning_dhp import DHPStrategy, loss_share
+from lightning_dhp.errors import DHPConfigError, DHPDataError
+from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPacking, global_share
+from lightning_dhp.testing import run_distributed
+from tests.test_strategy import GLOBAL_BATCH, LENGTHS, STEPS, _as_torchrun_rank, _global_batches, _trainer, plan_report
+from tests.tiny_lm import (
+    Block,
+    LMTask,
+    TinyLM,
+    TokenDataset,
+    dense_causal_attention,
+    reference_mean_loss,
+    reference_training,
+)
+
+# On 2+ processes the longest sample (37 tokens) needs CP degree 2; batches need several rounds everywhere.
+TOKENS_PER_DEVICE = {1: 64, 2: 20, 3: 20}
+WORLD_SIZES = (1, 2, 3)
+
+
+class StepLosses(Callback):
+    """The logged ``train_loss`` of every step, as Lightning holds it."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(trainer.callback_metrics["train_loss_step"]))
+
+
+class ManualTask(LMTask):
+    """Manual optimization, the documented DHP pattern: backward every round, step in the last."""
+
+    def __init__(self, textbook: bool = False) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.textbook = textbook
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers()
+        if self.textbook:  # zero_grad, backward, step on every call: wrong when a batch has several rounds
+            optimizer.zero_grad()
+        loss = self.loss(batch)
+        self.manual_backward(loss)
+        if self.textbook or batch["dhp"].is_last_round:
+            optimizer.step()
+            optimizer.zero_grad()
+        return loss
+
+
+class SkipTask(LMTask):
+    """Returns None for the second global batch, on the given ranks (None: every rank)."""
+
+    def __init__(self, skipping_ranks: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.skipping_ranks = skipping_ranks
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        loss = super().training_step(batch, batch_idx)
+        skipping = self.skipping_ranks is None or self.global_rank in self.skipping_ranks
+        return None if batch_idx == 1 and skipping else loss
+
+
+class AccuracyTask(LMTask):
+    """Logs token accuracy with ``global_share``, as a user logs any mean over the global batch."""
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self.model(batch["input_ids"], batch["position_ids"])
+        correct = (logits.argmax(-1) == batch["labels"]).sum().double()
+        self.log("val_accuracy", global_share(correct, batch))
+
+
+def _data(num_workers: int = 0) -> DHPDataModule:
+    validation = TokenDataset(LENGTHS, seed=1)
+    return DHPDataModule(TokenDataset(LENGTHS), LENGTHS, GLOBAL_BATCH, seed=0, val_dataset=validation,
+                         val_lengths=LENGTHS, test_dataset=validation, test_lengths=LENGTHS,
+                         predict_dataset=validation, predict_lengths=LENGTHS, num_workers=num_workers)
+
+
+def _params(task: LMTask) -> dict:
+    return {name: value.detach().clone() for name, value in task.model.state_dict().items()}
+
+
+def _error(run) -> tuple[str, str]:
+    try:
+        run()
+    except Exception as error:
+        return type(error).__name__, str(error)
+    return "ok", ""
+
+
+def _scenarios(rank: int, world_size: int) -> dict:
+    _as_torchrun_rank(rank)
+    tokens = TOKENS_PER_DEVICE[world_size]
+    reports = {}
+
+    def fit(task, *, steps=STEPS, num_workers=0, **strategy_kwargs):
+        losses, plans = StepLosses(), plan_report()
+        callbacks = [plans] + ([losses] if task.automatic_optimization else [])
+        trainer = _trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), steps, callbacks=callbacks)
+        trainer.fit(task, datamodule=_data(num_workers))
+        plan_list = [entry["plan"] for entry in plans.history]
+        return trainer, {"params": _params(task), "losses": losses.values, "global_step": trainer.global_step,
+                         "rounds": max(len(plan.rounds) for plan in plan_list),
+                         "degree": max(g.degree for plan in plan_list for r in plan.rounds for g in r.groups),
+                         "idle": sum(plan.stats()["idle_device_rounds"] for plan in plan_list)}
+
+    for name, checkpoint, option in (("checkpoint_non_reentrant", "non-reentrant", None),
+                                     ("checkpoint_reentrant", "reentrant", None),
+                                     ("checkpoint_option", None, {Block})):
+        task = LMTask(checkpoint=checkpoint)
+        trainer, reports[name] = fit(task, activation_checkpointing=option)
+        if name == "checkpoint_option":  # the same trained model, evaluated as a user would
+            reports["train_loss_epoch"] = float(trainer.callback_metrics["train_loss_epoch"])
+            reports["val_loss"] = trainer.validate(task, datamodule=_data(), verbose=False)[0]["val_loss"]
+            reports["test_loss"] = trainer.test(task, datamodule=_data(), verbose=False)[0]["test_loss"]
+    accuracy = AccuracyTask()
+    reports["val_accuracy"] = _trainer(world_size, DHPStrategy(tokens)).validate(
+        accuracy, datamodule=_data(), verbose=False)[0]["val_accuracy"]
+    reports["predict"] = _trainer(world_size, DHPStrategy(tokens)).predict(LMTask(), datamodule=_data())
+    reports["workers_and_scheduler"] = fit(LMTask(lr_gamma=0.5), num_workers=1)[1]
+    reports["manual"] = fit(ManualTask())[1]
+    reports["manual_textbook"] = _error(lambda: fit(ManualTask(textbook=True)))
+    reports["skip_every_rank"] = fit(SkipTask(), steps=STEPS)[1]
+    if world_size > 1:
+        reports["skip_some_ranks"] = _error(lambda: fit(SkipTask(skipping_ranks=(1,))))
+    custom_collate = DataLoader(TokenDataset(LENGTHS), batch_sampler=DHPBatchSampler(LENGTHS, GLOBAL_BATCH),
+                                collate_fn=lambda items: items)
+    reports["custom_collate"] = _error(
+        lambda: _trainer(world_size, DHPStrategy(tokens)).fit(LMTask(), train_dataloaders=custom_collate))
+    reports["checkpoint_no_match"] = _error(lambda: fit(LMTask(), activation_checkpointing={torch.nn.LSTM}))
+    return reports
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"{size}-process" for size in WORLD_SIZES])
+def world(request) -> tuple[int, list[dict]]:
+    return request.param, run_distributed(_scenarios, request.param, timeout_s=420)
+
+
+def _assert_params_close(params: dict, expected: dict) -> None:
+    for name, value in expected.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-9, atol=1e-12, msg=f"parameter {name}")
+
+
+def _same_error_on_every_rank(reports: list[dict], scenario: str) -> tuple[str, str]:
+    errors = {report[scenario] for report in reports}
+    assert len(errors) == 1, f"ranks disagree: {errors}"
+    return errors.pop()
+
+
+BATCHES = _global_batches(epochs=2)
+
+
+@pytest.mark.parametrize("scenario", ["checkpoint_non_reentrant", "checkpoint_reentrant", "checkpoint_option"])
+def test_activation_checkpointing_is_exact(world, scenario):
+    world_size, reports = world
+    losses: list[float] = []
+    expected = reference_training(LENGTHS, BATCHES, STEPS, losses=losses)
+    for report in reports:
+        _assert_params_close(report[scenario]["params"], expected)
+    assert reports[0][scenario]["rounds"] > 1, "the test data should need several rounds"
+    if world_size > 1:
+        assert reports[0][scenario]["degree"] > 1, "the test data should use context parallelism"
+
+
+def test_logged_training_loss_is_the_global_loss_every_step_and_epoch(world):
+    _, reports = world
+    losses: list[float] = []
+    reference_training(LENGTHS, BATCHES, STEPS, losses=losses)
+    for report in reports:
+        assert report["checkpoint_option"]["losses"] == pytest.approx(losses, rel=1e-9)
+        epoch_mean = sum(loss * len(batch) for loss, batch in zip(losses, BATCHES, strict=False)) / sum(
+            len(batch) for batch in BATCHES[:STEPS])
+        assert report["train_loss_epoch"] == pytest.approx(epoch_mean, rel=1e-9)
+
+
+def test_logged_validation_and_test_losses_equal_single_device_values(world):
+    _, reports = world
+    trained = reference_training(LENGTHS, BATCHES, STEPS)
+    expected = reference_mean_loss(trained, LENGTHS, DHPBatchSampler(LENGTHS, GLOBAL_BATCH, shuffle=False).batches(),
+                                   seed=1)
+    for report in reports:
+        assert report["val_loss"] == pytest.approx(expected, rel=1e-9)
+        assert report["test_loss"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_logged_global_share_is_the_global_mean(world):
+    _, reports = world
+    model = LMTask().model
+    samples = TokenDataset(LENGTHS, seed=1).samples
+    batches = DHPBatchSampler(LENGTHS, GLOBAL_BATCH, shuffle=False).batches()
+    means = []
+    with torch.no_grad():
+        for batch in batches:
+            correct = sum(int((model(samples[i], torch.arange(len(samples[i])), dense_causal_attention)[:-1]
+                               .argmax(-1) == samples[i][1:]).sum()) for i in batch)
+            means.append(correct / sum(len(samples[i]) - 1 for i in batch))
+    expected = sum(mean * len(batch) for mean, batch in zip(means, batches, strict=True)) / len(LENGTHS)
+    for report in reports:
+        assert report["val_accuracy"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_predict_returns_each_samples_output_in_dataset_order(world):
+    _, reports = world
+    model = LMTask().model
+    samples = TokenDataset(LENGTHS, seed=1).samples
+    with torch.no_grad():
+        expected = [model(tokens, torch.arange(len(tokens)), dense_causal_attention) for tokens in samples]
+    for report in reports:
+        outputs = [output for batch in report["predict"] for output in batch]
+        assert len(outputs) == len(LENGTHS)
+        for index, output in enumerate(outputs):
+            torch.testing.assert_close(output["logits"], expected[index], rtol=1e-9, atol=1e-12)
+            assert output["length"] > 0
+
+
+def test_loader_workers_and_a_learning_rate_schedule_stay_exact(world):
+    _, reports = world
+    expected = reference_training(LENGTHS, BATCHES, STEPS, lr_gamma=0.5)
+    for report in reports:
+        _assert_params_close(report["workers_and_scheduler"]["params"], expected)
+
+
+def test_manual_optimization_with_the_documented_pattern_is_exact(world):
+    _, reports = world
+    expected = reference_training(LENGTHS, BATCHES, STEPS)
+    for report in reports:
+        _assert_params_close(report["manual"]["params"], expected)
+        assert report["manual"]["global_step"] == STEPS
+
+
+def test_manual_optimization_stepping_every_round_is_refused(world):
+    _, reports = world
+    kind, message = _same_error_on_every_rank(reports, "manual_textbook")
+    assert kind == "DHPConfigError", message
+    assert "is_last_round" in message and "round 1 of" in message
+
+
+def test_none_from_every_rank_skips_the_global_batch(world):
+    _, reports = world
+    # Lightning counts the skipped batch as a step (as on one device): STEPS steps train batches 0 and 2.
+    expected = reference_training(LENGTHS, [BATCHES[0], BATCHES[2]], STEPS - 1)
+    for report in reports:
+        _assert_params_close(report["skip_every_rank"]["params"], expected)
+
+
+def test_none_from_some_ranks_only_is_the_same_clear_error_everywhere(world):
+    world_size, reports = world
+    if world_size == 1:
+        pytest.skip("needs two ranks")
+    kind, message = _same_error_on_every_rank(reports, "skip_some_ranks")
+    assert kind == "DHPRankMismatchError", message
+    assert "returned None on ranks [1]" in message
+
+
+@pytest.mark.parametrize(("scenario", "fragments"), [
+    ("custom_collate", ["collate_fn", "DHPPacking(item_transform="]),
+    ("checkpoint_no_match", ["activation_checkpointing={LSTM}", "matches no module", "Block"]),
+])
+def test_bad_configuration_is_the_same_clear_error_everywhere(world, scenario, fragments):
+    _, reports = world
+    kind, message = _same_error_on_every_rank(reports, scenario)
+    assert kind == "DHPConfigError", message
+    for fragment in fragments:
+        assert fragment in message
+
+
+# -- without processes -------------------------------------------------------------------------------
+
+
+def test_field_kinds_are_declared_never_guessed_from_shapes():
+    from lightning_dhp.attention import ZigzagLayout
+
+    items = [{"input_ids": torch.arange(8), "per_sample": torch.ones(8), "flags": torch.arange(8) % 2}
+             for _ in range(3)]
+    layout = ZigzagLayout([8, 8, 8], 2, 1)
+    batch = DHPPacking(token_fields={"flags"}).collate_group(items, layout)
+    assert isinstance(batch["per_sample"], list) and len(batch["per_sample"]) == 3
+    assert torch.equal(batch["flags"], layout.shard(torch.cat([item["flags"] for item in items])))
+    assert torch.equal(batch["input_ids"], layout.shard(torch.arange(8).repeat(3)))
+
+
+def test_a_declared_token_field_of_the_wrong_length_names_the_dataset_index():
+    dataset = [{"input_ids": torch.arange(5), "flags": torch.zeros(4)}]
+    with pytest.raises(DHPDataError, match=r"dataset item 0: token field 'flags'.*5 rows"):
+        DHPPacking(token_fields=["flags"]).load(dataset, 0, 5)
+
+
+def test_an_item_transform_runs_before_the_checks():
+    dataset = [{"tokens": torch.arange(5)}]
+    item = DHPPacking(item_transform=lambda raw: {"input_ids": raw["tokens"]}).load(dataset, 0, 5)
+    assert torch.equal(item["input_ids"], torch.arange(5))
+
+
+def test_bad_lengths_are_found_when_the_loader_is_built_naming_dataset_indices():
+    with pytest.raises(DHPDataError, match=r"dataset items \[2, 4\].*lengths\[2\] = -1, lengths\[4\] = 0"):
+        DHPBatchSampler([3, 5, -1, 4, 0, 7], 2)
+    with pytest.raises(DHPDataError, match=r"whole numbers; dataset items \[1\]"):
+        DHPBatchSampler([3, 2.5], 2)
+
+
+def test_loss_share_outside_dhp_says_what_is_wrong():
+    with pytest.raises(DHPConfigError, match="not planned by DHPStrategy"):
+        loss_share(torch.tensor(1.0), {"input_ids": torch.arange(3)})
+
+
+def test_activation_checkpointing_keeps_parameter_names():
+    from lightning_dhp.distributed.checkpointing import apply_activation_checkpointing
+
+    model = TinyLM()
+    names = list(model.state_dict())
+    assert apply_activation_checkpointing(model, {Block}) == 1
+    assert list(model.state_dict()) == names
+    tokens = torch.arange(6) % 5
+    F.cross_entropy(model(tokens, torch.arange(6)), tokens).backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -1,0 +1,131 @@
+"""Sharded DHP (``sharding="fsdp"``): FSDP2 over all ranks with per-batch CP groups, exact in float64.
+
+One spawned world per size runs every scenario; parameters are gathered to full tensors and compared
+with the plain single-process loop of ``tests.tiny_lm`` on the same global batches.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from lightning_dhp import DHPStrategy
+from lightning_dhp.errors import DHPConfigError
+from lightning_dhp.testing import run_distributed
+from tests.test_strategy import LENGTHS, STEPS, _as_torchrun_rank, _data, _global_batches, _trainer, plan_report
+from tests.tiny_lm import Block, LMTask, reference_training
+
+WORLD_SIZES = (2, 3)
+BATCHES = _global_batches(epochs=2)
+
+
+def _full_params(task: LMTask) -> dict:
+    state = get_model_state_dict(task, options=StateDictOptions(full_state_dict=True))
+    return {name.removeprefix("model."): value.detach().clone() for name, value in state.items()}
+
+
+def _error(run) -> tuple[str, str]:
+    try:
+        run()
+    except Exception as error:
+        return type(error).__name__, str(error)
+    return "ok", ""
+
+
+def _scenarios(rank: int, world_size: int, directory: str) -> dict:
+    _as_torchrun_rank(rank)
+    reports = {}
+
+    def fit(task, steps=STEPS, ckpt_path=None, callbacks=(), trainer_kwargs=None, **strategy_kwargs):
+        plans = plan_report()
+        strategy = DHPStrategy(20, sharding="fsdp", **strategy_kwargs)
+        trainer = _trainer(world_size, strategy, steps, callbacks=[plans, *callbacks], **(trainer_kwargs or {}))
+        trainer.fit(task, datamodule=_data(), ckpt_path=ckpt_path)
+        plan_list = [entry["plan"] for entry in plans.history]
+        return trainer, {"params": _full_params(task),
+                         "rounds": max(len(plan.rounds) for plan in plan_list),
+                         "degree": max(g.degree for plan in plan_list for r in plan.rounds for g in r.groups),
+                         "idle": sum(plan.stats()["idle_device_rounds"] for plan in plan_list)}
+
+    reports["blocks"] = fit(LMTask(), fsdp_modules={Block})[1]
+    reports["accumulate_clip_checkpointing"] = fit(
+        LMTask(), fsdp_modules={Block}, activation_checkpointing={Block},
+        trainer_kwargs={"accumulate_grad_batches": 2, "gradient_clip_val": 0.05})[1]
+    checkpoints = ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    fit(LMTask(), steps=2, callbacks=[checkpoints], trainer_kwargs={"enable_checkpointing": True})
+    reports["resumed"] = fit(LMTask(), ckpt_path=f"{directory}/step=2.ckpt")[1]
+    reports["no_block_matches"] = _error(lambda: fit(LMTask(), fsdp_modules={torch.nn.LSTM}))
+    reports["bad_precision"] = _error(lambda: fit(LMTask(), trainer_kwargs={"precision": "16-true"}))
+    return reports
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("sharded"))
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"{size}-process" for size in WORLD_SIZES])
+def world(request, saved) -> tuple[int, list[dict]]:
+    directory = f"{saved}/{request.param}"
+    return request.param, run_distributed(_scenarios, request.param, directory, timeout_s=300)
+
+
+def _assert_params_close(params: dict, expected: dict) -> None:
+    for name, value in expected.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-9, atol=1e-12, msg=f"parameter {name}")
+
+
+def test_sharded_training_equals_single_device_training(world):
+    world_size, reports = world
+    expected = reference_training(LENGTHS, BATCHES, STEPS)
+    for report in reports:
+        _assert_params_close(report["blocks"]["params"], expected)
+    assert reports[0]["blocks"]["rounds"] > 1 and reports[0]["blocks"]["degree"] > 1
+    if world_size == 3:
+        assert reports[0]["blocks"]["degree"] == 2, "degree 2 on 3 ranks: some rank is idle or alone"
+
+
+def test_sharded_accumulation_clipping_and_activation_checkpointing_are_exact(world):
+    _, reports = world
+    expected = reference_training(LENGTHS, BATCHES, STEPS, accumulate=2, clip=0.05)
+    for report in reports:
+        _assert_params_close(report["accumulate_clip_checkpointing"]["params"], expected)
+
+
+def test_a_full_checkpoint_resumes_exactly(world):
+    _, reports = world
+    expected = reference_training(LENGTHS, BATCHES, STEPS)
+    for report in reports:
+        _assert_params_close(report["resumed"]["params"], expected)
+
+
+def test_the_full_checkpoint_loads_without_any_distributed_setup(world, saved):
+    world_size, _ = world
+    checkpoint = torch.load(f"{saved}/{world_size}/step=2.ckpt", weights_only=False)
+    task = LMTask()
+    task.load_state_dict(checkpoint["state_dict"])
+    _assert_params_close({name: value for name, value in task.model.state_dict().items()},
+                         reference_training(LENGTHS, BATCHES, 2))
+
+
+@pytest.mark.parametrize(("scenario", "fragments"), [
+    ("no_block_matches", ["fsdp_modules={LSTM}", "matches no module", "Block"]),
+    ("bad_precision", ["sharding='fsdp' supports precision", "'16-true'"]),
+])
+def test_bad_sharding_input_is_the_same_clear_error_everywhere(world, scenario, fragments):
+    _, reports = world
+    errors = {report[scenario] for report in reports}
+    assert len(errors) == 1, f"ranks disagree: {errors}"
+    kind, message = errors.pop()
+    assert kind == "DHPConfigError", message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_unknown_sharding_values_are_refused():
+    with pytest.raises(DHPConfigError, match="sharding must be one of"):
+        DHPStrategy(sharding="zero3")
+    with pytest.raises(DHPConfigError, match="fsdp_modules needs sharding='fsdp'"):
+        DHPStrategy(fsdp_modules={Block})
