@@ -3,9 +3,9 @@
 Run by ``benchmarks/e2e.py`` as a subprocess: ``python benchmarks/_e2e_run.py SPEC_JSON RESULT_JSON``.
 Lightning's default (popen) launcher re-executes this script for ranks 1..N-1 with the same
 arguments; global rank 0 writes the result: the global loss of every step, the steady-state
-throughput from the strategy's plan history (every timed step: a run whose history was cut fails) and
-the fit's wall time. With ``params_path`` in the
-spec it also saves the final parameters as one flat float64 tensor (for the exactness check).
+throughput from the plan history of ``DHPPlanReport`` (every step, uncapped) and the fit's wall time.
+With ``params_path`` in the spec it also saves the final parameters as one flat float64 tensor (for
+the exactness check); the report's files (``plans.png``, ``dhp_summary.json``) go to ``report_dir``.
 
 The spec (JSON) holds ``overrides`` (Hydra overrides of ``lightning_dhp/conf/vlm_finetune.yaml``), ``devices``,
 ``steps``, ``warmup_steps`` (recorded steps left out of the throughput), ``precision``,
@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 
 from lightning_dhp import DHPStrategy
 from lightning_dhp.app.main import CONF_DIR, build_datasets
 from lightning_dhp.lightning import DHPDataModule
-from lightning_dhp.lightning.callbacks import plan_summary
+from lightning_dhp.lightning.callbacks import DHPPlanReport, plan_summary
 
 
 def compose_config(overrides: Sequence[str]) -> DictConfig:
@@ -49,9 +49,9 @@ def train(spec: dict[str, Any]) -> dict[str, Any] | None:
     strategy: DHPStrategy = instantiate(cfg.strategy, tokens_per_device=spec["tokens_per_device"],
                                         static_degree=spec["static_degree"],
                                         cost_model=spec.get("cost_model") or cfg.strategy.cost_model)
-    losses = LossRecorder()
+    report = DHPPlanReport(dirpath=spec["report_dir"], num_plotted_steps=1, log_metrics=False)
     trainer = instantiate(cfg.trainer, devices=spec["devices"], max_steps=spec["steps"], precision=spec["precision"],
-                          strategy=strategy, callbacks=[losses], logger=False, enable_progress_bar=False,
+                          strategy=strategy, callbacks=[report], logger=False, enable_progress_bar=False,
                           enable_model_summary=False)
     data = DHPDataModule(train_set, train_set.lengths.tolist(), cfg.data.global_batch_size,
                          num_workers=cfg.data.num_workers, seed=cfg.seed)
@@ -63,15 +63,10 @@ def train(spec: dict[str, Any]) -> dict[str, Any] | None:
     if spec.get("params_path"):
         flat = torch.cat([p.detach().double().reshape(-1) for p in task.parameters()])
         torch.save(flat, spec["params_path"])
-    history = strategy.plan_history
-    timed_steps = trainer.global_step - 1  # a step is timed at the next step's start: the last one is not
-    if len(history) != timed_steps:
-        raise RuntimeError(f"the plan history holds {len(history)} steps but {timed_steps} were timed: it was cut, "
-                           f"so the throughput window would be wrong; run fewer --steps")
-    steady = history[spec["warmup_steps"]:]
+    steady = report.history[spec["warmup_steps"]:]
     return {
         "steps": trainer.global_step,
-        "losses": losses.values,
+        "losses": report.losses,
         "fit_s": fit_s,
         "measured_steps": len(steady),
         "steady": plan_summary(steady),
@@ -81,15 +76,6 @@ def train(spec: dict[str, Any]) -> dict[str, Any] | None:
         "pool_creation_s": strategy.pool.stats.creation_seconds,
     }
 
-
-class LossRecorder(Callback):
-    """Keeps the global loss (``dhp/loss``, summed over ranks) of every optimizer step."""
-
-    def __init__(self) -> None:
-        self.values: list[float] = []
-
-    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        self.values.append(float(trainer.callback_metrics["dhp/loss"]))
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ processes launched by Lightning (one subprocess per training run, ``benchmarks/_
 
 Runs are interleaved and the order rotates (repeat 1: variants 1..n, repeat 2: 2..n then 1, ...), so
 no variant always runs first or on the same load. Throughput is the steady state: real (unpadded)
-tokens over the measured step times of the plan history, leaving out the first ``--warmup-steps``
-steps. The table gives the median over repeats and the min-max; the ratio lines give DHP over the best
-static CP variant per repeat (median, min-max), steady state and whole run (the wall time of
-``trainer.fit``: setup, pool misses, warm-up and every step).
+tokens over the measured step times of ``DHPPlanReport.history`` (batch start to batch end, every
+step), leaving out the first ``--warmup-steps`` steps. The table gives the median over repeats and
+the min-max; the ratio lines give DHP over the best static CP variant per repeat (median, min-max),
+steady state and whole run (the wall time of ``trainer.fit``: setup, pool misses, warm-up and every
+step).
 Exactness: the float32 global loss of every step must agree across variants to float32 rounding, and
 a separate float64 run of every variant (``--check-steps``) must agree to ~1e-9 relative in the
 final parameters (they compute the same math; only the order of sums differs); its final loss agrees
@@ -92,7 +93,8 @@ def variants(lengths: np.ndarray, devices: int, tokens_per_device: int) -> list[
 
 def train(variant: Variant, base: dict[str, Any], folder: Path, tag: str, timeout_s: float) -> dict[str, Any]:
     """One training run of ``variant`` in a fresh set of processes; rank 0's result."""
-    spec = {**base, "tokens_per_device": variant.tokens_per_device, "static_degree": variant.static_degree}
+    spec = {**base, "tokens_per_device": variant.tokens_per_device, "static_degree": variant.static_degree,
+            "report_dir": str(folder / f"{tag}.report")}
     spec_path, result_path = folder / f"{tag}.spec.json", folder / f"{tag}.result.json"
     if base.get("save_params"):
         spec["params_path"] = str(folder / f"{tag}.params.pt")
@@ -252,9 +254,9 @@ def main() -> None:
     warmup = args.warmup_steps if args.warmup_steps is not None else (0 if quick else 5)
     repeats = args.repeats or (1 if quick else 3)
     check_steps = args.check_steps if args.check_steps is not None else (0 if quick else 3)
-    if steps - 1 <= warmup:
-        raise SystemExit(f"--steps {steps} leaves no timed step after {warmup} warm-up steps (the last step is "
-                         "not timed); raise --steps or lower --warmup-steps")
+    if steps <= warmup:
+        raise SystemExit(f"--steps {steps} leaves no timed step after {warmup} warm-up steps; raise --steps or "
+                         "lower --warmup-steps")
     overrides = [f"data.metadata_file={DISTRIBUTIONS[args.distribution].file}",
                  *(QUICK_OVERRIDES if quick else ()), *args.overrides]
     cfg = compose_config(overrides)
