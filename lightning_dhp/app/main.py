@@ -119,8 +119,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
                          val_dataset=val_set, num_workers=cfg.data.num_workers, seed=cfg.seed)
     with _own_world():
         trainer.fit(task, datamodule=data)
+        trained_state = trainer.strategy.lightning_module_state_dict()  # gathered to rank 0 when sharded
     if not trainer.is_global_zero:
         return None
+    trained = instantiate(cfg.model, _convert_="all")
+    trained.load_state_dict(trained_state)
 
     before = instantiate(cfg.model, init_checkpoint=str(checkpoint), _convert_="all")
     result = {
@@ -130,7 +133,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "loss_first": report.losses[0] if report.losses else float("nan"),
         "loss_last": report.losses[-1] if report.losses else float("nan"),
         "accuracy_before": before.answer_accuracy(eval_set),
-        "accuracy_after": task.answer_accuracy(eval_set),
+        "accuracy_after": trained.answer_accuracy(eval_set),
         "eval_samples": len(eval_set),
         "plan": report.summary,
         "metrics_csv": str(Path(loggers[0].log_dir) / "metrics.csv"),

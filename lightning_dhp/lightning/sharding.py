@@ -71,6 +71,10 @@ def shard_model(module: nn.Module, mesh: DeviceMesh, block_types: Collection[typ
     sharded = _fsdp_modules(module)
     for fsdp_module in sharded:
         fsdp_module.set_gradient_divide_factor(1.0)
+        fsdp_module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+        # Ranks use different parameters (a rank without frames never runs the vision tower): unused
+        # parameters join the reduce-scatter as zeros, so every rank's collective matches.
+        fsdp_module.set_reduce_scatter_unused_params(True, recurse=False)
     return sharded
 
 

@@ -15,6 +15,7 @@ the model is never wrapped, ranks run different shapes. What each hook adds:
 
 from __future__ import annotations
 
+import importlib
 import re
 import time
 import warnings
@@ -60,6 +61,7 @@ from lightning_dhp.lightning.sharding import (
 from lightning_dhp.lightning.shares import ALREADY_SUMMED, LoggedShares
 from lightning_dhp.planner import CostModel, Plan, divisors
 
+ModuleClasses = type[nn.Module] | str | Collection[type[nn.Module] | str]
 # DHPBatchSampler never drops predict samples (predict loaders keep the last short batch), which
 # Lightning cannot check on a custom batch sampler and warns about.
 warnings.filterwarnings("ignore", message="You are using a custom batch sampler `DHPBatchSampler` for prediction")
@@ -100,8 +102,8 @@ class DHPStrategy(ParallelStrategy):
                  pool_size: int = 32, start_method: str = "popen", *, cp_implementation: str = "ring",
                  group_free_ring: bool = False, node_size: int | None = None, skip_bad_samples: bool = False,
                  static_degree: int | None = None,
-                 activation_checkpointing: type[nn.Module] | Collection[type[nn.Module]] | None = None,
-                 sharding: str = "replicate", fsdp_modules: type[nn.Module] | Collection[type[nn.Module]] | None = None,
+                 activation_checkpointing: ModuleClasses | None = None,
+                 sharding: str = "replicate", fsdp_modules: ModuleClasses | None = None,
                  process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout,
                  **parallel_kwargs: Any) -> None:
         super().__init__(**parallel_kwargs)
@@ -241,7 +243,8 @@ class DHPStrategy(ParallelStrategy):
 
     def _calibrate(self) -> CostModel:
         """Fit the cost model on rank 0's device and share it: every rank must plan with the same model."""
-        from lightning_dhp.planner.calibration import calibrate, transformer_step
+        from lightning_dhp.lightning.profiling import transformer_step
+        from lightning_dhp.planner.calibration import calibrate
 
         model = None
         if self.global_rank == 0:
@@ -588,10 +591,20 @@ class DHPStrategy(ParallelStrategy):
         return super().optimizer_step(optimizer, closure, model, **kwargs)
 
 
-def _classes(classes: type[nn.Module] | Collection[type[nn.Module]] | None) -> tuple[type[nn.Module], ...]:
-    if isinstance(classes, type):
-        return (classes,)
-    return tuple(classes or ())
+def _classes(classes: ModuleClasses | None) -> tuple[type[nn.Module], ...]:
+    """Module classes given as classes or import paths ("package.module.Class", as configs write them)."""
+    if isinstance(classes, (type, str)):
+        classes = [classes]
+    resolved = []
+    for entry in classes or ():
+        if isinstance(entry, str):
+            module_name, _, class_name = entry.rpartition(".")
+            try:
+                entry = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError, ValueError) as error:
+                raise DHPConfigError(f"cannot import the module class {entry!r}: {error}") from None
+        resolved.append(entry)
+    return tuple(resolved)
 
 
 def _loss_of(output: Any) -> torch.Tensor | None:
