@@ -16,8 +16,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 RankSet = tuple[int, ...]
 
@@ -61,8 +63,13 @@ class GroupPool:
         self.capacity = capacity
         self.stats = PoolStats()
         self._groups: OrderedDict[RankSet, dist.ProcessGroup] = OrderedDict()
-        self._create = create or dist.new_group  # groups take the world's backend
-        self._destroy = destroy or dist.destroy_process_group
+        if create is None or destroy is None:  # real process groups (the simulator passes its own functions)
+            import torch.distributed as dist
+
+            create = create or dist.new_group  # groups take the world's backend
+            destroy = destroy or dist.destroy_process_group
+        self._create = create
+        self._destroy = destroy
 
     def __len__(self) -> int:
         return len(self._groups)
@@ -108,6 +115,9 @@ class GroupPool:
             self._release(group)
 
 
+_NON_GROUP_MEMBER = -100  # torch.distributed.GroupMember.NON_GROUP_MEMBER, without importing torch
+
+
 def _is_member(group: dist.ProcessGroup) -> bool:
     """Whether this rank belongs to a group ``new_group`` returned (others get a placeholder)."""
-    return group is not dist.GroupMember.NON_GROUP_MEMBER
+    return not (isinstance(group, int) and group == _NON_GROUP_MEMBER)

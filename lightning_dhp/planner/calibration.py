@@ -59,13 +59,3 @@ def calibrate(
         measurements.append((lengths, 1, statistics.median(seconds)))
     model, report = CostModel.fit(measurements, base=base)
     return model, report, measurements
-
-
-def __getattr__(name: str) -> object:
-    """``transformer_step`` (torch) lives in :mod:`lightning_dhp.lightning.profiling`; loaded on demand so
-    that this module imports without torch."""
-    if name == "transformer_step":
-        from lightning_dhp.lightning.profiling import transformer_step
-
-        return transformer_step
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
