@@ -1,8 +1,9 @@
 """Hugging Face models under DHP against a plain single-process HF loop, in float64.
 
 One spawned world per size (1, 2 and 3 processes) trains a tiny Llama (GQA) and a tiny Qwen2-VL and
-Qwen2.5-VL for 3 optimizer steps; the tests compare the parameters with ``tests.hf_models``' oracle
-(each sample alone through the model's own forward and attention, the same AdamW).
+Qwen2.5-VL for 3 optimizer steps, replicated and (2+ processes) FSDP-sharded; the tests compare the
+parameters with ``tests.hf_models``' oracle (each sample alone through the model's own forward and
+attention, the same AdamW).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import pytest
 import torch
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
 
 from lightning_dhp import DHPStrategy, ZigzagLayout
 from lightning_dhp.errors import DHPConfigError, DHPDataError
 from lightning_dhp.hf import ATTENTION_NAME, HFModule, dhp_attention
-from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPacking, DHPPlanReport
+from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPacking, DHPPlanReport, sharding
 from lightning_dhp.lightning.batch import DHPBatchInfo
 from lightning_dhp.testing import run_distributed
 from tests import hf_models
@@ -58,11 +61,12 @@ def _bad_items() -> list[dict]:
     return items
 
 
-def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int) -> dict:
+def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int, **strategy_kwargs) -> dict:
     plans = DHPPlanReport(log_metrics=False)
-    _trainer(world_size, DHPStrategy(tokens), STEPS, callbacks=[plans]).fit(task, datamodule=data)
+    _trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), STEPS, callbacks=[plans]).fit(task, datamodule=data)
     groups = [g for entry in plans.history for r in entry["plan"].rounds for g in r.groups]
-    return {"params": {name: value.detach().clone() for name, value in task.model.state_dict().items()},
+    state = sharding.full_model_state(task) if strategy_kwargs else task.state_dict()  # FSDP: on rank 0 only
+    return {"params": {name.removeprefix("model."): value.detach().clone() for name, value in state.items()},
             "rounds": max(len(entry["plan"].rounds) for entry in plans.history),
             "degree": max(group.degree for group in groups), "held": getattr(task, "held", []),
             "idle": sum(entry["plan"].stats()["idle_device_rounds"] for entry in plans.history)}
@@ -87,6 +91,15 @@ def _scenarios(rank: int, world_size: int) -> dict:
         task = RecordingModule(hf_models.qwen_vl(version))
         data = DHPDataModule(items, _vl_lengths(items), VL_BATCH, seed=0, **task.packing_options)
         reports[f"qwen{version}_vl"] = _fit(world_size, task, data, VL_TOKENS_PER_DEVICE[world_size])
+    if world_size > 1:  # FSDP2 over all ranks, decoder layers sharded on their own
+        llama = hf_models.module(hf_models.llama())
+        reports["llama_fsdp"] = _fit(world_size, llama, DHPDataModule(TokenDataset(LENGTHS), LENGTHS, GLOBAL_BATCH,
+                                                                        seed=0),
+                                     TOKENS_PER_DEVICE[world_size], sharding="fsdp", fsdp_modules={LlamaDecoderLayer})
+        task = RecordingModule(hf_models.qwen_vl())
+        data = DHPDataModule(items, _vl_lengths(items), VL_BATCH, seed=0, **task.packing_options)
+        reports["qwen2_vl_fsdp"] = _fit(world_size, task, data, VL_TOKENS_PER_DEVICE[world_size], sharding="fsdp",
+                                        fsdp_modules={Qwen2VLDecoderLayer})
     task = RecordingModule(hf_models.qwen_vl())
     bad = _bad_items()
     data = DHPDataModule(bad, _vl_lengths(bad), len(bad), seed=0, **task.packing_options)
@@ -154,6 +167,22 @@ def _straddling_images(reports: list[dict], version: str, items: list[dict]) -> 
                 image = int(torch.searchsorted(ends, torch.tensor(row), right=False))
                 holders.setdefault((step, index, image), set()).add(rank)
     return sum(len(ranks) > 1 for ranks in holders.values())
+
+
+@pytest.mark.parametrize("scenario", ["llama_fsdp", "qwen2_vl_fsdp"])
+def test_fsdp_sharded_training_equals_the_plain_hf_loop(world, scenario):
+    world_size, reports = world
+    if world_size == 1:
+        pytest.skip("sharding runs over 2 or more processes")
+    if scenario == "llama_fsdp":
+        samples = [{"input_ids": tokens} for tokens in TokenDataset(LENGTHS).samples]
+        expected = hf_models.reference_training(hf_models.llama(), samples, _batches(LENGTHS, GLOBAL_BATCH), STEPS)
+    else:
+        items = hf_models.vl_items()
+        expected = hf_models.reference_training(hf_models.qwen_vl(), items, _batches(_vl_lengths(items), VL_BATCH),
+                                                STEPS)
+    _assert_params_close(reports[0][scenario]["params"], expected)  # the full state is gathered to rank 0
+    assert reports[0][scenario]["degree"] > 1 and reports[0][scenario]["rounds"] > 1
 
 
 def test_image_tokens_that_do_not_match_the_grid_are_the_same_data_error_on_every_rank(world):

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from lightning_dhp.attention import ZigzagLayout
 from lightning_dhp.errors import DHPConfigError
 from lightning_dhp.hf.attention import ATTENTION_NAME, LAYOUT_KWARG, SUPPORTED, check_routable
-from lightning_dhp.hf.qwen_vl import TOKEN_FIELDS, VISION_ROWS, QwenVLItems, embed_with_vision
+from lightning_dhp.hf.qwen_vl import TOKEN_FIELDS, VISION_KWARG, VISION_ROWS, QwenVLItems, install_vision_hook
 from lightning_dhp.lightning import loss_share
 from lightning_dhp.lightning.batch import batch_info
 
@@ -53,6 +53,8 @@ class HFModule(LightningModule):
             raise DHPConfigError(f"{type(model).__name__} is not a model HFModule can train; supported: {SUPPORTED}")
         check_routable(model, model.config.get_text_config())
         model.set_attn_implementation({"text_config": ATTENTION_NAME} if self.is_qwen_vl else ATTENTION_NAME)
+        if self.is_qwen_vl:
+            install_vision_hook(model)
 
     @property
     def packing_options(self) -> dict[str, Any]:
@@ -72,9 +74,8 @@ class HFModule(LightningModule):
         if VISION_ROWS not in batch or batch["position_ids"].dim() != 2:
             raise DHPConfigError(f"{type(self.model).__name__} needs its item transform and token fields: build the "
                                  "data module with DHPDataModule(..., **module.packing_options)")
-        embeds = embed_with_vision(self.model, batch, layout)
-        return self.model(inputs_embeds=embeds[None], position_ids=batch["position_ids"].T[:, None],
-                          use_cache=False).logits[0]
+        return self.model(input_ids=batch["input_ids"][None], position_ids=batch["position_ids"].T[:, None],
+                          use_cache=False, **{VISION_KWARG: (batch, layout)}).logits[0]
 
     def _idle_logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """An idle rank runs the model on one dummy token (HF models cannot take 0 tokens) and keeps 0 rows

@@ -12,6 +12,7 @@ tokens straddle a shard boundary runs on each rank holding some of them; each ke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from lightning_dhp.distributed.context import current_cp_context
 POSITIONS = "position_ids"  # (T, 3) M-RoPE positions per item; a token field replaces in-sequence positions
 VISION_ROWS = "vision_rows"  # 1 + the token's row in the sample's vision features (images, then videos); 0: text
 TOKEN_FIELDS = (POSITIONS, VISION_ROWS)
+VISION_KWARG = "dhp_vision"  # a model kwarg: (batch, layout) for the language model's pre-hook
 _ONE_ROW_FIELDS = ("input_ids", "labels", "attention_mask", "mm_token_type_ids")
 _FEATURE_TAG, _FEATURE_GRAD_TAG = 2, 3  # point-to-point tags distinct from ring attention's
 _VISUALS = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
@@ -143,10 +145,11 @@ def _part(visuals: list[_Visual], owners: list[int], rank: int) -> list[int]:
             if owners[i] == rank and visual.kind == kind]
 
 
-def _encode(model: PreTrainedModel, batch: dict[str, Any], visuals: list[_Visual], device: torch.device,
-            dtype: torch.dtype) -> torch.Tensor:
+def _encode(model: PreTrainedModel, batch: dict[str, Any], visuals: list[_Visual],
+            embeds: torch.Tensor) -> torch.Tensor:
     """Merged vision features of ``visuals`` (images before videos), one vision-tower call per kind."""
-    features = [model.get_input_embeddings().weight.new_zeros(0, model.config.text_config.hidden_size)]
+    device, dtype = embeds.device, embeds.dtype
+    features = [embeds.new_zeros(0, embeds.shape[1])]
     for kind, pixels_key, grid_key in _VISUALS:
         chosen = [visual for visual in visuals if visual.kind == kind]
         if not chosen:
@@ -194,21 +197,41 @@ class _GatherOverRing(torch.autograd.Function):
         return total[:sizes[rank]], None, None, None
 
 
-def embed_with_vision(model: PreTrainedModel, batch: dict[str, Any], layout: ZigzagLayout) -> torch.Tensor:
-    """This rank's input embeddings ``(T_local, hidden)``, placeholder rows replaced by vision features.
+def install_vision_hook(model: PreTrainedModel) -> None:
+    """Let ``model``'s forward take ``dhp_vision=(batch, layout)``: its language model then gets the input
+    embeddings with this rank's placeholder rows replaced by vision features (:func:`embed_with_vision`).
+
+    The vision tower and the feature exchange run inside the model's own forward, so under FSDP they
+    see the root module's parameters gathered like every other call of the step.
+    """
+    model.model.language_model.register_forward_pre_hook(partial(_inject_vision, model), with_kwargs=True)
+
+
+def _inject_vision(model: PreTrainedModel, language_model: torch.nn.Module, args: tuple,
+                   kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    request = kwargs.pop(VISION_KWARG, None)
+    if request is None:
+        return None
+    batch, layout = request
+    kwargs["inputs_embeds"] = embed_with_vision(model, batch, layout, kwargs["inputs_embeds"][0])[None]
+    return args, kwargs
+
+
+def embed_with_vision(model: PreTrainedModel, batch: dict[str, Any], layout: ZigzagLayout,
+                      embeds: torch.Tensor) -> torch.Tensor:
+    """``embeds`` ``(T_local, hidden)`` with this rank's placeholder rows replaced by vision features.
 
     Each image or video of the group is encoded once, by one rank of the group (balanced by
     patches); the features travel over the CP ring to the ranks holding their tokens. Encoding a
     straddling image on every rank holding some of its tokens would not be exact: HF's vision RoPE
     runs in float32, so partial gradients would be rounded before they are summed.
     """
-    embeds = model.get_input_embeddings()(batch["input_ids"])
     visuals = _group_visuals(batch, model.config.vision_config.spatial_merge_size)
     if not visuals:  # the same on every rank of the group: no collective
         return embeds
     owners = _owners(visuals, layout.degree)
     parts = [_part(visuals, owners, rank) for rank in range(layout.degree)]
-    local = _encode(model, batch, [visuals[i] for i in parts[layout.rank]], embeds.device, embeds.dtype)
+    local = _encode(model, batch, [visuals[i] for i in parts[layout.rank]], embeds)
     if layout.degree > 1:
         context = current_cp_context()
         assert context is not None, "a degree > 1 layout runs inside its CP context"
