@@ -109,7 +109,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"{size}-process" for size in WORLD_SIZES])
 def world(request) -> tuple[int, list[dict]]:
-    return request.param, run_distributed(_scenarios, request.param, timeout_s=600)
+    return request.param, run_distributed(_scenarios, request.param, timeout_s=280)
 
 
 def _batches(lengths: list[int], global_batch: int) -> list[list[int]]:
