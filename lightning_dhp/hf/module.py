@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from lightning_dhp.attention import ZigzagLayout
 from lightning_dhp.errors import DHPConfigError
@@ -16,20 +16,15 @@ from lightning_dhp.hf.attention import ATTENTION_NAME, LAYOUT_KWARG, SUPPORTED, 
 from lightning_dhp.hf.qwen_vl import TOKEN_FIELDS, VISION_KWARG, VISION_ROWS, QwenVLItems, install_vision_hook
 from lightning_dhp.lightning import loss_share
 from lightning_dhp.lightning.batch import batch_info
+from lightning_dhp.lightning.collate import IGNORE_INDEX
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-IGNORE_INDEX = -100
+QWEN_VL_CLASSES = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
 
 
 def default_optimizer(parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """``torch.optim.AdamW(parameters, lr=1e-5)``: a usual fine-tuning rate, PyTorch's other defaults."""
     return torch.optim.AdamW(parameters, lr=1e-5)
-
-
-def _qwen_vl_classes() -> tuple[type, ...]:
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
-
-    return Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
 
 class HFModule(LightningModule):
@@ -48,7 +43,7 @@ class HFModule(LightningModule):
         super().__init__()
         self.model = model
         self.optimizer_factory = default_optimizer if optimizer is None else optimizer
-        self.is_qwen_vl = isinstance(model, _qwen_vl_classes())
+        self.is_qwen_vl = isinstance(model, QWEN_VL_CLASSES)
         if not self.is_qwen_vl and not type(model).__name__.endswith("ForCausalLM"):
             raise DHPConfigError(f"{type(model).__name__} is not a model HFModule can train; supported: {SUPPORTED}")
         check_routable(model, model.config.get_text_config())

@@ -4,9 +4,9 @@
 index): it checks the image/video placeholder tokens against ``image_grid_thw`` / ``video_grid_thw``,
 computes the sample's 3-D M-RoPE positions with the model's own ``get_rope_index`` on the whole
 sample, and marks each placeholder token with its row of the sample's vision features. Both travel
-as token fields, sharded like ``input_ids``. In the step, :func:`embed_with_vision` runs the vision
-tower on this rank for exactly the images and videos whose tokens this rank holds (an image whose
-tokens straddle a shard boundary runs on each rank holding some of them; each keeps its own rows).
+as token fields, sharded like ``input_ids``. In the step, :func:`embed_with_vision` (run by a
+pre-hook of the language model, inside the model's own forward) encodes each image and video of the
+group once, on one rank of the group, and gives every rank the features of the tokens it holds.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class QwenVLItems:
         token_types = torch.zeros_like(input_ids)
         token_types[input_ids == self.config.image_token_id] = 1
         token_types[input_ids == self.config.video_token_id] = 2
-        grids, tokens_per_visual = {}, []
+        grids = {}
         for kind_id, (kind, pixels_key, grid_key) in enumerate(_VISUALS, start=1):
             grid = item.get(grid_key)
             grid = torch.zeros(0, 3, dtype=torch.long) if grid is None else grid.long().reshape(-1, 3)
@@ -82,7 +82,6 @@ class QwenVLItems:
                                  f"{int(grid.prod(-1).sum())} (t*h*w patches per {kind})")
             item[grid_key] = grid
             item.setdefault(pixels_key, None)
-            tokens_per_visual += expected
         positions, _ = self.rope_owner.get_rope_index(
             self, input_ids[None], mm_token_type_ids=token_types[None],
             image_grid_thw=grids["image"] if len(grids["image"]) else None,
