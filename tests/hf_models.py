@@ -95,14 +95,20 @@ def vl_items(seed: int = 0) -> list[dict]:
     return items
 
 
-def reference_loss_sum(model: PreTrainedModel, item: dict) -> tuple[torch.Tensor, int]:
-    """The model's own forward on one sample; summed next-token cross-entropy and its loss tokens."""
+def reference_logits(model: PreTrainedModel, item: dict) -> torch.Tensor:
+    """The model's own forward (its own attention and positions) on one sample alone: ``(T, vocab)``."""
     input_ids = item["input_ids"].reshape(1, -1)
     inputs = {key: item[key] for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
               if key in item}
     if inputs:
         inputs["mm_token_type_ids"] = (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long()
-    logits = model(input_ids=input_ids, **inputs).logits[0]
+    return model(input_ids=input_ids, **inputs).logits[0]
+
+
+def reference_loss_sum(model: PreTrainedModel, item: dict) -> tuple[torch.Tensor, int]:
+    """The model's own forward on one sample; summed next-token cross-entropy and its loss tokens."""
+    logits = reference_logits(model, item)
+    input_ids = item["input_ids"].reshape(1, -1)
     labels = item.get("labels", input_ids).reshape(-1)
     targets = torch.cat([labels[1:], labels.new_full((1,), -100)])
     return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum"), int((targets != -100).sum())

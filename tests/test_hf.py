@@ -32,6 +32,7 @@ TOKENS_PER_DEVICE = {1: 64, 2: 20, 3: 20}  # the longest samples need CP degree 
 VL_TOKENS_PER_DEVICE = {1: 64, 2: 16, 3: 16}
 VL_BATCH = 5
 BAD_INDEX = 3
+HELD_OUT = TokenDataset(LENGTHS[:GLOBAL_BATCH], seed=1)  # one global batch
 
 
 class RecordingModule(HFModule):
@@ -83,14 +84,23 @@ def _error(run) -> tuple[str, str]:
 def _scenarios(rank: int, world_size: int) -> dict:
     _as_torchrun_rank(rank)
     reports = {}
+    tokens = TOKENS_PER_DEVICE[world_size]
     llama = hf_models.module(hf_models.llama())
-    reports["llama"] = _fit(world_size, llama, DHPDataModule(TokenDataset(LENGTHS), LENGTHS, GLOBAL_BATCH, seed=0),
-                            TOKENS_PER_DEVICE[world_size])
+    data = DHPDataModule(TokenDataset(LENGTHS), LENGTHS, GLOBAL_BATCH, seed=0, val_dataset=HELD_OUT,
+                         val_lengths=HELD_OUT.lengths, predict_dataset=HELD_OUT, predict_lengths=HELD_OUT.lengths)
+    reports["llama"] = _fit(world_size, llama, data, tokens)
+    reports["llama"]["val_loss"] = _trainer(world_size, DHPStrategy(tokens)).validate(
+        llama, datamodule=data, verbose=False)[0]["val_loss"]
+    reports["llama"]["predict"] = _trainer(world_size, DHPStrategy(tokens)).predict(llama, datamodule=data)
     items = hf_models.vl_items()
     for version in ("2", "2.5"):
         task = RecordingModule(hf_models.qwen_vl(version))
-        data = DHPDataModule(items, _vl_lengths(items), VL_BATCH, seed=0, **task.packing_options)
+        data = DHPDataModule(items, _vl_lengths(items), VL_BATCH, seed=0, predict_dataset=items,
+                             predict_lengths=_vl_lengths(items), **task.packing_options)
         reports[f"qwen{version}_vl"] = _fit(world_size, task, data, VL_TOKENS_PER_DEVICE[world_size])
+        if version == "2":
+            predicting = _trainer(world_size, DHPStrategy(VL_TOKENS_PER_DEVICE[world_size]))
+            reports["qwen2_vl"]["predict"] = predicting.predict(task, datamodule=data)
     if world_size > 1:  # FSDP2 over all ranks, decoder layers sharded on their own
         llama = hf_models.module(hf_models.llama())
         reports["llama_fsdp"] = _fit(world_size, llama, DHPDataModule(TokenDataset(LENGTHS), LENGTHS, GLOBAL_BATCH,
@@ -167,6 +177,33 @@ def _straddling_images(reports: list[dict], version: str, items: list[dict]) -> 
                 image = int(torch.searchsorted(ends, torch.tensor(row), right=False))
                 holders.setdefault((step, index, image), set()).add(rank)
     return sum(len(ranks) > 1 for ranks in holders.values())
+
+
+def _trained(model, expected: dict):
+    model.load_state_dict(expected)
+    return model.eval()
+
+
+def test_validation_and_predict_of_the_trained_models_equal_their_own_forward(world):
+    _, reports = world
+    samples = [{"input_ids": tokens} for tokens in TokenDataset(LENGTHS).samples]
+    llama = _trained(hf_models.llama(), hf_models.reference_training(
+        hf_models.llama(), samples, _batches(LENGTHS, GLOBAL_BATCH), STEPS))
+    items = hf_models.vl_items()
+    qwen = _trained(hf_models.qwen_vl(), hf_models.reference_training(
+        hf_models.qwen_vl(), items, _batches(_vl_lengths(items), VL_BATCH), STEPS))
+    with torch.no_grad():
+        sums, counts = zip(*(hf_models.reference_loss_sum(llama, {"input_ids": tokens})
+                             for tokens in HELD_OUT.samples), strict=True)
+        llama_logits = [llama(input_ids=tokens[None]).logits[0] for tokens in HELD_OUT.samples]
+        qwen_logits = [hf_models.reference_logits(qwen, item) for item in items]
+    for report in reports:
+        assert report["llama"]["val_loss"] == pytest.approx(float(sum(sums) / sum(counts)), rel=1e-9)
+        for name, expected in (("llama", llama_logits), ("qwen2_vl", qwen_logits)):
+            outputs = [output for batch in report[name]["predict"] for output in batch]
+            assert len(outputs) == len(expected)
+            for output, logits in zip(outputs, expected, strict=True):
+                torch.testing.assert_close(output, logits, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("scenario", ["llama_fsdp", "qwen2_vl_fsdp"])
