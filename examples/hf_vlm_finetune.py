@@ -60,7 +60,8 @@ def main(cfg: DictConfig) -> None:
         return
     summary = {"steps": trainer.global_step, "devices": trainer.world_size,
                "loss_first": report.losses[0], "loss_last": report.losses[-1],
-               "accuracy_before": answer_accuracy(HFModule(instantiate(cfg.hf_model.model)), held_out),
+               "accuracy_before": answer_accuracy(HFModule(instantiate(cfg.hf_model.model).to(module.device)),
+                                                  held_out),
                "accuracy_after": answer_accuracy(module, held_out), "eval_samples": len(held_out),
                "plan": report.summary}
     path = output_dir / "summary.json"

@@ -92,16 +92,17 @@ class QwenVLVideoDigits(Dataset):
 @torch.no_grad()
 def answer_accuracy(module: HFModule, dataset: QwenVLVideoDigits) -> float:
     """Fraction of samples whose answer token is the argmax at its position (teacher forcing, one process,
-    one sample per forward through the model's own HF forward)."""
+    one sample per forward through the model's own HF forward, on the model's device; an unsharded model)."""
     from lightning_dhp.attention import ZigzagLayout
     from lightning_dhp.distributed import CPContext, cp_context
 
     was_training = module.model.training
     module.model.eval()
+    device = next(module.model.parameters()).device
     correct = 0
     try:
         for index in range(len(dataset)):
-            item = dataset[index]
+            item = {key: value.to(device) for key, value in dataset[index].items()}
             input_ids = item["input_ids"][None]
             with cp_context(CPContext(ZigzagLayout([input_ids.shape[1]], 1, 0), None, (0,))):
                 logits = module.model(input_ids=input_ids, pixel_values_videos=item["pixel_values_videos"],
