@@ -18,6 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
 
 from lightning_dhp import DHPStrategy, ZigzagLayout
+from lightning_dhp.distributed import CPContext, cp_context
 from lightning_dhp.errors import DHPConfigError, DHPDataError
 from lightning_dhp.hf import ATTENTION_NAME, HFModule, dhp_attention
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPacking, DHPPlanReport, sharding
@@ -334,3 +335,23 @@ def test_the_qwen_vl_item_transform_uses_the_models_rope_index_and_names_a_bad_i
                                                                         hf_models.IMAGE))
     with pytest.raises(ValueError, match="image tokens do not match"):  # two images' tokens run together
         transform(merged)
+
+
+@pytest.mark.parametrize("model_class", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                                         "MistralForCausalLM", "GemmaForCausalLM", "Phi3ForCausalLM"])
+def test_packed_samples_through_hfmodule_equal_each_sample_through_the_models_own_forward(model_class):
+    import transformers
+
+    model_type = getattr(transformers, model_class)
+    torch.manual_seed(0)
+    model = model_type(model_type.config_class(**hf_models.TEXT, head_dim=4, sliding_window=None)).double()
+    samples = [torch.randint(0, hf_models.VOCAB, (length,)) for length in (7, 1, 12)]
+    with torch.no_grad():
+        expected = torch.cat([model(input_ids=tokens[None]).logits[0] for tokens in samples])
+    task = HFModule(model)
+    layout = ZigzagLayout([len(tokens) for tokens in samples], 1, 0)
+    info = DHPBatchInfo(layout, (0,), (0, 1, 2), 0, 1, 17, 17, 3)
+    batch = {"input_ids": torch.cat(samples), "position_ids": layout.position_ids, "dhp": info}
+    with torch.no_grad(), cp_context(CPContext(layout, None, (0,))):
+        logits = task(batch)
+    torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-12)

@@ -19,7 +19,7 @@ ATTENTION_NAME = "lightning_dhp"
 LAYOUT_KWARG = "dhp_layout"  # a model kwarg HF passes through to attention: an explicit layout (idle ranks)
 
 SUPPORTED = ("decoder-only *ForCausalLM models with full causal attention and no attention dropout (Llama, Qwen2, "
-             "Qwen3, Mistral without a sliding window, ...), Qwen2VLForConditionalGeneration and "
+             "Qwen3, Gemma, Phi-3, Mistral without a sliding window, ...), Qwen2VLForConditionalGeneration and "
              "Qwen2_5_VLForConditionalGeneration")
 
 
