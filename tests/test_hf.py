@@ -9,6 +9,7 @@ attention, the same AdamW).
 from __future__ import annotations
 
 import pickle
+import tempfile
 
 import pytest
 import torch
@@ -64,8 +65,10 @@ def _bad_items() -> list[dict]:
 
 
 def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int, **strategy_kwargs) -> dict:
-    plans = DHPPlanReport(log_metrics=False)
-    _trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), STEPS, callbacks=[plans]).fit(task, datamodule=data)
+    with tempfile.TemporaryDirectory() as report_dir:  # the report's plot and summary files, not the cwd
+        plans = DHPPlanReport(dirpath=report_dir, num_plotted_steps=1, log_metrics=False)
+        _trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), STEPS, callbacks=[plans]).fit(task,
+                                                                                                 datamodule=data)
     groups = [g for entry in plans.history for r in entry["plan"].rounds for g in r.groups]
     state = sharding.full_model_state(task) if strategy_kwargs else task.state_dict()  # FSDP: on rank 0 only
     return {"params": {name.removeprefix("model."): value.detach().clone() for name, value in state.items()},
