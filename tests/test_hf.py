@@ -1,7 +1,8 @@
 """Hugging Face models under DHP against a plain single-process HF loop, in float64.
 
 One spawned world per size (1, 2 and 3 processes) trains a tiny Llama (GQA) and a tiny Qwen2-VL and
-Qwen2.5-VL for 3 optimizer steps, replicated and (2+ processes) FSDP-sharded; the tests compare the
+Qwen2.5-VL for 3 optimizer steps (2+ processes also FSDP-sharded, all-gather and group-free ring CP
+for Qwen2-VL); the tests compare the
 parameters with ``tests.hf_models``' oracle (each sample alone through the model's own forward and
 attention, the same AdamW).
 """
@@ -70,7 +71,8 @@ def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int, **st
         _trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), STEPS, callbacks=[plans]).fit(task,
                                                                                                  datamodule=data)
     groups = [g for entry in plans.history for r in entry["plan"].rounds for g in r.groups]
-    state = sharding.full_model_state(task) if strategy_kwargs else task.state_dict()  # FSDP: on rank 0 only
+    fsdp = strategy_kwargs.get("sharding") == "fsdp"
+    state = sharding.full_model_state(task) if fsdp else task.state_dict()  # FSDP: gathered on rank 0 only
     return {"params": {name.removeprefix("model."): value.detach().clone() for name, value in state.items()},
             "rounds": max(len(entry["plan"].rounds) for entry in plans.history),
             "degree": max(group.degree for group in groups), "held": getattr(task, "held", []),
@@ -105,7 +107,12 @@ def _scenarios(rank: int, world_size: int) -> dict:
         if version == "2":
             predicting = _trainer(world_size, DHPStrategy(VL_TOKENS_PER_DEVICE[world_size]))
             reports["qwen2_vl"]["predict"] = predicting.predict(task, datamodule=data)
-    if world_size > 1:  # FSDP2 over all ranks, decoder layers sharded on their own
+    if world_size > 1:  # the other CP modes; FSDP2 over all ranks, decoder layers sharded on their own
+        for name, options in (("allgather", {"cp_implementation": "allgather"}),
+                              ("group_free", {"group_free_ring": True})):
+            task = RecordingModule(hf_models.qwen_vl())
+            data = DHPDataModule(items, _vl_lengths(items), VL_BATCH, seed=0, **task.packing_options)
+            reports[f"qwen2_vl_{name}"] = _fit(world_size, task, data, VL_TOKENS_PER_DEVICE[world_size], **options)
         llama = hf_models.module(hf_models.llama())
         reports["llama_fsdp"] = _fit(world_size, llama, DHPDataModule(TokenDataset(LENGTHS), LENGTHS, GLOBAL_BATCH,
                                                                         seed=0),
@@ -210,11 +217,11 @@ def test_validation_and_predict_of_the_trained_models_equal_their_own_forward(wo
                 torch.testing.assert_close(output, logits, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("scenario", ["llama_fsdp", "qwen2_vl_fsdp"])
-def test_fsdp_sharded_training_equals_the_plain_hf_loop(world, scenario):
+@pytest.mark.parametrize("scenario", ["llama_fsdp", "qwen2_vl_fsdp", "qwen2_vl_allgather", "qwen2_vl_group_free"])
+def test_sharded_training_and_the_other_cp_modes_equal_the_plain_hf_loop(world, scenario):
     world_size, reports = world
     if world_size == 1:
-        pytest.skip("sharding runs over 2 or more processes")
+        pytest.skip("sharding and CP modes need 2 or more processes")
     if scenario == "llama_fsdp":
         samples = [{"input_ids": tokens} for tokens in TokenDataset(LENGTHS).samples]
         expected = hf_models.reference_training(hf_models.llama(), samples, _batches(LENGTHS, GLOBAL_BATCH), STEPS)
@@ -222,7 +229,7 @@ def test_fsdp_sharded_training_equals_the_plain_hf_loop(world, scenario):
         items = hf_models.vl_items()
         expected = hf_models.reference_training(hf_models.qwen_vl(), items, _batches(_vl_lengths(items), VL_BATCH),
                                                 STEPS)
-    _assert_params_close(reports[0][scenario]["params"], expected)  # the full state is gathered to rank 0
+    _assert_params_close(reports[0][scenario]["params"], expected)  # FSDP gathers the full state to rank 0
     assert reports[0][scenario]["degree"] > 1 and reports[0][scenario]["rounds"] > 1
 
 
