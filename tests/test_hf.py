@@ -1,10 +1,9 @@
 """Hugging Face models under DHP against a plain single-process HF loop, in float64.
 
 One spawned world per size (1, 2 and 3 processes) trains a tiny Llama (GQA) and a tiny Qwen2-VL and
-Qwen2.5-VL for 3 optimizer steps (2+ processes also FSDP-sharded, all-gather and group-free ring CP
-for Qwen2-VL); the tests compare the
-parameters with ``tests.hf_models``' oracle (each sample alone through the model's own forward and
-attention, the same AdamW).
+Qwen2.5-VL for 3 optimizer steps (on 2+ processes also FSDP-sharded, and Qwen2-VL under all-gather CP
+and the group-free ring); the tests compare the parameters with ``tests.hf_models``' oracle (each
+sample alone through the model's own forward and attention, the same AdamW).
 """
 
 from __future__ import annotations
