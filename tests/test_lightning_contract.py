@@ -17,7 +17,17 @@ from lightning_dhp import DHPStrategy, loss_share
 from lightning_dhp.errors import DHPConfigError, DHPDataError
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPacking, global_share
 from lightning_dhp.testing import run_distributed
-from tests.test_strategy import GLOBAL_BATCH, LENGTHS, STEPS, _as_torchrun_rank, _global_batches, _trainer, plan_report
+from tests.test_strategy import (
+    GLOBAL_BATCH,
+    LENGTHS,
+    STEPS,
+    _as_torchrun_rank,
+    _assert_params_close,
+    _global_batches,
+    _trainer,
+    error_of,
+    plan_report,
+)
 from tests.tiny_lm import (
     Block,
     LMTask,
@@ -96,14 +106,6 @@ def _params(task: LMTask) -> dict:
     return {name: value.detach().clone() for name, value in task.model.state_dict().items()}
 
 
-def _error(run) -> tuple[str, str]:
-    try:
-        run()
-    except Exception as error:
-        return type(error).__name__, str(error)
-    return "ok", ""
-
-
 def _scenarios(rank: int, world_size: int) -> dict:
     _as_torchrun_rank(rank)
     tokens = TOKENS_PER_DEVICE[world_size]
@@ -133,28 +135,24 @@ def _scenarios(rank: int, world_size: int) -> dict:
     reports["val_accuracy"] = _trainer(world_size, DHPStrategy(tokens)).validate(
         accuracy, datamodule=_data(), verbose=False)[0]["val_accuracy"]
     reports["predict"] = _trainer(world_size, DHPStrategy(tokens)).predict(LMTask(), datamodule=_data())
-    reports["workers_and_scheduler"] = fit(LMTask(lr_gamma=0.5), num_workers=1)[1]
+    # a profiled cost model: every rank must plan with rank 0's, or the plans would differ
+    reports["workers_and_scheduler"] = fit(LMTask(lr_gamma=0.5), num_workers=1, cost_model="profile")[1]
     reports["manual"] = fit(ManualTask())[1]
-    reports["manual_textbook"] = _error(lambda: fit(ManualTask(textbook=True)))
+    reports["manual_textbook"] = error_of(lambda: fit(ManualTask(textbook=True)))
     reports["skip_every_rank"] = fit(SkipTask(), steps=STEPS)[1]
     if world_size > 1:
-        reports["skip_some_ranks"] = _error(lambda: fit(SkipTask(skipping_ranks=(1,))))
+        reports["skip_some_ranks"] = error_of(lambda: fit(SkipTask(skipping_ranks=(1,))))
     custom_collate = DataLoader(TokenDataset(LENGTHS), batch_sampler=DHPBatchSampler(LENGTHS, GLOBAL_BATCH),
                                 collate_fn=lambda items: items)
-    reports["custom_collate"] = _error(
+    reports["custom_collate"] = error_of(
         lambda: _trainer(world_size, DHPStrategy(tokens)).fit(LMTask(), train_dataloaders=custom_collate))
-    reports["checkpoint_no_match"] = _error(lambda: fit(LMTask(), activation_checkpointing={torch.nn.LSTM}))
+    reports["checkpoint_no_match"] = error_of(lambda: fit(LMTask(), activation_checkpointing={torch.nn.LSTM}))
     return reports
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"{size}-process" for size in WORLD_SIZES])
 def world(request) -> tuple[int, list[dict]]:
     return request.param, run_distributed(_scenarios, request.param, timeout_s=420)
-
-
-def _assert_params_close(params: dict, expected: dict) -> None:
-    for name, value in expected.items():
-        torch.testing.assert_close(params[name], value, rtol=1e-9, atol=1e-12, msg=f"parameter {name}")
 
 
 def _same_error_on_every_rank(reports: list[dict], scenario: str) -> tuple[str, str]:
@@ -229,7 +227,7 @@ def test_predict_returns_each_samples_output_in_dataset_order(world):
             assert output["length"] > 0
 
 
-def test_loader_workers_and_a_learning_rate_schedule_stay_exact(world):
+def test_loader_workers_a_learning_rate_schedule_and_a_profiled_cost_model_stay_exact(world):
     _, reports = world
     expected = reference_training(LENGTHS, BATCHES, STEPS, lr_gamma=0.5)
     for report in reports:
@@ -329,3 +327,13 @@ def test_activation_checkpointing_keeps_parameter_names():
     tokens = torch.arange(6) % 5
     F.cross_entropy(model(tokens, torch.arange(6)), tokens).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_profiled_cost_model_times_the_users_own_step():
+    """cost_model="profile" fits the module's own forward+backward and trains with it (one process)."""
+    from lightning_dhp.planner import CostModel
+
+    strategy = DHPStrategy(TOKENS_PER_DEVICE[1], cost_model="profile")
+    _trainer(1, strategy, steps=1).fit(LMTask(), datamodule=_data())
+    assert isinstance(strategy.cost_model, CostModel)
+    assert strategy.cost_model != CostModel.default()

@@ -1,8 +1,8 @@
 """Gradients of a DHP step: early rounds kept aside, then one sum over the world per optimizer step.
 
 Every rank's loss is its share of the global mean, so the *sum* of the ranks' gradients is the
-single-device gradient of the global batch. The sum runs once, at the end of the backward of the
-last round of a global batch, before anything reads the gradients (clipping, the optimizer, user
+single-device gradient of the global batch. The sum runs once, during and right after the backward of
+the last round of a global batch, before anything reads the gradients (clipping, the optimizer, user
 hooks), unless Lightning is accumulating (``block_backward_sync``). In automatic optimization
 Lightning zeroes gradients between ``training_step`` and its backward, so the backward of earlier
 rounds, which the strategy runs inside ``training_step``, writes into gradients kept aside.
@@ -17,20 +17,39 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+_IN_FLIGHT = 2  # buckets reduced at once: bounds the extra memory to two buckets
+
 
 class GradientSync:
-    """Replicated parameters: keeps early rounds' gradients aside and sums gradients over a process group.
+    """Replicated parameters: keeps early rounds' gradients aside and sums gradients over a group.
 
-    :class:`~lightning_dhp.lightning.sharding.ShardedGradientSync` is its FSDP2 counterpart (same methods).
-
-    ``group`` ``None`` is one process: summing is a no-op.
+    Parameters are cut into buckets of about ``bucket_bytes`` in reverse order (the order backward
+    produces their gradients). During the last round's backward a bucket's all-reduce starts as soon
+    as it and every earlier bucket have their gradients, so communication overlaps the rest of the
+    backward; buckets always start in the same order on every rank. ``bucket_bytes=None`` is one flat
+    all-reduce after the backward. ``group`` ``None`` is one process: summing is a no-op.
+    :class:`~lightning_dhp.lightning.sharding.ShardedGradientSync` is the FSDP2 counterpart.
     """
 
-    def __init__(self, module: nn.Module, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, module: nn.Module, group: dist.ProcessGroup | None, bucket_bytes: int | None = 25 << 20) -> None:
         self.module = module
         self.group = group
         self.enabled = True  # False while Lightning accumulates gradients over global batches
-        self._aside: list[torch.Tensor | None] | None = None
+        self._aside: dict[nn.Parameter, torch.Tensor] = {}
+        self._buckets = _buckets(self.parameters(), bucket_bytes)
+        self._ready: list[set[nn.Parameter]] = []
+        self._in_flight: list[tuple[list[nn.Parameter], torch.Tensor, dist.Work]] = []
+        self._launched = 0
+        self._armed = False
+        self._hooks = [p.register_post_accumulate_grad_hook(lambda p, index=index: self._on_gradient(p, index))
+                       for index, bucket in enumerate(self._buckets) for p in bucket
+                       if group is not None and bucket_bytes is not None]
+
+    def close(self) -> None:
+        """Remove the gradient hooks (at teardown)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -40,56 +59,94 @@ class GradientSync:
         """A backward run inside this block adds to the kept-aside gradients, not to ``p.grad``."""
         params = self.parameters()
         outer = [p.grad for p in params]
-        for p, aside in zip(params, self._aside or [None] * len(params), strict=True):
-            p.grad = aside
+        for p in params:
+            p.grad = self._aside.get(p)
         try:
             yield
         finally:
-            self._aside = [p.grad for p in params]
+            self._aside = {p: p.grad for p in params if p.grad is not None}
             for p, grad in zip(params, outer, strict=True):
                 p.grad = grad
 
     def before_backward(self, last_round: bool) -> None:
-        """Nothing to prepare: the sum runs after the last round's backward."""
+        """Arm the bucket hooks for the last round's backward (when its sum is due)."""
+        self._armed = last_round and self.enabled and self.group is not None
+        self._ready = [set() for _ in self._buckets]
+        self._launched = 0
 
     def finish_backward(self, only_if_any: bool = False) -> None:
-        """After the last round's backward: add the kept-aside gradients, then sum over the group.
+        """After the last round's backward: reduce the buckets not started yet, wait for all, and leave
+        every gradient summed (kept-aside gradients included).
 
         ``only_if_any`` (a skipped step): sum only gradients accumulated earlier, if there are any, so
         parameters without gradients keep none. Every rank ran the same backwards, so all agree.
         """
+        self._armed = False
         params = self.parameters()
-        if only_if_any and all(p.grad is None for p in params):
+        if only_if_any and all(p.grad is None for p in params) and not self._aside:
             return
-        if self._aside is not None:
-            for p, aside in zip(params, self._aside, strict=True):
-                if aside is not None:
-                    p.grad = aside if p.grad is None else p.grad.add_(aside)
-            self._aside = None
-        if self.enabled:
-            self.sum_over_group(params)
+        if not self.enabled or self.group is None:
+            self._merge_aside(params)
+            return
+        while self._launched < len(self._buckets):
+            self._launch(self._buckets[self._launched])
+        while self._in_flight:
+            self._complete_oldest()
 
     def discard(self) -> None:
         """Forget kept-aside gradients (the step was skipped)."""
-        self._aside = None
+        self._aside = {}
 
-    def sum_over_group(self, params: list[nn.Parameter]) -> None:
-        """Sum every gradient over the group: one flat all-reduce per dtype and device.
-
-        A rank whose rounds never touched a parameter contributes zeros, so every rank launches the
-        same collectives.
-        """
-        if self.group is None:
+    def _on_gradient(self, p: nn.Parameter, index: int) -> None:
+        if not self._armed:
             return
-        buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-        for p in params:
+        if index < self._launched:
+            raise RuntimeError(
+                "a parameter received a second gradient in one backward after its bucket's all-reduce started "
+                "(a weight shared by two reentrant-checkpointed blocks?); pass DHPStrategy(gradient_bucket_mb=None) "
+                "to sum gradients after the backward instead")
+        self._ready[index].add(p)
+        while self._launched < len(self._buckets) and \
+                len(self._ready[self._launched]) == len(self._buckets[self._launched]):
+            self._launch(self._buckets[self._launched])
+
+    def _launch(self, bucket: list[nn.Parameter]) -> None:
+        """Start one bucket's all-reduce: kept-aside gradients added, missing gradients as zeros."""
+        self._merge_aside(bucket)
+        for p in bucket:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
-        for grads in buckets.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.group)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        self._in_flight.append((bucket, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
+        self._launched += 1
+        while len(self._in_flight) > _IN_FLIGHT:
+            self._complete_oldest()
+
+    def _complete_oldest(self) -> None:
+        bucket, flat, work = self._in_flight.pop(0)
+        work.wait()
+        offset = 0
+        for p in bucket:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def _merge_aside(self, params: list[nn.Parameter]) -> None:
+        for p in params:
+            aside = self._aside.pop(p, None)
+            if aside is not None:
+                p.grad = aside if p.grad is None else p.grad.add_(aside)
+
+
+def _buckets(params: list[nn.Parameter], bucket_bytes: int | None) -> list[list[nn.Parameter]]:
+    """Parameters in reverse order, cut at ``bucket_bytes`` and wherever dtype or device changes."""
+    buckets: list[list[nn.Parameter]] = []
+    size = 0
+    for p in reversed(params):
+        previous = buckets[-1][-1] if buckets else None
+        if previous is None or (p.dtype, p.device) != (previous.dtype, previous.device) or \
+                (bucket_bytes is not None and size + p.numel() * p.element_size() > bucket_bytes):
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += p.numel() * p.element_size()
+    return buckets

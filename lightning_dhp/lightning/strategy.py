@@ -15,6 +15,7 @@ the model is never wrapped, ranks run different shapes. What each hook adds:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 import time
@@ -30,7 +31,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import nn
@@ -74,8 +75,10 @@ class DHPStrategy(ParallelStrategy):
     Args:
         tokens_per_device: tokens one device holds in one micro-step (the memory budget). ``None``
             takes the longest sample of the training data, so every sample fits one device.
-        cost_model: a :class:`CostModel`, a path to one saved as JSON, ``"auto"`` to calibrate on the
-            device at setup, or ``None`` for the default model.
+        cost_model: a :class:`CostModel`, a path to one saved as JSON, ``"profile"`` to time this
+            LightningModule's own training step on packs of real samples before training and fit the
+            model (the fit error is logged), ``"auto"`` to calibrate a generic transformer on the
+            device, or ``None`` for the default model.
         pool_size: most process groups kept alive between steps (least recently used are evicted).
         start_method: ``"popen"`` (Lightning's default script launcher) or ``"spawn"``.
         cp_implementation: ``"ring"`` (pass K/V around the group) or ``"allgather"``.
@@ -92,6 +95,9 @@ class DHPStrategy(ParallelStrategy):
             them, e.g. ``self.model(...)``). A ``configure_model`` that shards with ``self.device_mesh``
             itself is left as it is.
         fsdp_modules: with ``sharding="fsdp"``, module classes sharded on their own (e.g. decoder layers).
+        gradient_bucket_mb: with ``sharding="replicate"``, gradients are summed in buckets of about this
+            size, overlapped with the last round's backward; ``None`` sums them in one flat all-reduce
+            after the backward.
         process_group_backend, timeout: as for Lightning's DDPStrategy; ``timeout`` bounds every
             collective, so a stalled rank stops the others with the step named.
     """
@@ -104,6 +110,7 @@ class DHPStrategy(ParallelStrategy):
                  static_degree: int | None = None,
                  activation_checkpointing: ModuleClasses | None = None,
                  sharding: str = "replicate", fsdp_modules: ModuleClasses | None = None,
+                 gradient_bucket_mb: float | None = 25.0,
                  process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout,
                  **parallel_kwargs: Any) -> None:
         super().__init__(**parallel_kwargs)
@@ -131,6 +138,7 @@ class DHPStrategy(ParallelStrategy):
         self.activation_checkpointing = _classes(activation_checkpointing)
         self.sharding = sharding
         self.fsdp_modules = _classes(fsdp_modules)
+        self.gradient_bucket_mb = gradient_bucket_mb
         self.pool = GroupPool(pool_size)
         self.skipped_samples = 0
         self.num_nodes = 1
@@ -230,7 +238,9 @@ class DHPStrategy(ParallelStrategy):
             self._gradients = ShardedGradientSync(
                 shard_model(self.lightning_module, self._device_mesh, self.fsdp_modules, policy))
         else:
-            self._gradients = GradientSync(self.lightning_module, dist.group.WORLD if self.is_multi_process else None)
+            bucket_bytes = None if self.gradient_bucket_mb is None else int(self.gradient_bucket_mb * 2**20)
+            self._gradients = GradientSync(self.lightning_module, dist.group.WORLD if self.is_multi_process else None,
+                                           bucket_bytes)
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -238,7 +248,7 @@ class DHPStrategy(ParallelStrategy):
             _lightning._optimizers_to_device(self.optimizers, self.root_device)
         if self.cost_model == "auto":
             self.cost_model = self._calibrate()
-        elif isinstance(self.cost_model, str):
+        elif isinstance(self.cost_model, str) and self.cost_model != "profile":  # profiled with the first loader
             self.cost_model = CostModel.load(self.cost_model)
 
     def _calibrate(self) -> CostModel:
@@ -253,6 +263,25 @@ class DHPStrategy(ParallelStrategy):
             rank_zero_info(f"DHP: calibrated the cost model on {self.root_device} in "
                            f"{time.perf_counter() - started:.1f} s (fit error: median "
                            f"{report.median_abs_pct_error:.1f}%, p90 {report.p90_abs_pct_error:.1f}%)")
+        return self.broadcast(model)
+
+    def _profile(self, dataset: Any, lengths: list[int], packing: DHPPacking, tokens_per_device: int) -> CostModel:
+        """Time the user's module on packs of real samples, fit, and give every rank rank 0's model."""
+        from lightning_dhp.lightning.module_profile import module_pack_runner, profiled_lengths
+        from lightning_dhp.lightning.profiling import profile_cost_model
+
+        started = time.perf_counter()
+        run_pack = module_pack_runner(self.lightning_module, dataset, lengths, packing, self.root_device,
+                                      self.batch_to_device)
+        base = CostModel.default()
+        model, report = profile_cost_model(run_pack, profiled_lengths(lengths, tokens_per_device), base=base)
+        if model.attention_s_per_token2 <= 0 and model.linear_s_per_token <= 0:
+            rank_zero_warn("DHP: the profiled step times did not grow with the tokens (a model this small is all "
+                           "per-step overhead); keeping the default model's per-token terms")
+            model = dataclasses.replace(model, attention_s_per_token2=base.attention_s_per_token2,
+                                        linear_s_per_token=base.linear_s_per_token)
+        rank_zero_info(f"DHP: profiled the cost model of {type(self.lightning_module).__name__} in "
+                       f"{time.perf_counter() - started:.1f} s ({report.summary()})")
         return self.broadcast(model)
 
     @override
@@ -334,6 +363,8 @@ class DHPStrategy(ParallelStrategy):
     @override
     def teardown(self) -> None:
         self._close_round()
+        if isinstance(self._gradients, GradientSync):
+            self._gradients.close()
         self._scopes.close()
         self.pool.clear()
         super().teardown()
@@ -351,13 +382,16 @@ class DHPStrategy(ParallelStrategy):
                 "`batch_sampler=DHPBatchSampler(lengths, global_batch_size)` (or use DHPDataModule / "
                 f"dhp_dataloader); got {type(batch_sampler).__name__}")
         packing = DHPPacking.from_collate_fn(dataloader.collate_fn)
+        tokens_per_device = self.tokens_per_device or max(batch_sampler.lengths)
+        if self.cost_model == "profile":  # the first loader's data profiles the module (every rank at once)
+            self.cost_model = self._profile(dataloader.dataset, batch_sampler.lengths, packing, tokens_per_device)
         if self.static_degree is not None and self.world_size % self.static_degree:
             raise DHPConfigError(f"static_degree={self.static_degree} does not divide the {self.world_size} devices; "
                                  f"use one of {divisors(self.world_size)} (or DHP, static_degree=None, which takes "
                                  "any degree)")
         config = PlanConfig(
             num_devices=self.world_size, rank=self.global_rank,
-            tokens_per_device=self.tokens_per_device or max(batch_sampler.lengths),
+            tokens_per_device=tokens_per_device,
             cost_model=self.cost_model if isinstance(self.cost_model, CostModel) else None,
             node_size=self.node_size or (self.num_processes if self.num_nodes > 1 else None),
             skip_bad_samples=self.skip_bad_samples, static_degree=self.static_degree)
