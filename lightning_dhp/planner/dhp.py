@@ -110,6 +110,9 @@ def _plan(
 ) -> Plan:
     """:func:`plan_batch` on checked inputs."""
     cost = cost_model or CostModel.default()
+    if cost.attention_s_per_token2 <= 0 and cost.linear_s_per_token <= 0:
+        raise PlanError("the cost model charges nothing per token (attention and linear terms are 0), so no plan "
+                        "beats another; fit it on timings that grow with the tokens, or use CostModel.default()")
     min_degree = min_degrees(lengths_array, tokens_per_device)
     check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device)
     work = device_seconds(lengths_array, min_degree, cost)
@@ -118,6 +121,7 @@ def _plan(
         assignment = balanced_assignment(work, lengths_array, num_rounds, num_devices * tokens_per_device)
         if assignment is None:
             continue
+        assignment = [members for members in assignment if len(members)]  # free work can leave a round empty
         planned = [
             _solve_round(
                 np.array(sorted(members), dtype=np.int64),
