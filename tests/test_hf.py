@@ -26,7 +26,15 @@ from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPacking, 
 from lightning_dhp.lightning.batch import DHPBatchInfo
 from lightning_dhp.testing import run_distributed
 from tests import hf_models
-from tests.test_strategy import GLOBAL_BATCH, LENGTHS, STEPS, _as_torchrun_rank, _trainer
+from tests.test_strategy import (
+    GLOBAL_BATCH,
+    LENGTHS,
+    STEPS,
+    _as_torchrun_rank,
+    _assert_params_close,
+    _trainer,
+    error_of,
+)
 from tests.tiny_lm import TokenDataset
 
 WORLD_SIZES = (1, 2, 3)
@@ -78,14 +86,6 @@ def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int, **st
             "idle": sum(entry["plan"].stats()["idle_device_rounds"] for entry in plans.history)}
 
 
-def _error(run) -> tuple[str, str]:
-    try:
-        run()
-    except Exception as error:
-        return type(error).__name__, str(error)
-    return "ok", ""
-
-
 def _scenarios(rank: int, world_size: int) -> dict:
     _as_torchrun_rank(rank)
     reports = {}
@@ -123,7 +123,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
     task = RecordingModule(hf_models.qwen_vl())
     bad = _bad_items()
     data = DHPDataModule(bad, _vl_lengths(bad), len(bad), seed=0, **task.packing_options)
-    reports["bad_item"] = _error(lambda: _fit(world_size, task, data, VL_TOKENS_PER_DEVICE[world_size]))
+    reports["bad_item"] = error_of(lambda: _fit(world_size, task, data, VL_TOKENS_PER_DEVICE[world_size]))
     return reports
 
 
@@ -135,12 +135,6 @@ def world(request) -> tuple[int, list[dict]]:
 def _batches(lengths: list[int], global_batch: int) -> list[list[int]]:
     sampler = DHPBatchSampler(lengths, global_batch, seed=0)
     return sampler.batches()
-
-
-def _assert_params_close(params: dict, expected: dict) -> None:
-    assert params.keys() == expected.keys()
-    for name, value in expected.items():
-        torch.testing.assert_close(params[name], value, rtol=1e-9, atol=1e-12, msg=f"parameter {name}")
 
 
 def _moved(expected: dict, initial: dict) -> None:

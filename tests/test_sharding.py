@@ -14,7 +14,17 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from lightning_dhp import DHPStrategy
 from lightning_dhp.errors import DHPConfigError
 from lightning_dhp.testing import run_distributed
-from tests.test_strategy import LENGTHS, STEPS, _as_torchrun_rank, _data, _global_batches, _trainer, plan_report
+from tests.test_strategy import (
+    LENGTHS,
+    STEPS,
+    _as_torchrun_rank,
+    _assert_params_close,
+    _data,
+    _global_batches,
+    _trainer,
+    error_of,
+    plan_report,
+)
 from tests.tiny_lm import Block, LMTask, reference_training
 
 WORLD_SIZES = (2, 3)
@@ -24,14 +34,6 @@ BATCHES = _global_batches(epochs=2)
 def _full_params(task: LMTask) -> dict:
     state = get_model_state_dict(task, options=StateDictOptions(full_state_dict=True))
     return {name.removeprefix("model."): value.detach().clone() for name, value in state.items()}
-
-
-def _error(run) -> tuple[str, str]:
-    try:
-        run()
-    except Exception as error:
-        return type(error).__name__, str(error)
-    return "ok", ""
 
 
 def _scenarios(rank: int, world_size: int, directory: str) -> dict:
@@ -56,8 +58,8 @@ def _scenarios(rank: int, world_size: int, directory: str) -> dict:
     checkpoints = ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_top_k=-1, filename="{step}")
     fit(LMTask(), steps=2, callbacks=[checkpoints], trainer_kwargs={"enable_checkpointing": True})
     reports["resumed"] = fit(LMTask(), ckpt_path=f"{directory}/step=2.ckpt")[1]
-    reports["no_block_matches"] = _error(lambda: fit(LMTask(), fsdp_modules={torch.nn.LSTM}))
-    reports["bad_precision"] = _error(lambda: fit(LMTask(), trainer_kwargs={"precision": "16-true"}))
+    reports["no_block_matches"] = error_of(lambda: fit(LMTask(), fsdp_modules={torch.nn.LSTM}))
+    reports["bad_precision"] = error_of(lambda: fit(LMTask(), trainer_kwargs={"precision": "16-true"}))
     return reports
 
 
@@ -70,11 +72,6 @@ def saved(tmp_path_factory) -> str:
 def world(request, saved) -> tuple[int, list[dict]]:
     directory = f"{saved}/{request.param}"
     return request.param, run_distributed(_scenarios, request.param, directory, timeout_s=300)
-
-
-def _assert_params_close(params: dict, expected: dict) -> None:
-    for name, value in expected.items():
-        torch.testing.assert_close(params[name], value, rtol=1e-9, atol=1e-12, msg=f"parameter {name}")
 
 
 def test_sharded_training_equals_single_device_training(world):

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from lightning_dhp import DHPStrategy, cp_attention
 from lightning_dhp.lightning import DHPDataModule, dhp_dataloader
 from lightning_dhp.testing import run_distributed
-from tests.test_strategy import GLOBAL_BATCH, LENGTHS, _as_torchrun_rank, _trainer
+from tests.test_strategy import GLOBAL_BATCH, LENGTHS, _as_torchrun_rank, _trainer, error_of
 from tests.tiny_lm import LMTask, TokenDataset
 
 
@@ -44,15 +44,6 @@ def _fit_and_report(task, data, strategy) -> tuple[str, str] | tuple[str, int]:
     return "ok", strategy.skipped_samples
 
 
-def _build_and_report(build) -> tuple[str, str]:
-    """Build a loader: wrong input must fail here, when the loader is built, not when training runs."""
-    try:
-        build()
-    except Exception as error:
-        return type(error).__name__, str(error)
-    return "ok", ""
-
-
 def _scenarios(rank: int, world_size: int) -> dict:
     _as_torchrun_rank(rank)
     data = DHPDataModule(TokenDataset(LENGTHS), LENGTHS, GLOBAL_BATCH)
@@ -66,7 +57,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
         "plain_dataloader": _fit_and_report(LMTask(), DataLoader(TokenDataset(LENGTHS)), DHPStrategy(20)),
         "plan_mismatch": _fit_and_report(
             LMTask(), DHPDataModule(TokenDataset(other_lengths), other_lengths, GLOBAL_BATCH), DHPStrategy(20)),
-        "wrong_lengths": _build_and_report(lambda: dhp_dataloader(TokenDataset(LENGTHS), [*LENGTHS, 1], GLOBAL_BATCH)),
+        "wrong_lengths": error_of(lambda: dhp_dataloader(TokenDataset(LENGTHS), [*LENGTHS, 1], GLOBAL_BATCH)),
         "datamodule_without_dhp": _fit_and_report(LMTask(), data, "ddp"),
     }
 
