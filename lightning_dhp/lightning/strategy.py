@@ -382,13 +382,13 @@ class DHPStrategy(ParallelStrategy):
                 "`batch_sampler=DHPBatchSampler(lengths, global_batch_size)` (or use DHPDataModule / "
                 f"dhp_dataloader); got {type(batch_sampler).__name__}")
         packing = DHPPacking.from_collate_fn(dataloader.collate_fn)
-        tokens_per_device = self.tokens_per_device or max(batch_sampler.lengths)
-        if self.cost_model == "profile":  # the first loader's data profiles the module (every rank at once)
-            self.cost_model = self._profile(dataloader.dataset, batch_sampler.lengths, packing, tokens_per_device)
         if self.static_degree is not None and self.world_size % self.static_degree:
             raise DHPConfigError(f"static_degree={self.static_degree} does not divide the {self.world_size} devices; "
                                  f"use one of {divisors(self.world_size)} (or DHP, static_degree=None, which takes "
                                  "any degree)")
+        tokens_per_device = self.tokens_per_device or max(batch_sampler.lengths)
+        if self.cost_model == "profile":  # the first loader's data profiles the module (every rank at once)
+            self.cost_model = self._profile(dataloader.dataset, batch_sampler.lengths, packing, tokens_per_device)
         config = PlanConfig(
             num_devices=self.world_size, rank=self.global_rank,
             tokens_per_device=tokens_per_device,
