@@ -25,7 +25,7 @@ from tests.test_strategy import (
     error_of,
     plan_report,
 )
-from tests.tiny_lm import Block, LMTask, reference_training
+from tests.tiny_lm import HIDDEN, Block, LMTask, reference_training
 
 WORLD_SIZES = (2, 3)
 BATCHES = _global_batches(epochs=2)
@@ -58,6 +58,8 @@ def _scenarios(rank: int, world_size: int, directory: str) -> dict:
     checkpoints = ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_top_k=-1, filename="{step}")
     fit(LMTask(), steps=2, callbacks=[checkpoints], trainer_kwargs={"enable_checkpointing": True})
     reports["resumed"] = fit(LMTask(), ckpt_path=f"{directory}/step=2.ckpt")[1]
+    if world_size == 3:  # a checkpoint written by 2 ranks, resumed on 3 (the 2-process world ran first)
+        reports["resumed_on_another_world"] = fit(LMTask(), ckpt_path=f"{directory}/../2/step=2.ckpt")[1]
     reports["no_block_matches"] = error_of(lambda: fit(LMTask(), fsdp_modules={torch.nn.LSTM}))
     reports["bad_precision"] = error_of(lambda: fit(LMTask(), trainer_kwargs={"precision": "16-true"}))
     return reports
@@ -96,6 +98,41 @@ def test_a_full_checkpoint_resumes_exactly(world):
     expected = reference_training(LENGTHS, BATCHES, STEPS)
     for report in reports:
         _assert_params_close(report["resumed"]["params"], expected)
+
+
+def test_a_full_checkpoint_resumes_exactly_on_another_world_size(world):
+    world_size, reports = world
+    if world_size != 3:
+        pytest.skip("the 3-process world resumes the 2-process world's checkpoint")
+    expected = reference_training(LENGTHS, BATCHES, STEPS)
+    for report in reports:
+        _assert_params_close(report["resumed_on_another_world"]["params"], expected)
+
+
+class CallsABlockOnRankZeroOnly(LMTask):
+    """A user bug: one more call of a sharded module on rank 0 only (FSDP gathers its parameters)."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.global_rank == 0:
+            hidden = torch.zeros(len(batch["input_ids"]), HIDDEN, dtype=torch.float64)
+            self.model.block(hidden, batch["position_ids"])
+        return super().training_step(batch, batch_idx)
+
+
+def _some_ranks_only(rank: int, world_size: int) -> tuple[str, str]:
+    _as_torchrun_rank(rank)
+    strategy = DHPStrategy(20, sharding="fsdp", fsdp_modules={Block})
+    return error_of(lambda: _trainer(world_size, strategy, STEPS).fit(CallsABlockOnRankZeroOnly(), datamodule=_data()))
+
+
+def test_a_sharded_module_called_on_some_ranks_only_fails_within_the_timeout_naming_the_cause():
+    # gloo may abort the rank left waiting in a later collective; the one stuck in the gather explains
+    reports = run_distributed(_some_ranks_only, 2, timeout_s=120, collective_timeout_s=8, allow_dead_ranks=True)
+    survivors = [report for report in reports if report is not None]
+    assert survivors, "no rank survived to report the error"
+    for kind, message in survivors:
+        assert kind != "ok"
+        assert "a sharded module called on some ranks only" in message, message
 
 
 def test_the_full_checkpoint_loads_without_any_distributed_setup(world, saved):

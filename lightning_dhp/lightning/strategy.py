@@ -324,7 +324,8 @@ class DHPStrategy(ParallelStrategy):
                 f"DHP: a peer rank died or stalled during global batch {request.position} (epoch {request.epoch}); "
                 f"rank {self.global_rank} stopped when a collective failed or passed the timeout ({self._timeout}). "
                 "The first error is in the other ranks' logs. If no rank failed, check that every rank makes "
-                f"the same collective calls in every round. Original error: {message}",)
+                "the same collective calls in every round: under sharding='fsdp', a sharded module called on "
+                f"some ranks only (e.g. only where a rank holds images) waits forever. Original error: {message}",)
 
     # -- checkpoints (sharded models save and load full state dicts) -------------------------------
 
