@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+
+from lightning_dhp.planner.cost_model import padded_lengths
 
 
 class ZigzagLayout:
@@ -37,8 +40,7 @@ class ZigzagLayout:
                 raise ValueError(f"ZigzagLayout: sequence {index} has negative length {length}; lengths must be >= 0")
 
         lens = torch.tensor(self.seq_lens, dtype=torch.long)
-        multiple = 1 if self.degree == 1 else 2 * self.degree
-        padded = (lens + multiple - 1) // multiple * multiple
+        padded = torch.from_numpy(padded_lengths(np.array(self.seq_lens, dtype=np.int64), self.degree))
         self.padded_lens: tuple[int, ...] = tuple(padded.tolist())
         local_lens = padded // self.degree
         self.local_cu_seqlens: torch.Tensor = torch.nn.functional.pad(local_lens.cumsum(0), (1, 0))

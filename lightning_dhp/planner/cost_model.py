@@ -33,14 +33,15 @@ def padded_length(length: int, degree: int) -> int:
     Degree 1 keeps the length as it is; otherwise the length is rounded up to a multiple of
     ``2 * degree``.
     """
-    if degree == 1:
-        return length
-    chunk = 2 * degree
-    return -(-length // chunk) * chunk
+    return int(padded_lengths(np.int64(length), degree))
 
 
 def padded_lengths(lengths: np.ndarray, degrees: np.ndarray | int) -> np.ndarray:
-    """Vectorised :func:`padded_length`: int64 ``lengths`` at ``degrees`` (broadcasting)."""
+    """Vectorised :func:`padded_length`: int64 ``lengths`` at ``degrees`` (broadcasting).
+
+    The one statement of the zigzag padding rule; :class:`~lightning_dhp.attention.ZigzagLayout`
+    pads with it too.
+    """
     degrees = np.asarray(degrees)
     chunk = 2 * degrees
     return np.where(degrees == 1, lengths, -(-lengths // chunk) * chunk)
