@@ -58,8 +58,16 @@ def _scenarios(rank: int, world_size: int, directory: str) -> dict:
     checkpoints = ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_top_k=-1, filename="{step}")
     fit(LMTask(), steps=2, callbacks=[checkpoints], trainer_kwargs={"enable_checkpointing": True})
     reports["resumed"] = fit(LMTask(), ckpt_path=f"{directory}/step=2.ckpt")[1]
-    if world_size == 3:  # a checkpoint written by 2 ranks, resumed on 3 (the 2-process world ran first)
+    distributed = ModelCheckpoint(dirpath=f"{directory}/distributed", every_n_train_steps=1, save_top_k=-1,
+                                  filename="{step}")
+    fit(LMTask(), steps=2, callbacks=[distributed], trainer_kwargs={"enable_checkpointing": True},
+        save_distributed_checkpoint=True)
+    reports["resumed_distributed"] = fit(LMTask(), ckpt_path=f"{directory}/distributed/step=2.ckpt",
+                                         save_distributed_checkpoint=True)[1]
+    if world_size == 3:  # checkpoints written by 2 ranks, resumed on 3 (the 2-process world ran first)
         reports["resumed_on_another_world"] = fit(LMTask(), ckpt_path=f"{directory}/../2/step=2.ckpt")[1]
+        reports["resumed_distributed_on_another_world"] = fit(
+            LMTask(), ckpt_path=f"{directory}/../2/distributed/step=2.ckpt", save_distributed_checkpoint=True)[1]
     reports["no_block_matches"] = error_of(lambda: fit(LMTask(), fsdp_modules={torch.nn.LSTM}))
     reports["bad_precision"] = error_of(lambda: fit(LMTask(), trainer_kwargs={"precision": "16-true"}))
     return reports
@@ -100,13 +108,21 @@ def test_a_full_checkpoint_resumes_exactly(world):
         _assert_params_close(report["resumed"]["params"], expected)
 
 
-def test_a_full_checkpoint_resumes_exactly_on_another_world_size(world):
-    world_size, reports = world
-    if world_size != 3:
-        pytest.skip("the 3-process world resumes the 2-process world's checkpoint")
+def test_a_distributed_checkpoint_resumes_exactly(world):
+    _, reports = world
     expected = reference_training(LENGTHS, BATCHES, STEPS)
     for report in reports:
-        _assert_params_close(report["resumed_on_another_world"]["params"], expected)
+        _assert_params_close(report["resumed_distributed"]["params"], expected)
+
+
+@pytest.mark.parametrize("scenario", ["resumed_on_another_world", "resumed_distributed_on_another_world"])
+def test_checkpoints_resume_exactly_on_another_world_size(world, scenario):
+    world_size, reports = world
+    if world_size != 3:
+        pytest.skip("the 3-process world resumes the 2-process world's checkpoints")
+    expected = reference_training(LENGTHS, BATCHES, STEPS)
+    for report in reports:
+        _assert_params_close(report[scenario]["params"], expected)
 
 
 class CallsABlockOnRankZeroOnly(LMTask):
@@ -159,6 +175,8 @@ def test_bad_sharding_input_is_the_same_clear_error_everywhere(world, scenario, 
 
 
 def test_unknown_sharding_values_are_refused():
+    with pytest.raises(DHPConfigError, match="save_distributed_checkpoint needs sharding='fsdp'"):
+        DHPStrategy(save_distributed_checkpoint=True)
     with pytest.raises(DHPConfigError, match="sharding must be one of"):
         DHPStrategy(sharding="zero3")
     with pytest.raises(DHPConfigError, match="fsdp_modules needs sharding='fsdp'"):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.fabric.strategies.fsdp import _METADATA_FILENAME, _distributed_checkpoint_save, _is_sharded_checkpoint
+from lightning.fabric.strategies.model_parallel import _load_checkpoint
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
@@ -22,11 +24,15 @@ SUPPORTED_LIGHTNING = ">=2.6,<2.7"
 
 __all__ = [
     "SUPPORTED_LIGHTNING",
+    "_METADATA_FILENAME",
     "_MultiProcessingLauncher",
     "_SubprocessScriptLauncher",
+    "_distributed_checkpoint_save",
     "_distributed_is_initialized",
     "_get_default_process_group_backend_for_device",
     "_init_dist_connection",
+    "_is_sharded_checkpoint",
+    "_load_checkpoint",
     "_optimizers_to_device",
     "_sync_ddp_if_available",
     "_sync_module_states",

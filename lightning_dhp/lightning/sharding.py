@@ -17,8 +17,6 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -115,21 +113,15 @@ class ShardedGradientSync:
 
 # Checkpoints of a sharded model are full (consolidated) state dicts: loadable without any distributed
 # setup, and re-sharded on load for any world size. Gathering is a collective: every rank calls.
+# A distributed checkpoint (``torch.distributed.checkpoint``) keeps each rank's shards instead.
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_SHARDS = StateDictOptions(cpu_offload=True)
 
 
-def full_model_state(module: nn.Module) -> dict[str, Any]:
-    """The whole model's state dict on global rank 0 (empty elsewhere)."""
-    return get_model_state_dict(module, options=_GATHER)
+def model_state(module: nn.Module, gather: bool = True) -> dict[str, Any]:
+    """The whole model's state dict on global rank 0 (empty elsewhere), or (``gather=False``) this rank's shards."""
+    return get_model_state_dict(module, options=_GATHER if gather else _SHARDS)
 
 
-def load_full_model_state(module: nn.Module, state: dict[str, Any], strict: bool = True) -> None:
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
-
-
-def full_optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
-    return get_optimizer_state_dict(module, optimizer, options=_GATHER)
-
-
-def load_full_optimizer_state(module: nn.Module, optimizer: Optimizer, state: dict[str, Any]) -> None:
-    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+def optimizer_state(module: nn.Module, optimizer: Optimizer, gather: bool = True) -> dict[str, Any]:
+    return get_optimizer_state_dict(module, optimizer, options=_GATHER if gather else _SHARDS)

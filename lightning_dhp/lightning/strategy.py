@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,6 +96,9 @@ class DHPStrategy(ParallelStrategy):
             them, e.g. ``self.model(...)``). A ``configure_model`` that shards with ``self.device_mesh``
             itself is left as it is.
         fsdp_modules: with ``sharding="fsdp"``, module classes sharded on their own (e.g. decoder layers).
+        save_distributed_checkpoint: with ``sharding="fsdp"``, checkpoints are folders of every rank's
+            shards (``torch.distributed.checkpoint``, for models too large to gather) instead of one
+            full file; both resume on any world size.
         gradient_bucket_mb: with ``sharding="replicate"``, gradients are summed in buckets of about this
             size, overlapped with the last round's backward; ``None`` sums them in one flat all-reduce
             after the backward.
@@ -110,7 +114,7 @@ class DHPStrategy(ParallelStrategy):
                  static_degree: int | None = None,
                  activation_checkpointing: ModuleClasses | None = None,
                  sharding: str = "replicate", fsdp_modules: ModuleClasses | None = None,
-                 gradient_bucket_mb: float | None = 25.0,
+                 save_distributed_checkpoint: bool = False, gradient_bucket_mb: float | None = 25.0,
                  process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout,
                  **parallel_kwargs: Any) -> None:
         super().__init__(**parallel_kwargs)
@@ -128,6 +132,8 @@ class DHPStrategy(ParallelStrategy):
             raise DHPConfigError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
         if fsdp_modules and sharding != "fsdp":
             raise DHPConfigError("fsdp_modules needs sharding='fsdp'")
+        if save_distributed_checkpoint and sharding != "fsdp":
+            raise DHPConfigError("save_distributed_checkpoint needs sharding='fsdp' (replicas save one full file)")
         self.tokens_per_device = tokens_per_device
         self.cost_model = cost_model
         self.cp_implementation = cp_implementation
@@ -139,6 +145,7 @@ class DHPStrategy(ParallelStrategy):
         self.sharding = sharding
         self.fsdp_modules = _classes(fsdp_modules)
         self.gradient_bucket_mb = gradient_bucket_mb
+        self.save_distributed_checkpoint = save_distributed_checkpoint
         self.pool = GroupPool(pool_size)
         self.skipped_samples = 0
         self.num_nodes = 1
@@ -338,28 +345,50 @@ class DHPStrategy(ParallelStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         if not is_sharded(self.lightning_module):
             return super().lightning_module_state_dict()
-        return sharding.full_model_state(self.lightning_module)
+        return sharding.model_state(self.lightning_module, gather=not self.save_distributed_checkpoint)
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return self.sharding != "fsdp"  # load_checkpoint restores a sharded model's optimizers itself
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if not is_sharded(self.lightning_module):
-            return super().load_model_state_dict(checkpoint, strict)
-        sharding.load_full_model_state(self.lightning_module, checkpoint["state_dict"], strict)
-        return None
+        if self.sharding != "fsdp":  # a sharded model was loaded in load_checkpoint
+            super().load_model_state_dict(checkpoint, strict)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         if not is_sharded(self.lightning_module):
             return super().optimizer_state(optimizer)
-        return sharding.full_optimizer_state(self.lightning_module, getattr(optimizer, "_optimizer", optimizer))
+        return sharding.optimizer_state(self.lightning_module, getattr(optimizer, "_optimizer", optimizer),
+                                             gather=not self.save_distributed_checkpoint)
 
     @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        if not is_sharded(self.lightning_module):
-            return super().load_optimizer_state_dict(checkpoint)
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            sharding.load_full_optimizer_state(self.lightning_module, optimizer, state)
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """A full file, or with ``save_distributed_checkpoint`` a folder of every rank's shards."""
+        if not (self.save_distributed_checkpoint and is_sharded(self.lightning_module)):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))  # every rank writes its shards into rank 0's folder
+        path.mkdir(parents=True, exist_ok=True)
+        shards = {"state_dict": checkpoint.pop("state_dict")}
+        shards.update({f"optimizer_{index}": state for index, state in enumerate(checkpoint.pop("optimizer_states"))})
+        _lightning._distributed_checkpoint_save(shards, path)
+        if self.global_rank == 0:
+            torch.save(checkpoint, path / _lightning._METADATA_FILENAME)
         return None
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A sharded model loads a full file or a folder of shards (of any world size) straight into its
+        shards and its optimizers; what is left (loops, callbacks, loader) goes back to Lightning."""
+        if self.sharding != "fsdp":
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        path = Path(self.broadcast(checkpoint_path))
+        state = {"state_dict": self.lightning_module,
+                 **{f"optimizer_{index}": optimizer for index, optimizer in enumerate(self.optimizers)}}
+        return _lightning._load_checkpoint(path, state, strict=self.lightning_module.strict_loading,
+                                           optimizer_states_from_list=True, weights_only=weights_only)
 
     @override
     def teardown(self) -> None:
