@@ -12,8 +12,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from lightning_dhp import DHPStrategy
+from lightning_dhp.data.video_digits import VideoDigits
 from lightning_dhp.errors import DHPConfigError
+from lightning_dhp.lightning import DHPDataModule
+from lightning_dhp.models import VLMTask
+from lightning_dhp.models.tiny_vlm import DecoderLayer, VisionBlock
 from lightning_dhp.testing import run_distributed
+from tests.test_models import TINY as TINY_VLM
 from tests.test_strategy import (
     LENGTHS,
     STEPS,
@@ -68,9 +73,23 @@ def _scenarios(rank: int, world_size: int, directory: str) -> dict:
         reports["resumed_on_another_world"] = fit(LMTask(), ckpt_path=f"{directory}/../2/step=2.ckpt")[1]
         reports["resumed_distributed_on_another_world"] = fit(
             LMTask(), ckpt_path=f"{directory}/../2/distributed/step=2.ckpt", save_distributed_checkpoint=True)[1]
+    reports["vlm"] = {mode: _fit_vlm(world_size, **kwargs) for mode, kwargs in (
+        ("replicate", {}), ("fsdp", {"sharding": "fsdp", "fsdp_modules": {DecoderLayer, VisionBlock}}))}
     reports["no_block_matches"] = error_of(lambda: fit(LMTask(), fsdp_modules={torch.nn.LSTM}))
     reports["bad_precision"] = error_of(lambda: fit(LMTask(), trainer_kwargs={"precision": "16-true"}))
     return reports
+
+
+def _fit_vlm(world_size: int, **strategy_kwargs) -> dict:
+    """The tiny VLM for 2 steps on short videos: some ranks hold frames in a round, others none, so the
+    vision tower runs on zero frames there (sharded on its own under FSDP, it gathers on every rank)."""
+    torch.manual_seed(0)
+    task = VLMTask(TINY_VLM, warmup_steps=0)
+    videos = VideoDigits(12, seed=3, durations_s=[4.0, 12.0, 24.0], sample_fps=0.25, frame_sizes=(8, 16))
+    data = DHPDataModule(videos, videos.lengths.tolist(), 4, seed=0)
+    trainer = _trainer(world_size, DHPStrategy(20, **strategy_kwargs), 2, precision="64-true")
+    trainer.fit(task, datamodule=data)
+    return _full_params(task)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +111,12 @@ def test_sharded_training_equals_single_device_training(world):
     assert reports[0]["blocks"]["rounds"] > 1 and reports[0]["blocks"]["degree"] > 1
     if world_size == 3:
         assert reports[0]["blocks"]["degree"] == 2, "degree 2 on 3 ranks: some rank is idle or alone"
+
+
+def test_the_tiny_vlm_sharded_with_its_vision_blocks_equals_its_replicated_training(world):
+    _, reports = world
+    for report in reports:  # replicated DHP training equals single-device training (tests/test_models.py)
+        _assert_params_close(report["vlm"]["fsdp"], report["vlm"]["replicate"])
 
 
 def test_sharded_accumulation_clipping_and_activation_checkpointing_are_exact(world):
@@ -129,7 +154,7 @@ class CallsABlockOnRankZeroOnly(LMTask):
     """A user bug: one more call of a sharded module on rank 0 only (FSDP gathers its parameters)."""
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self.global_rank == 0:
+        if self.global_rank == 0 and batch_idx == 1:  # after the first step set FSDP up
             hidden = torch.zeros(len(batch["input_ids"]), HIDDEN, dtype=torch.float64)
             self.model.block(hidden, batch["position_ids"])
         return super().training_step(batch, batch_idx)

@@ -71,6 +71,7 @@ class VisionBlock(nn.Module):
         super().__init__()
         width = config.vision_hidden_size
         self.num_heads = config.vision_heads
+        self.head_dim = width // config.vision_heads
         self.attention_norm = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
@@ -82,7 +83,7 @@ class VisionBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, frames: ZigzagLayout) -> torch.Tensor:
-        q, k, v = self.qkv(self.attention_norm(x)).view(x.shape[0], 3, self.num_heads, -1).unbind(1)
+        q, k, v = self.qkv(self.attention_norm(x)).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
         attended = cp_attention(q, k, v, layout=frames, causal=False)
         x = x + self.out(attended.flatten(1))
         return x + self.mlp(self.mlp_norm(x))
@@ -115,9 +116,14 @@ class VisionEncoder(nn.Module):
         return rows, cols
 
     def forward(self, frames: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Features of every patch of every frame, packed frame after frame in row-major patch order."""
+        """Features of every patch of every frame, packed frame after frame in row-major patch order.
+
+        No frames is a pass over zero patches: every parameter still takes part (with zero gradients),
+        so every rank runs the same modules in every round (sharded modules gather on every rank).
+        """
         dtype = self.patch_embed.weight.dtype
-        patches, rows, cols, patch_counts = [], [], [], []
+        patch_dim = self.patch_embed.in_features
+        patches, rows, cols, patch_counts = [torch.empty(0, patch_dim, dtype=dtype)], [], [], []
         for frame in frames:
             grid_rows, grid_cols = self.patch_grid(frame)
             size = self.patch_size
@@ -131,10 +137,11 @@ class VisionEncoder(nn.Module):
             cols.append(torch.arange(grid_cols).repeat(grid_rows))
             patch_counts.append(grid_rows * grid_cols)
         device = self.patch_embed.weight.device
+        no_index = torch.empty(0, dtype=torch.long)
         x = (
             self.patch_embed(torch.cat(patches).to(device))
-            + self.row_embed(torch.cat(rows).to(device))
-            + self.col_embed(torch.cat(cols).to(device))
+            + self.row_embed(torch.cat([no_index, *rows]).to(device))
+            + self.col_embed(torch.cat([no_index, *cols]).to(device))
         )
         layout = ZigzagLayout(patch_counts, 1, 0)
         for block in self.blocks:
@@ -253,11 +260,8 @@ class TinyVLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, projected features) of the visual rows, encoding only frames these rows need."""
         rows = torch.nonzero(visual_index > 0).flatten()
-        if rows.numel() == 0:
-            # Tie the vision parameters to the output with a zero so that every parameter gets a
-            # gradient on every rank (gradient reducers expect the same set on all of them).
-            tie = sum(parameter.sum() for parameter in (*self.vision.parameters(), *self.projector.parameters()))
-            return rows, (tie * 0).expand(0, self.config.hidden_size)
+        if rows.numel() == 0:  # a zero-frame pass: the vision tower runs on every rank in every round
+            return rows, self.projector(self.vision([]))
         samples = sequence_ids.to(rows.device)[rows]
         tokens = visual_index[rows] - 1
         frames_to_encode: list[torch.Tensor] = []
