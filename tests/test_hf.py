@@ -79,7 +79,7 @@ def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int, **st
                                                                                                  datamodule=data)
     groups = [g for entry in plans.history for r in entry["plan"].rounds for g in r.groups]
     fsdp = strategy_kwargs.get("sharding") == "fsdp"
-    state = sharding.full_model_state(task) if fsdp else task.state_dict()  # FSDP: gathered on rank 0 only
+    state = sharding.model_state(task) if fsdp else task.state_dict()  # FSDP: gathered on rank 0 only
     return {"params": {name.removeprefix("model."): value.detach().clone() for name, value in state.items()},
             "rounds": max(len(entry["plan"].rounds) for entry in plans.history),
             "degree": max(group.degree for group in groups), "held": getattr(task, "held", []),
