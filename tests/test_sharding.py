@@ -20,20 +20,20 @@ from lightning_dhp.models.tiny_vlm import DecoderLayer, VisionBlock
 from lightning_dhp.testing import run_distributed
 from tests.test_models import TINY as TINY_VLM
 from tests.test_strategy import (
+    BATCHES,
     LENGTHS,
     STEPS,
     _as_torchrun_rank,
     _assert_params_close,
     _data,
-    _global_batches,
     _trainer,
     error_of,
     plan_report,
+    same_error_on_every_rank,
 )
 from tests.tiny_lm import HIDDEN, Block, LMTask, reference_training
 
 WORLD_SIZES = (2, 3)
-BATCHES = _global_batches(epochs=2)
 
 
 def _full_params(task: LMTask) -> dict:
@@ -191,12 +191,21 @@ def test_the_full_checkpoint_loads_without_any_distributed_setup(world, saved):
 ])
 def test_bad_sharding_input_is_the_same_clear_error_everywhere(world, scenario, fragments):
     _, reports = world
-    errors = {report[scenario] for report in reports}
-    assert len(errors) == 1, f"ranks disagree: {errors}"
-    kind, message = errors.pop()
+    kind, message = same_error_on_every_rank(reports, scenario)
     assert kind == "DHPConfigError", message
     for fragment in fragments:
         assert fragment in message
+
+
+def test_fsdp_on_one_device_keeps_the_model_whole_and_resumes_exactly(tmp_path):
+    """sharding="fsdp" with one process trains unsharded, and its checkpoints resume like any other."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    _trainer(1, DHPStrategy(64, sharding="fsdp"), 2, callbacks=[checkpoints],
+             enable_checkpointing=True).fit(LMTask(), datamodule=_data())
+    task = LMTask()
+    _trainer(1, DHPStrategy(64, sharding="fsdp"), STEPS).fit(task, datamodule=_data(),
+                                                             ckpt_path=f"{tmp_path}/step=2.ckpt")
+    _assert_params_close(task.model.state_dict(), reference_training(LENGTHS, BATCHES, STEPS))
 
 
 def test_unknown_sharding_values_are_refused():

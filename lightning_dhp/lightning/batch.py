@@ -46,6 +46,13 @@ class DHPBatchInfo:
         return self.round_index == self.num_rounds - 1
 
 
+def loss_of(output: Any) -> torch.Tensor | None:
+    """The loss a step returned: the output itself, or its ``"loss"`` entry (Lightning's two forms)."""
+    if isinstance(output, dict):
+        return output.get("loss")
+    return output
+
+
 def batch_info(batch: Any) -> DHPBatchInfo:
     """``batch["dhp"]``, or a clear error when the batch was not planned by DHPStrategy."""
     info = batch.get("dhp") if isinstance(batch, dict) else None

@@ -19,7 +19,7 @@ from lightning.pytorch import LightningModule
 from lightning_dhp.attention import ZigzagLayout
 from lightning_dhp.distributed import CPContext, cp_context
 from lightning_dhp.errors import DHPConfigError
-from lightning_dhp.lightning.batch import DHPBatchInfo
+from lightning_dhp.lightning.batch import DHPBatchInfo, loss_of
 from lightning_dhp.lightning.collate import DHPPacking, count_loss_tokens
 from lightning_dhp.lightning.profiling import synchronize
 from lightning_dhp.lightning.shares import LoggedShares
@@ -58,7 +58,7 @@ def module_pack_runner(module: LightningModule, dataset: Any, lengths: Sequence[
                                     global_loss_tokens=loss_tokens, global_samples=len(items))
         with cp_context(CPContext(layout, None, (0,))), LoggedShares().capture(module):
             output = module.training_step(batch, 0)
-        loss = output["loss"] if isinstance(output, dict) else output
+        loss = loss_of(output)
         if loss is None or not loss.requires_grad:
             raise DHPConfigError("cost_model='profile' times training_step plus backward, but training_step "
                                  "returned no loss with a graph; pass a CostModel (e.g. CostModel.for_transformer)")

@@ -47,7 +47,7 @@ from lightning_dhp.distributed.pool import GroupPool
 from lightning_dhp.distributed.world import world_device_id
 from lightning_dhp.errors import DHPConfigError, DHPDataError, DHPRankMismatchError
 from lightning_dhp.lightning import _lightning, sharding
-from lightning_dhp.lightning.batch import DHPBatchInfo
+from lightning_dhp.lightning.batch import DHPBatchInfo, loss_of
 from lightning_dhp.lightning.collate import DHPPacking
 from lightning_dhp.lightning.gradients import GradientSync
 from lightning_dhp.lightning.planned_loader import DHPDataLoader, PlanConfig, PlannedStep, StepRequest
@@ -181,6 +181,11 @@ class DHPStrategy(ParallelStrategy):
         return self.num_nodes * self.num_processes > 1
 
     @property
+    def _sharded(self) -> bool:
+        """FSDP2 shards the model: ``sharding="fsdp"`` on more than one process (one device keeps it whole)."""
+        return self._device_mesh is not None
+
+    @property
     def is_distributed(self) -> bool:
         """Lightning syncs ``self.log(..., sync_dist=True)`` outside DHP steps only when this is true."""
         return self.is_multi_process or _lightning._distributed_is_initialized()
@@ -241,7 +246,7 @@ class DHPStrategy(ParallelStrategy):
                 "cp_attention was called outside a DHP batch on a multi-device run; call it from "
                 "training_step/validation_step/test_step/predict_step, which DHPStrategy runs inside the "
                 "batch's context-parallel group"))
-        if self._device_mesh is not None:
+        if self._sharded:
             self._gradients = ShardedGradientSync(
                 shard_model(self.lightning_module, self._device_mesh, self.fsdp_modules, policy))
         else:
@@ -339,35 +344,35 @@ class DHPStrategy(ParallelStrategy):
     @property
     @override
     def restore_checkpoint_after_setup(self) -> bool:
-        return self.sharding == "fsdp"  # load into the sharded model
+        return self._sharded  # load into the sharded model
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        if not is_sharded(self.lightning_module):
+        if not self._sharded:
             return super().lightning_module_state_dict()
         return sharding.model_state(self.lightning_module, gather=not self.save_distributed_checkpoint)
 
     @property
     @override
     def lightning_restore_optimizer(self) -> bool:
-        return self.sharding != "fsdp"  # load_checkpoint restores a sharded model's optimizers itself
+        return not self._sharded  # load_checkpoint restores a sharded model's optimizers itself
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if self.sharding != "fsdp":  # a sharded model was loaded in load_checkpoint
+        if not self._sharded:  # a sharded model was loaded in load_checkpoint
             super().load_model_state_dict(checkpoint, strict)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        if not is_sharded(self.lightning_module):
+        if not self._sharded:
             return super().optimizer_state(optimizer)
         return sharding.optimizer_state(self.lightning_module, getattr(optimizer, "_optimizer", optimizer),
-                                             gather=not self.save_distributed_checkpoint)
+                                        gather=not self.save_distributed_checkpoint)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """A full file, or with ``save_distributed_checkpoint`` a folder of every rank's shards."""
-        if not (self.save_distributed_checkpoint and is_sharded(self.lightning_module)):
+        if not (self.save_distributed_checkpoint and self._sharded):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(filepath))  # every rank writes its shards into rank 0's folder
         path.mkdir(parents=True, exist_ok=True)
@@ -382,7 +387,7 @@ class DHPStrategy(ParallelStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """A sharded model loads a full file or a folder of shards (of any world size) straight into its
         shards and its optimizers; what is left (loops, callbacks, loader) goes back to Lightning."""
-        if self.sharding != "fsdp":
+        if not self._sharded:
             return super().load_checkpoint(checkpoint_path, weights_only)
         path = Path(self.broadcast(checkpoint_path))
         state = {"state_dict": self.lightning_module,
@@ -444,7 +449,7 @@ class DHPStrategy(ParallelStrategy):
             for round_index in range(len(step.plan.rounds)):
                 batch = self._enter_round(step, round_index)
                 output = super().training_step(batch, batch_idx)
-                loss = _loss_of(output)
+                loss = loss_of(output)
                 returned_none += loss is None
                 if round_index == len(step.plan.rounds) - 1:
                     continue
@@ -460,9 +465,9 @@ class DHPStrategy(ParallelStrategy):
         every_rank_returned = self._finish_step(step, returned_none, strict=automatic)
         self._trained[step.request.loader_id] = step.request
         if every_rank_returned:
-            step_loss = sum(earlier_losses, _loss_of(output))  # the whole share's value, the last round's graph
+            step_loss = sum(earlier_losses, loss_of(output))  # the whole share's value, the last round's graph
             self._logged.add("dhp/loss", step_loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        self._publish(step)
+        self._publish()
         if every_rank_returned:
             return _with_loss(output, step_loss)
         if automatic:
@@ -502,7 +507,7 @@ class DHPStrategy(ParallelStrategy):
                 output = user_step(self._enter_round(step, round_index), *args)
         self._close_round()
         self._finish_step(step, returned_none=0, strict=False)
-        self._publish(step)
+        self._publish()
         return output
 
     def _enter_round(self, step: PlannedStep, round_index: int) -> dict[str, Any]:
@@ -590,7 +595,7 @@ class DHPStrategy(ParallelStrategy):
                 "part of the global batch (an empty batch where it is idle); return None in every round on every "
                 "rank to skip the whole global batch, or return a loss (e.g. loss_share of a zero sum)")
 
-    def _publish(self, step: PlannedStep) -> None:
+    def _publish(self) -> None:
         if self.is_multi_process and len(self._logged):
             self._logged.sum_over_ranks(dist.all_reduce, self.root_device)
         self._logged.publish(self.lightning_module, global_batch_size=self._step_counts[1])
@@ -669,12 +674,6 @@ def _classes(classes: ModuleClasses | None) -> tuple[type[nn.Module], ...]:
                 raise DHPConfigError(f"cannot import the module class {entry!r}: {error}") from None
         resolved.append(entry)
     return tuple(resolved)
-
-
-def _loss_of(output: Any) -> torch.Tensor | None:
-    if isinstance(output, dict):
-        return output.get("loss")
-    return output
 
 
 def _with_loss(output: Any, loss: torch.Tensor) -> Any:
