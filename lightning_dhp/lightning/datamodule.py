@@ -8,9 +8,9 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lightning_dhp.errors import DHPConfigError, DHPDataError
+from lightning_dhp.errors import DHPConfigError
 from lightning_dhp.lightning.collate import DHPPacking, ItemTransform
-from lightning_dhp.lightning.sampler import DHPBatchSampler, checked_lengths
+from lightning_dhp.lightning.sampler import DHPBatchSampler, check_one_length_per_item, checked_lengths
 
 
 def dhp_dataloader(dataset: Any, lengths: Sequence[int], global_batch_size: int, *, shuffle: bool = True,
@@ -24,20 +24,12 @@ def dhp_dataloader(dataset: Any, lengths: Sequence[int], global_batch_size: int,
     dataset's ``token_fields`` attribute, else none); every other field is per-sample. See
     :class:`DHPPacking` for ``item_transform``.
     """
-    check_lengths(dataset, lengths)
+    check_one_length_per_item(dataset, lengths)
     if token_fields is None:
         token_fields = getattr(dataset, "token_fields", ())
     sampler = DHPBatchSampler(lengths, global_batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                       collate_fn=DHPPacking(token_fields, item_transform), persistent_workers=num_workers > 0)
-
-
-def check_lengths(dataset: Any, lengths: Sequence[int]) -> None:
-    """One whole token count >= 1 per dataset item, or a :class:`DHPDataError` naming the bad indices."""
-    if len(lengths) != len(dataset):
-        raise DHPDataError(f"lengths has {len(lengths)} entries but the dataset has {len(dataset)} items; pass one "
-                           "token count per item, in dataset order")
-    checked_lengths(lengths)
 
 
 class DHPDataModule(LightningDataModule):
@@ -69,8 +61,9 @@ class DHPDataModule(LightningDataModule):
                     raise DHPConfigError(f"{stage}_dataset needs {stage}_lengths (one token count per item) or a "
                                          "`lengths` attribute")
                 self.datasets[stage] = (dataset, stage_lengths)
-        for dataset, stage_lengths in self.datasets.values():
-            check_lengths(dataset, stage_lengths)
+        for dataset, stage_lengths in self.datasets.values():  # bad lengths fail here, not when training starts
+            check_one_length_per_item(dataset, stage_lengths)
+            checked_lengths(stage_lengths)
 
     def _loader(self, stage: str) -> Any:
         if stage not in self.datasets:

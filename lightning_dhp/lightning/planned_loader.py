@@ -21,7 +21,7 @@ from lightning_dhp.attention import ZigzagLayout
 from lightning_dhp.errors import DHPDataError, PlanError
 from lightning_dhp.lightning.batch import DHPBatchInfo
 from lightning_dhp.lightning.collate import DHPPacking, count_loss_tokens
-from lightning_dhp.lightning.sampler import DHPBatchSampler
+from lightning_dhp.lightning.sampler import DHPBatchSampler, check_one_length_per_item
 from lightning_dhp.planner import CostModel, Plan, plan_batch, static_plan
 
 
@@ -187,10 +187,7 @@ class DHPDataLoader(DataLoader):
 
     def __init__(self, dataset: Any, batch_sampler: DHPBatchSampler, config: PlanConfig, packing: DHPPacking,
                  trained: dict[str, StepRequest], **loader_kwargs: Any):
-        if len(batch_sampler.lengths) != len(dataset):
-            raise DHPDataError(
-                f"the sampler has {len(batch_sampler.lengths)} lengths but the dataset has {len(dataset)} items; "
-                "pass one length per dataset item (in dataset order)")
+        check_one_length_per_item(dataset, batch_sampler.lengths)
         check_longest_sample_fits(batch_sampler.lengths, config)
         self.dhp_batch_sampler = batch_sampler
         self.plan_config = config

@@ -80,6 +80,13 @@ class DHPBatchSampler:
         self.resume_position = state["batches_consumed"]  # == len(self): the epoch is done
 
 
+def check_one_length_per_item(dataset: Any, lengths: Sequence[int]) -> None:
+    """A :class:`DHPDataError` unless ``lengths`` holds one token count per item of ``dataset``."""
+    if len(lengths) != len(dataset):
+        raise DHPDataError(f"lengths has {len(lengths)} entries but the dataset has {len(dataset)} items; pass one "
+                           "token count per item, in dataset order")
+
+
 def checked_lengths(lengths: Sequence[int]) -> list[int]:
     """``lengths`` as ints, or a :class:`DHPDataError` naming the dataset indices that cannot be trained.
 
