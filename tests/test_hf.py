@@ -34,6 +34,7 @@ from tests.test_strategy import (
     _assert_params_close,
     _trainer,
     error_of,
+    same_error_on_every_rank,
 )
 from tests.tiny_lm import TokenDataset
 
@@ -228,9 +229,7 @@ def test_sharded_training_and_the_other_cp_modes_equal_the_plain_hf_loop(world, 
 
 def test_image_tokens_that_do_not_match_the_grid_are_the_same_data_error_on_every_rank(world):
     _, reports = world
-    errors = {report["bad_item"] for report in reports}
-    assert len(errors) == 1, f"ranks disagree: {errors}"
-    kind, message = errors.pop()
+    kind, message = same_error_on_every_rank(reports, "bad_item")
     assert kind == DHPDataError.__name__
     assert f"dataset item {BAD_INDEX}" in message and "image tokens do not match image_grid_thw" in message
 

@@ -18,15 +18,16 @@ from lightning_dhp.errors import DHPConfigError, DHPDataError
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPacking, global_share
 from lightning_dhp.testing import run_distributed
 from tests.test_strategy import (
+    BATCHES,
     GLOBAL_BATCH,
     LENGTHS,
     STEPS,
     _as_torchrun_rank,
     _assert_params_close,
-    _global_batches,
     _trainer,
     error_of,
     plan_report,
+    same_error_on_every_rank,
 )
 from tests.tiny_lm import (
     Block,
@@ -155,14 +156,6 @@ def world(request) -> tuple[int, list[dict]]:
     return request.param, run_distributed(_scenarios, request.param, timeout_s=420)
 
 
-def _same_error_on_every_rank(reports: list[dict], scenario: str) -> tuple[str, str]:
-    errors = {report[scenario] for report in reports}
-    assert len(errors) == 1, f"ranks disagree: {errors}"
-    return errors.pop()
-
-
-BATCHES = _global_batches(epochs=2)
-
 
 @pytest.mark.parametrize("scenario", ["checkpoint_non_reentrant", "checkpoint_reentrant", "checkpoint_option"])
 def test_activation_checkpointing_is_exact(world, scenario):
@@ -244,7 +237,7 @@ def test_manual_optimization_with_the_documented_pattern_is_exact(world):
 
 def test_manual_optimization_stepping_every_round_is_refused(world):
     _, reports = world
-    kind, message = _same_error_on_every_rank(reports, "manual_textbook")
+    kind, message = same_error_on_every_rank(reports, "manual_textbook")
     assert kind == "DHPConfigError", message
     assert "is_last_round" in message and "round 1 of" in message
 
@@ -261,7 +254,7 @@ def test_none_from_some_ranks_only_is_the_same_clear_error_everywhere(world):
     world_size, reports = world
     if world_size == 1:
         pytest.skip("needs two ranks")
-    kind, message = _same_error_on_every_rank(reports, "skip_some_ranks")
+    kind, message = same_error_on_every_rank(reports, "skip_some_ranks")
     assert kind == "DHPRankMismatchError", message
     assert "returned None on ranks [1]" in message
 
@@ -272,7 +265,7 @@ def test_none_from_some_ranks_only_is_the_same_clear_error_everywhere(world):
 ])
 def test_bad_configuration_is_the_same_clear_error_everywhere(world, scenario, fragments):
     _, reports = world
-    kind, message = _same_error_on_every_rank(reports, scenario)
+    kind, message = same_error_on_every_rank(reports, scenario)
     assert kind == "DHPConfigError", message
     for fragment in fragments:
         assert fragment in message

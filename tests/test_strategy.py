@@ -83,6 +83,13 @@ def _assert_params_close(params: dict, expected: dict) -> None:
         torch.testing.assert_close(params[name], value, rtol=1e-9, atol=1e-12, msg=f"parameter {name}")
 
 
+def same_error_on_every_rank(reports: list[dict], scenario: str) -> tuple[str, str]:
+    """The one (type, message) every rank reported for ``scenario``; fails if ranks disagree."""
+    errors = {report[scenario] for report in reports}
+    assert len(errors) == 1, f"ranks disagree: {errors}"
+    return errors.pop()
+
+
 def error_of(run) -> tuple[str, str]:
     """("ok", "") if ``run()`` returns, else the type and message of what it raised (to compare ranks)."""
     try:

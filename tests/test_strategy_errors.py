@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from lightning_dhp import DHPStrategy, cp_attention
 from lightning_dhp.lightning import DHPDataModule, dhp_dataloader
 from lightning_dhp.testing import run_distributed
-from tests.test_strategy import GLOBAL_BATCH, LENGTHS, _as_torchrun_rank, _trainer, error_of
+from tests.test_strategy import GLOBAL_BATCH, LENGTHS, _as_torchrun_rank, _trainer, error_of, same_error_on_every_rank
 from tests.tiny_lm import LMTask, TokenDataset
 
 
@@ -79,9 +79,7 @@ def reports() -> list[dict]:
     ("datamodule_without_dhp", "DHPConfigError", ["strategy=DHPStrategy", "DDPStrategy"]),
 ])
 def test_bad_input_gives_the_same_clear_error_on_every_rank(reports, scenario, kind, fragments):
-    kinds_and_messages = {reports_of_rank[scenario] for reports_of_rank in reports}
-    assert len(kinds_and_messages) == 1, f"ranks disagree: {kinds_and_messages}"
-    (seen_kind, message), = kinds_and_messages
+    seen_kind, message = same_error_on_every_rank(reports, scenario)
     assert seen_kind == kind, message
     for fragment in fragments:
         assert fragment in message
