@@ -41,26 +41,36 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy | None:
     return _POLICIES[precision]
 
 
-def shard_model(module: nn.Module, mesh: DeviceMesh, block_types: Collection[type[nn.Module]],
+def blocks_to_shard(module: nn.Module, block_types: Collection[type[nn.Module]]) -> list[nn.Module]:
+    """The submodules :func:`shard_model` shards on their own, or a :class:`DHPConfigError` when the
+    model cannot be sharded as asked. Touches no process group, so every rank checks before any
+    collective. Empty when the user sharded the model already (in ``configure_model``)."""
+    if any(True for _ in module.parameters(recurse=False)):
+        raise DHPConfigError(f"sharding='fsdp' shards the submodules of {type(module).__name__}, but it holds "
+                             "parameters of its own; move them into a submodule (e.g. self.model)")
+    if is_sharded(module):
+        return []
+    block_types = tuple(block_types)
+    blocks = [child for child in module.modules() if isinstance(child, block_types)]
+    if block_types and not blocks:
+        present = sorted({type(child).__name__ for child in module.modules()})
+        raise DHPConfigError(
+            f"fsdp_modules={{{', '.join(block.__name__ for block in block_types)}}} matches no module of "
+            f"{type(module).__name__}; its module classes are {present}")
+    return blocks
+
+
+def shard_model(module: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module],
                 policy: MixedPrecisionPolicy | None) -> list[FSDPModule]:
-    """Shard every ``block_types`` instance on its own, then each direct child of ``module`` as a root.
+    """Shard ``blocks`` (from :func:`blocks_to_shard`) on their own, then each direct child of ``module``
+    as a root.
 
     The roots are the children (e.g. a LightningModule's ``self.model``): a step calls them, which is
     when FSDP gathers their parameters. A module the user sharded already (in ``configure_model``)
     is kept as it is. Returns every FSDP module, with gradients summed over the mesh.
     """
-    block_types = tuple(block_types)
-    if any(True for _ in module.parameters(recurse=False)):
-        raise DHPConfigError(f"sharding='fsdp' shards the submodules of {type(module).__name__}, but it holds "
-                             "parameters of its own; move them into a submodule (e.g. self.model)")
     kwargs: dict[str, Any] = {"mesh": mesh} if policy is None else {"mesh": mesh, "mp_policy": policy}
     if not is_sharded(module):
-        blocks = [child for child in module.modules() if isinstance(child, block_types)]
-        if block_types and not blocks:
-            present = sorted({type(child).__name__ for child in module.modules()})
-            raise DHPConfigError(
-                f"fsdp_modules={{{', '.join(block.__name__ for block in block_types)}}} matches no module of "
-                f"{type(module).__name__}; its module classes are {present}")
         for block in blocks:
             fully_shard(block, **kwargs)
         for child in module.children():

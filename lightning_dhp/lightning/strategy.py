@@ -56,6 +56,7 @@ from lightning_dhp.lightning.sampler import DHPBatchSampler
 from lightning_dhp.lightning.sharding import (
     SHARDINGS,
     ShardedGradientSync,
+    blocks_to_shard,
     is_sharded,
     mixed_precision_policy,
     shard_model,
@@ -235,8 +236,10 @@ class DHPStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        # What can be refused is refused here, the same on every rank, before any collective.
         policy = mixed_precision_policy(self.precision_plugin.precision) if self.sharding == "fsdp" else None
-        if self.activation_checkpointing:  # raises the same error on every rank before any collective
+        blocks = blocks_to_shard(self.lightning_module, self.fsdp_modules) if self._sharded else []
+        if self.activation_checkpointing:
             apply_activation_checkpointing(self.lightning_module, self.activation_checkpointing)
         if self.is_multi_process:
             if not is_sharded(self.lightning_module):  # shards must be cut from identical parameters
@@ -247,8 +250,7 @@ class DHPStrategy(ParallelStrategy):
                 "training_step/validation_step/test_step/predict_step, which DHPStrategy runs inside the "
                 "batch's context-parallel group"))
         if self._sharded:
-            self._gradients = ShardedGradientSync(
-                shard_model(self.lightning_module, self._device_mesh, self.fsdp_modules, policy))
+            self._gradients = ShardedGradientSync(shard_model(self.lightning_module, self._device_mesh, blocks, policy))
         else:
             bucket_bytes = None if self.gradient_bucket_mb is None else int(self.gradient_bucket_mb * 2**20)
             self._gradients = GradientSync(self.lightning_module, dist.group.WORLD if self.is_multi_process else None,
