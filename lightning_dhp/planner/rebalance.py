@@ -1,16 +1,16 @@
-"""Cross-round rebalancing: move samples out of a round's slowest group into idle room of other rounds.
+"""Cross-round rebalancing: move or swap samples out of a round's slowest group into other rounds.
 
 Rounds are assigned before they are planned, so a round whose makespan one long sample sets leaves
-devices idle while a later round runs longer than it needs to. A move takes one sample from the
-slowest group of a round and puts it in a group of another round with the memory for it, where it
-gains most: what the donor round's makespan drops minus what the receiving round's grows (nothing
-when the sample fits the receiving round's idle time). Every move shortens the summed makespans;
+devices idle while a later round runs longer than it needs to. A change takes one sample from the
+slowest group of a round and either moves it to a group of another round with the memory for it, or
+swaps it with a sample of another round (the other sample comes back to the slowest group): when
+memory binds, a swap is the only way to bring work into a round's idle time. The change that gains
+most is taken: what the donor round's makespan drops minus what the receiving round's grows (nothing
+when the work fits the receiving round's idle time). Every change shortens the summed makespans;
 group degrees and ranks stay as they are.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 
@@ -18,14 +18,18 @@ from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
 from lightning_dhp.planner.plan import Plan
 
-# at most this many moves per sample of the batch: on memory-bound 512-sample batches 0.25 reaches all
+# at most this many changes per sample of the batch: on memory-bound 512-sample batches 0.25 reaches all
 # but 0.1% of what unlimited moves give (4.3% against 4.4% over static CP), 0.1 only 3.7%
-MAX_MOVES_PER_SAMPLE = 0.25
-MIN_GAIN = 1e-9  # relative: a move must shorten its donor round by more than this
+MAX_CHANGES_PER_SAMPLE = 0.25
+# a change must shorten the plan by more than this share of its time before rebalancing: the many
+# changes below it add up to little (0.1-0.2% on two-round short tails) at most of the cost
+MIN_GAIN = 1e-9
+SWAPS = True  # besides moves, swap samples between rounds (see the module docstring)
+SKIP_STUCK = True  # a donor round whose search found nothing is skipped until a change touches it
 
 
 def rebalance_plan(plan: Plan, lengths: np.ndarray, cost: CostModel) -> Plan:
-    """``plan`` after :func:`rebalance` (the same plan when it has one round or no move helps)."""
+    """``plan`` after :func:`rebalance` (the same plan when it has one round or no change helps)."""
     if len(plan.rounds) < 2:
         return plan
     rounds = [[PlannedGroup(group.samples, group.degree, group.ranks[0]) for group in round_.groups]
@@ -43,109 +47,170 @@ def rebalance(
     cost: CostModel,
     node_size: int | None,
 ) -> list[list[PlannedGroup]]:
-    """``rounds`` with samples moved between rounds while that shortens the summed makespans."""
-    groups = [group for planned in rounds for group in planned]
+    """``rounds`` with samples moved or swapped between rounds while that shortens the summed makespans.
+
+    Every sample of ``lengths`` must be in some group.
+    """
     if len(rounds) < 2:
         return rounds
-    round_of = np.repeat(np.arange(len(rounds)), [len(planned) for planned in rounds])
-    degree = np.array([group.degree for group in groups], dtype=np.int64)
-    first = np.array([group.first_rank for group in groups], dtype=np.int64)
-    crosses = np.zeros(len(groups), dtype=bool) if node_size is None else first // node_size != (
-        first + degree - 1
-    ) // node_size
-    members = [list(group.samples) for group in groups]
-    padded = [padded_lengths(lengths[list(samples)], d).astype(np.float64)
-              for samples, d in zip(members, degree, strict=True)]
-    sum_p = np.array([values.sum() for values in padded])
-    sum_p2 = np.array([(values * values).sum() for values in padded])
-    capacity = degree * tokens_per_device
-
-    # a group's time is linear in its padded sum and sum of squares: fixed + per_square * squares +
-    # per_token * sums, with coefficients fixed by its degree and whether it crosses a node (node_size=0
-    # makes a group pay the inter-node bandwidth, as in build_plan)
-    zero, one = np.zeros(len(groups)), np.ones(len(groups))
-
-    def at_degrees(sums: np.ndarray, squares: np.ndarray) -> np.ndarray:
-        inside = cost.times_from_sums(sums, squares, degree)
-        return np.where(crosses, cost.times_from_sums(sums, squares, degree, node_size=0), inside)
-
-    fixed = at_degrees(zero, zero)
-    per_token, per_square = at_degrees(one, zero) - fixed, at_degrees(zero, one) - fixed
-
-    def times(sums: np.ndarray, squares: np.ndarray, which: np.ndarray) -> np.ndarray:
-        return fixed[which] + per_square[which] * squares + per_token[which] * sums
-
-    every = np.arange(len(groups))
-    time = times(sum_p, sum_p2, every)
-    for _ in range(max(1, int(MAX_MOVES_PER_SAMPLE * len(lengths)))):
-        move = _best_move(members, lengths, degree, round_of, time, sum_p, sum_p2, capacity, len(rounds), times)
-        if move is None:
+    state = _Groups(rounds, lengths, tokens_per_device, cost, node_size)
+    for _ in range(max(1, int(MAX_CHANGES_PER_SAMPLE * len(lengths)))):
+        if not state.apply_best_change():
             break
-        sample, donor_group, target, own, need, left, arrive = move
-        members[donor_group].remove(sample)
-        members[target].append(sample)
-        sum_p[donor_group] -= own
-        sum_p2[donor_group] -= own * own
-        sum_p[target] += need
-        sum_p2[target] += need * need
-        time[donor_group], time[target] = left, arrive
-    result: list[list[PlannedGroup]] = [[] for _ in rounds]
-    for index, group in enumerate(groups):
-        result[round_of[index]].append(PlannedGroup(tuple(sorted(members[index])), group.degree, group.first_rank))
-    return result
+    return state.rounds(rounds)
 
 
-def _best_move(
-    members: list[list[int]],
-    lengths: np.ndarray,
-    degree: np.ndarray,
-    round_of: np.ndarray,
-    time: np.ndarray,
-    sum_p: np.ndarray,
-    sum_p2: np.ndarray,
-    capacity: np.ndarray,
-    num_rounds: int,
-    times: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
-) -> tuple[int, int, int, float, float, float, float] | None:
-    """The first improving move, donor rounds by how much their slowest group stands out: the sample of
-    the donor's slowest group and the group of another round (with memory for it) that gain most, as
-    (sample, donor group, target group, its padded length there and at the target, the donor group's
-    and the target's new times). None when no move improves."""
-    every = np.arange(len(time))
-    makespan = np.zeros(num_rounds)
-    np.maximum.at(makespan, round_of, time)
-    second = _second_largest(time, round_of, num_rounds)
-    target_makespan = makespan[round_of]
-    for donor in np.argsort(-(makespan - second), kind="stable").tolist():
-        if makespan[donor] - second[donor] <= MIN_GAIN * makespan[donor]:
-            break  # sorted: no later round can gain either
-        in_round = every[round_of == donor]
-        slowest = int(in_round[np.argmax(time[in_round])])
-        if len(members[slowest]) < 2:
-            continue  # emptying the group would leave its ranks idle for nothing
-        samples = np.array(members[slowest], dtype=np.int64)
-        own = padded_lengths(lengths[samples], degree[slowest]).astype(np.float64)
-        left = times(sum_p[slowest] - own, sum_p2[slowest] - own * own, np.full(len(samples), slowest))
-        gain = makespan[donor] - np.maximum(left, second[donor])
-        need = padded_lengths(lengths[samples][:, None], degree[None, :]).astype(np.float64)
-        arrive = times(sum_p[None, :] + need, sum_p2[None, :] + need * need, np.broadcast_to(every, need.shape))
-        growth = np.maximum(0.0, arrive - target_makespan[None, :])  # how much the receiving round slows
-        net = np.where((round_of[None, :] != donor) & (sum_p[None, :] + need <= capacity[None, :]),
-                       gain[:, None] - growth, -np.inf)
-        best = np.unravel_index(int(np.argmax(net)), net.shape)
-        if net[best] <= MIN_GAIN * makespan[donor]:
-            continue
-        row, target = int(best[0]), int(best[1])
-        return (int(samples[row]), slowest, target, float(own[row]), float(need[row, target]), float(left[row]),
-                float(arrive[row, target]))
-    return None
+class _Groups:
+    """Every group's members, padded token sums and time, with each sample's padded length at each
+    degree the plan uses (a group's time is linear in its padded sum and sum of squares)."""
 
+    def __init__(
+        self,
+        rounds: list[list[PlannedGroup]],
+        lengths: np.ndarray,
+        tokens_per_device: int,
+        cost: CostModel,
+        node_size: int | None,
+    ) -> None:
+        groups = [group for planned in rounds for group in planned]
+        self.num_rounds = len(rounds)
+        # donor rounds whose last search found no change; searched again once a change touches them
+        self.stuck = np.zeros(len(rounds), dtype=bool)
+        sizes = [len(planned) for planned in rounds]
+        self.round_of = np.repeat(np.arange(len(rounds)), sizes)
+        self.round_start = np.concatenate([[0], np.cumsum(sizes)]).tolist()  # groups of a round are contiguous
+        degree = np.array([group.degree for group in groups], dtype=np.int64)
+        first = np.array([group.first_rank for group in groups], dtype=np.int64)
+        crosses = np.zeros(len(groups), dtype=bool) if node_size is None else (
+            first // node_size != (first + degree - 1) // node_size
+        )
+        self.members = [list(group.samples) for group in groups]
+        self.group_of = np.zeros(len(lengths), dtype=np.int64)
+        for index, samples in enumerate(self.members):
+            self.group_of[samples] = index
+        degrees, self.degree_column = np.unique(degree, return_inverse=True)
+        self.padded = padded_lengths(lengths[:, None], degrees[None, :]).astype(np.float64)
+        self.capacity = degree * tokens_per_device
+        # node_size=0 makes a group pay the inter-node bandwidth, as in build_plan
+        zero, one = np.zeros(len(groups)), np.ones(len(groups))
 
-def _second_largest(time: np.ndarray, round_of: np.ndarray, num_rounds: int) -> np.ndarray:
-    """Per round, the second-largest group time (0 for a round of one group)."""
-    order = np.lexsort((-time, round_of))  # by round, slowest group first
-    first_of_round = np.concatenate([[True], round_of[order][1:] != round_of[order][:-1]])
-    rest = order[~first_of_round]
-    second = np.zeros(num_rounds)
-    np.maximum.at(second, round_of[rest], time[rest])
-    return second
+        def at_degrees(sums: np.ndarray, squares: np.ndarray) -> np.ndarray:
+            inside = cost.times_from_sums(sums, squares, degree)
+            return np.where(crosses, cost.times_from_sums(sums, squares, degree, node_size=0), inside)
+
+        self.fixed = at_degrees(zero, zero)
+        self.per_token = at_degrees(one, zero) - self.fixed
+        self.per_square = at_degrees(zero, one) - self.fixed
+        # per sample: its padded length in its own group and its round (kept current by _transfer)
+        self.own = self.padded[np.arange(len(lengths)), self.degree_column[self.group_of]]
+        self.sample_round = self.round_of[self.group_of]
+        self.sums = np.bincount(self.group_of, weights=self.own, minlength=len(groups))
+        self.squares = np.bincount(self.group_of, weights=self.own * self.own, minlength=len(groups))
+        self.time = self.times(self.sums, self.squares, np.arange(len(groups)))
+        # per round: the slowest group's time and the second largest (0 for a round of one group)
+        self.makespan, self.second = np.zeros(self.num_rounds), np.zeros(self.num_rounds)
+        for round_index in range(self.num_rounds):
+            self._update_round(round_index)
+        self.min_gain = MIN_GAIN * float(self.makespan.sum())
+
+    def times(self, sums: np.ndarray, squares: np.ndarray, groups: np.ndarray | int) -> np.ndarray:
+        return self.fixed[groups] + self.per_square[groups] * squares + self.per_token[groups] * sums
+
+    def _update_round(self, round_index: int) -> None:
+        times = self.time[self.round_start[round_index] : self.round_start[round_index + 1]]
+        if len(times) == 1:
+            self.makespan[round_index], self.second[round_index] = times[0], 0.0
+        else:
+            self.second[round_index], self.makespan[round_index] = np.partition(times, len(times) - 2)[-2:]
+
+    def rounds(self, planned: list[list[PlannedGroup]]) -> list[list[PlannedGroup]]:
+        """``planned`` with the current members."""
+        result: list[list[PlannedGroup]] = [[] for _ in planned]
+        flat = [group for groups in planned for group in groups]
+        for index, group in enumerate(flat):
+            result[self.round_of[index]].append(
+                PlannedGroup(tuple(sorted(self.members[index])), group.degree, group.first_rank)
+            )
+        return result
+
+    def apply_best_change(self) -> bool:
+        """Take the first improving change, donor rounds by how much their slowest group stands out:
+        for the samples of the donor's slowest group, the move or swap that gains most. False when
+        none improves."""
+        round_of, time, makespan, second = self.round_of, self.time, self.makespan, self.second
+        every = np.arange(len(time))
+        partner_round, partner_own = self.sample_round, self.own
+        for donor in np.argsort(-(makespan - second), kind="stable").tolist():
+            if makespan[donor] - second[donor] <= self.min_gain:
+                return False  # sorted: no later round can gain either
+            if SKIP_STUCK and self.stuck[donor]:
+                continue
+            first = self.round_start[donor]
+            slowest = first + int(np.argmax(time[first : self.round_start[donor + 1]]))
+            samples = np.array(self.members[slowest], dtype=np.int64)
+            own = self.padded[samples, self.degree_column[slowest]]
+            threshold = self.min_gain
+
+            # moves: the sample leaves, nothing comes back (emptying the group would idle its ranks for nothing)
+            left = self.times(self.sums[slowest] - own, self.squares[slowest] - own * own, slowest)
+            need = self.padded[samples[:, None], self.degree_column[None, :]]
+            arrive = self.times(self.sums + need, self.squares + need * need, every)
+            move_net = np.where(
+                (round_of != donor) & (self.sums + need <= self.capacity) & (len(samples) > 1),
+                (makespan[donor] - np.maximum(left, second[donor]))[:, None]
+                - np.maximum(0.0, arrive - makespan[round_of]),
+                -np.inf,
+            )
+            best_move = np.unravel_index(int(np.argmax(move_net)), move_net.shape)
+            move_gain = float(move_net[best_move])
+            swap_gain = -np.inf
+            if SWAPS and move_gain <= threshold:
+                # swaps: the sample goes to a partner's group, the partner comes back to the slowest group
+                here = self.padded[:, self.degree_column[slowest]]
+                back_sums = self.sums[slowest] - own[:, None] + here
+                back_time = self.times(back_sums, self.squares[slowest] - (own * own)[:, None] + here * here, slowest)
+                there = self.padded[samples[:, None], self.degree_column[self.group_of]]
+                partner_group = self.group_of
+                there_sums = self.sums[partner_group] - partner_own + there
+                there_time = self.times(
+                    there_sums, self.squares[partner_group] - partner_own * partner_own + there * there, partner_group
+                )
+                swap_net = np.where(
+                    (partner_round != donor) & (back_sums <= self.capacity[slowest])
+                    & (there_sums <= self.capacity[partner_group]),
+                    makespan[donor] - np.maximum(back_time, second[donor])
+                    - np.maximum(0.0, there_time - makespan[partner_round]),
+                    -np.inf,
+                )
+                best_swap = np.unravel_index(int(np.argmax(swap_net)), swap_net.shape)
+                swap_gain = float(swap_net[best_swap])
+            if max(move_gain, swap_gain) <= threshold:
+                self.stuck[donor] = True
+                continue
+            if move_gain >= swap_gain:  # a move on ties: it changes less
+                row, target = int(best_move[0]), int(best_move[1])
+                self._transfer(int(samples[row]), slowest, target)
+            else:
+                row, partner = int(best_swap[0]), int(best_swap[1])
+                target = int(self.group_of[partner])
+                self._transfer(int(samples[row]), slowest, target)
+                self._transfer(partner, target, slowest)
+            return True
+        return False
+
+    def _transfer(self, sample: int, source: int, target: int) -> None:
+        """Move ``sample`` from group ``source`` to group ``target``, updating sums, times and makespans."""
+        touched = [int(self.round_of[source]), int(self.round_of[target])]
+        self.stuck[touched] = False
+        self.members[source].remove(sample)
+        self.members[target].append(sample)
+        self.group_of[sample] = target
+        self.sample_round[sample] = touched[1]
+        self.own[sample] = self.padded[sample, self.degree_column[target]]
+        for group, sign in ((source, -1.0), (target, 1.0)):
+            padded = self.padded[sample, self.degree_column[group]]
+            self.sums[group] += sign * padded
+            self.squares[group] += sign * padded * padded
+            self.time[group] = self.times(self.sums[group], self.squares[group], group)
+        for round_index in set(touched):
+            self._update_round(round_index)
