@@ -71,6 +71,15 @@ class DegreeTable:
             times[bins] = np.where(inside, raw[np.arange(len(bins)), np.minimum(column, raw.shape[1] - 1)], np.inf)
         return times
 
+    def cap(self, bin_index: int, max_degree: int) -> None:
+        """Forbid ``bin_index`` every degree above ``max_degree`` (in place)."""
+        bucket, row = self.location[bin_index]
+        _, raw, envelope = self.buckets[bucket]
+        column = max_degree - int(self.min_degree[bin_index]) + 1
+        if column < raw.shape[1]:
+            raw[row, max(column, 0):] = np.inf
+            envelope[row] = np.minimum.accumulate(raw[row])
+
     def time_at(self, bin_index: int, degree: int) -> float:
         """Raw time of ``bin_index`` at ``degree`` (inf when outside its table)."""
         bucket, row = self.location[bin_index]

@@ -1,12 +1,14 @@
 """``plan_batch``: the DHP planner for one global batch.
 
-Pipeline per batch: check inputs and minimum degrees; split into the fewest rounds (memory lower
-bound, then one more round at a time if a round cannot be packed), balancing device-seconds; per
-round: size and pack bins (:mod:`.packing`), exact min-max degree allocation with leftover devices
-(:mod:`.allocation`), node-aware placement (:mod:`.placement`), then alternate refinement and
-re-allocation while the round's makespan drops; multi-round batches also try static CP's layouts
-over the whole batch, and the best plan then moves samples between rounds (:mod:`.rebalance`).
-Everything is deterministic.
+Pipeline per batch: check inputs and minimum degrees; plan static CP's layouts (cheap, and valid DHP
+plans); then plan round assignments round by round: static CP's joint assignment with one more round
+of memory slack, and the fewest rounds balancing device-seconds (one more round at a time while a
+round cannot be packed). Per round: size and pack bins (:mod:`.packing`), exact min-max degree
+allocation with leftover devices (:mod:`.allocation`), node-aware placement (:mod:`.placement`),
+then alternate refinement and re-allocation while the round's makespan drops. A round assignment
+is abandoned as soon as its planned rounds plus the lower bounds of the rest cannot come within
+:data:`PRUNE_MARGIN` of the best plan so far. The best plan then moves and swaps samples between
+rounds (:mod:`.rebalance`). Everything is deterministic.
 """
 
 from __future__ import annotations
@@ -50,14 +52,21 @@ REFINE_STEP_BUDGET = 4096  # refinement steps per start: this over the batch's s
 # all, the static fallback wins), at 1.4-2x the time
 REFINE_MAX_SAMPLES = 128
 # the power-of-two starts of memory-tight rounds are tried in one-round batches only: with several
-# rounds, static CP's layouts are tried over the whole batch instead (the static fallback)
+# rounds, static CP's layouts are tried over the whole batch instead
 TIGHT_STARTS_MULTI_ROUND = False
 MERGE_START = True  # small rounds also start from merged single-sample bins (see _merge_start)
-REBALANCE = True  # multi-round plans move samples between rounds (see rebalance.py)
+REBALANCE = True  # the best plans move and swap samples between rounds (see rebalance.py)
+# plans within this share of the best one are rebalanced too: rebalancing can reorder them
+REBALANCE_MARGIN = 0.02
+SKIP_STATIC_REBALANCE = True
 # when the best static layout comes within STATIC_CLOSE of per-round planning (memory binds), its
-# round assignment with STATIC_ROUNDS_EXTRA more rounds is planned round by round too (0: off)
+# round assignment with STATIC_ROUNDS_EXTRA more rounds is planned round by round too, so short
+# samples can leave the wide groups (0: off)
 STATIC_ROUNDS_EXTRA = 1
 STATIC_CLOSE = 0.02
+# a round assignment is abandoned once it cannot come within this share of the best plan so far
+# (rebalancing afterwards can still reorder plans this close)
+PRUNE_MARGIN = 0.02
 # the extra-round candidate and cross-round rebalancing are for batches of up to this many samples:
 # at 8192 samples on 1024 devices they doubled the planner time past 100 ms
 CROSS_ROUND_MAX_SAMPLES = 2048
@@ -101,6 +110,30 @@ def _cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """One batch's checked inputs, with what every stage needs of them."""
+
+    lengths: np.ndarray
+    min_degree: np.ndarray
+    num_devices: int
+    tokens_per_device: int
+    cost: CostModel
+    node_size: int | None
+    lower_bound: float
+
+    def plan(self, rounds: list[list[PlannedGroup]]) -> Plan:
+        return build_plan(rounds, self.lengths, self.num_devices, self.tokens_per_device, self.cost, self.node_size,
+                          self.lower_bound)
+
+
+class _Pruned:
+    """A round assignment abandoned because it cannot beat the best plan so far."""
+
+
+PRUNED = _Pruned()
+
+
 def _plan(
     lengths_array: np.ndarray,
     num_devices: int,
@@ -115,72 +148,105 @@ def _plan(
                         "beats another; fit it on timings that grow with the tokens, or use CostModel.default()")
     min_degree = min_degrees(lengths_array, tokens_per_device)
     check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device)
-    work = device_seconds(lengths_array, min_degree, cost)
     fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
+    batch = _Batch(lengths_array, min_degree, num_devices, tokens_per_device, cost, node_size,
+                   lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size))
+    static, static_degree = _best_static(batch)
+    limit = static.predicted_time * (1 + PRUNE_MARGIN) if static is not None else math.inf
+    cross_round = len(lengths_array) <= CROSS_ROUND_MAX_SAMPLES
+    candidates: list[Plan] = []
+    extra_round: Plan | None = None
+    work = device_seconds(lengths_array, min_degree, cost)
     for num_rounds in range(fewest, len(lengths_array) + 1):
         assignment = balanced_assignment(work, lengths_array, num_rounds, num_devices * tokens_per_device)
         if assignment is None:
             continue
-        assignment = [members for members in assignment if len(members)]  # free work can leave a round empty
-        planned = [
-            _solve_round(
-                np.array(sorted(members), dtype=np.int64),
-                lengths_array,
-                min_degree,
-                num_devices,
-                tokens_per_device,
-                cost,
-                node_size,
-                tight_starts=num_rounds == 1 or TIGHT_STARTS_MULTI_ROUND,
-            )
-            for members in assignment
-        ]
-        if all(groups is not None for groups in planned):
+        planned = _plan_rounds(batch, assignment, limit, tight_starts=num_rounds == 1 or TIGHT_STARTS_MULTI_ROUND)
+        if planned is PRUNED:
             break
-    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size)
-    plan = build_plan(planned, lengths_array, num_devices, tokens_per_device, cost, node_size, bound)
-    candidates: list[Plan] = []  # besides the best plan so far
-    if len(plan.rounds) > 1 or lengths_array.sum() > TIGHT_MEMORY * num_devices * tokens_per_device:
-        # memory binds: static CP's joint packing over all rounds can beat per-round planning, and
-        # a static layout is a valid DHP plan, so take it when it is faster
-        per_round_time, best_static = plan.predicted_time, None
-        for degree in _tight_start_degrees(int(min_degree.max()), num_devices, exclude=[]):
-            if _static_bound(lengths_array, num_devices, tokens_per_device, degree, cost, node_size) >= (
-                plan.predicted_time * (1 + STATIC_BOUND_MARGIN)
-            ):
-                continue  # it cannot win
-            try:
-                static = static_plan(lengths_array, num_devices, tokens_per_device, degree, cost, node_size=node_size)
-            except PlanError:
-                continue  # the degree does not suit the node size
-            if best_static is None or static.predicted_time < best_static[1]:
-                best_static = (degree, static.predicted_time)
-            if static.predicted_time < plan.predicted_time:
-                plan = static
-        if (
-            best_static is not None
-            and STATIC_ROUNDS_EXTRA
-            and len(lengths_array) <= CROSS_ROUND_MAX_SAMPLES
-            and best_static[1] <= per_round_time * (1 + STATIC_CLOSE)
-        ):
-            # static CP's joint round assignment (nearly) matches planning rounds one by one: plan its
-            # rounds with one more round of memory slack too, so short samples can leave the wide groups
-            rounds = [
-                _solve_round(np.array(sorted(sample for group in slots for sample in group), dtype=np.int64),
-                             lengths_array, min_degree, num_devices, tokens_per_device, cost, node_size,
-                             tight_starts=False)
-                for slots in static_slots(lengths_array, num_devices, tokens_per_device, best_static[0], cost,
-                                          STATIC_ROUNDS_EXTRA)
-                if any(slots)
-            ]
-            if all(groups is not None for groups in rounds):
-                candidates.append(
-                    build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, node_size, bound)
-                )
-    candidates.insert(0, plan)
-    if REBALANCE and len(lengths_array) <= CROSS_ROUND_MAX_SAMPLES:
-        candidates = [rebalance_plan(candidate, lengths_array, cost) for candidate in candidates]
+        if isinstance(planned, Plan):
+            candidates.append(planned)
+            limit = min(limit, planned.predicted_time * (1 + PRUNE_MARGIN))
+            break
+    if (
+        static is not None
+        and len(static.rounds) > 1
+        and STATIC_ROUNDS_EXTRA
+        and cross_round
+        and all(static.predicted_time <= planned.predicted_time * (1 + STATIC_CLOSE) for planned in candidates)
+    ):
+        # static CP's joint assignment over all rounds, with memory slack for short samples to leave
+        # the wide groups
+        slots = static_slots(lengths_array, num_devices, tokens_per_device, static_degree, cost, STATIC_ROUNDS_EXTRA)
+        planned = _plan_rounds(batch, [[sample for group in groups for sample in group] for groups in slots], limit)
+        if isinstance(planned, Plan):
+            candidates.append(planned)
+            extra_round = planned
+    if static is not None:
+        candidates.append(static)
+    fastest = min(candidate.predicted_time for candidate in candidates)
+    if REBALANCE and cross_round:
+        candidates = [
+            rebalance_plan(candidate, lengths_array, cost)
+            for candidate in candidates
+            if candidate.predicted_time <= fastest * (1 + REBALANCE_MARGIN)
+            and not (SKIP_STATIC_REBALANCE and candidate is static and extra_round is not None)
+        ] or [min(candidates, key=lambda candidate: candidate.predicted_time)]
     return min(candidates, key=lambda candidate: candidate.predicted_time)  # the first on ties
+
+
+def _best_static(batch: _Batch) -> tuple[Plan | None, int]:
+    """The faster of static CP's two smallest power-of-two layouts that hold the longest sample, and its
+    degree (None when neither suits the node size)."""
+    best: tuple[Plan | None, int] = (None, 0)
+    for degree in _tight_start_degrees(int(batch.min_degree.max()), batch.num_devices, exclude=[]):
+        if best[0] is not None and _static_bound(
+            batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost, batch.node_size
+        ) >= best[0].predicted_time * (1 + STATIC_BOUND_MARGIN):
+            continue  # it cannot win
+        with contextlib.suppress(PlanError):  # the degree does not suit the node size
+            plan = static_plan(batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost,
+                               node_size=batch.node_size)
+            if best[0] is None or plan.predicted_time < best[0].predicted_time:
+                best = (plan, degree)
+    return best
+
+
+def _plan_rounds(
+    batch: _Batch, assignment: list[list[int]], limit: float, *, tight_starts: bool = False
+) -> Plan | _Pruned | None:
+    """Plan every round of ``assignment`` (sample indices per round); :data:`PRUNED` once the planned
+    rounds plus the lower bounds of the rest exceed ``limit``, None when some round cannot be packed.
+
+    Rounds whose longest sample is slowest at its minimum degree go first: when memory binds, that
+    is about their makespan, so a losing assignment is abandoned after few rounds.
+    """
+    rounds = [np.array(sorted(members), dtype=np.int64) for members in assignment if len(members)]
+    bounds = [
+        lower_bound(batch.lengths[samples], batch.min_degree[samples], batch.num_devices, 1, batch.cost,
+                    batch.node_size)
+        for samples in rounds
+    ]
+    longest = np.array([samples[np.argmax(batch.lengths[samples])] for samples in rounds])
+    at_minimum = batch.cost.times_from_sums(
+        *(lambda padded: (padded, padded * padded))(
+            padded_lengths(batch.lengths[longest], batch.min_degree[longest]).astype(np.float64)
+        ),
+        batch.min_degree[longest],
+        node_size=batch.node_size,
+    )
+    planned: list[list[PlannedGroup]] = [[] for _ in rounds]
+    spent, remaining = 0.0, math.fsum(bounds)
+    for index in np.lexsort((np.arange(len(rounds)), -np.maximum(bounds, at_minimum))).tolist():
+        remaining -= bounds[index]
+        layout = _solve_round(rounds[index], batch, bounds[index], tight_starts=tight_starts)
+        if layout is None:
+            return None
+        planned[index] = layout.groups(rounds[index])
+        spent += layout.makespan
+        if spent + remaining > limit:
+            return PRUNED
+    return batch.plan(planned)
 
 
 def _static_bound(
@@ -196,18 +262,9 @@ def _static_bound(
     return rounds * fixed + (alone - fixed) * degree / num_devices
 
 
-def _solve_round(
-    samples: np.ndarray,
-    all_lengths: np.ndarray,
-    all_min_degree: np.ndarray,
-    num_devices: int,
-    tokens_per_device: int,
-    cost: CostModel,
-    node_size: int | None,
-    *,
-    tight_starts: bool = True,
-) -> list[PlannedGroup] | None:
-    """Groups of one round (global sample indices), or None if the round cannot be packed.
+def _solve_round(samples: np.ndarray, batch: _Batch, bound: float, *, tight_starts: bool = True) -> _Layout | None:
+    """The best layout of one round's ``samples`` (``bound``: the round's lower bound), or None if the
+    round cannot be packed.
 
     The sized longest-first packing is the main start; small rounds also try the merge start
     (:func:`_merge_start`) and uniform-degree starts (the static layouts), memory-tight rounds try
@@ -215,10 +272,10 @@ def _solve_round(
     packing runs out of memory tries the uniform starts, small degrees first. The best refined
     start wins (the first on ties).
     """
-    lengths, min_degree = all_lengths[samples], all_min_degree[samples]
-    bound = lower_bound(lengths, min_degree, num_devices, 1, cost, node_size)
+    lengths, min_degree = batch.lengths[samples], batch.min_degree[samples]
+    num_devices, tokens_per_device = batch.num_devices, batch.tokens_per_device
     problem = RoundProblem(
-        lengths, min_degree, num_devices, tokens_per_device, cost, node_size, bound, len(all_lengths)
+        lengths, min_degree, num_devices, tokens_per_device, batch.cost, batch.node_size, bound, len(batch.lengths)
     )
     sized = size_round(problem)
     main = pack_round(problem, *sized) if sized is not None else None
@@ -247,7 +304,7 @@ def _solve_round(
         result = _improve(problem, start, cutoff) if start is not None else None
         if result is not None and (best is None or result.makespan < best.makespan):
             best = result
-    return best.groups(samples) if best is not None else None
+    return best
 
 
 def _merge_start(problem: RoundProblem) -> list[list[int]] | None:
@@ -324,6 +381,10 @@ def _improve(problem: RoundProblem, members: list[list[int]], cutoff: float = ma
     Refinement stops once the makespan is within :data:`CLOSE_ENOUGH` of the round's lower bound,
     and does not start when the first allocation is slower than ``cutoff`` (another start won).
     """
+    start = ("start", tuple(sorted(tuple(sorted(bin_members)) for bin_members in members if bin_members)))
+    if start in problem.memo:
+        return None  # another start reached the same bins: its result is known
+    problem.memo[start] = True
     best: _Layout | None = None
     steps_left = max(4, min(64, REFINE_STEP_BUDGET // problem.batch_size))
     if problem.batch_size > REFINE_MAX_SAMPLES:
@@ -352,6 +413,25 @@ def _improve(problem: RoundProblem, members: list[list[int]], cutoff: float = ma
 def _allocate_and_place(
     problem: RoundProblem, members: list[list[int]]
 ) -> tuple[np.ndarray, list[int], np.ndarray] | None:
+    """Exact degrees (plus leftover devices) and first ranks for fixed bins, or None; remembered per
+    set of bins (:func:`_solve_allocation` on the bins in a canonical order)."""
+    keys = [tuple(sorted(bin_members)) for bin_members in members]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    key = ("allocation", tuple(keys[index] for index in order))
+    if key not in problem.memo:
+        problem.memo[key] = _solve_allocation(problem, [members[index] for index in order])
+    solved = problem.memo[key]
+    if solved is None:
+        return None
+    degrees, starts, times = solved
+    back = np.empty(len(order), dtype=np.int64)
+    back[order] = np.arange(len(order))
+    return degrees[back], [starts[index] for index in back.tolist()], times[back]
+
+
+def _solve_allocation(
+    problem: RoundProblem, members: list[list[int]]
+) -> tuple[np.ndarray, list[int], np.ndarray] | None:
     """Exact degrees (plus leftover devices) and first ranks for fixed bins, or None.
 
     When node-aware placement fails, the failing bin's degree is capped at the widest free range
@@ -373,10 +453,10 @@ def _allocate_and_place(
     if min_degree.sum() > num_devices:
         return None
     max_degree = num_devices - (int(min_degree.sum()) - min_degree)
+    table = table_from_flat(
+        flat_lengths, sizes, min_degree, max_degree, problem.lower_bound, problem.cost, problem.node_size
+    )
     for _ in range(len(members) * num_devices + 1):
-        table = table_from_flat(
-            flat_lengths, sizes, min_degree, max_degree, problem.lower_bound, problem.cost, problem.node_size
-        )
         allocation = allocate(table, num_devices)
         if allocation is None:
             return None
@@ -385,7 +465,7 @@ def _allocate_and_place(
         if not isinstance(starts, PlacementFailure):
             return degrees, starts, table.times_at(degrees)
         if starts.largest_free >= min_degree[starts.bin_index]:
-            max_degree[starts.bin_index] = min(int(max_degree[starts.bin_index]), starts.largest_free)
+            table.cap(starts.bin_index, starts.largest_free)
             continue
         # the failing bin fits no free range even at its minimum: the ranks are fragmented, so take
         # one rank from the widest bin that can give one up, and solve again
@@ -393,5 +473,5 @@ def _allocate_and_place(
         if shrinkable.size == 0:
             return None
         widest = int(shrinkable[np.argmax(degrees[shrinkable])])
-        max_degree[widest] = int(degrees[widest]) - 1
+        table.cap(widest, int(degrees[widest]) - 1)
     return None

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,9 @@ class RoundProblem:
     node_size: int | None
     lower_bound: float
     batch_size: int  # samples in the whole batch (all rounds); sets the refinement budget
+    # what the round's stages computed for a set of bins before (several starts and refinement
+    # passes reach the same bins)
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def padded(self, lengths: np.ndarray, degrees: np.ndarray) -> np.ndarray:
         return padded_lengths(lengths, degrees)
@@ -45,7 +49,7 @@ class RoundProblem:
         return with_work - self.cost.times_from_sums(0.0, 0.0, degrees, node_size=self.node_size)
 
 
-SIZING_TOLERANCE = 1e-6  # relative width at which the makespan search stops
+SIZING_TOLERANCE = 1e-3  # relative width at which the makespan search stops
 SIZING_POINTS = 32  # makespans the search tries side by side per pass
 SIZING_ENTRIES = 1 << 21  # ... fewer when points x table entries would exceed this
 
