@@ -110,14 +110,17 @@ def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarra
         return (float(tried[first - 1]) if first else low), (float(tried[first]) if first < len(tried) else high)
 
     # the smallest makespan the devices suffice for, to a relative SIZING_TOLERANCE, trying several
-    # makespans per pass: doublings from the lower bound, then an even grid between a miss and a fit
-    points = max(1, min(SIZING_POINTS, SIZING_ENTRIES // max(1, table.size)))
-    low = max(problem.lower_bound, table.floor_time() if len(candidates) else 0.0)
-    if needed(np.array([math.inf]))[0] > problem.num_devices:
+    # makespans per pass: first a fine geometric grid up to twice the lower bound (where the answer
+    # usually lies) with doublings beyond it and infinity, then even grids between a miss and a fit
+    points = max(2, min(SIZING_POINTS, SIZING_ENTRIES // max(1, table.size)))
+    low = max(problem.lower_bound, table.floor_time() if len(candidates) else 0.0, 1e-9)
+    first = np.concatenate([low * 2.0 ** (np.arange(points // 2) / (points // 2)), low * 2.0 ** np.arange(1, 31),
+                            [math.inf]])
+    low, high = narrow(first, low, math.inf)
+    if high == math.inf and needed(np.array([math.inf]))[0] > problem.num_devices:
         return None
-    low, high = narrow(np.concatenate([[low], max(low, 1e-9) * 2.0 ** np.arange(1, points)]), low, math.inf)
     while high == math.inf:
-        low, high = narrow(max(low, 1e-9) * 2.0 ** np.arange(1, points + 1), low, high)
+        low, high = narrow(low * 2.0 ** np.arange(1, points + 1), low, high)
     for _ in range(100):
         if high - low <= SIZING_TOLERANCE * high:
             break

@@ -12,6 +12,8 @@ group degrees and ranks stay as they are.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
@@ -21,6 +23,9 @@ from lightning_dhp.planner.plan import Plan
 # at most this many changes per sample of the batch: on memory-bound 512-sample batches 0.25 reaches all
 # but 0.1% of what unlimited moves give (4.3% against 4.4% over static CP), 0.1 only 3.7%
 MAX_CHANGES_PER_SAMPLE = 0.25
+# ... in full for plans at least this far above their lower bound, proportionally fewer for closer
+# ones, which have little left to gain
+FULL_BUDGET_GAP = 0.05
 # a change must shorten the plan by more than this share of its time before rebalancing: the many
 # changes below it add up to little (0.1-0.2% on two-round short tails) at most of the cost
 MIN_GAIN = 1e-9
@@ -34,7 +39,9 @@ def rebalance_plan(plan: Plan, lengths: np.ndarray, cost: CostModel) -> Plan:
         return plan
     rounds = [[PlannedGroup(group.samples, group.degree, group.ranks[0]) for group in round_.groups]
               for round_ in plan.rounds]
-    moved = rebalance(rounds, lengths, plan.tokens_per_device, cost, plan.node_size)
+    gap = plan.predicted_time / plan.lower_bound - 1 if plan.lower_bound > 0 else math.inf
+    share = min(1.0, gap / FULL_BUDGET_GAP) if FULL_BUDGET_GAP > 0 else 1.0
+    moved = rebalance(rounds, lengths, plan.tokens_per_device, cost, plan.node_size, budget_share=share)
     if moved == rounds:
         return plan
     return build_plan(moved, lengths, plan.num_devices, plan.tokens_per_device, cost, plan.node_size, plan.lower_bound)
@@ -46,15 +53,18 @@ def rebalance(
     tokens_per_device: int,
     cost: CostModel,
     node_size: int | None,
+    *,
+    budget_share: float = 1.0,
 ) -> list[list[PlannedGroup]]:
-    """``rounds`` with samples moved or swapped between rounds while that shortens the summed makespans.
+    """``rounds`` with samples moved or swapped between rounds while that shortens the summed makespans,
+    at most ``budget_share`` of :data:`MAX_CHANGES_PER_SAMPLE` changes per sample.
 
     Every sample of ``lengths`` must be in some group.
     """
     if len(rounds) < 2:
         return rounds
     state = _Groups(rounds, lengths, tokens_per_device, cost, node_size)
-    for _ in range(max(1, int(MAX_CHANGES_PER_SAMPLE * len(lengths)))):
+    for _ in range(max(1, int(budget_share * MAX_CHANGES_PER_SAMPLE * len(lengths)))):
         if not state.apply_best_change():
             break
     return state.rounds(rounds)
