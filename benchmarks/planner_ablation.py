@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.* tooling
 from benchmarks.planner_bench import CAPACITY, draw
 from lightning_dhp.data import sample_token_lengths
-from lightning_dhp.planner import PlanError, dhp, plan_batch, refine
+from lightning_dhp.planner import PlanError, dhp, plan_batch, rebalance, refine
 
 SHORT_TAILS = ("activitynet", "mooncake", "vlm_mix", "azure_conv", "epic_kitchens_segments")
 SIZES = (128, 512)  # samples per batch of the short tails
@@ -61,8 +61,18 @@ VARIANTS: dict[str, list[tuple[Any, str, Any]]] = {
     "no uniform or merge starts (EXTRA_START_SAMPLES 0)": [(dhp, "EXTRA_START_SAMPLES", 0)],
     "no merge start": [(dhp, "MERGE_START", False)],
     "no tight-memory starts/fallback (TIGHT_MEMORY inf)": [(dhp, "TIGHT_MEMORY", math.inf)],
-    "no static fallback": [(dhp, "static_plan", _no_static)],
+    "no static layouts (nor their extra-round re-plan)": [(dhp, "static_plan", _no_static)],
     "no cross-round rebalancing": [(dhp, "REBALANCE", False)],
+    "rebalancing: moves only, no swaps": [(rebalance, "SWAPS", False)],
+    "rebalancing: stuck donors searched again every step": [(rebalance, "SKIP_STUCK", False)],
+    "rebalancing: full budget at any gap (FULL_BUDGET_GAP 0)": [(rebalance, "FULL_BUDGET_GAP", 0.0)],
+    "MAX_CHANGES_PER_SAMPLE 0.25 -> 0.125": [(rebalance, "MAX_CHANGES_PER_SAMPLE", 0.125)],
+    "MAX_CHANGES_PER_SAMPLE 0.25 -> 0.5": [(rebalance, "MAX_CHANGES_PER_SAMPLE", 0.5)],
+    "rebalance only the best plan (REBALANCE_MARGIN 0)": [(dhp, "REBALANCE_MARGIN", 0.0)],
+    "rebalance the static plan too": [(dhp, "SKIP_STATIC_REBALANCE", False)],
+    "no pruning of round assignments (PRUNE_MARGIN inf)": [(dhp, "PRUNE_MARGIN", math.inf)],
+    "PRUNE_MARGIN 0.02 -> 0": [(dhp, "PRUNE_MARGIN", 0.0)],
+    "extra-round re-plan whenever static has rounds (STATIC_CLOSE inf)": [(dhp, "STATIC_CLOSE", math.inf)],
     "no static assignment with one more round (STATIC_ROUNDS_EXTRA 0)": [(dhp, "STATIC_ROUNDS_EXTRA", 0)],
     "neither (no rebalancing, no extra-round candidate)": [(dhp, "REBALANCE", False), (dhp, "STATIC_ROUNDS_EXTRA", 0)],
     "STATIC_ROUNDS_EXTRA 1 -> 2": [(dhp, "STATIC_ROUNDS_EXTRA", 2)],

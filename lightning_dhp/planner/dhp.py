@@ -188,18 +188,21 @@ def _plan(
     if REBALANCE and cross_round:
         candidates = [
             rebalance_plan(candidate, lengths_array, cost)
-            for candidate in candidates
             if candidate.predicted_time <= fastest * (1 + REBALANCE_MARGIN)
             and not (SKIP_STATIC_REBALANCE and candidate is static and extra_round is not None)
-        ] or [min(candidates, key=lambda candidate: candidate.predicted_time)]
+            else candidate
+            for candidate in candidates
+        ]
     return min(candidates, key=lambda candidate: candidate.predicted_time)  # the first on ties
 
 
 def _best_static(batch: _Batch) -> tuple[Plan | None, int]:
-    """The faster of static CP's two smallest power-of-two layouts that hold the longest sample, and its
-    degree (None when neither suits the node size)."""
+    """The fastest of static CP's power-of-two layouts that hold the longest sample, and its degree (None
+    when none suits the node size); a layout whose :func:`_static_bound` is slower than the best so far
+    is not planned."""
     best: tuple[Plan | None, int] = (None, 0)
-    for degree in _tight_start_degrees(int(batch.min_degree.max()), batch.num_devices, exclude=[]):
+    longest = int(batch.min_degree.max())
+    for degree in [2**k for k in range(batch.num_devices.bit_length()) if longest <= 2**k <= batch.num_devices]:
         if best[0] is not None and _static_bound(
             batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost, batch.node_size
         ) >= best[0].predicted_time * (1 + STATIC_BOUND_MARGIN):
