@@ -67,6 +67,11 @@ STATIC_CLOSE = 0.02
 # a round assignment is abandoned once it cannot come within this share of the best plan so far
 # (rebalancing afterwards can still reorder plans this close)
 PRUNE_MARGIN = 0.02
+# the chosen multi-round plan's rounds are refined again with this many moves each, then rebalanced
+# again (0: off)
+POLISH_STEPS = 32
+POLISH_REBALANCE_SHARE = 0.25
+POLISH_MIN_GAP = 0.03  # ... for plans at least this far above their lower bound: closer ones gain little
 # the extra-round candidate and cross-round rebalancing are for batches of up to this many samples:
 # at 8192 samples on 1024 devices they doubled the planner time past 100 ms
 CROSS_ROUND_MAX_SAMPLES = 2048
@@ -193,7 +198,39 @@ def _plan(
             else candidate
             for candidate in candidates
         ]
-    return min(candidates, key=lambda candidate: candidate.predicted_time)  # the first on ties
+    best = min(candidates, key=lambda candidate: candidate.predicted_time)  # the first on ties
+    if (
+        POLISH_STEPS
+        and REBALANCE
+        and cross_round
+        and len(best.rounds) > 1
+        and best.predicted_time > best.lower_bound * (1 + POLISH_MIN_GAP)
+    ):
+        best = rebalance_plan(_polish(best, batch), lengths_array, cost, budget_share=POLISH_REBALANCE_SHARE)
+    return best
+
+
+def _polish(plan: Plan, batch: _Batch) -> Plan:
+    """``plan`` with every round refined again (:data:`POLISH_STEPS` moves, then exact allocation):
+    rebalancing moved samples between rounds after they were planned, and refinement is skipped
+    in the many-sample rounds of the candidates."""
+    rounds: list[list[PlannedGroup]] = []
+    for round_ in plan.rounds:
+        samples = np.array(sorted(sample for group in round_.groups for sample in group.samples), dtype=np.int64)
+        kept = [PlannedGroup(group.samples, group.degree, group.ranks[0]) for group in round_.groups]
+        bound = lower_bound(batch.lengths[samples], batch.min_degree[samples], batch.num_devices, 1, batch.cost,
+                            batch.node_size)
+        if round_.predicted_time <= bound * (1 + CLOSE_ENOUGH):
+            rounds.append(kept)
+            continue
+        problem = RoundProblem(batch.lengths[samples], batch.min_degree[samples], batch.num_devices,
+                               batch.tokens_per_device, batch.cost, batch.node_size, bound, len(batch.lengths))
+        position = {sample: index for index, sample in enumerate(samples.tolist())}
+        layout = _improve(problem, [[position[sample] for sample in group.samples] for group in round_.groups],
+                          steps=POLISH_STEPS)
+        better = layout is not None and layout.makespan < round_.predicted_time
+        rounds.append(layout.groups(samples) if better else kept)
+    return batch.plan(rounds)
 
 
 def _best_static(batch: _Batch) -> tuple[Plan | None, int]:
@@ -378,20 +415,26 @@ class _Layout:
         ]
 
 
-def _improve(problem: RoundProblem, members: list[list[int]], cutoff: float = math.inf) -> _Layout | None:
+def _improve(
+    problem: RoundProblem, members: list[list[int]], cutoff: float = math.inf, *, steps: int | None = None
+) -> _Layout | None:
     """Alternate exact allocation and refinement from one start; the best layout found.
 
-    Refinement stops once the makespan is within :data:`CLOSE_ENOUGH` of the round's lower bound,
-    and does not start when the first allocation is slower than ``cutoff`` (another start won).
+    Refinement takes at most ``steps`` moves (default: :data:`REFINE_STEP_BUDGET` over the batch's
+    samples, within [4, 64], none past :data:`REFINE_MAX_SAMPLES`), stops once the makespan is within
+    :data:`CLOSE_ENOUGH` of the round's lower bound, and does not start when the first allocation is
+    slower than ``cutoff`` (another start won).
     """
     start = ("start", tuple(sorted(tuple(sorted(bin_members)) for bin_members in members if bin_members)))
     if start in problem.memo:
         return None  # another start reached the same bins: its result is known
     problem.memo[start] = True
     best: _Layout | None = None
-    steps_left = max(4, min(64, REFINE_STEP_BUDGET // problem.batch_size))
-    if problem.batch_size > REFINE_MAX_SAMPLES:
-        steps_left = 0
+    if steps is None:
+        steps = max(4, min(64, REFINE_STEP_BUDGET // problem.batch_size))
+        if problem.batch_size > REFINE_MAX_SAMPLES:
+            steps = 0
+    steps_left = steps
     for _ in range(REFINE_PASSES):
         members = [bin_members for bin_members in members if bin_members]
         allocated = _allocate_and_place(problem, members)

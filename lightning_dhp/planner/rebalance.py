@@ -33,14 +33,15 @@ SWAPS = True  # besides moves, swap samples between rounds (see the module docst
 SKIP_STUCK = True  # a donor round whose search found nothing is skipped until a change touches it
 
 
-def rebalance_plan(plan: Plan, lengths: np.ndarray, cost: CostModel) -> Plan:
-    """``plan`` after :func:`rebalance` (the same plan when it has one round or no change helps)."""
+def rebalance_plan(plan: Plan, lengths: np.ndarray, cost: CostModel, *, budget_share: float = 1.0) -> Plan:
+    """``plan`` after :func:`rebalance` (the same plan when it has one round or no change helps), with
+    ``budget_share`` of the change budget its gap to the lower bound allows."""
     if len(plan.rounds) < 2:
         return plan
     rounds = [[PlannedGroup(group.samples, group.degree, group.ranks[0]) for group in round_.groups]
               for round_ in plan.rounds]
     gap = plan.predicted_time / plan.lower_bound - 1 if plan.lower_bound > 0 else math.inf
-    share = min(1.0, gap / FULL_BUDGET_GAP) if FULL_BUDGET_GAP > 0 else 1.0
+    share = budget_share * (min(1.0, gap / FULL_BUDGET_GAP) if FULL_BUDGET_GAP > 0 else 1.0)
     moved = rebalance(rounds, lengths, plan.tokens_per_device, cost, plan.node_size, budget_share=share)
     if moved == rounds:
         return plan
