@@ -70,6 +70,7 @@ PRUNE_MARGIN = 0.02
 # the chosen multi-round plan's rounds are refined again with this many moves each, then rebalanced
 # again (0: off)
 POLISH_STEPS = 32
+POLISH_ROUNDS = 4
 POLISH_REBALANCE_SHARE = 0.25
 POLISH_MIN_GAP = 0.03  # ... for plans at least this far above their lower bound: closer ones gain little
 # the extra-round candidate and cross-round rebalancing are for batches of up to this many samples:
@@ -211,25 +212,28 @@ def _plan(
 
 
 def _polish(plan: Plan, batch: _Batch) -> Plan:
-    """``plan`` with every round refined again (:data:`POLISH_STEPS` moves, then exact allocation):
-    rebalancing moved samples between rounds after they were planned, and refinement is skipped
-    in the many-sample rounds of the candidates."""
-    rounds: list[list[PlannedGroup]] = []
-    for round_ in plan.rounds:
-        samples = np.array(sorted(sample for group in round_.groups for sample in group.samples), dtype=np.int64)
-        kept = [PlannedGroup(group.samples, group.degree, group.ranks[0]) for group in round_.groups]
-        bound = lower_bound(batch.lengths[samples], batch.min_degree[samples], batch.num_devices, 1, batch.cost,
-                            batch.node_size)
-        if round_.predicted_time <= bound * (1 + CLOSE_ENOUGH):
-            rounds.append(kept)
+    """``plan`` with its :data:`POLISH_ROUNDS` rounds furthest above their lower bounds refined again
+    (:data:`POLISH_STEPS` moves, then exact allocation): rebalancing moved samples between rounds after
+    they were planned, and refinement is skipped in the many-sample rounds of the candidates."""
+    rounds = [[PlannedGroup(group.samples, group.degree, group.ranks[0]) for group in round_.groups]
+              for round_ in plan.rounds]
+    members = [np.array(sorted(sample for group in round_.groups for sample in group.samples), dtype=np.int64)
+               for round_ in plan.rounds]
+    bounds = [lower_bound(batch.lengths[samples], batch.min_degree[samples], batch.num_devices, 1, batch.cost,
+                          batch.node_size) for samples in members]
+    excess = [round_.predicted_time - bound for round_, bound in zip(plan.rounds, bounds, strict=True)]
+    for index in sorted(range(len(rounds)), key=lambda position: -excess[position])[:POLISH_ROUNDS]:
+        samples, round_ = members[index], plan.rounds[index]
+        if round_.predicted_time <= bounds[index] * (1 + CLOSE_ENOUGH):
             continue
         problem = RoundProblem(batch.lengths[samples], batch.min_degree[samples], batch.num_devices,
-                               batch.tokens_per_device, batch.cost, batch.node_size, bound, len(batch.lengths))
-        position = {sample: index for index, sample in enumerate(samples.tolist())}
+                               batch.tokens_per_device, batch.cost, batch.node_size, bounds[index],
+                               len(batch.lengths))
+        position = {sample: local for local, sample in enumerate(samples.tolist())}
         layout = _improve(problem, [[position[sample] for sample in group.samples] for group in round_.groups],
                           steps=POLISH_STEPS)
-        better = layout is not None and layout.makespan < round_.predicted_time
-        rounds.append(layout.groups(samples) if better else kept)
+        if layout is not None and layout.makespan < round_.predicted_time:
+            rounds[index] = layout.groups(samples)
     return batch.plan(rounds)
 
 
