@@ -395,3 +395,27 @@ def test_node_aware_allocation_narrows_the_widest_group_when_nodes_fragment():
     assert sorted(ranks) == list(range(8))  # disjoint, all inside the 8 devices
     for degree, start in zip(degrees.tolist(), starts, strict=True):
         assert start // 4 == (start + degree - 1) // 4  # inside one node
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(1, 3000), min_size=2, max_size=12), seed=st.integers(0, 2**16))
+def test_a_remembered_allocation_answers_for_the_same_bins_in_any_order(lengths, seed):
+    """Allocations are remembered per set of bins; asking with the bins reordered (and members shuffled)
+    returns the same degree, first rank and time for every bin, mapped back to the caller's order."""
+    from lightning_dhp.planner.dhp import _allocate_and_place
+    from lightning_dhp.planner.inputs import min_degrees
+    from lightning_dhp.planner.packing import RoundProblem
+
+    lengths = np.array(lengths)
+    rng = np.random.default_rng(seed)
+    bins = [list(part) for part in np.array_split(rng.permutation(len(lengths)), min(4, len(lengths))) if len(part)]
+    problem = RoundProblem(lengths, min_degrees(lengths, 1000), 8, 1000, CostModel.default(), 4, 0.0, len(lengths))
+    first = _allocate_and_place(problem, bins)
+    order = rng.permutation(len(bins)).tolist()
+    again = _allocate_and_place(problem, [list(rng.permutation(bins[index])) for index in order])
+    assert (first is None) == (again is None)
+    if first is not None:
+        for position, index in enumerate(order):
+            assert again[0][position] == first[0][index]
+            assert again[1][position] == first[1][index]
+            assert again[2][position] == first[2][index]

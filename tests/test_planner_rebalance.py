@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_dhp.planner import CostModel, plan_batch, static_plan
+from lightning_dhp.planner import rebalance as rebalance_module
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.rebalance import rebalance, rebalance_plan
 
@@ -49,3 +50,22 @@ def test_rebalanced_plans_stay_valid_and_never_get_slower(lengths, num_devices, 
     assert moved.predicted_time <= plan.predicted_time * (1 + 1e-12)
     assert moved.lengths == plan.lengths and moved.lower_bound == plan.lower_bound
     assert [len(r.groups) for r in moved.rounds] == [len(r.groups) for r in plan.rounds]  # degrees, ranks kept
+
+
+def test_a_swap_brings_work_into_a_memory_full_round_where_no_move_fits(monkeypatch):
+    # attention-heavy costs: a sample's time grows with its square, so long samples are the heavy ones.
+    # Round 0: one long sample on 2 devices sets the makespan; group 1 holds 900 of its 1000 tokens,
+    # idle most of the round. Round 1: one group [700, 250]. No move fits any group's memory; swapping
+    # the 700 with round 0's 600 fits both groups, keeps round 0 as long and shortens round 1.
+    cost = CostModel(attention_s_per_token2=1e-6, linear_s_per_token=1e-5, overhead_s=0.0, ring_step_latency_s=0.0)
+    lengths = np.array([1900, 600, 300, 700, 250])
+    rounds = [[PlannedGroup((0,), 2, 0), PlannedGroup((1, 2), 1, 2)], [PlannedGroup((3, 4), 1, 0)]]
+    swapped = [[PlannedGroup((0,), 2, 0), PlannedGroup((2, 3), 1, 2)], [PlannedGroup((1, 4), 1, 0)]]
+    assert rebalance(rounds, lengths, 1000, cost, None) == swapped
+    before = build_plan(rounds, lengths, 3, 1000, cost, None, 0.0)
+    after = build_plan(swapped, lengths, 3, 1000, cost, None, 0.0)
+    assert after.rounds[0].predicted_time == pytest.approx(before.rounds[0].predicted_time)
+    assert after.rounds[1].predicted_time == pytest.approx(cost.group_time([600, 250], 1), rel=1e-12)
+    assert after.rounds[1].predicted_time < before.rounds[1].predicted_time
+    monkeypatch.setattr(rebalance_module, "SWAPS", False)
+    assert rebalance(rounds, lengths, 1000, cost, None) == rounds  # moves alone find nothing
