@@ -75,7 +75,7 @@ VARIANTS: dict[str, list[tuple[Any, str, Any]]] = {
     "extra-round re-plan whenever static has rounds (STATIC_CLOSE inf)": [(dhp, "STATIC_CLOSE", math.inf)],
     "no polish (POLISH_STEPS 0)": [(dhp, "POLISH_STEPS", 0)],
     "polish every round (POLISH_ROUNDS inf)": [(dhp, "POLISH_ROUNDS", 10**9)],
-    "polish at any gap (POLISH_MIN_GAP 0)": [(dhp, "POLISH_MIN_GAP", 0.0)],
+    "rebalance margin and polish at any gap (HARD_GAP 0)": [(dhp, "HARD_GAP", 0.0)],
     "POLISH_STEPS 32 -> 16": [(dhp, "POLISH_STEPS", 16)],
     "no static assignment with one more round (STATIC_ROUNDS_EXTRA 0)": [(dhp, "STATIC_ROUNDS_EXTRA", 0)],
     "neither (no rebalancing, no extra-round candidate)": [(dhp, "REBALANCE", False), (dhp, "STATIC_ROUNDS_EXTRA", 0)],

@@ -56,8 +56,10 @@ REFINE_MAX_SAMPLES = 128
 TIGHT_STARTS_MULTI_ROUND = False
 MERGE_START = True  # small rounds also start from merged single-sample bins (see _merge_start)
 REBALANCE = True  # the best plans move and swap samples between rounds (see rebalance.py)
-# plans within this share of the best one are rebalanced too: rebalancing can reorder them
+# plans within this share of the best one are rebalanced too (rebalancing can reorder them) when the
+# best is more than HARD_GAP above the lower bound: closer plans gain little from the costly stages
 REBALANCE_MARGIN = 0.02
+HARD_GAP = 0.03
 SKIP_STATIC_REBALANCE = True
 # when the best static layout comes within STATIC_CLOSE of per-round planning (memory binds), its
 # round assignment with STATIC_ROUNDS_EXTRA more rounds is planned round by round too, so short
@@ -71,8 +73,7 @@ PRUNE_MARGIN = 0.02
 # again (0: off)
 POLISH_STEPS = 32
 POLISH_ROUNDS = 4
-POLISH_REBALANCE_SHARE = 0.25
-POLISH_MIN_GAP = 0.03  # ... for plans at least this far above their lower bound: closer ones gain little
+POLISH_REBALANCE_SHARE = 0.25  # ... for plans more than HARD_GAP above their lower bound
 # the extra-round candidate and cross-round rebalancing are for batches of up to this many samples:
 # at 8192 samples on 1024 devices they doubled the planner time past 100 ms
 CROSS_ROUND_MAX_SAMPLES = 2048
@@ -191,10 +192,11 @@ def _plan(
     if static is not None:
         candidates.append(static)
     fastest = min(candidate.predicted_time for candidate in candidates)
+    margin = REBALANCE_MARGIN if fastest > batch.lower_bound * (1 + HARD_GAP) else 0.0
     if REBALANCE and cross_round:
         candidates = [
             rebalance_plan(candidate, lengths_array, cost)
-            if candidate.predicted_time <= fastest * (1 + REBALANCE_MARGIN)
+            if candidate.predicted_time <= fastest * (1 + margin)
             and not (SKIP_STATIC_REBALANCE and candidate is static and extra_round is not None)
             else candidate
             for candidate in candidates
@@ -205,7 +207,7 @@ def _plan(
         and REBALANCE
         and cross_round
         and len(best.rounds) > 1
-        and best.predicted_time > best.lower_bound * (1 + POLISH_MIN_GAP)
+        and best.predicted_time > best.lower_bound * (1 + HARD_GAP)
     ):
         best = rebalance_plan(_polish(best, batch), lengths_array, cost, budget_share=POLISH_REBALANCE_SHARE)
     return best
