@@ -42,7 +42,7 @@ EXTRA_START_DEGREES = (1, 2, 3, 4, 6, 8)
 TIGHT_MEMORY = 0.75
 STATIC_BOUND_MARGIN = 1e-9  # relative: a static layout is only skipped when its bound is clearly slower
 # a round within this share of its lower bound is not refined further, nor are other starts tried
-CLOSE_ENOUGH = 0.01
+CLOSE_ENOUGH = 0.03
 # in rounds of more than EXTRA_START_SAMPLES, a start whose first allocation is this much slower
 # than the best refined one is not refined
 START_MARGIN = 0.1
