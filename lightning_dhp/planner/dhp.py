@@ -1,14 +1,16 @@
 """``plan_batch``: the DHP planner for one global batch.
 
-Pipeline per batch: check inputs and minimum degrees; plan static CP's layouts (cheap, and valid DHP
-plans); then plan round assignments round by round: static CP's joint assignment with one more round
-of memory slack, and the fewest rounds balancing device-seconds (one more round at a time while a
-round cannot be packed). Per round: size and pack bins (:mod:`.packing`), exact min-max degree
-allocation with leftover devices (:mod:`.allocation`), node-aware placement (:mod:`.placement`),
-then alternate refinement and re-allocation while the round's makespan drops. A round assignment
-is abandoned as soon as its planned rounds plus the lower bounds of the rest cannot come within
-:data:`PRUNE_MARGIN` of the best plan so far. The best plan then moves and swaps samples between
-rounds (:mod:`.rebalance`). Everything is deterministic.
+Pipeline per batch: check inputs and minimum degrees; plan static CP's power-of-two layouts (cheap,
+and valid DHP plans: the first incumbent); then plan round assignments round by round: the fewest
+rounds balancing device-seconds (one more round at a time while a round cannot be packed), and,
+when memory binds, static CP's joint assignment with one more round of memory slack. Per round: size
+and pack bins (:mod:`.packing`), exact min-max degree allocation with leftover devices
+(:mod:`.allocation`), node-aware placement (:mod:`.placement`), then alternate refinement and
+re-allocation while the round's makespan drops. A round assignment is abandoned as soon as its
+planned rounds plus the lower bounds of the rest cannot come within :data:`PRUNE_MARGIN` of the best
+plan so far. The best plans then move and swap samples between rounds (:mod:`.rebalance`), and a plan
+still far from its lower bound has its worst rounds refined again (:func:`_polish`). Everything is
+deterministic.
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ class _Pruned:
     """A round assignment abandoned because it cannot beat the best plan so far."""
 
 
-PRUNED = _Pruned()
+_PRUNED = _Pruned()
 
 
 def _plan(
@@ -169,7 +171,7 @@ def _plan(
         if assignment is None:
             continue
         planned = _plan_rounds(batch, assignment, limit, tight_starts=num_rounds == 1 or TIGHT_STARTS_MULTI_ROUND)
-        if planned is PRUNED:
+        if planned is _PRUNED:
             break
         if isinstance(planned, Plan):
             candidates.append(planned)
@@ -261,7 +263,7 @@ def _best_static(batch: _Batch) -> tuple[Plan | None, int]:
 def _plan_rounds(
     batch: _Batch, assignment: list[list[int]], limit: float, *, tight_starts: bool = False
 ) -> Plan | _Pruned | None:
-    """Plan every round of ``assignment`` (sample indices per round); :data:`PRUNED` once the planned
+    """Plan every round of ``assignment`` (sample indices per round); :data:`_PRUNED` once the planned
     rounds plus the lower bounds of the rest exceed ``limit``, None when some round cannot be packed.
 
     Rounds whose longest sample is slowest at its minimum degree go first: when memory binds, that
@@ -274,13 +276,9 @@ def _plan_rounds(
         for samples in rounds
     ]
     longest = np.array([samples[np.argmax(batch.lengths[samples])] for samples in rounds])
-    at_minimum = batch.cost.times_from_sums(
-        *(lambda padded: (padded, padded * padded))(
-            padded_lengths(batch.lengths[longest], batch.min_degree[longest]).astype(np.float64)
-        ),
-        batch.min_degree[longest],
-        node_size=batch.node_size,
-    )
+    padded = padded_lengths(batch.lengths[longest], batch.min_degree[longest]).astype(np.float64)
+    at_minimum = batch.cost.times_from_sums(padded, padded * padded, batch.min_degree[longest],
+                                            node_size=batch.node_size)
     planned: list[list[PlannedGroup]] = [[] for _ in rounds]
     spent, remaining = 0.0, math.fsum(bounds)
     for index in np.lexsort((np.arange(len(rounds)), -np.maximum(bounds, at_minimum))).tolist():
@@ -291,7 +289,7 @@ def _plan_rounds(
         planned[index] = layout.groups(rounds[index])
         spent += layout.makespan
         if spent + remaining > limit:
-            return PRUNED
+            return _PRUNED
     return batch.plan(planned)
 
 
