@@ -4,10 +4,10 @@ Rounds are assigned before they are planned, so a round whose makespan one long 
 devices idle while a later round runs longer than it needs to. A change takes one sample from the
 slowest group of a round and either moves it to a group of another round with the memory for it, or
 swaps it with a sample of another round (the other sample comes back to the slowest group): when
-memory binds, a swap is the only way to bring work into a round's idle time. The change that gains
-most is taken: what the donor round's makespan drops minus what the receiving round's grows (nothing
-when the work fits the receiving round's idle time). Every change shortens the summed makespans;
-group degrees and ranks stay as they are.
+memory binds, a swap is the only way to bring work into a round's idle time. The move that gains most
+is taken, or when no move gains, the swap that does: the gain is what the donor round's makespan drops
+minus what the receiving round's grows (nothing when the work fits the receiving round's idle time).
+Every change shortens the summed makespans; group degrees and ranks stay as they are.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
 from lightning_dhp.planner.plan import Plan
 
-# at most this many changes per sample of the batch: on memory-bound 512-sample batches 0.25 reaches all
-# but 0.1% of what unlimited moves give (4.3% against 4.4% over static CP), 0.1 only 3.7%
+# at most this many changes per sample of the batch (on memory-bound 512-sample batches 0.5 gains 0.3%
+# more at 1.1x the time, 0.125 loses 1.2%)
 MAX_CHANGES_PER_SAMPLE = 0.25
 # ... in full for plans at least this far above their lower bound, proportionally fewer for closer
 # ones, which have little left to gain
 FULL_BUDGET_GAP = 0.05
-# a change must shorten the plan by more than this share of its time before rebalancing: the many
-# changes below it add up to little (0.1-0.2% on two-round short tails) at most of the cost
+# a change must shorten the plan by more than this share of its time before rebalancing (rounding aside,
+# any gain: raising it to 1e-5 lost 0.8% on memory-bound batches, whose gains come in many small steps)
 MIN_GAIN = 1e-9
 SWAPS = True  # besides moves, swap samples between rounds (see the module docstring)
 SKIP_STUCK = True  # a donor round whose search found nothing is skipped until a change touches it
@@ -145,9 +145,9 @@ class _Groups:
         return result
 
     def apply_best_change(self) -> bool:
-        """Take the first improving change, donor rounds by how much their slowest group stands out:
-        for the samples of the donor's slowest group, the move or swap that gains most. False when
-        none improves."""
+        """Apply the first improving change, donor rounds by how much their slowest group stands out:
+        for the samples of the donor's slowest group, the move that gains most, else the swap that gains
+        most. False when none improves."""
         round_of, time, makespan, second = self.round_of, self.time, self.makespan, self.second
         every = np.arange(len(time))
         partner_round, partner_own = self.sample_round, self.own
@@ -160,7 +160,6 @@ class _Groups:
             slowest = first + int(np.argmax(time[first : self.round_start[donor + 1]]))
             samples = np.array(self.members[slowest], dtype=np.int64)
             own = self.padded[samples, self.degree_column[slowest]]
-            threshold = self.min_gain
 
             # moves: the sample leaves, nothing comes back (emptying the group would idle its ranks for nothing)
             left = self.times(self.sums[slowest] - own, self.squares[slowest] - own * own, slowest)
@@ -175,7 +174,7 @@ class _Groups:
             best_move = np.unravel_index(int(np.argmax(move_net)), move_net.shape)
             move_gain = float(move_net[best_move])
             swap_gain = -np.inf
-            if SWAPS and move_gain <= threshold:
+            if SWAPS and move_gain <= self.min_gain:
                 # swaps: the sample goes to a partner's group, the partner comes back to the slowest group
                 here = self.padded[:, self.degree_column[slowest]]
                 back_sums = self.sums[slowest] - own[:, None] + here
@@ -195,7 +194,7 @@ class _Groups:
                 )
                 best_swap = np.unravel_index(int(np.argmax(swap_net)), swap_net.shape)
                 swap_gain = float(swap_net[best_swap])
-            if max(move_gain, swap_gain) <= threshold:
+            if max(move_gain, swap_gain) <= self.min_gain:
                 self.stuck[donor] = True
                 continue
             if move_gain >= swap_gain:  # a move on ties: it changes less
