@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import EarlyStopping
 from torch.utils.data import DataLoader
 
 from lightning_dhp import DHPStrategy, loss_share
@@ -148,7 +149,23 @@ def _scenarios(rank: int, world_size: int) -> dict:
     reports["custom_collate"] = error_of(
         lambda: _trainer(world_size, DHPStrategy(tokens)).fit(LMTask(), train_dataloaders=custom_collate))
     reports["checkpoint_no_match"] = error_of(lambda: fit(LMTask(), activation_checkpointing={torch.nn.LSTM}))
+    # EarlyStopping on the logged validation loss, checked after every step (Lightning would check at the
+    # epoch's end, since it reads val_check_interval=1 as 1.0): the threshold lies between the single-device
+    # validation losses after steps 1 and 2, so every rank has to stop after step 2
+    after = _reference_validation_losses(steps=2)
+    stopper = EarlyStopping(monitor="val_loss", stopping_threshold=(after[0] + after[1]) / 2,
+                            check_on_train_epoch_end=False)
+    trainer = _trainer(world_size, DHPStrategy(tokens), STEPS + 1, callbacks=[stopper], val_check_interval=1)
+    trainer.fit(LMTask(), datamodule=_data())
+    reports["early_stopping"] = {"after": after, "global_step": trainer.global_step, "stopped": trainer.should_stop}
     return reports
+
+
+def _reference_validation_losses(steps: int) -> list[float]:
+    """The single-device validation loss after each of the first ``steps`` training steps."""
+    validation = DHPBatchSampler(LENGTHS, GLOBAL_BATCH, shuffle=False).batches()
+    return [reference_mean_loss(reference_training(LENGTHS, BATCHES, step), LENGTHS, validation, seed=1)
+            for step in range(1, steps + 1)]
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"{size}-process" for size in WORLD_SIZES])
@@ -272,6 +289,14 @@ def test_bad_configuration_is_the_same_clear_error_everywhere(world, scenario, f
 
 
 # -- without processes -------------------------------------------------------------------------------
+
+
+def test_early_stopping_on_the_global_validation_loss_stops_every_rank_at_the_same_step(world):
+    _, reports = world
+    for report in reports:
+        first, second = report["early_stopping"]["after"]
+        assert second < first  # the threshold between them can only be crossed at step 2
+        assert report["early_stopping"]["stopped"] and report["early_stopping"]["global_step"] == 2
 
 
 def test_field_kinds_are_declared_never_guessed_from_shapes():
