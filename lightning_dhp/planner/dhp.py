@@ -243,15 +243,16 @@ def _polish(plan: Plan, batch: _Batch) -> Plan:
 
 def _best_static(batch: _Batch) -> tuple[Plan | None, int]:
     """The fastest of static CP's power-of-two layouts that hold the longest sample, and its degree (None
-    when none suits the node size); a layout whose :func:`_static_bound` is slower than the best so far
-    is not planned."""
+    when none suits the node size). Layouts are planned in the order of their :func:`_static_bound`, and
+    one whose bound is slower than the best so far is not planned."""
     best: tuple[Plan | None, int] = (None, 0)
     longest = int(batch.min_degree.max())
-    for degree in [2**k for k in range(batch.num_devices.bit_length()) if longest <= 2**k <= batch.num_devices]:
-        if best[0] is not None and _static_bound(
-            batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost, batch.node_size
-        ) >= best[0].predicted_time * (1 + STATIC_BOUND_MARGIN):
-            continue  # it cannot win
+    degrees = [2**k for k in range(batch.num_devices.bit_length()) if longest <= 2**k <= batch.num_devices]
+    bounds = [_static_bound(batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost,
+                            batch.node_size) for degree in degrees]
+    for bound, degree in sorted(zip(bounds, degrees, strict=True)):
+        if best[0] is not None and bound >= best[0].predicted_time * (1 + STATIC_BOUND_MARGIN):
+            break  # it cannot win, nor can the ones after it
         with contextlib.suppress(PlanError):  # the degree does not suit the node size
             plan = static_plan(batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost,
                                node_size=batch.node_size)
