@@ -135,6 +135,16 @@ class _Batch:
         return build_plan(rounds, self.lengths, self.num_devices, self.tokens_per_device, self.cost, self.node_size,
                           self.lower_bound)
 
+    def round_bound(self, samples: np.ndarray) -> float:
+        """Lower bound on the makespan of one round holding ``samples``."""
+        return lower_bound(self.lengths[samples], self.min_degree[samples], self.num_devices, 1, self.cost,
+                           self.node_size)
+
+    def round_problem(self, samples: np.ndarray, bound: float) -> RoundProblem:
+        """The round of ``samples`` (whose lower bound is ``bound``) as a problem of local positions."""
+        return RoundProblem(self.lengths[samples], self.min_degree[samples], self.num_devices,
+                            self.tokens_per_device, self.cost, self.node_size, bound, len(self.lengths))
+
 
 class _Pruned:
     """A round assignment abandoned because it cannot beat the best plan so far."""
@@ -223,16 +233,13 @@ def _polish(plan: Plan, batch: _Batch) -> Plan:
               for round_ in plan.rounds]
     members = [np.array(sorted(sample for group in round_.groups for sample in group.samples), dtype=np.int64)
                for round_ in plan.rounds]
-    bounds = [lower_bound(batch.lengths[samples], batch.min_degree[samples], batch.num_devices, 1, batch.cost,
-                          batch.node_size) for samples in members]
+    bounds = [batch.round_bound(samples) for samples in members]
     excess = [round_.predicted_time - bound for round_, bound in zip(plan.rounds, bounds, strict=True)]
     for index in sorted(range(len(rounds)), key=lambda position: -excess[position])[:POLISH_ROUNDS]:
         samples, round_ = members[index], plan.rounds[index]
         if round_.predicted_time <= bounds[index] * (1 + CLOSE_ENOUGH):
             continue
-        problem = RoundProblem(batch.lengths[samples], batch.min_degree[samples], batch.num_devices,
-                               batch.tokens_per_device, batch.cost, batch.node_size, bounds[index],
-                               len(batch.lengths))
+        problem = batch.round_problem(samples, bounds[index])
         position = {sample: local for local, sample in enumerate(samples.tolist())}
         layout = _improve(problem, [[position[sample] for sample in group.samples] for group in round_.groups],
                           steps=POLISH_STEPS)
@@ -271,11 +278,7 @@ def _plan_rounds(
     is about their makespan, so a losing assignment is abandoned after few rounds.
     """
     rounds = [np.array(sorted(members), dtype=np.int64) for members in assignment if len(members)]
-    bounds = [
-        lower_bound(batch.lengths[samples], batch.min_degree[samples], batch.num_devices, 1, batch.cost,
-                    batch.node_size)
-        for samples in rounds
-    ]
+    bounds = [batch.round_bound(samples) for samples in rounds]
     longest = np.array([samples[np.argmax(batch.lengths[samples])] for samples in rounds])
     padded = padded_lengths(batch.lengths[longest], batch.min_degree[longest]).astype(np.float64)
     at_minimum = batch.cost.times_from_sums(padded, padded * padded, batch.min_degree[longest],
@@ -317,11 +320,9 @@ def _solve_round(samples: np.ndarray, batch: _Batch, bound: float, *, tight_star
     packing runs out of memory tries the uniform starts, small degrees first. The best refined
     start wins (the first on ties).
     """
-    lengths, min_degree = batch.lengths[samples], batch.min_degree[samples]
+    problem = batch.round_problem(samples, bound)
+    lengths, min_degree = problem.lengths, problem.min_degree
     num_devices, tokens_per_device = batch.num_devices, batch.tokens_per_device
-    problem = RoundProblem(
-        lengths, min_degree, num_devices, tokens_per_device, batch.cost, batch.node_size, bound, len(batch.lengths)
-    )
     sized = size_round(problem)
     main = pack_round(problem, *sized) if sized is not None else None
     small = [d for d in EXTRA_START_DEGREES if d <= num_devices]
