@@ -99,22 +99,22 @@ def group_step(
     return step
 
 
-def _measure_worker(rank: int, world_size: int, workload: Workload) -> dict[int, list[tuple[float, float]]]:
-    """(wall, cpu) seconds of every group this rank is part of, per repeat, all groups interleaved."""
-    groups = {degree: dist.group.WORLD if degree == world_size else None for degree in workload.degrees}
-    for degree in workload.degrees:
+def _degree_groups(degrees: Sequence[int], world_size: int) -> dict[int, Any]:
+    """The process group of ranks ``0 .. degree - 1`` for every degree (None for degree 1)."""
+    groups = {degree: dist.group.WORLD if degree == world_size else None for degree in degrees}
+    for degree in degrees:
         if 1 < degree < world_size:  # every rank takes part in creating every subgroup
             groups[degree] = dist.new_group(list(range(degree)))
-    weights = transformer_weights(workload.hidden, workload.layers)
-    specs = [(pack, degree) for degree in workload.degrees for pack in workload.packs]
-    steps = {
-        index: group_step(ZigzagLayout(pack, degree, rank), groups[degree], weights, workload.heads)
-        for index, (pack, degree) in enumerate(specs)
-        if rank < degree
-    }
+    return groups
+
+
+def _time_interleaved(steps: dict[int, Callable[[], None]], count: int,
+                      workload: Workload) -> dict[int, list[tuple[float, float]]]:
+    """(wall, cpu) seconds of each of this rank's ``steps`` (by index among ``count``), per repeat after
+    the warm-up, every index in turn with a barrier before each."""
     timings: dict[int, list[tuple[float, float]]] = {index: [] for index in steps}
     for repeat in range(workload.warmup + workload.repeats):
-        for index in range(len(specs)):
+        for index in range(count):
             dist.barrier()
             if index in steps:
                 wall, cpu = time.perf_counter(), time.process_time()
@@ -124,6 +124,19 @@ def _measure_worker(rank: int, world_size: int, workload: Workload) -> dict[int,
                     timings[index].append(elapsed)
     dist.barrier()
     return timings
+
+
+def _measure_worker(rank: int, world_size: int, workload: Workload) -> dict[int, list[tuple[float, float]]]:
+    """(wall, cpu) seconds of every group this rank is part of, per repeat, all groups interleaved."""
+    groups = _degree_groups(workload.degrees, world_size)
+    weights = transformer_weights(workload.hidden, workload.layers)
+    specs = [(pack, degree) for degree in workload.degrees for pack in workload.packs]
+    steps = {
+        index: group_step(ZigzagLayout(pack, degree, rank), groups[degree], weights, workload.heads)
+        for index, (pack, degree) in enumerate(specs)
+        if rank < degree
+    }
+    return _time_interleaved(steps, len(specs), workload)
 
 
 def ring_step(degree: int, rank: int, group: dist.ProcessGroup, tokens: int, workload: Workload) -> Callable[[], None]:
@@ -145,24 +158,11 @@ def ring_step(degree: int, rank: int, group: dist.ProcessGroup, tokens: int, wor
 
 def _ring_worker(rank: int, world_size: int, workload: Workload) -> dict[int, list[tuple[float, float]]]:
     """(wall, cpu) seconds of every ring step this rank takes part in, per repeat, interleaved."""
-    groups = {degree: dist.group.WORLD if degree == world_size else None for degree in workload.degrees}
-    for degree in workload.degrees:
-        if 1 < degree < world_size:
-            groups[degree] = dist.new_group(list(range(degree)))
+    groups = _degree_groups(workload.degrees, world_size)
     specs = [(degree, tokens) for degree in workload.degrees if degree > 1 for tokens in workload.ring_tokens]
     steps = {index: ring_step(degree, rank, groups[degree], tokens, workload)
              for index, (degree, tokens) in enumerate(specs) if rank < degree}
-    timings: dict[int, list[tuple[float, float]]] = {index: [] for index in steps}
-    for repeat in range(workload.warmup + workload.repeats):
-        for index in range(len(specs)):
-            dist.barrier()
-            if index in steps:
-                wall, cpu = time.perf_counter(), time.process_time()
-                steps[index]()
-                if repeat >= workload.warmup:
-                    timings[index].append((time.perf_counter() - wall, time.process_time() - cpu))
-    dist.barrier()
-    return timings
+    return _time_interleaved(steps, len(specs), workload)
 
 
 def measure_ring(workload: Workload) -> list[dict[str, Any]]:
