@@ -288,15 +288,15 @@ def test_bad_configuration_is_the_same_clear_error_everywhere(world, scenario, f
         assert fragment in message
 
 
-# -- without processes -------------------------------------------------------------------------------
-
-
 def test_early_stopping_on_the_global_validation_loss_stops_every_rank_at_the_same_step(world):
     _, reports = world
     for report in reports:
         first, second = report["early_stopping"]["after"]
         assert second < first  # the threshold between them can only be crossed at step 2
         assert report["early_stopping"]["stopped"] and report["early_stopping"]["global_step"] == 2
+
+
+# -- without processes -------------------------------------------------------------------------------
 
 
 def test_field_kinds_are_declared_never_guessed_from_shapes():
