@@ -253,8 +253,7 @@ def _best_static(batch: _Batch) -> tuple[Plan | None, int]:
     when none suits the node size). Layouts are planned in the order of their :func:`_static_bound`, and
     one whose bound is slower than the best so far is not planned."""
     best: tuple[Plan | None, int] = (None, 0)
-    longest = int(batch.min_degree.max())
-    degrees = [2**k for k in range(batch.num_devices.bit_length()) if longest <= 2**k <= batch.num_devices]
+    degrees = _power_of_two_degrees(int(batch.min_degree.max()), batch.num_devices)
     bounds = [_static_bound(batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost,
                             batch.node_size) for degree in degrees]
     for bound, degree in sorted(zip(bounds, degrees, strict=True)):
@@ -387,10 +386,14 @@ def _merge_start(problem: RoundProblem) -> list[list[int]] | None:
     return bins if degrees.sum() <= problem.num_devices else None
 
 
+def _power_of_two_degrees(longest_min_degree: int, num_devices: int) -> list[int]:
+    """Static CP's degrees: the powers of two up to ``num_devices`` that hold the longest sample, ascending."""
+    return [2**k for k in range(num_devices.bit_length()) if longest_min_degree <= 2**k <= num_devices]
+
+
 def _tight_start_degrees(longest_min_degree: int, num_devices: int, exclude: list[int]) -> list[int]:
     """The two smallest powers of two that hold the round's longest sample (static CP's layouts)."""
-    powers = [2**k for k in range(num_devices.bit_length()) if longest_min_degree <= 2**k <= num_devices]
-    return [degree for degree in powers if degree not in exclude][:2]
+    return [degree for degree in _power_of_two_degrees(longest_min_degree, num_devices) if degree not in exclude][:2]
 
 
 def _uniform_start(problem: RoundProblem, degree: int) -> list[list[int]] | None:
