@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EarlyStopping
+from torch._dynamo.utils import counters  # Dynamo's own tally of compiled graphs and graph breaks
 from torch.utils.data import DataLoader
 
 from lightning_dhp import DHPStrategy, loss_share
@@ -26,6 +27,7 @@ from tests.test_strategy import (
     _as_torchrun_rank,
     _assert_params_close,
     _trainer,
+    assert_bf16_mixed_params_close,
     error_of,
     plan_report,
     same_error_on_every_rank,
@@ -33,6 +35,7 @@ from tests.test_strategy import (
 from tests.tiny_lm import (
     Block,
     LMTask,
+    MixedPrecisionTask,
     TinyLM,
     TokenDataset,
     dense_causal_attention,
@@ -88,6 +91,14 @@ class SkipTask(LMTask):
         return None if batch_idx == 1 and skipping else loss
 
 
+class CompiledTask(LMTask):
+    """The block under ``torch.compile``, with the aot_eager backend: Dynamo and AOTAutograd as with the
+    default backend, without inductor's C++ build (minutes on a cold cache)."""
+
+    def configure_model(self) -> None:
+        self.model.block = torch.compile(self.model.block, backend="aot_eager")
+
+
 class AccuracyTask(LMTask):
     """Logs token accuracy with ``global_share``, as a user logs any mean over the global batch."""
 
@@ -113,10 +124,11 @@ def _scenarios(rank: int, world_size: int) -> dict:
     tokens = TOKENS_PER_DEVICE[world_size]
     reports = {}
 
-    def fit(task, *, steps=STEPS, num_workers=0, **strategy_kwargs):
+    def fit(task, *, steps=STEPS, num_workers=0, precision="32-true", **strategy_kwargs):
         losses, plans = StepLosses(), plan_report()
         callbacks = [plans] + ([losses] if task.automatic_optimization else [])
-        trainer = _trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), steps, callbacks=callbacks)
+        trainer = _trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), steps, callbacks=callbacks,
+                           precision=precision)
         trainer.fit(task, datamodule=_data(num_workers))
         plan_list = [entry["plan"] for entry in plans.history]
         return trainer, {"params": _params(task), "losses": losses.values, "global_step": trainer.global_step,
@@ -140,6 +152,11 @@ def _scenarios(rank: int, world_size: int) -> dict:
     # a profiled cost model: every rank must plan with rank 0's, or the plans would differ
     reports["workers_and_scheduler"] = fit(LMTask(lr_gamma=0.5), num_workers=1, cost_model="profile")[1]
     reports["manual"] = fit(ManualTask())[1]
+    counters.clear()
+    reports["compiled"] = {**fit(CompiledTask())[1], "graphs": counters["stats"]["unique_graphs"],
+                           "graph_breaks": list(counters["graph_break"])}
+    mixed = MixedPrecisionTask()
+    reports["bf16_mixed"] = {**fit(mixed, precision="bf16-mixed")[1], "autocast": mixed.steps_under_bf16_autocast}
     reports["manual_textbook"] = error_of(lambda: fit(ManualTask(textbook=True)))
     reports["skip_every_rank"] = fit(SkipTask(), steps=STEPS)[1]
     if world_size > 1:
@@ -250,6 +267,27 @@ def test_manual_optimization_with_the_documented_pattern_is_exact(world):
     for report in reports:
         _assert_params_close(report["manual"]["params"], expected)
         assert report["manual"]["global_step"] == STEPS
+
+
+def test_bf16_mixed_training_runs_under_autocast_and_matches_single_device_bf16_mixed(world):
+    _, reports = world
+    expected = reference_training(LENGTHS, BATCHES, STEPS, precision="bf16-mixed")
+    initial = reference_training(LENGTHS, BATCHES, 0, precision="bf16-mixed")
+    for report in reports:
+        assert report["bf16_mixed"]["autocast"] and all(report["bf16_mixed"]["autocast"])
+        assert_bf16_mixed_params_close(report["bf16_mixed"]["params"], expected, initial)
+
+
+def test_a_compiled_block_is_exact_and_breaks_its_graph_only_at_cp_attention(world):
+    _, reports = world
+    expected = reference_training(LENGTHS, BATCHES, STEPS)
+    for report in reports:
+        compiled = report["compiled"]
+        _assert_params_close({name.replace("._orig_mod", ""): value for name, value in compiled["params"].items()},
+                             expected)
+        assert compiled["graphs"] >= 1
+        # the plan-dependent attention stays eager (tracing it would recompile for every layout)
+        assert compiled["graph_breaks"] and all("cp_attention" in reason for reason in compiled["graph_breaks"])
 
 
 def test_manual_optimization_stepping_every_round_is_refused(world):

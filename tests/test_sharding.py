@@ -27,11 +27,12 @@ from tests.test_strategy import (
     _assert_params_close,
     _data,
     _trainer,
+    assert_bf16_mixed_params_close,
     error_of,
     plan_report,
     same_error_on_every_rank,
 )
-from tests.tiny_lm import HIDDEN, Block, LMTask, reference_training
+from tests.tiny_lm import HIDDEN, Block, LMTask, MixedPrecisionTask, reference_training
 
 WORLD_SIZES = (2, 3)
 
@@ -57,6 +58,9 @@ def _scenarios(rank: int, world_size: int, directory: str) -> dict:
                          "idle": sum(plan.stats()["idle_device_rounds"] for plan in plan_list)}
 
     reports["blocks"] = fit(LMTask(), fsdp_modules={Block})[1]
+    mixed = MixedPrecisionTask()
+    reports["bf16_mixed"] = {**fit(mixed, fsdp_modules={Block}, trainer_kwargs={"precision": "bf16-mixed"})[1],
+                             "autocast": mixed.steps_under_bf16_autocast}
     reports["accumulate_clip_checkpointing"] = fit(
         LMTask(), fsdp_modules={Block}, activation_checkpointing={Block},
         trainer_kwargs={"accumulate_grad_batches": 2, "gradient_clip_val": 0.05})[1]
@@ -111,6 +115,15 @@ def test_sharded_training_equals_single_device_training(world):
     assert reports[0]["blocks"]["rounds"] > 1 and reports[0]["blocks"]["degree"] > 1
     if world_size == 3:
         assert reports[0]["blocks"]["degree"] == 2, "degree 2 on 3 ranks: some rank is idle or alone"
+
+
+def test_sharded_bf16_mixed_training_matches_single_device_bf16_mixed(world):
+    _, reports = world
+    expected = reference_training(LENGTHS, BATCHES, STEPS, precision="bf16-mixed")
+    initial = reference_training(LENGTHS, BATCHES, 0, precision="bf16-mixed")
+    for report in reports:
+        assert report["bf16_mixed"]["autocast"] and all(report["bf16_mixed"]["autocast"])
+        assert_bf16_mixed_params_close(report["bf16_mixed"]["params"], expected, initial)
 
 
 def test_the_tiny_vlm_sharded_with_its_vision_blocks_equals_its_replicated_training(world):

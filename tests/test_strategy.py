@@ -83,6 +83,18 @@ def _assert_params_close(params: dict, expected: dict) -> None:
         torch.testing.assert_close(params[name], value, rtol=1e-9, atol=1e-12, msg=f"parameter {name}")
 
 
+def assert_bf16_mixed_params_close(params: dict, expected: dict, initial: dict) -> None:
+    """bf16-mixed training against its single-device reference: bf16 rounds differently once samples are
+    packed, split over ranks or sharded, so each parameter may differ by a small share of its update
+    (measured: at most 0.7%, as much as bf16-mixed differs from float32 training; losing the shortest
+    sample of every batch, or a learning rate 10% off, moves every parameter by 7% or more)."""
+    for name, value in expected.items():
+        update = float((value - initial[name]).norm())
+        difference = float((params[name] - value).norm())
+        assert params[name].dtype == value.dtype, f"parameter {name}: {params[name].dtype}, expected {value.dtype}"
+        assert difference <= 0.02 * update, f"parameter {name}: off by {difference / update:.1%} of its update"
+
+
 def same_error_on_every_rank(reports: list[dict], scenario: str) -> tuple[str, str]:
     """The one (type, message) every rank reported for ``scenario``; fails if ranks disagree."""
     errors = {report[scenario] for report in reports}

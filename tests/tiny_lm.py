@@ -104,10 +104,11 @@ class TokenDataset(torch.utils.data.Dataset):
 class LMTask(LightningModule):
     """Logs the loss share of every step (train, validate, test) as a user would: ``self.log(name, share)``."""
 
-    def __init__(self, lr: float = 0.1, checkpoint: str | None = None, lr_gamma: float | None = None) -> None:
+    def __init__(self, lr: float = 0.1, checkpoint: str | None = None, lr_gamma: float | None = None,
+                 dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.model = TinyLM(checkpoint).double()
+        self.model = TinyLM(checkpoint).to(dtype)
         self.lr = lr
         self.lr_gamma = lr_gamma  # if set, the learning rate is multiplied by it after every step
 
@@ -139,23 +140,40 @@ class LMTask(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class MixedPrecisionTask(LMTask):
+    """float32 weights, for ``precision="bf16-mixed"``; records whether each training step ran under
+    bf16 autocast (Lightning's precision plugin wraps the step in it)."""
+
+    def __init__(self) -> None:
+        super().__init__(dtype=torch.float32)
+        self.steps_under_bf16_autocast: list[bool] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.steps_under_bf16_autocast.append(
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return super().training_step(batch, batch_idx)
+
+
 def reference_training(lengths: list[int], batches: list[list[int]], steps: int, lr: float = 0.1, *,
                        accumulate: int = 1, clip: float | None = None, losses: list | None = None,
-                       lr_gamma: float | None = None) -> dict:
+                       lr_gamma: float | None = None, precision: str = "64-true") -> dict:
     """Plain PyTorch: the same model, optimizer and global batches, one process, no Lightning.
 
     Each optimizer step averages the mean losses of ``accumulate`` consecutive global batches, as
     Lightning's ``accumulate_grad_batches`` does; ``clip`` clips the gradient norm before stepping.
-    ``losses`` (if given) receives each global batch's mean loss, before its update.
+    ``losses`` (if given) receives each global batch's mean loss, before its update. ``precision`` is
+    "64-true" or "bf16-mixed" (float32 weights, the loss computed under CPU bf16 autocast).
     """
-    task = LMTask(lr, lr_gamma=lr_gamma)
+    mixed = {"64-true": False, "bf16-mixed": True}[precision]
+    task = LMTask(lr, lr_gamma=lr_gamma, dtype=torch.float32 if mixed else torch.float64)
     data = TokenDataset(lengths)
     configured = task.configure_optimizers()
     optimizer = configured if lr_gamma is None else configured["optimizer"]
     for step in range(steps):
         optimizer.zero_grad()
         for batch in batches[step * accumulate:(step + 1) * accumulate]:
-            loss = task.model.reference_loss([data.samples[i] for i in batch])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+                loss = task.model.reference_loss([data.samples[i] for i in batch])
             (loss / accumulate).backward()
             if losses is not None:
                 losses.append(loss.item())

@@ -21,6 +21,7 @@ def _single_sequence_layout(num_tokens: int) -> ZigzagLayout:
     return ZigzagLayout([num_tokens], 1, 0)
 
 
+@torch.compiler.disable
 def cp_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -46,6 +47,9 @@ def cp_attention(
     group; with the WORLD group and ``ranks`` (global ranks in ring order) the ring runs group-free.
     ``implementation`` is "ring" (default) or "allgather"; ``kernel`` forces a local kernel ("math",
     "cpu_flash", "cuda_flash", "flash_attn", "cuda_efficient", "cuda_efficient_per_sequence", "npu_fusion").
+
+    Under ``torch.compile`` it runs eagerly and the model's other layers compile around it: its layout
+    and process group change with every round's plan, so a traced graph would recompile for each.
     """
     _check_shapes(q, k, v)
     if layout is None:
