@@ -1,9 +1,10 @@
 """Hugging Face models under DHP against a plain single-process HF loop, in float64.
 
 One spawned world per size (1, 2 and 3 processes) trains a tiny Llama (GQA) and a tiny Qwen2-VL and
-Qwen2.5-VL for 3 optimizer steps (on 2+ processes also FSDP-sharded, and Qwen2-VL under all-gather CP
-and the group-free ring); the tests compare the parameters with ``tests.hf_models``' oracle (each
-sample alone through the model's own forward and attention, the same AdamW).
+Qwen2.5-VL for 3 optimizer steps (on 2+ processes also FSDP-sharded, the Llama built on the meta device
+with rank 0's weights, and Qwen2-VL under all-gather CP and the group-free ring); the tests compare the
+parameters with ``tests.hf_models``' oracle (each sample alone through the model's own forward and
+attention, the same AdamW).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import tempfile
 
 import pytest
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -61,6 +63,17 @@ class RecordingModule(HFModule):
                 rows = batch["vision_rows"][valid & (info.layout.sequence_ids == position)]
                 self.held.append((batch_idx, index, tuple(sorted(rows[rows > 0].tolist()))))
         return super().training_step(batch, batch_idx)
+
+
+class PretrainedOnRankZero(HFModule):
+    """Built on the meta device; once the strategy has sharded and materialised it, rank 0 loads the Llama's
+    weights (as from a pretrained checkpoint) and they reach every rank's shards. Rotary frequencies are
+    buffers no checkpoint holds: materialisation has to recompute them."""
+
+    def on_fit_start(self) -> None:
+        weights = {f"model.{name}": value for name, value in hf_models.llama().state_dict().items()}
+        set_model_state_dict(self, weights if self.global_rank == 0 else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def _vl_lengths(items: list[dict]) -> list[int]:
@@ -113,7 +126,8 @@ def _scenarios(rank: int, world_size: int) -> dict:
             task = RecordingModule(hf_models.qwen_vl())
             data = DHPDataModule(items, _vl_lengths(items), VL_BATCH, seed=0, **task.packing_options)
             reports[f"qwen2_vl_{name}"] = _fit(world_size, task, data, VL_TOKENS_PER_DEVICE[world_size], **options)
-        llama = hf_models.module(hf_models.llama())
+        with torch.device("meta"):  # as for a model too large for one rank: weights come from rank 0
+            llama = PretrainedOnRankZero(hf_models.llama(), optimizer=hf_models.optimizer)
         reports["llama_fsdp"] = _fit(world_size, llama, DHPDataModule(TokenDataset(LENGTHS), LENGTHS, GLOBAL_BATCH,
                                                                         seed=0),
                                      TOKENS_PER_DEVICE[world_size], sharding="fsdp", fsdp_modules={LlamaDecoderLayer})

@@ -99,6 +99,18 @@ class CompiledTask(LMTask):
         self.model.block = torch.compile(self.model.block, backend="aot_eager")
 
 
+class BuiltOnMeta(LMTask):
+    """Replicated, built on the meta device: the strategy materialises it on every rank (rank 0's values win),
+    then every rank loads the same weights, as from a pretrained checkpoint."""
+
+    def __init__(self) -> None:
+        with torch.device("meta"):
+            super().__init__()
+
+    def on_fit_start(self) -> None:
+        self.model.load_state_dict(LMTask().model.state_dict())
+
+
 class AccuracyTask(LMTask):
     """Logs token accuracy with ``global_share``, as a user logs any mean over the global batch."""
 
@@ -152,6 +164,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
     # a profiled cost model: every rank must plan with rank 0's, or the plans would differ
     reports["workers_and_scheduler"] = fit(LMTask(lr_gamma=0.5), num_workers=1, cost_model="profile")[1]
     reports["manual"] = fit(ManualTask())[1]
+    reports["built_on_meta"] = fit(BuiltOnMeta())[1]
     counters.clear()
     reports["compiled"] = {**fit(CompiledTask())[1], "graphs": counters["stats"]["unique_graphs"],
                            "graph_breaks": list(counters["graph_break"])}
@@ -276,6 +289,13 @@ def test_bf16_mixed_training_runs_under_autocast_and_matches_single_device_bf16_
     for report in reports:
         assert report["bf16_mixed"]["autocast"] and all(report["bf16_mixed"]["autocast"])
         assert_bf16_mixed_params_close(report["bf16_mixed"]["params"], expected, initial)
+
+
+def test_a_replicated_model_built_on_the_meta_device_trains_exactly(world):
+    _, reports = world
+    expected = reference_training(LENGTHS, BATCHES, STEPS)
+    for report in reports:
+        _assert_params_close(report["built_on_meta"]["params"], expected)
 
 
 def test_a_compiled_block_is_exact_and_breaks_its_graph_only_at_cp_attention(world):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from lightning_dhp import DHPStrategy
 from lightning_dhp.data.video_digits import VideoDigits
@@ -79,9 +79,43 @@ def _scenarios(rank: int, world_size: int, directory: str) -> dict:
             LMTask(), ckpt_path=f"{directory}/../2/distributed/step=2.ckpt", save_distributed_checkpoint=True)[1]
     reports["vlm"] = {mode: _fit_vlm(world_size, **kwargs) for mode, kwargs in (
         ("replicate", {}), ("fsdp", {"sharding": "fsdp", "fsdp_modules": {DecoderLayer, VisionBlock}}))}
+    trainer = _trainer(world_size, DHPStrategy(20, sharding="fsdp", fsdp_modules={Block}), STEPS)
+    with trainer.init_module(empty_init=True):
+        task = PretrainedLM()
+    built_on_meta = all(parameter.is_meta for parameter in task.parameters())
+    trainer.fit(task, datamodule=_data())
+    reports["meta_init"] = {"params": _full_params(task), "built_on_meta": built_on_meta,
+                            "local": sum(parameter.to_local().numel() for parameter in task.parameters()),
+                            "total": sum(parameter.numel() for parameter in task.parameters())}
+    partly = LMTask()
+    with torch.device("meta"):
+        partly.model.block = Block()
+    reports["partly_on_meta"] = error_of(lambda: fit(partly))
+    with torch.device("meta"):
+        uninitialisable = LMTask()
+        uninitialisable.model.block.scale = NoReset()
+    reports["no_reset_parameters"] = error_of(lambda: fit(uninitialisable))
     reports["no_block_matches"] = error_of(lambda: fit(LMTask(), fsdp_modules={torch.nn.LSTM}))
     reports["bad_precision"] = error_of(lambda: fit(LMTask(), trainer_kwargs={"precision": "16-true"}))
     return reports
+
+
+class PretrainedLM(LMTask):
+    """Built on the meta device; rank 0 loads the weights (as a pretrained checkpoint) once the strategy has
+    sharded and materialised the model, and they reach every rank's shards."""
+
+    def on_fit_start(self) -> None:
+        weights = {f"model.{name}": value for name, value in LMTask().model.state_dict().items()}
+        set_model_state_dict(self, weights if self.global_rank == 0 else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+class NoReset(torch.nn.Module):
+    """A parameter holder without reset_parameters: built on the meta device, nothing could initialise it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(HIDDEN, dtype=torch.float64))
 
 
 def _fit_vlm(world_size: int, **strategy_kwargs) -> dict:
@@ -124,6 +158,16 @@ def test_sharded_bf16_mixed_training_matches_single_device_bf16_mixed(world):
     for report in reports:
         assert report["bf16_mixed"]["autocast"] and all(report["bf16_mixed"]["autocast"])
         assert_bf16_mixed_params_close(report["bf16_mixed"]["params"], expected, initial)
+
+
+def test_a_model_built_on_the_meta_device_is_only_ever_allocated_in_shards_and_trains_exactly(world):
+    world_size, reports = world
+    expected = reference_training(LENGTHS, BATCHES, STEPS)
+    for report in reports:
+        meta_init = report["meta_init"]
+        assert meta_init["built_on_meta"]
+        assert meta_init["local"] <= -(-meta_init["total"] // world_size) + 64  # a shard, plus FSDP's row padding
+        _assert_params_close(meta_init["params"], expected)
 
 
 def test_the_tiny_vlm_sharded_with_its_vision_blocks_equals_its_replicated_training(world):
@@ -199,6 +243,8 @@ def test_the_full_checkpoint_loads_without_any_distributed_setup(world, saved):
 
 
 @pytest.mark.parametrize(("scenario", "fragments"), [
+    ("partly_on_meta", ["partly on the meta device", "model.embed.weight", "init_module(empty_init=True)"]),
+    ("no_reset_parameters", ["built on the meta device", "['NoReset'] define no reset_parameters()"]),
     ("no_block_matches", ["fsdp_modules={LSTM}", "matches no module", "Block"]),
     ("bad_precision", ["sharding='fsdp' supports precision", "'16-true'"]),
 ])

@@ -50,6 +50,7 @@ from lightning_dhp.lightning import _lightning, sharding
 from lightning_dhp.lightning.batch import DHPBatchInfo, loss_of
 from lightning_dhp.lightning.collate import DHPPacking
 from lightning_dhp.lightning.gradients import GradientSync
+from lightning_dhp.lightning.materialize import check_materializable, has_meta_tensors, materialize
 from lightning_dhp.lightning.planned_loader import DHPDataLoader, PlanConfig, PlannedStep, StepRequest
 from lightning_dhp.lightning.predictions import assemble, piece_of
 from lightning_dhp.lightning.sampler import DHPBatchSampler
@@ -235,15 +236,20 @@ class DHPStrategy(ParallelStrategy):
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
         # What can be refused is refused here, the same on every rank, before any collective.
+        on_meta = has_meta_tensors(self.lightning_module)
+        if on_meta:
+            check_materializable(self.lightning_module)
         policy = mixed_precision_policy(self.precision_plugin.precision) if self.sharding == "fsdp" else None
         blocks = blocks_to_shard(self.lightning_module, self.fsdp_modules) if self._sharded else []
+        if on_meta and not self._sharded:  # replicas: every rank initialises, then takes rank 0's values
+            materialize(self.lightning_module, self.root_device)
+        self.model_to_device()
         if self.activation_checkpointing:
             apply_activation_checkpointing(self.lightning_module, self.activation_checkpointing)
         if self.is_multi_process:
-            if not is_sharded(self.lightning_module):  # shards must be cut from identical parameters
-                _lightning._sync_module_states(self.model)
+            if not is_sharded(self.lightning_module) and not (on_meta and self._sharded):
+                _lightning._sync_module_states(self.model)  # shards must be cut from identical parameters
             # outside a planned step, attention has no layout to follow
             self._scopes.enter_context(require_cp_context(
                 "cp_attention was called outside a DHP batch on a multi-device run; call it from "
@@ -251,6 +257,8 @@ class DHPStrategy(ParallelStrategy):
                 "batch's context-parallel group"))
         if self._sharded:
             self._gradients = ShardedGradientSync(shard_model(self.lightning_module, self._device_mesh, blocks, policy))
+            if on_meta:  # each rank allocates and initialises its own shards only
+                materialize(self.lightning_module, self.root_device)
         else:
             bucket_bytes = None if self.gradient_bucket_mb is None else int(self.gradient_bucket_mb * 2**20)
             self._gradients = GradientSync(self.lightning_module, dist.group.WORLD if self.is_multi_process else None,
@@ -301,7 +309,21 @@ class DHPStrategy(ParallelStrategy):
     @override
     def model_to_device(self) -> None:
         assert self.model is not None
-        self.model.to(self.root_device)
+        if not has_meta_tensors(self.model):  # a sharded model built on the meta device is materialised after sharding
+            self.model.to(self.root_device)
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        """With ``sharding="fsdp"`` and ``empty_init=True`` (``trainer.init_module(empty_init=True)``), modules
+        are built on the meta device: the strategy shards them, then allocates and initialises only each
+        rank's shards (:mod:`.materialize`)."""
+        if not (empty_init and self.sharding == "fsdp"):
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
 
     @override
     def barrier(self, name: str | None = None) -> None:
@@ -404,6 +426,10 @@ class DHPStrategy(ParallelStrategy):
             self._gradients.close()
         self._scopes.close()
         self.pool.clear()
+        if self.lightning_module is not None and has_meta_tensors(self.lightning_module):
+            # setup refused the model before materialising it: Lightning's teardown moves it to the CPU,
+            # which meta tensors cannot do (and would hide the error)
+            self.lightning_module.to_empty(device="cpu")
         super().teardown()
 
     # -- data --------------------------------------------------------------------------------------
