@@ -56,6 +56,7 @@ from lightning_dhp.data.video_digits import TEXT_TOKENS_PER_SAMPLE
 from lightning_dhp.planner.baselines import divisors
 from lightning_dhp.planner.inputs import min_degrees
 from lightning_dhp.simulate import machine_description
+from lightning_dhp.testing import launch_environment
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "_e2e_run.py"
@@ -99,9 +100,8 @@ def train(variant: Variant, base: dict[str, Any], folder: Path, tag: str, timeou
     if base.get("save_params"):
         spec["params_path"] = str(folder / f"{tag}.params.pt")
     spec_path.write_text(json.dumps(spec))
-    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_PORT", "MASTER_ADDR")}
     completed = subprocess.run([sys.executable, str(WORKER), str(spec_path), str(result_path)], cwd=REPO,
-                               env={**env, **RUN_ENV}, capture_output=True, text=True, timeout=timeout_s)
+                               env=launch_environment(**RUN_ENV), capture_output=True, text=True, timeout=timeout_s)
     if completed.returncode or not result_path.exists():
         raise RuntimeError(f"training run {tag} ({variant.name}) failed with exit code {completed.returncode}:\n"
                            f"{completed.stderr[-4000:]}")

@@ -2,6 +2,7 @@
 
 A file store in a temporary folder (no ports to collide), one thread per rank, a hard timeout that
 kills every rank (a hang fails instead of blocking), and every failing rank's traceback in the error.
+:func:`launch_environment` is the environment for a subprocess that launches its own ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# what a launcher (torchrun, or Lightning's own launcher, even for one device) sets in its process
+LAUNCH_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
+
+
+def launch_environment(**extra: str) -> dict[str, str]:
+    """This process's environment without :data:`LAUNCH_VARIABLES`, plus ``extra``: for a script run as a
+    subprocess that launches its own ranks. An inherited ``LOCAL_RANK`` makes Lightning take the script for
+    one rank of an external launch, and rank 0 waits for peers that never start."""
+    return {**{key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}, **extra}
 
 
 def _worker(

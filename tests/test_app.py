@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from lightning_dhp.testing import launch_environment
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.num_train=48", "data.num_val=8", "data.global_batch_size=8", "data.num_workers=0", "eval.num_samples=16",
@@ -19,8 +20,7 @@ TINY = ["data.num_train=48", "data.num_val=8", "data.global_batch_size=8", "data
 
 def _run(tmp_path: Path, *overrides: str, timeout: int = 300,
          flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")}
+    env = launch_environment()
     command = [sys.executable, str(REPO / "examples" / "vlm_finetune.py"), *flags, *TINY,
                f"pretrain.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", *overrides]
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)

@@ -4,12 +4,13 @@ under DHP on 4 CPU processes (held-out answer accuracy well above chance)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from lightning_dhp.testing import launch_environment
 
 REPO = Path(__file__).resolve().parents[1]
 ACCURACY_FLOOR = 0.3  # chance is 0.1
@@ -17,8 +18,7 @@ ACCURACY_FLOOR = 0.3  # chance is 0.1
 
 @pytest.mark.timeout(600)  # 4 processes for 100 steps: 2-3 minutes on a shared 2-core machine
 def test_a_tiny_qwen2_vl_learns_video_digits_under_dhp_on_four_processes(tmp_path):
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")}
+    env = launch_environment()
     command = [sys.executable, str(REPO / "examples" / "hf_vlm_finetune.py"), "trainer.devices=4",
                "trainer.max_steps=100", "data.num_eval=40", f"hydra.run.dir={tmp_path / 'run'}"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from lightning_dhp.testing import launch_environment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,9 +17,7 @@ def test_the_readme_example_trains_as_written(tmp_path):
     section = readme[readme.index("## Using it"):]
     script = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     (tmp_path / "train.py").write_text(script)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
-        env.pop(name, None)
+    env = launch_environment(PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -18,7 +18,7 @@ from lightning.pytorch import Trainer
 
 from lightning_dhp import DHPStrategy
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPlanReport
-from lightning_dhp.testing import run_distributed
+from lightning_dhp.testing import launch_environment, run_distributed
 from tests.tiny_lm import LMTask, TokenDataset, reference_mean_loss, reference_training
 
 LENGTHS = [37, 5, 9, 2, 16, 23, 4, 11, 30, 6, 3, 14, 1, 19, 8, 27, 12, 7, 21, 10, 2, 33, 5, 13]
@@ -147,9 +147,7 @@ def test_spawn_launcher_trains_the_model_of_the_calling_process():
 
 def test_popen_launcher_runs_a_script_on_two_processes(tmp_path):
     output = tmp_path / "params.pt"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
-        env.pop(name, None)
+    env = launch_environment(PYTHONPATH=str(REPO))
     subprocess.run([sys.executable, str(REPO / "tests" / "popen_train.py"), str(output)], cwd=tmp_path, env=env,
                    check=True, timeout=240)
     _assert_params_close(torch.load(output), reference_training(LENGTHS, BATCHES, STEPS))
