@@ -8,6 +8,11 @@ step left out. Variants run interleaved, the order rotating every repeat.
 
     python benchmarks/sharding_bench.py --json benchmarks/results/sharding.json
 
+``--init-memory`` measures what building the model costs each rank: a 0.9 GB (float32) configuration
+of the tiny VLM, sharded over 2 processes, built whole or on the meta device
+(``trainer.init_module(empty_init=True)``), alternating; each rank's peak RSS growth from before the
+model is built until training would start.
+
 The projection (``--projection``) needs no run: bytes of parameters, gradients and AdamW state per
 rank for bf16 training with fp32 master weights (16 bytes per parameter) replicated or sharded over
 N ranks, against an 80 GB device, for 2B/7B/8B language models (activations not included).
@@ -16,6 +21,7 @@ N ranks, against an 80 GB device, for 2B/7B/8B language models (activations not 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -37,11 +43,15 @@ MODEL = ["model.config.hidden_size=640", "model.config.num_layers=8", "model.con
 DATA = ["data.num_train=256", "data.global_batch_size=8", "data.num_workers=0", "data.max_frames=8",
         "data.frame_sizes=[16]"]
 TOKENS_PER_DEVICE = 128
-VARIANTS = {  # name: DHPStrategy keyword arguments
-    "replicate, flat sum": {"sharding": "replicate", "gradient_bucket_mb": None},
-    "replicate, overlapped buckets": {"sharding": "replicate"},
-    "fsdp": {"sharding": "fsdp", "fsdp_modules": ["lightning_dhp.models.tiny_vlm.DecoderLayer"]},
+FSDP = {"sharding": "fsdp", "fsdp_modules": ["lightning_dhp.models.tiny_vlm.DecoderLayer"]}
+VARIANTS = {  # name: DHPStrategy keyword arguments, and whether the model is built on the meta device
+    "replicate, flat sum": ({"sharding": "replicate", "gradient_bucket_mb": None}, False),
+    "replicate, overlapped buckets": ({"sharding": "replicate"}, False),
+    "fsdp": (FSDP, False),
+    "fsdp, built on meta": (FSDP, True),
 }
+INIT_MODEL = ["model.config.hidden_size=1536", "model.config.num_layers=8", "model.config.num_heads=12",
+              "model.config.num_kv_heads=4", "model.config.intermediate_size=4096"]
 PROJECTED = {"2B (InternVL3-2B-like LM)": 1.8e9, "7B (Qwen2.5-VL-7B-like LM)": 7.6e9,
              "8B (InternVL3-8B-like LM)": 8.1e9}
 BYTES_PER_PARAMETER = 16  # bf16 weights and gradients (2 + 2), fp32 master weights (4), AdamW moments (4 + 4)
@@ -54,7 +64,7 @@ def _local_bytes(tensor: torch.Tensor | None) -> int:
     return local.numel() * local.element_size()
 
 
-def _train(rank: int, world_size: int, strategy_kwargs: dict[str, Any], steps: int) -> dict[str, Any]:
+def _train(rank: int, world_size: int, strategy_kwargs: dict[str, Any], on_meta: bool, steps: int) -> dict[str, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch import Trainer, seed_everything
 
@@ -65,11 +75,12 @@ def _train(rank: int, world_size: int, strategy_kwargs: dict[str, Any], steps: i
     cfg = compose_config([*MODEL, *DATA])
     seed_everything(cfg.seed, verbose=False)
     train_set, _, _ = build_datasets(cfg)
-    task = instantiate(cfg.model, _convert_="all")
     report = DHPPlanReport(dirpath=tempfile.mkdtemp(prefix="dhp-sharding-bench-"), log_metrics=False)
     trainer = Trainer(accelerator="cpu", devices=world_size, max_steps=steps, logger=False, callbacks=[report],
                       strategy=DHPStrategy(TOKENS_PER_DEVICE, **strategy_kwargs), enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    with trainer.init_module(empty_init=on_meta):
+        task = instantiate(cfg.model, _convert_="all")
     trainer.fit(task, datamodule=DHPDataModule(train_set, train_set.lengths.tolist(), cfg.data.global_batch_size,
                                                 seed=cfg.seed))
     params = list(task.parameters())
@@ -83,6 +94,52 @@ def _train(rank: int, world_size: int, strategy_kwargs: dict[str, Any], steps: i
             "step_s": [entry["measured_s"] for entry in report.history[1:]]}
 
 
+class _StopBeforeTraining(Exception):
+    """Raised from ``on_fit_start``: the model is sharded and materialised, nothing trained yet."""
+
+
+def _init_memory(rank: int, world_size: int, on_meta: bool) -> dict[str, float]:
+    from hydra.utils import instantiate
+    from lightning.pytorch import Callback, Trainer
+
+    from lightning_dhp import DHPDataModule, DHPStrategy
+    from lightning_dhp.app.main import build_datasets
+
+    class Stop(Callback):
+        def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
+            raise _StopBeforeTraining
+
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    cfg = compose_config([*INIT_MODEL, *DATA])
+    train_set, _, _ = build_datasets(cfg)
+    trainer = Trainer(accelerator="cpu", devices=world_size, max_steps=1, logger=False, callbacks=[Stop()],
+                      strategy=DHPStrategy(TOKENS_PER_DEVICE, **FSDP), enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with trainer.init_module(empty_init=on_meta):
+        task = instantiate(cfg.model, _convert_="all")
+    with contextlib.suppress(_StopBeforeTraining):
+        trainer.fit(task, datamodule=DHPDataModule(train_set, train_set.lengths.tolist(), cfg.data.global_batch_size))
+    return {"model_gb": sum(p.numel() * p.element_size() for p in task.parameters()) / 1e9,
+            "shard_gb": sum(_local_bytes(p) for p in task.parameters()) / 1e9,
+            "peak_rss_growth_gb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 1e9}
+
+
+def measure_init_memory(world_size: int, repeats: int) -> list[str]:
+    lines = ["| model built | model (GB) | its shard per rank (GB) | peak RSS growth per rank, setup (GB) |",
+             "| --- | --- | --- | --- |"]
+    results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    for repeat in range(repeats):
+        for on_meta in (repeat % 2 == 1, repeat % 2 == 0):
+            results[on_meta] += run_distributed(_init_memory, world_size, on_meta, timeout_s=1200)
+    for on_meta, ranks in results.items():
+        growth = [rank["peak_rss_growth_gb"] for rank in ranks]
+        lines.append(f"| {'on the meta device' if on_meta else 'whole, on every rank'} | {ranks[0]['model_gb']:.2f} "
+                     f"| {ranks[0]['shard_gb']:.2f} | {statistics.median(growth):.2f} "
+                     f"({min(growth):.2f}-{max(growth):.2f}) |")
+    return lines
+
+
 def measure(world_sizes: list[int], repeats: int, steps: int) -> list[dict[str, Any]]:
     rows = []
     for world_size in world_sizes:
@@ -90,7 +147,7 @@ def measure(world_sizes: list[int], repeats: int, steps: int) -> list[dict[str, 
         for repeat in range(repeats):
             rotation = repeat % len(names)
             for name in names[rotation:] + names[:rotation]:
-                ranks = run_distributed(_train, world_size, VARIANTS[name], steps, timeout_s=1200)
+                ranks = run_distributed(_train, world_size, *VARIANTS[name], steps, timeout_s=1200)
                 rows.append({"variant": name, "devices": world_size, "repeat": repeat, "ranks": ranks})
                 print(f"{world_size} processes, {name}, repeat {repeat}: state "
                       f"{_state_gb(ranks[0]):.3f} GB/rank, step {statistics.median(ranks[0]['step_s']):.2f} s",
@@ -151,9 +208,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json", help="write the measurements here")
     parser.add_argument("--projection", action="store_true", help="print the 2B/7B/8B projection only")
+    parser.add_argument("--init-memory", action="store_true",
+                        help="only the memory of building a 0.9 GB model whole or on the meta device, 2 processes")
     args = parser.parse_args()
     if args.projection:
         print("\n".join(projection()))
+        return
+    if args.init_memory:
+        print("\n".join(measure_init_memory(2, args.repeats)))
         return
     rows = measure([int(d) for d in args.devices.split(",")], args.repeats, args.steps)
     print("\n".join(summary(rows)))

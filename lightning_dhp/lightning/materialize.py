@@ -5,8 +5,9 @@
 materialises it, so no rank ever holds a full copy. Materialising means ``to_empty`` and then each
 module's own initialisation: ``reset_parameters()`` (PyTorch's convention) or, for a Hugging Face
 model, its ``initialize_weights()`` (which also recomputes buffers such as rotary frequencies) and
-``tie_weights()``. The values are a fresh initialisation: load pretrained weights after ``setup``
-(see docs/lightning.md, "Sharded training").
+``tie_weights()``. A module that owns tensors needs one of them: a buffer computed at construction
+(rotary frequencies) is in no checkpoint, so nothing else would ever set it. The values are a fresh
+initialisation: load pretrained weights after ``setup`` (see docs/lightning.md, "Sharded training").
 """
 
 from __future__ import annotations
@@ -49,16 +50,19 @@ def check_materializable(module: nn.Module) -> None:
 def materialize(module: nn.Module, device: torch.device) -> None:
     """Give every tensor of ``module`` (all on the meta device, see :func:`check_materializable`) real
     storage on ``device`` and initialise it; sharded parameters are initialised by each rank for its
-    own shards."""
+    own shards. Children go before their parents, so a parent's ``reset_parameters()`` that applies its
+    own scheme to its submodules has the last word."""
     module.to_empty(device=device)  # on the root: FSDP keeps its sharded storage in step
     roots = _hf_roots(module)
-    covered = {id(child) for root in roots for child in root.modules()}
+    covered = {id(child) for root in roots for child in root.modules() if child is not root}
     with torch.no_grad():
-        for root in roots:
-            root.initialize_weights()
-            root.tie_weights()
-        for child in module.modules():
-            if id(child) not in covered and _owns_tensors(child):
+        for child in reversed(list(module.modules())):
+            if id(child) in covered:
+                continue
+            if any(child is root for root in roots):
+                child.initialize_weights()
+                child.tie_weights()
+            elif callable(getattr(child, "reset_parameters", None)):
                 child.reset_parameters()
 
 

@@ -217,8 +217,16 @@ class TinyVLM(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         head_dim = config.hidden_size // config.num_heads
-        inv_freq = config.rope_theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2, dtype=torch.float64), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the whole model as built: the rotary frequencies and GPT-2 style weights (DHPStrategy
+        calls it to materialise a model built on the meta device)."""
+        head_dim = 2 * len(self.inv_freq)
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device=self.inv_freq.device) / head_dim
+        with torch.no_grad():
+            self.inv_freq.copy_(self.config.rope_theta ** -exponents)
         self.apply(self._init_weights)
 
     @staticmethod
