@@ -15,8 +15,9 @@ from lightning_dhp import DHPStrategy
 from lightning_dhp.data.video_digits import VideoDigits
 from lightning_dhp.errors import DHPConfigError
 from lightning_dhp.lightning import DHPDataModule
+from lightning_dhp.lightning.materialize import has_meta_tensors, materialize
 from lightning_dhp.models import VLMTask
-from lightning_dhp.models.tiny_vlm import DecoderLayer, VisionBlock
+from lightning_dhp.models.tiny_vlm import DecoderLayer, TinyVLM, VisionBlock
 from lightning_dhp.testing import run_distributed
 from tests.test_models import TINY as TINY_VLM
 from tests.test_strategy import (
@@ -274,3 +275,20 @@ def test_unknown_sharding_values_are_refused():
         DHPStrategy(sharding="zero3")
     with pytest.raises(DHPConfigError, match="fsdp_modules needs sharding='fsdp'"):
         DHPStrategy(fsdp_modules={Block})
+
+
+def test_a_model_materialised_from_the_meta_device_gets_its_own_initialisation():
+    # children first, then parents: TinyVLM's reset_parameters (small normal weights, rotary frequencies)
+    # must win over each Linear's own (uniform, std 1/sqrt(3 fan_in))
+    torch.manual_seed(0)
+    built = TinyVLM(TINY_VLM)
+    with torch.device("meta"):
+        materialised = TinyVLM(TINY_VLM)
+    materialize(materialised, torch.device("cpu"))
+    assert not has_meta_tensors(materialised)
+    torch.testing.assert_close(materialised.inv_freq, built.inv_freq, rtol=0, atol=0)
+    for (name, value), expected in zip(materialised.named_parameters(), built.parameters(), strict=True):
+        if name.endswith("weight") and value.dim() == 2:  # linear and embedding weights: normal, std 0.02
+            assert abs(float(value.std()) - float(expected.std())) < 0.2 * float(expected.std()), name
+        elif "norm" in name:  # layer norms and RMS norms: their own reset (ones, zeros)
+            torch.testing.assert_close(value, expected, rtol=0, atol=0)
