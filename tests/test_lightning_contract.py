@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import BasePredictionWriter, EarlyStopping
 from torch._dynamo.utils import counters  # Dynamo's own tally of compiled graphs and graph breaks
 from torch.utils.data import DataLoader
 
@@ -111,6 +111,23 @@ class BuiltOnMeta(LMTask):
         self.model.load_state_dict(LMTask().model.state_dict())
 
 
+class RecordingWriter(BasePredictionWriter):
+    """A prediction writer on every batch and at the epoch's end, recording (dataset indices, outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch_and_epoch")
+        self.batches: list[tuple[list[int], list]] = []
+        self.epoch: list[tuple[list[int], list]] = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self.batches.append((list(batch_indices), prediction))
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
+        # one loader: predictions per batch, indices per loader and batch (Lightning's shapes)
+        self.epoch = [(list(indices), prediction) for indices, prediction in zip(batch_indices[0], predictions,
+                                                                                  strict=True)]
+
+
 class AccuracyTask(LMTask):
     """Logs token accuracy with ``global_share``, as a user logs any mean over the global batch."""
 
@@ -161,6 +178,10 @@ def _scenarios(rank: int, world_size: int) -> dict:
     reports["val_accuracy"] = _trainer(world_size, DHPStrategy(tokens)).validate(
         accuracy, datamodule=_data(), verbose=False)[0]["val_accuracy"]
     reports["predict"] = _trainer(world_size, DHPStrategy(tokens)).predict(LMTask(), datamodule=_data())
+    writer = RecordingWriter()
+    _trainer(world_size, DHPStrategy(tokens), callbacks=[writer]).predict(LMTask(), datamodule=_data(),
+                                                                          return_predictions=False)
+    reports["prediction_writer"] = {"batches": writer.batches, "epoch": writer.epoch}
     # a profiled cost model: every rank must plan with rank 0's, or the plans would differ
     reports["workers_and_scheduler"] = fit(LMTask(lr_gamma=0.5), num_workers=1, cost_model="profile")[1]
     reports["manual"] = fit(ManualTask())[1]
@@ -265,6 +286,22 @@ def test_predict_returns_each_samples_output_in_dataset_order(world):
         for index, output in enumerate(outputs):
             torch.testing.assert_close(output["logits"], expected[index], rtol=1e-9, atol=1e-12)
             assert output["length"] > 0
+
+
+def test_a_prediction_writer_gets_each_outputs_dataset_index_on_every_batch_and_at_the_epochs_end(world):
+    _, reports = world
+    model = LMTask().model
+    samples = TokenDataset(LENGTHS, seed=1).samples
+    batches = DHPBatchSampler(LENGTHS, GLOBAL_BATCH, shuffle=False).batches()
+    for report in reports:
+        for written in (report["prediction_writer"]["batches"], report["prediction_writer"]["epoch"]):
+            assert [indices for indices, _ in written] == batches
+            for indices, outputs in written:
+                for index, output in zip(indices, outputs, strict=True):
+                    tokens = samples[index]
+                    with torch.no_grad():
+                        expected = model(tokens, torch.arange(len(tokens)), dense_causal_attention)
+                    torch.testing.assert_close(output["logits"], expected, rtol=1e-9, atol=1e-12)
 
 
 def test_loader_workers_a_learning_rate_schedule_and_a_profiled_cost_model_stay_exact(world):

@@ -17,6 +17,7 @@ from lightning.fabric.utilities.distributed import (
     _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.overrides.distributed import _IndexBatchSamplerWrapper, _sync_module_states
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 
@@ -37,6 +38,7 @@ __all__ = [
     "_sync_ddp_if_available",
     "_sync_module_states",
     "disable_distributed_sampler",
+    "record_prediction_indices",
     "unwrap_batch_sampler",
 ]
 
@@ -51,3 +53,15 @@ def unwrap_batch_sampler(batch_sampler: Any) -> Any:
     if isinstance(batch_sampler, _IndexBatchSamplerWrapper):
         return batch_sampler._batch_sampler
     return batch_sampler
+
+
+def record_prediction_indices(trainer: Any, indices: list[int], dataloader_idx: int) -> None:
+    """Hand ``BasePredictionWriter`` callbacks the dataset indices of a planned predict step. Lightning
+    records them in its own wrapper of the loader's batch sampler, which a DHP loader does not use (it
+    plans whole global batches); its prediction loop keeps them in these two attributes."""
+    loop = trainer.predict_loop
+    writers = [callback for callback in trainer.callbacks if isinstance(callback, BasePredictionWriter)]
+    if any(writer.interval.on_batch for writer in writers):
+        loop.current_batch_indices = indices
+    if any(writer.interval.on_epoch for writer in writers):
+        loop.epoch_batch_indices[dataloader_idx].append(indices)

@@ -69,6 +69,9 @@ ModuleClasses = type[nn.Module] | str | Collection[type[nn.Module] | str]
 # DHPBatchSampler never drops predict samples (predict loaders keep the last short batch), which
 # Lightning cannot check on a custom batch sampler and warns about.
 warnings.filterwarnings("ignore", message="You are using a custom batch sampler `DHPBatchSampler` for prediction")
+# The strategy hands prediction writers each step's indices itself (predict_step).
+warnings.filterwarnings("ignore",
+                        message="Couldn't infer the batch indices fetched from your dataloader: `DHPDataLoader`")
 _PEER_FAILURE = re.compile(r"closed by peer|reset by peer|timed out|timeout|Broken pipe|NCCL|HCCL", re.IGNORECASE)
 
 
@@ -525,6 +528,8 @@ class DHPStrategy(ParallelStrategy):
             pieces.append(piece_of(batch["dhp"], super().predict_step(batch, batch_idx, *args)))
         self._close_round()
         gathered = self._all_gather_objects([piece for piece in pieces if piece is not None])
+        _lightning.record_prediction_indices(self.lightning_module.trainer, list(step.request.sample_ids),
+                                             dataloader_idx=args[0] if args else 0)
         return assemble([piece for rank_pieces in gathered for piece in rank_pieces], step.request.sample_ids)
 
     def _evaluation_step(self, step: PlannedStep, user_step: Callable[..., Any], *args: Any) -> Any:
