@@ -258,13 +258,15 @@ def test_bad_sharding_input_is_the_same_clear_error_everywhere(world, scenario, 
 
 
 def test_fsdp_on_one_device_keeps_the_model_whole_and_resumes_exactly(tmp_path):
-    """sharding="fsdp" with one process trains unsharded, and its checkpoints resume like any other."""
+    """sharding="fsdp" with one process trains unsharded, and its checkpoints resume like any other, also
+    into a model built on the meta device (restored after it is materialised)."""
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}")
     _trainer(1, DHPStrategy(64, sharding="fsdp"), 2, callbacks=[checkpoints],
              enable_checkpointing=True).fit(LMTask(), datamodule=_data())
-    task = LMTask()
-    _trainer(1, DHPStrategy(64, sharding="fsdp"), STEPS).fit(task, datamodule=_data(),
-                                                             ckpt_path=f"{tmp_path}/step=2.ckpt")
+    trainer = _trainer(1, DHPStrategy(64, sharding="fsdp"), STEPS)
+    with trainer.init_module(empty_init=True):
+        task = LMTask()
+    trainer.fit(task, datamodule=_data(), ckpt_path=f"{tmp_path}/step=2.ckpt")
     _assert_params_close(task.model.state_dict(), reference_training(LENGTHS, BATCHES, STEPS))
 
 

@@ -167,6 +167,7 @@ class DHPStrategy(ParallelStrategy):
         self._gradients: GradientSync | ShardedGradientSync | None = None
         self._device_mesh: DeviceMesh | None = None
         self._skipping = False  # every rank returned None: the step trains nothing
+        self._restore_after_setup: bool | None = None  # see restore_checkpoint_after_setup
         self._logged = LoggedShares()
 
     # -- environment -------------------------------------------------------------------------------
@@ -371,7 +372,12 @@ class DHPStrategy(ParallelStrategy):
     @property
     @override
     def restore_checkpoint_after_setup(self) -> bool:
-        return self._sharded  # load into the sharded model
+        """After setup for a sharded model (loaded into its shards) or one built on the meta device (loading
+        into meta tensors does nothing). Lightning asks before and after setup: the first answer holds until
+        the run's teardown."""
+        if self._restore_after_setup is None:
+            self._restore_after_setup = self._sharded or has_meta_tensors(self.lightning_module)
+        return self._restore_after_setup
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -429,6 +435,7 @@ class DHPStrategy(ParallelStrategy):
             self._gradients.close()
         self._scopes.close()
         self.pool.clear()
+        self._restore_after_setup = None
         if self.lightning_module is not None and has_meta_tensors(self.lightning_module):
             # setup refused the model before materialising it: Lightning's teardown moves it to the CPU,
             # which meta tensors cannot do (and would hide the error)
