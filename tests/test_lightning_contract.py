@@ -177,18 +177,18 @@ def _scenarios(rank: int, world_size: int) -> dict:
     accuracy = AccuracyTask()
     reports["val_accuracy"] = _trainer(world_size, DHPStrategy(tokens)).validate(
         accuracy, datamodule=_data(), verbose=False)[0]["val_accuracy"]
-    reports["predict"] = _trainer(world_size, DHPStrategy(tokens)).predict(LMTask(), datamodule=_data())
     writer = RecordingWriter()
-    _trainer(world_size, DHPStrategy(tokens), callbacks=[writer]).predict(LMTask(), datamodule=_data(),
-                                                                          return_predictions=False)
+    reports["predict"] = _trainer(world_size, DHPStrategy(tokens), callbacks=[writer]).predict(LMTask(),
+                                                                                               datamodule=_data())
     reports["prediction_writer"] = {"batches": writer.batches, "epoch": writer.epoch}
     # a profiled cost model: every rank must plan with rank 0's, or the plans would differ
     reports["workers_and_scheduler"] = fit(LMTask(lr_gamma=0.5), num_workers=1, cost_model="profile")[1]
     reports["manual"] = fit(ManualTask())[1]
     reports["built_on_meta"] = fit(BuiltOnMeta())[1]
-    counters.clear()
-    reports["compiled"] = {**fit(CompiledTask())[1], "graphs": counters["stats"]["unique_graphs"],
-                           "graph_breaks": list(counters["graph_break"])}
+    if world_size == 2:  # Dynamo's part does not depend on the world size: one world keeps the suite short
+        counters.clear()
+        reports["compiled"] = {**fit(CompiledTask())[1], "graphs": counters["stats"]["unique_graphs"],
+                               "graph_breaks": list(counters["graph_break"])}
     mixed = MixedPrecisionTask()
     reports["bf16_mixed"] = {**fit(mixed, precision="bf16-mixed")[1], "autocast": mixed.steps_under_bf16_autocast}
     reports["manual_textbook"] = error_of(lambda: fit(ManualTask(textbook=True)))
@@ -336,7 +336,9 @@ def test_a_replicated_model_built_on_the_meta_device_trains_exactly(world):
 
 
 def test_a_compiled_block_is_exact_and_breaks_its_graph_only_at_cp_attention(world):
-    _, reports = world
+    world_size, reports = world
+    if world_size != 2:
+        pytest.skip("runs in the 2-process world")
     expected = reference_training(LENGTHS, BATCHES, STEPS)
     for report in reports:
         compiled = report["compiled"]
