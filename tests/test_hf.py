@@ -14,7 +14,6 @@ import tempfile
 
 import pytest
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -36,6 +35,7 @@ from tests.test_strategy import (
     _assert_params_close,
     _trainer,
     error_of,
+    load_weights_from_rank_zero,
     same_error_on_every_rank,
 )
 from tests.tiny_lm import TokenDataset
@@ -71,9 +71,7 @@ class PretrainedOnRankZero(HFModule):
     buffers no checkpoint holds: materialisation has to recompute them."""
 
     def on_fit_start(self) -> None:
-        weights = {f"model.{name}": value for name, value in hf_models.llama().state_dict().items()}
-        set_model_state_dict(self, weights if self.global_rank == 0 else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        load_weights_from_rank_zero(self, lambda: hf_models.llama().state_dict())
 
 
 def _vl_lengths(items: list[dict]) -> list[int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from lightning_dhp import DHPStrategy
 from lightning_dhp.data.video_digits import VideoDigits
@@ -28,8 +28,9 @@ from tests.test_strategy import (
     _assert_params_close,
     _data,
     _trainer,
-    assert_bf16_mixed_params_close,
+    assert_bf16_mixed_runs_match_single_device,
     error_of,
+    load_weights_from_rank_zero,
     plan_report,
     same_error_on_every_rank,
 )
@@ -106,9 +107,7 @@ class PretrainedLM(LMTask):
     sharded and materialised the model, and they reach every rank's shards."""
 
     def on_fit_start(self) -> None:
-        weights = {f"model.{name}": value for name, value in LMTask().model.state_dict().items()}
-        set_model_state_dict(self, weights if self.global_rank == 0 else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        load_weights_from_rank_zero(self, lambda: LMTask().model.state_dict())
 
 
 class NoReset(torch.nn.Module):
@@ -154,11 +153,7 @@ def test_sharded_training_equals_single_device_training(world):
 
 def test_sharded_bf16_mixed_training_matches_single_device_bf16_mixed(world):
     _, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS, precision="bf16-mixed")
-    initial = reference_training(LENGTHS, BATCHES, 0, precision="bf16-mixed")
-    for report in reports:
-        assert report["bf16_mixed"]["autocast"] and all(report["bf16_mixed"]["autocast"])
-        assert_bf16_mixed_params_close(report["bf16_mixed"]["params"], expected, initial)
+    assert_bf16_mixed_runs_match_single_device([report["bf16_mixed"] for report in reports])
 
 
 def test_a_model_built_on_the_meta_device_is_only_ever_allocated_in_shards_and_trains_exactly(world):

@@ -10,11 +10,14 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Trainer
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from lightning_dhp import DHPStrategy
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPlanReport
@@ -83,16 +86,29 @@ def _assert_params_close(params: dict, expected: dict) -> None:
         torch.testing.assert_close(params[name], value, rtol=1e-9, atol=1e-12, msg=f"parameter {name}")
 
 
-def assert_bf16_mixed_params_close(params: dict, expected: dict, initial: dict) -> None:
-    """bf16-mixed training against its single-device reference: bf16 rounds differently once samples are
-    packed, split over ranks or sharded, so each parameter may differ by a small share of its update
-    (measured: at most 0.7%, as much as bf16-mixed differs from float32 training; losing the shortest
-    sample of every batch, or a learning rate 10% off, moves every parameter by 7% or more)."""
-    for name, value in expected.items():
-        update = float((value - initial[name]).norm())
-        difference = float((params[name] - value).norm())
-        assert params[name].dtype == value.dtype, f"parameter {name}: {params[name].dtype}, expected {value.dtype}"
-        assert difference <= 0.02 * update, f"parameter {name}: off by {difference / update:.1%} of its update"
+def assert_bf16_mixed_runs_match_single_device(runs: list[dict]) -> None:
+    """Every run (``params`` after STEPS steps, ``autocast``: whether each step ran under bf16 autocast) against
+    single-device bf16-mixed training. bf16 rounds differently once samples are packed, split over ranks or
+    sharded, so each parameter may differ by a small share of its update (measured: at most 0.7%, as much as
+    bf16-mixed differs from float32 training; losing the shortest sample of every batch, or a learning rate
+    10% off, moves every parameter by 7% or more)."""
+    expected = reference_training(LENGTHS, BATCHES, STEPS, precision="bf16-mixed")
+    initial = reference_training(LENGTHS, BATCHES, 0, precision="bf16-mixed")
+    for run in runs:
+        assert run["autocast"] and all(run["autocast"])
+        params = run["params"]
+        for name, value in expected.items():
+            update = float((value - initial[name]).norm())
+            difference = float((params[name] - value).norm())
+            assert params[name].dtype == value.dtype, f"parameter {name}: {params[name].dtype}, expected {value.dtype}"
+            assert difference <= 0.02 * update, f"parameter {name}: off by {difference / update:.1%} of its update"
+
+
+def load_weights_from_rank_zero(module: torch.nn.Module, weights_of_model: Callable[[], dict]) -> None:
+    """Load the state dict ``weights_of_model()`` builds (``module.model``'s, as from a pretrained checkpoint),
+    built and read on rank 0 only, into every rank's (sharded) ``module``."""
+    weights = {f"model.{name}": value for name, value in weights_of_model().items()} if dist.get_rank() == 0 else {}
+    set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def same_error_on_every_rank(reports: list[dict], scenario: str) -> tuple[str, str]:
