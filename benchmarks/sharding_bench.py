@@ -64,25 +64,40 @@ def _local_bytes(tensor: torch.Tensor | None) -> int:
     return local.numel() * local.element_size()
 
 
-def _train(rank: int, world_size: int, strategy_kwargs: dict[str, Any], on_meta: bool, steps: int) -> dict[str, Any]:
-    from hydra.utils import instantiate
+def _prepare(rank: int, world_size: int, model: list[str], strategy_kwargs: dict[str, Any], steps: int,
+             callbacks: list[Any]) -> tuple[Any, Any, Any]:
+    """This rank's (Trainer, the model's config, DHPDataModule) for the example's VLM configured by ``model``."""
     from lightning.pytorch import Trainer, seed_everything
 
-    from lightning_dhp import DHPDataModule, DHPPlanReport, DHPStrategy
+    from lightning_dhp import DHPDataModule, DHPStrategy
     from lightning_dhp.app.main import build_datasets
 
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-    cfg = compose_config([*MODEL, *DATA])
+    cfg = compose_config([*model, *DATA])
     seed_everything(cfg.seed, verbose=False)
     train_set, _, _ = build_datasets(cfg)
-    report = DHPPlanReport(dirpath=tempfile.mkdtemp(prefix="dhp-sharding-bench-"), log_metrics=False)
-    trainer = Trainer(accelerator="cpu", devices=world_size, max_steps=steps, logger=False, callbacks=[report],
+    trainer = Trainer(accelerator="cpu", devices=world_size, max_steps=steps, logger=False, callbacks=callbacks,
                       strategy=DHPStrategy(TOKENS_PER_DEVICE, **strategy_kwargs), enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    data = DHPDataModule(train_set, train_set.lengths.tolist(), cfg.data.global_batch_size, seed=cfg.seed)
+    return trainer, cfg.model, data
+
+
+def _build(trainer: Any, model_config: Any, on_meta: bool) -> Any:
+    """The task, built whole or (``on_meta``) on the meta device."""
+    from hydra.utils import instantiate
+
     with trainer.init_module(empty_init=on_meta):
-        task = instantiate(cfg.model, _convert_="all")
-    trainer.fit(task, datamodule=DHPDataModule(train_set, train_set.lengths.tolist(), cfg.data.global_batch_size,
-                                                seed=cfg.seed))
+        return instantiate(model_config, _convert_="all")
+
+
+def _train(rank: int, world_size: int, strategy_kwargs: dict[str, Any], on_meta: bool, steps: int) -> dict[str, Any]:
+    from lightning_dhp import DHPPlanReport
+
+    report = DHPPlanReport(dirpath=tempfile.mkdtemp(prefix="dhp-sharding-bench-"), log_metrics=False)
+    trainer, model_config, data = _prepare(rank, world_size, MODEL, strategy_kwargs, steps, [report])
+    task = _build(trainer, model_config, on_meta)
+    trainer.fit(task, datamodule=data)
     params = list(task.parameters())
     optimizer_state = [value for state in trainer.optimizers[0].state.values() for value in state.values()
                        if isinstance(value, torch.Tensor)]
@@ -99,27 +114,17 @@ class _StopBeforeTraining(Exception):
 
 
 def _init_memory(rank: int, world_size: int, on_meta: bool) -> dict[str, float]:
-    from hydra.utils import instantiate
     from lightning.pytorch import Callback, Trainer
-
-    from lightning_dhp import DHPDataModule, DHPStrategy
-    from lightning_dhp.app.main import build_datasets
 
     class Stop(Callback):
         def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
             raise _StopBeforeTraining
 
-    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-    cfg = compose_config([*INIT_MODEL, *DATA])
-    train_set, _, _ = build_datasets(cfg)
-    trainer = Trainer(accelerator="cpu", devices=world_size, max_steps=1, logger=False, callbacks=[Stop()],
-                      strategy=DHPStrategy(TOKENS_PER_DEVICE, **FSDP), enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer, model_config, data = _prepare(rank, world_size, INIT_MODEL, FSDP, 1, [Stop()])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with trainer.init_module(empty_init=on_meta):
-        task = instantiate(cfg.model, _convert_="all")
+    task = _build(trainer, model_config, on_meta)
     with contextlib.suppress(_StopBeforeTraining):
-        trainer.fit(task, datamodule=DHPDataModule(train_set, train_set.lengths.tolist(), cfg.data.global_batch_size))
+        trainer.fit(task, datamodule=data)
     return {"model_gb": sum(p.numel() * p.element_size() for p in task.parameters()) / 1e9,
             "shard_gb": sum(_local_bytes(p) for p in task.parameters()) / 1e9,
             "peak_rss_growth_gb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 1e9}
