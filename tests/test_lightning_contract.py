@@ -185,10 +185,9 @@ def _scenarios(rank: int, world_size: int) -> dict:
     reports["workers_and_scheduler"] = fit(LMTask(lr_gamma=0.5), num_workers=1, cost_model="profile")[1]
     reports["manual"] = fit(ManualTask())[1]
     reports["built_on_meta"] = fit(BuiltOnMeta())[1]
-    if world_size == 2:  # Dynamo's part does not depend on the world size: one world keeps the suite short
-        counters.clear()
-        reports["compiled"] = {**fit(CompiledTask())[1], "graphs": counters["stats"]["unique_graphs"],
-                               "graph_breaks": list(counters["graph_break"])}
+    counters.clear()
+    reports["compiled"] = {**fit(CompiledTask())[1], "graphs": counters["stats"]["unique_graphs"],
+                           "graph_breaks": list(counters["graph_break"])}
     mixed = MixedPrecisionTask()
     reports["bf16_mixed"] = {**fit(mixed, precision="bf16-mixed")[1], "autocast": mixed.steps_under_bf16_autocast}
     reports["manual_textbook"] = error_of(lambda: fit(ManualTask(textbook=True)))
@@ -332,9 +331,7 @@ def test_a_replicated_model_built_on_the_meta_device_trains_exactly(world):
 
 
 def test_a_compiled_block_is_exact_and_breaks_its_graph_only_at_cp_attention(world):
-    world_size, reports = world
-    if world_size != 2:
-        pytest.skip("runs in the 2-process world")
+    _, reports = world
     expected = reference_training(LENGTHS, BATCHES, STEPS)
     for report in reports:
         compiled = report["compiled"]
