@@ -7,6 +7,8 @@ which uses neither the planner, nor packing, nor ``cp_attention``.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,9 +40,12 @@ from tests.tiny_lm import (
     MixedPrecisionTask,
     TinyLM,
     TokenDataset,
+    TwoBackwardsTask,
+    TwoOptimizerTask,
     dense_causal_attention,
     reference_mean_loss,
     reference_training,
+    reference_two_optimizers,
 )
 
 # On 2+ processes the longest sample (37 tokens) needs CP degree 2; batches need several rounds everywhere.
@@ -128,6 +133,20 @@ class RecordingWriter(BasePredictionWriter):
                                                                                   strict=True)]
 
 
+class PerRankBatchSizeTask(LMTask):
+    """Logs with ``batch_size`` = the samples of this rank's group and ``sync_dist=True``, as a Lightning user
+    weighting epoch means would; under DHP the weight of a logged share is the global batch size."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, sync_dist=True,
+                 batch_size=len(batch["dhp"].sample_indices))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val_loss", self.loss(batch), sync_dist=True, batch_size=len(batch["dhp"].sample_indices))
+
+
 class AccuracyTask(LMTask):
     """Logs token accuracy with ``global_share``, as a user logs any mean over the global batch."""
 
@@ -145,7 +164,8 @@ def _data(num_workers: int = 0) -> DHPDataModule:
 
 
 def _params(task: LMTask) -> dict:
-    return {name: value.detach().clone() for name, value in task.model.state_dict().items()}
+    """The task's parameters, named without the ``model.`` prefix (as ``reference_training`` names them)."""
+    return {name.removeprefix("model."): value.detach().clone() for name, value in task.state_dict().items()}
 
 
 def _scenarios(rank: int, world_size: int) -> dict:
@@ -184,6 +204,18 @@ def _scenarios(rank: int, world_size: int) -> dict:
     # a profiled cost model: every rank must plan with rank 0's, or the plans would differ
     reports["workers_and_scheduler"] = fit(LMTask(lr_gamma=0.5), num_workers=1, cost_model="profile")[1]
     reports["manual"] = fit(ManualTask())[1]
+    # Lightning counts every optimizer's steps: 2 * STEPS optimizer steps train STEPS global batches
+    reports["two_optimizers"] = fit(TwoOptimizerTask(), steps=2 * STEPS)[1]
+    reports["two_optimizers_in_turn"] = fit(TwoOptimizerTask(in_turn=True), steps=2 * STEPS)[1]
+    reports["two_backwards"] = fit(TwoBackwardsTask())[1]
+    batch_sized = PerRankBatchSizeTask()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = fit(batch_sized)
+        reports["per_rank_batch_size"] = {
+            "train_loss_epoch": float(trainer.callback_metrics["train_loss_epoch"]),
+            "val_loss": trainer.validate(batch_sized, datamodule=_data(), verbose=False)[0]["val_loss"]}
+    reports["per_rank_batch_size"]["warnings"] = [str(w.message) for w in caught if "batch_size" in str(w.message)]
     reports["built_on_meta"] = fit(BuiltOnMeta())[1]
     counters.clear()
     reports["compiled"] = {**fit(CompiledTask())[1], "graphs": counters["stats"]["unique_graphs"],
@@ -318,6 +350,43 @@ def test_manual_optimization_with_the_documented_pattern_is_exact(world):
         assert report["manual"]["global_step"] == STEPS
 
 
+@pytest.mark.parametrize("scenario", ["two_optimizers", "two_optimizers_in_turn"])
+def test_two_optimizers_each_backwarded_every_round_are_exact(world, scenario):
+    """Lightning's two-optimizer pattern: a backward per optimizer in every round, steps in the last round."""
+    world_size, reports = world
+    expected = reference_two_optimizers(LENGTHS, BATCHES, STEPS)
+    for report in reports:
+        _assert_params_close(report[scenario]["params"], expected)
+        assert report[scenario]["global_step"] == 2 * STEPS
+    assert reports[0][scenario]["rounds"] > 1
+    if world_size > 1:
+        assert reports[0][scenario]["degree"] > 1
+
+
+def test_several_backward_calls_in_a_round_add_up_exactly(world):
+    _, reports = world
+    expected = reference_training(LENGTHS, BATCHES, STEPS)
+    for report in reports:
+        _assert_params_close(report["two_backwards"]["params"], expected)
+
+
+def test_a_per_rank_batch_size_in_self_log_is_ignored_with_one_warning_and_values_stay_global(world):
+    _, reports = world
+    losses: list[float] = []
+    trained = reference_training(LENGTHS, BATCHES, STEPS, losses=losses)
+    epoch_mean = sum(loss * len(batch) for loss, batch in zip(losses, BATCHES, strict=False)) / sum(
+        len(batch) for batch in BATCHES[:STEPS])
+    validation = reference_mean_loss(trained, LENGTHS, DHPBatchSampler(LENGTHS, GLOBAL_BATCH, shuffle=False).batches(),
+                                     seed=1)
+    for rank, report in enumerate(reports):
+        logged = report["per_rank_batch_size"]
+        assert logged["train_loss_epoch"] == pytest.approx(epoch_mean, rel=1e-9)
+        assert logged["val_loss"] == pytest.approx(validation, rel=1e-9)
+        if rank == 0:  # Lightning's rank-zero warning: once per run and logged name
+            assert len(logged["warnings"]) == 2, logged["warnings"]
+            assert all("global batch size" in message for message in logged["warnings"])
+
+
 def test_bf16_mixed_training_runs_under_autocast_and_matches_single_device_bf16_mixed(world):
     _, reports = world
     assert_bf16_mixed_runs_match_single_device([report["bf16_mixed"] for report in reports])
@@ -395,7 +464,8 @@ def test_field_kinds_are_declared_never_guessed_from_shapes():
     items = [{"input_ids": torch.arange(8), "per_sample": torch.ones(8), "flags": torch.arange(8) % 2}
              for _ in range(3)]
     layout = ZigzagLayout([8, 8, 8], 2, 1)
-    batch = DHPPacking(token_fields={"flags"}).collate_group(items, layout)
+    with pytest.warns(UserWarning, match="'per_sample' has one row per token"):  # shaped like tokens: named
+        batch = DHPPacking(token_fields={"flags"}).collate_group(items, layout)
     assert isinstance(batch["per_sample"], list) and len(batch["per_sample"]) == 3
     assert torch.equal(batch["flags"], layout.shard(torch.cat([item["flags"] for item in items])))
     assert torch.equal(batch["input_ids"], layout.shard(torch.arange(8).repeat(3)))
@@ -445,3 +515,25 @@ def test_a_profiled_cost_model_times_the_users_own_step():
     _trainer(1, strategy, steps=1).fit(LMTask(), datamodule=_data())
     assert isinstance(strategy.cost_model, CostModel)
     assert strategy.cost_model != CostModel.default()
+
+
+def test_an_undeclared_per_token_field_is_named_in_one_warning():
+    from lightning_dhp.attention import ZigzagLayout
+
+    items = [{"input_ids": torch.arange(n), "token_weights": torch.ones(n), "caption_ids": torch.arange(3)}
+             for n in (5, 7)]
+    layout = ZigzagLayout([5, 7], 1, 0)
+    with pytest.warns(UserWarning, match=r"'token_weights' has one row per token.*token_fields=\['token_weights'\]"):
+        batch = DHPPacking().collate_group(items, layout)
+    assert isinstance(batch["token_weights"], list)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per field; a per-sample field of another length never warns
+        DHPPacking().collate_group(items, layout)
+        DHPPacking(token_fields=["token_weights"]).collate_group(items, layout)
+
+
+def test_a_removed_strategy_attribute_names_its_replacement():
+    strategy = DHPStrategy()
+    with pytest.raises(AttributeError, match=r"plan_history was removed.*DHPPlanReport.*history"):
+        strategy.plan_history  # noqa: B018
+    assert not hasattr(strategy, "no_such_attribute")

@@ -34,7 +34,16 @@ from tests.test_strategy import (
     plan_report,
     same_error_on_every_rank,
 )
-from tests.tiny_lm import HIDDEN, Block, LMTask, MixedPrecisionTask, reference_training
+from tests.tiny_lm import (
+    HIDDEN,
+    Block,
+    LMTask,
+    MixedPrecisionTask,
+    TwoBackwardsTask,
+    TwoOptimizerTask,
+    reference_training,
+    reference_two_optimizers,
+)
 
 WORLD_SIZES = (2, 3)
 
@@ -60,6 +69,9 @@ def _scenarios(rank: int, world_size: int, directory: str) -> dict:
                          "idle": sum(plan.stats()["idle_device_rounds"] for plan in plan_list)}
 
     reports["blocks"] = fit(LMTask(), fsdp_modules={Block})[1]
+    # Lightning counts every optimizer's steps: 2 * STEPS optimizer steps train STEPS global batches
+    reports["two_optimizers"] = fit(TwoOptimizerTask(in_turn=True), steps=2 * STEPS, fsdp_modules={Block})[1]
+    reports["two_backwards"] = fit(TwoBackwardsTask(), fsdp_modules={Block})[1]
     mixed = MixedPrecisionTask()
     reports["bf16_mixed"] = {**fit(mixed, fsdp_modules={Block}, trainer_kwargs={"precision": "bf16-mixed"})[1],
                              "autocast": mixed.steps_under_bf16_autocast}
@@ -149,6 +161,16 @@ def test_sharded_training_equals_single_device_training(world):
     assert reports[0]["blocks"]["rounds"] > 1 and reports[0]["blocks"]["degree"] > 1
     if world_size == 3:
         assert reports[0]["blocks"]["degree"] == 2, "degree 2 on 3 ranks: some rank is idle or alone"
+
+
+def test_sharded_manual_optimization_with_two_optimizers_or_two_backwards_per_round_is_exact(world):
+    _, reports = world
+    two_optimizers = reference_two_optimizers(LENGTHS, BATCHES, STEPS)
+    one_optimizer = reference_training(LENGTHS, BATCHES, STEPS)
+    for report in reports:
+        _assert_params_close(report["two_optimizers"]["params"], two_optimizers)
+        _assert_params_close(report["two_backwards"]["params"], one_optimizer)
+    assert reports[0]["two_optimizers"]["rounds"] > 1 and reports[0]["two_optimizers"]["degree"] > 1
 
 
 def test_sharded_bf16_mixed_training_matches_single_device_bf16_mixed(world):

@@ -140,6 +140,61 @@ class LMTask(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class TwoOptimizerTask(LMTask):
+    """Lightning's two-optimizer pattern under DHP (manual optimization): a critic learns the next token from
+    the LM's detached logits. In every round each optimizer's loss is computed and backwarded with that
+    optimizer toggled; in the last round both step, together (``in_turn=False``) or the LM first, before
+    the critic's backward (``in_turn=True``)."""
+
+    def __init__(self, in_turn: bool = False) -> None:
+        super().__init__()
+        self.critic = nn.Linear(VOCAB, VOCAB).to(torch.float64)
+        self.automatic_optimization = False
+        self.in_turn = in_turn
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        lm_optimizer, critic_optimizer = self.optimizers()
+        last_round = batch["dhp"].is_last_round
+        with self.toggled_optimizer(lm_optimizer):
+            logits = self.model(batch["input_ids"], batch["position_ids"])
+            lm_loss = loss_share(F.cross_entropy(logits, batch["labels"], reduction="sum"), batch)
+            self.manual_backward(lm_loss)
+        if last_round and self.in_turn:
+            lm_optimizer.step()
+            lm_optimizer.zero_grad()
+        with self.toggled_optimizer(critic_optimizer):
+            critic_logits = self.critic(logits.detach())
+            critic_loss = loss_share(F.cross_entropy(critic_logits, batch["labels"], reduction="sum"), batch)
+            self.manual_backward(critic_loss)
+        if last_round:
+            for optimizer in (critic_optimizer,) if self.in_turn else (lm_optimizer, critic_optimizer):
+                optimizer.step()
+                optimizer.zero_grad()
+        return lm_loss
+
+    def configure_optimizers(self) -> Any:
+        return (torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=0.9),
+                torch.optim.SGD(self.critic.parameters(), lr=self.lr, momentum=0.9))
+
+
+class TwoBackwardsTask(LMTask):
+    """Manual optimization that backwards each round's loss in two parts (the first keeping the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers()
+        loss = self.loss(batch)
+        self.manual_backward(0.25 * loss, retain_graph=True)
+        self.manual_backward(0.75 * loss)
+        if batch["dhp"].is_last_round:
+            optimizer.step()
+            optimizer.zero_grad()
+        return loss
+
+
 class MixedPrecisionTask(LMTask):
     """float32 weights, for ``precision="bf16-mixed"``; records whether each training step ran under
     bf16 autocast (Lightning's precision plugin wraps the step in it)."""
@@ -193,3 +248,25 @@ def reference_mean_loss(params: dict, lengths: list[int], batches: list[list[int
     with torch.no_grad():
         total = sum(task.model.reference_loss([samples[i] for i in batch]).item() * len(batch) for batch in batches)
     return total / sum(len(batch) for batch in batches)
+
+
+def reference_two_optimizers(lengths: list[int], batches: list[list[int]], steps: int) -> dict:
+    """:class:`TwoOptimizerTask` in plain PyTorch on the same global batches: both losses are means over the
+    whole global batch, each backwarded on its own, then both optimizers step. Parameters named as in the task,
+    without the ``model.`` prefix."""
+    task = TwoOptimizerTask()
+    samples = TokenDataset(lengths).samples
+    lm_optimizer, critic_optimizer = task.configure_optimizers()
+    for batch in batches[:steps]:
+        tokens = [samples[i] for i in batch]
+        count = sum(len(sample) - 1 for sample in tokens)
+        logits = [task.model(sample, torch.arange(len(sample)), dense_causal_attention) for sample in tokens]
+        lm_loss = sum(F.cross_entropy(x[:-1], t[1:], reduction="sum") for x, t in zip(logits, tokens, strict=True))
+        (lm_loss / count).backward()
+        critic_loss = sum(F.cross_entropy(task.critic(x.detach())[:-1], t[1:], reduction="sum")
+                          for x, t in zip(logits, tokens, strict=True))
+        (critic_loss / count).backward()
+        for optimizer in (lm_optimizer, critic_optimizer):
+            optimizer.step()
+            optimizer.zero_grad()
+    return {name.removeprefix("model."): value.detach().clone() for name, value in task.state_dict().items()}

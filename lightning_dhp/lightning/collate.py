@@ -8,6 +8,7 @@ every other field is per-sample and arrives as a list in the group's packing ord
 from __future__ import annotations
 
 import traceback
+import warnings
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,6 +117,7 @@ class DHPPacking:
                 batch[key] = layout.shard(torch.cat([item[key] for item in items]))
             else:
                 batch[key] = [item.get(key) for item in items]
+                _warn_if_per_token(key, batch[key], items)
         batch["labels"] = layout.shard(torch.cat([shifted_labels(item) for item in items]), pad_value=IGNORE_INDEX)
         return batch
 
@@ -134,6 +136,27 @@ class DHPPacking:
                 batch[key] = []
         batch["labels"] = template["input_ids"].new_empty(0).long()
         return batch, layout
+
+
+_WARNED_UNDECLARED: set[str] = set()  # undeclared per-token fields warned about, once per process
+
+
+def _warn_if_per_token(key: str, values: list[Any], items: Sequence[dict[str, Any]]) -> None:
+    """Warn once per field when an undeclared field has one row per token in every sample of a group of
+    tokens: it arrives as a list of whole-sample tensors, which user code then tries to use as a tensor.
+    ``attention_mask`` is left alone (packing replaces it)."""
+    if key == "attention_mask" or key in _WARNED_UNDECLARED:
+        return
+    lengths = [len(item["input_ids"]) for item in items]
+    if max(lengths) > 1 and all(isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == length
+                                for value, length in zip(values, lengths, strict=True)):
+        _WARNED_UNDECLARED.add(key)
+        warnings.warn(
+            f"field {key!r} has one row per token in every sample, but it is not declared per-token, so it "
+            "arrives in the step as a list with one whole-sample tensor per sample (not sharded like input_ids). "
+            f"If it is per-token, declare it: DHPDataModule(..., token_fields=[{key!r}]) (or dhp_dataloader / "
+            "DHPPacking, or a token_fields attribute on the dataset); a per-sample field that happens to have "
+            "as many rows as its sample has tokens can stay as it is", stacklevel=2)
 
 
 def shifted_labels(item: dict[str, Any]) -> torch.Tensor:

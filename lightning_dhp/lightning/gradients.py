@@ -1,15 +1,21 @@
-"""Gradients of a DHP step: early rounds kept aside, then one sum over the world per optimizer step.
+"""Gradients of a DHP step: early rounds kept aside, then summed over the world in the last round.
 
 Every rank's loss is its share of the global mean, so the *sum* of the ranks' gradients is the
-single-device gradient of the global batch. The sum runs once, during and right after the backward of
-the last round of a global batch, before anything reads the gradients (clipping, the optimizer, user
+single-device gradient of the global batch. The sum runs during and right after each backward of the
+last round of a global batch, before anything reads the gradients (clipping, the optimizer, user
 hooks), unless Lightning is accumulating (``block_backward_sync``). In automatic optimization
 Lightning zeroes gradients between ``training_step`` and its backward, so the backward of earlier
 rounds, which the strategy runs inside ``training_step``, writes into gradients kept aside.
+
+The last round may run several backwards (manual optimization: one per optimizer, or a loss in parts):
+each sums only what it adds. A gradient an earlier backward of the round already summed is set aside
+during the next one and added back after that one's sum, so nothing is summed twice, whatever the
+optimizers stepped or zeroed in between. The common single backward pays nothing for this.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -35,8 +41,13 @@ class GradientSync:
         self.module = module
         self.group = group
         self.enabled = True  # False while Lightning accumulates gradients over global batches
-        self._aside: dict[nn.Parameter, torch.Tensor] = {}
+        self._aside: dict[nn.Parameter, torch.Tensor] = {}  # early rounds' gradients (automatic optimization)
+        self._summed: dict[nn.Parameter, weakref.ref] = {}  # gradients summed by this round's earlier backwards
+        self._summed_aside: dict[nn.Parameter, torch.Tensor] = {}  # those, set aside during this backward
         self._buckets = _buckets(self.parameters(), bucket_bytes)
+        self._positions = {p: position for position, p in enumerate(p for bucket in self._buckets for p in bucket)}
+        self._counts: list[torch.Tensor] = []  # per bucket summed: how many ranks had each parameter's gradient
+        self._zero_filled: list[nn.Parameter] = []  # parameters without a gradient here, given the sum
         self._ready: list[set[nn.Parameter]] = []
         self._in_flight: list[tuple[list[nn.Parameter], torch.Tensor, dist.Work]] = []
         self._launched = 0
@@ -68,11 +79,20 @@ class GradientSync:
             for p, grad in zip(params, outer, strict=True):
                 p.grad = grad
 
+    def new_step(self) -> None:
+        """A global batch starts: no gradient has been summed in it yet."""
+        self._summed = {}
+
     def before_backward(self, last_round: bool) -> None:
-        """Arm the bucket hooks for the last round's backward (when its sum is due)."""
+        """Arm the bucket hooks for a backward of the last round (when its sum is due), with the gradients
+        an earlier backward of the round summed already set aside."""
         self._armed = last_round and self.enabled and self.group is not None
         self._ready = [set() for _ in self._buckets]
         self._launched = 0
+        if self._armed and self._summed:
+            for p, summed in self._summed.items():
+                if p.grad is not None and p.grad is summed():
+                    self._summed_aside[p], p.grad = p.grad, None
 
     def finish_backward(self, only_if_any: bool = False) -> None:
         """After the last round's backward: reduce the buckets not started yet, wait for all, and leave
@@ -92,6 +112,7 @@ class GradientSync:
             self._launch(self._buckets[self._launched])
         while self._in_flight:
             self._complete_oldest()
+        self._drop_gradients_no_rank_had()
 
     def discard(self) -> None:
         """Forget kept-aside gradients (the step was skipped)."""
@@ -111,12 +132,12 @@ class GradientSync:
             self._launch(self._buckets[self._launched])
 
     def _launch(self, bucket: list[nn.Parameter]) -> None:
-        """Start one bucket's all-reduce: kept-aside gradients added, missing gradients as zeros."""
+        """Start one bucket's all-reduce: kept-aside gradients added, missing gradients as zeros, and one
+        count per parameter of the ranks that had a gradient for it."""
         self._merge_aside(bucket)
-        for p in bucket:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        had_gradient = [p.grad is not None for p in bucket]
+        flat = torch.cat([*(p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in bucket),
+                          torch.tensor(had_gradient, dtype=bucket[0].dtype, device=bucket[0].device)])
         self._in_flight.append((bucket, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
         self._launched += 1
         while len(self._in_flight) > _IN_FLIGHT:
@@ -127,8 +148,28 @@ class GradientSync:
         work.wait()
         offset = 0
         for p in bucket:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            summed = flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
+            earlier = self._summed_aside.pop(p, None)
+            if earlier is not None:
+                p.grad = earlier.add_(summed)
+            elif p.grad is not None:
+                p.grad.copy_(summed)
+            else:
+                p.grad = summed.clone()
+                self._zero_filled.append(p)
+            self._summed[p] = weakref.ref(p.grad)
+        self._counts.append(flat[offset:])
+
+    def _drop_gradients_no_rank_had(self) -> None:
+        """A parameter no rank differentiated keeps no gradient, as on one device (Adam leaves a parameter
+        without a gradient alone, but moves one whose gradient is zero). One host sync per backward."""
+        if self._zero_filled:
+            counts = torch.cat(self._counts).tolist()
+            for p in self._zero_filled:
+                if counts[self._positions[p]] == 0:
+                    p.grad = None
+        self._counts, self._zero_filled = [], []
 
     def _merge_aside(self, params: list[nn.Parameter]) -> None:
         for p in params:

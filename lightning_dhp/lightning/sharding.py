@@ -107,6 +107,9 @@ class ShardedGradientSync:
         for fsdp_module in self.modules:
             fsdp_module.set_requires_gradient_sync(sync, recurse=False)
 
+    def new_step(self) -> None:
+        """Nothing to track: every synced backward's reduce-scatter adds to the sharded gradients."""
+
     @contextmanager
     def early_backward(self) -> Iterator[None]:
         yield  # before_backward(last_round=False) already turned the sync off

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class _AlreadySummed:
@@ -37,6 +38,7 @@ class LoggedShares:
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
         self._options: dict[str, dict[str, Any]] = {}
+        self._warned_batch_size: set[str] = set()
 
     @contextmanager
     def capture(self, module: LightningModule) -> Iterator[None]:
@@ -54,6 +56,8 @@ class LoggedShares:
                 real_log(name, value, *args, **kwargs)
                 return
             del options["name"], options["value"]
+            if options.pop("batch_size", None) is not None:
+                self._warn_batch_size(name)
             self.add(name, value, **options)
 
         module.log = log  # an instance attribute shadows the method for this block only
@@ -70,6 +74,16 @@ class LoggedShares:
         else:
             self._sums[name] = value
             self._options[name] = options
+
+    def _warn_batch_size(self, name: str) -> None:
+        if name not in self._warned_batch_size:
+            self._warned_batch_size.add(name)
+            rank_zero_warn(
+                f"self.log({name!r}, ..., batch_size=...) inside a DHP step: the batch_size is ignored. A value "
+                "logged in a DHP step is this rank's share of the global batch; DHPStrategy sums the shares over "
+                "rounds and ranks and logs the sum once, weighted by the global batch size, so on-step and "
+                "epoch values equal single-device training on the whole global batch. Drop batch_size (and "
+                "sync_dist, which changes nothing either)")
 
     def digest(self) -> int:
         """A number equal on ranks that logged the same names with the same dtypes (in any order)."""
@@ -95,11 +109,9 @@ class LoggedShares:
                 offset += numel
 
     def publish(self, module: LightningModule, global_batch_size: int) -> None:
-        """Log every summed value once, weighted by the global batch size unless the user gave one."""
+        """Log every summed value once, weighted by the global batch size."""
         for name, value in self._sums.items():
-            options = {**self._options[name], "sync_dist": True, "sync_dist_group": ALREADY_SUMMED}
-            if options.get("batch_size") is None:
-                options["batch_size"] = global_batch_size
-            module.log(name, value, **options)
+            module.log(name, value, **{**self._options[name], "sync_dist": True, "sync_dist_group": ALREADY_SUMMED,
+                                       "batch_size": global_batch_size})
         self._sums.clear()
         self._options.clear()

@@ -72,6 +72,10 @@ warnings.filterwarnings("ignore", message="You are using a custom batch sampler 
 # The strategy hands prediction writers each step's indices itself (predict_step).
 warnings.filterwarnings("ignore",
                         message="Couldn't infer the batch indices fetched from your dataloader: `DHPDataLoader`")
+_REMOVED_ATTRIBUTES = {
+    "plan_history": "each step's plan, timings and tokens are in the DHPPlanReport callback's `history`: "
+                    "Trainer(callbacks=[DHPPlanReport()]), then report.history (lightning_dhp.lightning.DHPPlanReport)",
+}
 _PEER_FAILURE = re.compile(r"closed by peer|reset by peer|timed out|timeout|Broken pipe|NCCL|HCCL", re.IGNORECASE)
 
 
@@ -169,6 +173,12 @@ class DHPStrategy(ParallelStrategy):
         self._skipping = False  # every rank returned None: the step trains nothing
         self._restore_after_setup: bool | None = None  # see restore_checkpoint_after_setup
         self._logged = LoggedShares()
+
+    def __getattr__(self, name: str) -> Any:
+        """Only reached for a missing attribute: name the replacement of one that was removed."""
+        if name in _REMOVED_ATTRIBUTES:
+            raise AttributeError(f"DHPStrategy.{name} was removed; {_REMOVED_ATTRIBUTES[name]}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- environment -------------------------------------------------------------------------------
 
@@ -364,8 +374,10 @@ class DHPStrategy(ParallelStrategy):
                 f"DHP: a peer rank died or stalled during global batch {request.position} (epoch {request.epoch}); "
                 f"rank {self.global_rank} stopped when a collective failed or passed the timeout ({self._timeout}). "
                 "The first error is in the other ranks' logs. If no rank failed, check that every rank makes "
-                "the same collective calls in every round: under sharding='fsdp', a sharded module called on "
-                f"some ranks only (e.g. only where a rank holds images) waits forever. Original error: {message}",)
+                "the same collective calls in every round: the same number of backward calls (those of the last "
+                "round sum gradients over ranks) and, under sharding='fsdp', the same sharded-module calls (a "
+                "sharded module called on some ranks only, e.g. only where a rank holds images, waits forever). "
+                f"Original error: {message}",)
 
     # -- checkpoints (sharded models save and load full state dicts) -------------------------------
 
@@ -500,6 +512,8 @@ class DHPStrategy(ParallelStrategy):
                     assert self._gradients is not None
                     with self._gradients.early_backward():
                         self.backward(loss / module.trainer.accumulate_grad_batches, None)
+        if not automatic:  # the user's backwards ran in the step: the last round is over
+            self._close_round()
         every_rank_returned = self._finish_step(step, returned_none, strict=automatic)
         self._trained[step.request.loader_id] = step.request
         if every_rank_returned:
@@ -603,6 +617,8 @@ class DHPStrategy(ParallelStrategy):
         self._step_counts = (int(reports[:, 0].sum()), len(step.request.sample_ids) - skipped)
         if training:
             self.skipped_samples += skipped
+            assert self._gradients is not None
+            self._gradients.new_step()
         if self.is_multi_process and not self.group_free_ring:
             self._groups = self.pool.acquire_plan(group.ranks for round_ in step.plan.rounds for group in round_.groups)
 
@@ -672,7 +688,8 @@ class DHPStrategy(ParallelStrategy):
             self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
         if round_.is_last_round:
             self._gradients.finish_backward(only_if_any=self._skipping)
-            self._close_round()
+            if module.automatic_optimization:  # Lightning's one backward of the last round ends the step
+                self._close_round()
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
         return closure_loss
