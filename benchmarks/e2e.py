@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -92,23 +93,50 @@ def variants(lengths: np.ndarray, devices: int, tokens_per_device: int) -> list[
     return found
 
 
+class RunFailed(Exception):
+    """A training run that failed or did not finish in time (its processes are killed)."""
+
+
 def train(variant: Variant, base: dict[str, Any], folder: Path, tag: str, timeout_s: float) -> dict[str, Any]:
-    """One training run of ``variant`` in a fresh set of processes; rank 0's result."""
+    """One training run of ``variant`` in a fresh set of processes; rank 0's result, or :class:`RunFailed`.
+
+    The run has a session of its own, so a hung run is killed with every rank Lightning launched."""
     spec = {**base, "tokens_per_device": variant.tokens_per_device, "static_degree": variant.static_degree,
             "report_dir": str(folder / f"{tag}.report")}
     spec_path, result_path = folder / f"{tag}.spec.json", folder / f"{tag}.result.json"
     if base.get("save_params"):
         spec["params_path"] = str(folder / f"{tag}.params.pt")
     spec_path.write_text(json.dumps(spec))
-    completed = subprocess.run([sys.executable, str(WORKER), str(spec_path), str(result_path)], cwd=REPO,
-                               env=launch_environment(**RUN_ENV), capture_output=True, text=True, timeout=timeout_s)
-    if completed.returncode or not result_path.exists():
-        raise RuntimeError(f"training run {tag} ({variant.name}) failed with exit code {completed.returncode}:\n"
-                           f"{completed.stderr[-4000:]}")
+    with subprocess.Popen([sys.executable, str(WORKER), str(spec_path), str(result_path)], cwd=REPO,
+                          env=launch_environment(**RUN_ENV), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as process:
+        try:
+            _, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            _, stderr = process.communicate()
+            raise RunFailed(f"training run {tag} ({variant.name}) did not finish within {timeout_s:.0f} s and was "
+                            f"killed:\n{stderr[-4000:]}") from None
+    if process.returncode or not result_path.exists():
+        raise RunFailed(f"training run {tag} ({variant.name}) failed with exit code {process.returncode}:\n"
+                        f"{stderr[-4000:]}")
     result = json.loads(result_path.read_text())
     if "params_path" in spec:
         result["params"] = torch.load(spec["params_path"])
     return result
+
+
+def train_with_retries(variant: Variant, base: dict[str, Any], folder: Path, tag: str, timeout_s: float,
+                       retries: int, failures: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """:func:`train`, tried again up to ``retries`` times; every failure is recorded in ``failures``, and
+    ``None`` comes back when no attempt succeeded (the benchmark goes on without that run)."""
+    for attempt in range(1 + retries):
+        try:
+            return train(variant, base, folder, f"{tag}a{attempt}", timeout_s)
+        except RunFailed as failure:
+            failures.append({"run": tag, "variant": variant.name, "attempt": attempt, "reason": str(failure)})
+            print(f"  {tag} {variant.name}: attempt {attempt + 1} failed: {str(failure).splitlines()[0]}", flush=True)
+    return None
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -125,15 +153,17 @@ def rotated_order(count: int, repeat: int) -> list[int]:
     return [(repeat + offset) % count for offset in range(count)]
 
 
-def measure(found: list[Variant], base: dict[str, Any], repeats: int, folder: Path,
-            timeout_s: float) -> dict[str, list[dict[str, Any]]]:
+def measure(found: list[Variant], base: dict[str, Any], repeats: int, folder: Path, timeout_s: float,
+            retries: int, failures: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Every variant once per repeat, interleaved in rotating order; the runs of each variant (in repeat
-    order, each with its position in its repeat)."""
+    order, each with its repeat and its position in it). A run that fails every attempt is left out."""
     runs: dict[str, list[dict[str, Any]]] = {variant.name: [] for variant in found}
     for repeat in range(repeats):
         for position, index in enumerate(rotated_order(len(found), repeat)):
             variant = found[index]
-            result = train(variant, base, folder, f"r{repeat}v{index}", timeout_s)
+            result = train_with_retries(variant, base, folder, f"r{repeat}v{index}", timeout_s, retries, failures)
+            if result is None:
+                continue
             runs[variant.name].append({**result, "repeat": repeat, "position_in_repeat": position})
             print(f"  repeat {repeat + 1}/{repeats} {variant.name:<22} {result['steady']['tokens_per_s']:9.0f} "
                   f"tokens/s  final loss {result['losses'][-1]:.6f}", flush=True)
@@ -145,6 +175,8 @@ def summarise(found: list[Variant], runs: dict[str, list[dict[str, Any]]]) -> di
     rows = {}
     for variant in found:
         results = runs[variant.name]
+        if not results:
+            raise SystemExit(f"every run of {variant.name} failed; see the failures above")
         rows[variant.name] = {
             **asdict(variant),
             "tokens_per_s": spread([result["steady"]["tokens_per_s"] for result in results]),
@@ -156,7 +188,8 @@ def summarise(found: list[Variant], runs: dict[str, list[dict[str, Any]]]) -> di
         }
     static = [variant.name for variant in found if variant.static_degree is not None and variant.within_budget]
     best = max(static, key=lambda name: rows[name]["tokens_per_s"]["median"])
-    pairs = list(zip(runs["DHP"], runs[best], strict=True))
+    best_by_repeat = {run["repeat"]: run for run in runs[best]}
+    pairs = [(dhp, best_by_repeat[dhp["repeat"]]) for dhp in runs["DHP"] if dhp["repeat"] in best_by_repeat]
     steady = [dhp["steady"]["tokens_per_s"] / other["steady"]["tokens_per_s"] for dhp, other in pairs]
     whole_run = [other["fit_s"] / dhp["fit_s"] for dhp, other in pairs]  # same steps: time ratio = speedup
     losses = [run["losses"] for results in runs.values() for run in results]
@@ -167,17 +200,22 @@ def summarise(found: list[Variant], runs: dict[str, list[dict[str, Any]]]) -> di
                 "median"], "float32_loss_max_relative_difference": step_agreement}
 
 
-def exactness_check(found: list[Variant], base: dict[str, Any], folder: Path, timeout_s: float) -> dict[str, Any]:
+def exactness_check(found: list[Variant], base: dict[str, Any], folder: Path, timeout_s: float, retries: int,
+                    failures: list[dict[str, Any]]) -> dict[str, Any]:
     """Every variant once in float64: final parameters agree to ~1e-9 relative, the logged loss to float32."""
-    results = [train(variant, base, folder, f"check{index}", timeout_s) for index, variant in enumerate(found)]
-    reference = results[0]["params"]
+    attempted = [(variant, train_with_retries(variant, base, folder, f"check{index}", timeout_s, retries, failures))
+                 for index, variant in enumerate(found)]
+    done = [(variant, result) for variant, result in attempted if result is not None]
+    if len(done) < 2:
+        return {"steps": base["steps"], "failed": "fewer than two float64 runs finished"}
+    reference = done[0][1]["params"]
     scale = float(reference.abs().max())
     return {
         "steps": base["steps"],
-        "final_losses": {variant.name: result["losses"][-1] for variant, result in zip(found, results, strict=True)},
-        "loss_max_relative_difference": relative_difference([result["losses"][-1] for result in results]),
+        "final_losses": {variant.name: result["losses"][-1] for variant, result in done},
+        "loss_max_relative_difference": relative_difference([result["losses"][-1] for _, result in done]),
         "params_max_relative_difference": max(float((result["params"] - reference).abs().max()) / scale
-                                              for result in results),
+                                              for _, result in done),
     }
 
 
@@ -223,10 +261,16 @@ def format_report(result: dict[str, Any]) -> str:
         f"{summary['float32_loss_max_relative_difference']:.1e}",
     ]
     check = result.get("float64_check")
-    if check:
+    if check and "failed" in check:
+        lines.append(f"Exactness (float64): not checked, {check['failed']}")
+    elif check:
         lines.append(f"Exactness (float64, {check['steps']} steps, every variant): final parameters max relative "
                      f"difference {check['params_max_relative_difference']:.1e}; final loss "
                      f"{check['loss_max_relative_difference']:.1e} (dhp/loss is logged in float32)")
+    if result["failures"]:
+        failed = ", ".join(f"{failure['run']} ({failure['variant']})" for failure in result["failures"])
+        lines.append(f"Failed attempts (each retried up to {setting['retries']} times; a run whose attempts all "
+                     f"failed is left out): {failed}")
     return "\n".join(lines)
 
 
@@ -246,6 +290,7 @@ def main() -> None:
     parser.add_argument("--check-steps", type=int, help="steps of the float64 exactness runs (default 3; 0 or "
                                                         "quick: none)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds one training run may take")
+    parser.add_argument("--retries", type=int, default=1, help="attempts after a failed or hung run")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of lightning_dhp/conf/vlm_finetune.yaml")
     args = parser.parse_args()
     quick = args.quick
@@ -266,6 +311,7 @@ def main() -> None:
     command = " ".join(["python", "benchmarks/e2e.py", *sys.argv[1:]])
     setting = {
         "command": command, "devices": devices, "steps": steps, "warmup_steps": warmup, "repeats": repeats,
+        "retries": args.retries,
         "distribution": args.distribution, "overrides": overrides, "tokens_per_device": tokens_per_device,
         "cost_model": args.cost_model or "default",
         "global_batch_size": int(cfg.data.global_batch_size), "length_rule": length_rule(cfg, args.distribution),
@@ -278,13 +324,14 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dhp_e2e_") as folder:
         result: dict[str, Any] = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                                  "machine": machine_description(), "setting": setting}
-        runs = measure(found, base, repeats, Path(folder), args.timeout)
+                                  "machine": machine_description(), "setting": setting, "failures": []}
+        runs = measure(found, base, repeats, Path(folder), args.timeout, args.retries, result["failures"])
         result["summary"] = summarise(found, runs)
         if check_steps:
             check_base = {**base, "overrides": [*overrides, *CHECK_OVERRIDES], "steps": check_steps,
                           "warmup_steps": 0, "precision": "64-true", "save_params": True}
-            result["float64_check"] = exactness_check(found, check_base, Path(folder), args.timeout)
+            result["float64_check"] = exactness_check(found, check_base, Path(folder), args.timeout, args.retries,
+                                                      result["failures"])
     result["runs"] = runs
     result["load_average_after"] = os.getloadavg()[0]
     result["wall_s"] = time.perf_counter() - started

@@ -27,3 +27,8 @@ class PlanError(DHPError, ValueError):
 
 class DHPRankMismatchError(DHPError, RuntimeError):
     """Ranks disagree about a step: its plan, what their steps returned, or what they logged."""
+
+
+class DHPLoaderError(DHPError, RuntimeError):
+    """A rank's DataLoader worker stalled past ``data_wait_timeout`` or died; raised on every rank, naming
+    the rank, the worker, its state and its Python stack."""

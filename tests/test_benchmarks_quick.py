@@ -61,10 +61,39 @@ def test_e2e_bench_quick(tmp_path):
     assert results["summary"]["float32_loss_max_relative_difference"] < 1e-5
 
 
-def test_e2e_bench_rotates_which_variant_runs_first():
+def _e2e_module():
     spec = importlib.util.spec_from_file_location("e2e_bench", REPO / "benchmarks" / "e2e.py")
     e2e = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = e2e  # its dataclasses look their module up there
     spec.loader.exec_module(e2e)
+    return e2e
+
+
+def test_e2e_bench_rotates_which_variant_runs_first():
+    e2e = _e2e_module()
     orders = [e2e.rotated_order(3, repeat) for repeat in range(4)]
     assert orders == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
+
+
+def test_loader_stress_quick(tmp_path):
+    """The stress harness runs and DHP's loaders start their workers; hangs are too rare to count here
+    (about 1 in 200 fits on the fork start method): the figures come from the full run."""
+    output = tmp_path / "stress.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "loader_stress.py"), "--quick", "--context",
+                             "dhp", "--json", str(output)], check=True, cwd=REPO, timeout=240, capture_output=True,
+                            text=True)
+    assert "| loader start method | fits | hung /100 fits |" in result.stdout
+    dhp = json.loads(output.read_text())["results"]["dhp"]
+    assert (dhp["fits"], dhp["hung"], dhp["failed"]) == (2, 0, 0), dhp["errors"]
+    assert len(dhp["first_batch_s"]) == 2 and all(seconds > 0 for seconds in dhp["first_batch_s"])
+
+
+def test_a_hung_e2e_run_is_killed_retried_and_reported(tmp_path):
+    e2e = _e2e_module()
+    failures: list[dict] = []
+    base = {"overrides": list(e2e.QUICK_OVERRIDES), "devices": 2, "steps": 2, "warmup_steps": 0,
+            "precision": "32-true", "cost_model": None}
+    variant = e2e.Variant("DHP", 4096, None, True)
+    assert e2e.train_with_retries(variant, base, tmp_path, "r0v0", timeout_s=1.0, retries=1, failures=failures) is None
+    assert [(failure["run"], failure["attempt"]) for failure in failures] == [("r0v0", 0), ("r0v0", 1)]
+    assert all("did not finish within 1 s and was killed" in failure["reason"] for failure in failures)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from lightning_dhp.errors import DHPConfigError
 from lightning_dhp.lightning.collate import DHPPacking, ItemTransform
 from lightning_dhp.lightning.sampler import DHPBatchSampler, check_one_length_per_item, checked_lengths
+from lightning_dhp.lightning.workers import start_worker_server
 
 
 def dhp_dataloader(dataset: Any, lengths: Sequence[int], global_batch_size: int, *, shuffle: bool = True,
@@ -64,6 +65,10 @@ class DHPDataModule(LightningDataModule):
         for dataset, stage_lengths in self.datasets.values():  # bad lengths fail here, not when training starts
             check_one_length_per_item(dataset, stage_lengths)
             checked_lengths(stage_lengths)
+
+    def setup(self, stage: str) -> None:
+        if self.num_workers > 0:  # Lightning sets up the data before the model: the workers' server starts now
+            start_worker_server()
 
     def _loader(self, stage: str) -> Any:
         if stage not in self.datasets:

@@ -8,6 +8,7 @@ inputs, so every rank holds the whole plan without any communication.
 
 from __future__ import annotations
 
+import pickle
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -18,10 +19,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_dhp.attention import ZigzagLayout
-from lightning_dhp.errors import DHPDataError, PlanError
+from lightning_dhp.errors import DHPConfigError, DHPDataError, PlanError
 from lightning_dhp.lightning.batch import DHPBatchInfo
 from lightning_dhp.lightning.collate import DHPPacking, count_loss_tokens
 from lightning_dhp.lightning.sampler import DHPBatchSampler, check_one_length_per_item
+from lightning_dhp.lightning.workers import POLL_S, WatchedIterator, WorkerInit, default_context, new_stack_dir
 from lightning_dhp.planner import CostModel, Plan, plan_batch, static_plan
 
 
@@ -60,9 +62,9 @@ class PlannedStep:
     round at a time to the device so that only one round's tensors are alive there.
     """
 
-    def __init__(self, request: StepRequest, plan: Plan, rounds: list[dict[str, Any]],
+    def __init__(self, request: StepRequest, plan: Plan | None, rounds: list[dict[str, Any]],
                  leader_loss_tokens: int, leader_skipped: int, error: str | None,
-                 planner_seconds: float) -> None:
+                 planner_seconds: float, loader_failure: str | None = None) -> None:
         self.request = request
         self.plan = plan
         self.rounds = rounds
@@ -70,10 +72,20 @@ class PlannedStep:
         self.leader_skipped = leader_skipped  # bad samples dropped from those groups (skip_bad_samples=True)
         self.error = error  # a bad sample in this rank's groups; raised on every rank by the strategy
         self.planner_seconds = planner_seconds
+        self.loader_failure = loader_failure  # this rank's loader worker stalled or died: no plan, no rounds
+
+    @classmethod
+    def failed(cls, request: StepRequest | None, loader_failure: str) -> PlannedStep:
+        """The step handed over in place of a batch that never came; the strategy raises it on every rank."""
+        return cls(request or StepRequest("", -1, -1, ()), None, [], 0, 0, None, 0.0, loader_failure)
+
+    @property
+    def failed_to_load(self) -> bool:
+        return self.error is not None or self.loader_failure is not None
 
     @property
     def num_tokens(self) -> int:
-        return sum(self.plan.lengths)
+        return sum(self.plan.lengths) if self.plan is not None else 0
 
 
 class PlannedDataset(Dataset):
@@ -152,6 +164,11 @@ class StepRequests(Sampler[StepRequest]):
     def __init__(self, batch_sampler: DHPBatchSampler, loader_id: str) -> None:
         self.batch_sampler = batch_sampler
         self.loader_id = loader_id
+        self.issued: list[StepRequest] = []  # this iteration's requests so far, in order
+
+    def issued_request(self, index: int) -> StepRequest | None:
+        """The ``index``-th request of the current iteration, if it was issued."""
+        return self.issued[index] if index < len(self.issued) else None
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -160,9 +177,11 @@ class StepRequests(Sampler[StepRequest]):
         self.batch_sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[StepRequest]:
+        self.issued = []
         start = self.batch_sampler.resume_position
         for offset, batch in enumerate(self.batch_sampler):
-            yield StepRequest(self.loader_id, self.batch_sampler.epoch, start + offset, tuple(batch))
+            self.issued.append(StepRequest(self.loader_id, self.batch_sampler.epoch, start + offset, tuple(batch)))
+            yield self.issued[-1]
 
 
 def _unbatched(step: PlannedStep) -> PlannedStep:
@@ -183,10 +202,16 @@ class DHPDataLoader(DataLoader):
 
     ``trained`` maps a loader id to the last request the strategy finished; the loader's state (saved
     in Lightning checkpoints) counts batches up to that one, not the ones already prefetched.
+
+    With ``num_workers > 0`` the workers are persistent and start as :mod:`.workers` describes (a
+    forkserver unless ``multiprocessing_context`` names another start method), and the wait for each batch
+    is bounded by the DataLoader's ``timeout`` if set, else ``data_wait_timeout`` (``None``: unbounded): a
+    batch that does not come, or a worker that died, becomes a failed step that the strategy raises on
+    every rank.
     """
 
     def __init__(self, dataset: Any, batch_sampler: DHPBatchSampler, config: PlanConfig, packing: DHPPacking,
-                 trained: dict[str, StepRequest], **loader_kwargs: Any):
+                 trained: dict[str, StepRequest], *, data_wait_timeout: float | None = None, **loader_kwargs: Any):
         check_one_length_per_item(dataset, batch_sampler.lengths)
         check_longest_sample_fits(batch_sampler.lengths, config)
         self.dhp_batch_sampler = batch_sampler
@@ -194,9 +219,35 @@ class DHPDataLoader(DataLoader):
         self.loader_id = uuid.uuid4().hex
         self._trained = trained
         self._start = (batch_sampler.epoch, batch_sampler.resume_position)
+        self._stack_dir: str | None = None
+        self._wait_s = loader_kwargs.get("timeout") or data_wait_timeout
+        if loader_kwargs.get("num_workers", 0) > 0:
+            self._stack_dir = new_stack_dir()
+            loader_kwargs.update(
+                worker_init_fn=WorkerInit(self._stack_dir, loader_kwargs.get("worker_init_fn")),
+                multiprocessing_context=loader_kwargs.get("multiprocessing_context") or default_context(),
+                persistent_workers=True, timeout=min(POLL_S, self._wait_s or POLL_S))
         super().__init__(PlannedDataset(dataset, batch_sampler.lengths, config, packing),
                          sampler=StepRequests(batch_sampler, self.loader_id),
                          batch_size=None, collate_fn=_unbatched, **loader_kwargs)
+
+    def __iter__(self) -> Iterator[PlannedStep]:
+        try:
+            iterator = super().__iter__()
+        except (pickle.PicklingError, AttributeError, TypeError) as error:
+            if "pickle" not in str(error):
+                raise
+            context = self.multiprocessing_context
+            raise DHPConfigError(
+                f"the DataLoader's workers start with {context.get_start_method()!r}, which sends them the dataset, "
+                f"item_transform and worker_init_fn pickled, and one of them cannot be pickled: {error}. Define them "
+                "at module level (no lambdas, local functions or open handles), or pass multiprocessing_context="
+                "'fork' to the DataLoader (which can deadlock a worker forked beside process-group threads)"
+            ) from error
+        if self._stack_dir is None:
+            return iterator
+        return WatchedIterator(iterator, rank=self.plan_config.rank, wait_s=self._wait_s, stack_dir=self._stack_dir,
+                               request_of=self.sampler.issued_request, on_failure=PlannedStep.failed)
 
     def state_dict(self) -> dict[str, Any]:
         state = self.dhp_batch_sampler.state_dict()

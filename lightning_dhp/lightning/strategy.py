@@ -45,7 +45,7 @@ from lightning_dhp.distributed.checkpointing import apply_activation_checkpointi
 from lightning_dhp.distributed.context import CP_IMPLEMENTATIONS
 from lightning_dhp.distributed.pool import GroupPool
 from lightning_dhp.distributed.world import world_device_id
-from lightning_dhp.errors import DHPConfigError, DHPDataError, DHPRankMismatchError
+from lightning_dhp.errors import DHPConfigError, DHPDataError, DHPLoaderError, DHPRankMismatchError
 from lightning_dhp.lightning import _lightning, sharding
 from lightning_dhp.lightning.batch import DHPBatchInfo, loss_of
 from lightning_dhp.lightning.collate import DHPPacking
@@ -63,6 +63,7 @@ from lightning_dhp.lightning.sharding import (
     shard_model,
 )
 from lightning_dhp.lightning.shares import ALREADY_SUMMED, LoggedShares
+from lightning_dhp.lightning.workers import DEFAULT_DATA_WAIT_S, refuse_training_script_rerun_in_a_worker
 from lightning_dhp.planner import CostModel, Plan, divisors
 
 ModuleClasses = type[nn.Module] | str | Collection[type[nn.Module] | str]
@@ -111,6 +112,10 @@ class DHPStrategy(ParallelStrategy):
         gradient_bucket_mb: with ``sharding="replicate"``, gradients are summed in buckets of about this
             size, overlapped with the last round's backward; ``None`` sums them in one flat all-reduce
             after the backward.
+        data_wait_timeout: seconds a rank waits for a batch from its DataLoader workers (``num_workers > 0``)
+            before every rank stops with a :class:`~lightning_dhp.errors.DHPLoaderError` naming the rank, the
+            worker and its Python stack; ``None`` waits forever. A DataLoader's own ``timeout`` takes
+            precedence. Keep it below ``timeout``, or the waiting peers' collective times out first.
         process_group_backend, timeout: as for Lightning's DDPStrategy; ``timeout`` bounds every
             collective, so a stalled rank stops the others with the step named.
     """
@@ -124,6 +129,7 @@ class DHPStrategy(ParallelStrategy):
                  activation_checkpointing: ModuleClasses | None = None,
                  sharding: str = "replicate", fsdp_modules: ModuleClasses | None = None,
                  save_distributed_checkpoint: bool = False, gradient_bucket_mb: float | None = 25.0,
+                 data_wait_timeout: float | None = DEFAULT_DATA_WAIT_S,
                  process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout,
                  **parallel_kwargs: Any) -> None:
         super().__init__(**parallel_kwargs)
@@ -143,6 +149,15 @@ class DHPStrategy(ParallelStrategy):
             raise DHPConfigError("fsdp_modules needs sharding='fsdp'")
         if save_distributed_checkpoint and sharding != "fsdp":
             raise DHPConfigError("save_distributed_checkpoint needs sharding='fsdp' (replicas save one full file)")
+        if data_wait_timeout is not None and not data_wait_timeout > 0:
+            raise DHPConfigError(f"data_wait_timeout must be a positive number of seconds or None, got "
+                                 f"{data_wait_timeout!r}")
+        if data_wait_timeout is not None and timeout is not None and data_wait_timeout >= timeout.total_seconds():
+            raise DHPConfigError(
+                f"data_wait_timeout={data_wait_timeout:g} s is not below the collective timeout "
+                f"({timeout.total_seconds():g} s): the ranks waiting for a stalled one would time out first, "
+                "without knowing why. Lower data_wait_timeout or raise timeout")
+        refuse_training_script_rerun_in_a_worker()
         self.tokens_per_device = tokens_per_device
         self.cost_model = cost_model
         self.cp_implementation = cp_implementation
@@ -155,6 +170,7 @@ class DHPStrategy(ParallelStrategy):
         self.fsdp_modules = _classes(fsdp_modules)
         self.gradient_bucket_mb = gradient_bucket_mb
         self.save_distributed_checkpoint = save_distributed_checkpoint
+        self.data_wait_timeout = data_wait_timeout
         self.pool = GroupPool(pool_size)
         self.skipped_samples = 0
         self.num_nodes = 1
@@ -485,7 +501,8 @@ class DHPStrategy(ParallelStrategy):
                           "persistent_workers")}
         if dataloader.num_workers > 0:
             loader_kwargs["prefetch_factor"] = dataloader.prefetch_factor
-        return DHPDataLoader(dataloader.dataset, batch_sampler, config, packing, self._trained, **loader_kwargs)
+        return DHPDataLoader(dataloader.dataset, batch_sampler, config, packing, self._trained,
+                             data_wait_timeout=self.data_wait_timeout, **loader_kwargs)
 
     # -- steps -------------------------------------------------------------------------------------
 
@@ -596,12 +613,18 @@ class DHPStrategy(ParallelStrategy):
         self._close_round()
         self._skipping = False
         self._current_request = step.request
-        report = torch.tensor([step.leader_loss_tokens, step.error is not None, _digest_number(step.plan),
-                               step.leader_skipped], dtype=torch.int64, device=self.root_device)
+        digest = _digest_number(step.plan) if step.plan is not None else 0
+        report = torch.tensor([step.leader_loss_tokens, step.failed_to_load, digest, step.leader_skipped],
+                              dtype=torch.int64, device=self.root_device)
         reports = self._all_gather_tensor(report)
         if reports[:, 1].any():
+            failures = self._all_gather_objects((step.error, step.loader_failure))
+            stopped_loaders = [loader_failure for _, loader_failure in failures if loader_failure]
+            if stopped_loaders:
+                raise DHPLoaderError("a DataLoader worker stopped delivering batches, so no rank can go on:\n"
+                                     + "\n".join(stopped_loaders))
             ranks_by_error: dict[str, list[int]] = {}
-            for rank, errors in enumerate(self._all_gather_objects(step.error)):
+            for rank, (errors, _) in enumerate(failures):
                 for error in (errors or "").splitlines():
                     ranks_by_error.setdefault(error, []).append(rank)
             raise DHPDataError(f"bad samples in global batch {step.request.position} of epoch {step.request.epoch}:\n"

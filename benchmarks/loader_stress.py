@@ -1,0 +1,232 @@
+"""Loader start-up under stress: how often does a training run hang before (or while) it gets its data?
+
+Each *world* is a fresh training job launched as users launch one: this script runs as a subprocess in a
+session of its own with ``Trainer(devices=N)``, Lightning's own launcher starts the other ranks (the script
+again) and creates the world process group (TCP store, gloo). Every rank runs ``--fits`` short
+``trainer.fit`` calls of a tiny LM under DHP, with one DataLoader worker per rank and validation after every
+step, so each fit starts loader workers right after process groups were created (the world's at start-up,
+the pool's at the first step). Ranks keep Linux's default start method, ``fork``. A world that does not
+finish within ``--world-timeout`` seconds is killed (with its whole session) and counted as hung; one that
+fails is counted as failed, and as a *stall caught* when its error is the strategy's data-wait watchdog
+(``DHPLoaderError``).
+
+``--context`` is the loader workers' start method: ``dhp`` (the strategy's choice when the DataLoader names
+none), or ``fork`` / ``forkserver`` / ``spawn`` passed as the DataLoader's ``multiprocessing_context``.
+Several contexts run interleaved (the order rotates every world), so load drifts hit every context alike.
+The table gives, per context, hung and failed worlds per 100 fits and the time from the start of training
+to its first batch on rank 0 (the loader's worker start-up included; median and min-max over fits).
+
+Usage: python benchmarks/loader_stress.py [--quick] [--worlds 60] [--devices 2,3,4] [--fits 3]
+       [--context dhp,fork] [--data-wait-timeout S] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from lightning_dhp import DHPStrategy, cp_attention, loss_share
+from lightning_dhp.errors import DHPLoaderError
+from lightning_dhp.lightning import DHPBatchSampler, DHPPacking
+from lightning_dhp.testing import launch_environment
+
+CONTEXTS = ("dhp", "fork", "forkserver", "spawn")
+RUN_ENV = {"OMP_NUM_THREADS": "1", "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
+LENGTHS = [37, 5, 9, 2, 16, 23, 4, 11, 30, 6, 3, 14, 1, 19, 8, 27, 12, 7, 21, 10, 2, 33, 5, 13]
+
+
+class TinyLM(LightningModule):
+    def __init__(self, vocab: int = 32, hidden: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, hidden // heads
+        self.embed = nn.Embedding(vocab, hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.head = nn.Linear(hidden, vocab)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        x = self.embed(batch["input_ids"])
+        q, k, v = self.qkv(x).view(len(x), 3, self.heads, self.head_dim).unbind(1)
+        logits = self.head(x + cp_attention(q, k, v).flatten(1))
+        return loss_share(F.cross_entropy(logits, batch["labels"], reduction="sum"), batch)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.loss(batch)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val_loss", self.loss(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.samples = [torch.randint(0, 32, (n,), generator=generator) for n in LENGTHS]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.samples[index]}
+
+
+class FirstBatchTimer(Callback):
+    """Seconds from the start of training to its first batch: the train loader's workers start (Lightning
+    iterates the loader after ``on_train_start``), plan and load the first global batch."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.first_batch_s: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first_batch_s is None:
+            self.first_batch_s = time.perf_counter() - self.started
+
+
+def _loader(seed: int, context: str, shuffle: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        Tokens(seed), batch_sampler=DHPBatchSampler(LENGTHS, 6, shuffle=shuffle), collate_fn=DHPPacking(),
+        num_workers=1, persistent_workers=True, multiprocessing_context=None if context == "dhp" else context)
+
+
+def fits(world_size: int, context: str, num_fits: int, data_wait_timeout: float | None) -> list[float]:
+    """``num_fits`` short fits (this process is one rank of a Lightning-launched job); on global rank 0, each
+    fit's seconds to its first batch."""
+    first_batch = []
+    for _ in range(num_fits):
+        timer = FirstBatchTimer()
+        trainer = Trainer(accelerator="cpu", devices=world_size, max_steps=2, val_check_interval=1,
+                          limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer],
+                          strategy=DHPStrategy(20, data_wait_timeout=data_wait_timeout))
+        trainer.fit(TinyLM(), _loader(0, context, True), _loader(1, context, False))
+        first_batch.append(timer.first_batch_s)
+    return first_batch
+
+
+@dataclass
+class ContextResult:
+    context: str
+    worlds: int = 0
+    fits: int = 0
+    hung: int = 0
+    failed: int = 0
+    stalls_caught: int = 0
+    first_batch_s: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def per_100_fits(self, count: int) -> float:
+        return 100 * count / max(self.fits, 1)
+
+
+def run_world(result: ContextResult, world_size: int, num_fits: int, world_timeout_s: float,
+              data_wait_timeout: float | None) -> str:
+    """Run one world; record its outcome in ``result`` and return it ("ok", "hung", "stall" or "failed")."""
+    result.worlds += 1
+    result.fits += num_fits
+    with tempfile.TemporaryDirectory(prefix="dhp-stress-") as folder:
+        spec = Path(folder, "spec.json")
+        spec.write_text(json.dumps({"devices": world_size, "context": result.context, "fits": num_fits,
+                                    "data_wait_timeout": data_wait_timeout, "result": str(Path(folder, "out.json"))}))
+        with subprocess.Popen([sys.executable, __file__, "--world", str(spec)], env=launch_environment(**RUN_ENV),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) as world:
+            try:
+                _, errors = world.communicate(timeout=world_timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(world.pid, signal.SIGKILL)
+                world.communicate()
+                result.hung += 1
+                return "hung"
+        out = Path(folder, "out.json")
+        if world.returncode or not out.exists():
+            result.failed += 1
+            result.errors.append(errors[-3000:])
+            if DHPLoaderError.__name__ in errors:
+                result.stalls_caught += 1
+                return "stall"
+            return "failed"
+        result.first_batch_s += json.loads(out.read_text())
+    return "ok"
+
+
+def run_world_job(spec_path: str) -> None:
+    """The job of one world, on every rank (Lightning's launcher runs this script once per rank)."""
+    spec = json.loads(Path(spec_path).read_text())
+    first_batch = fits(spec["devices"], spec["context"], spec["fits"], spec["data_wait_timeout"])
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        Path(spec["result"]).write_text(json.dumps(first_batch))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one world of 2 processes per context, 2 fits")
+    parser.add_argument("--worlds", type=int, default=60, help="worlds per context")
+    parser.add_argument("--devices", default="2,3,4", help="world sizes, used in turn")
+    parser.add_argument("--fits", type=int, default=3, help="fits per world")
+    parser.add_argument("--context", default="dhp,fork", help=f"comma-separated, of {CONTEXTS}")
+    parser.add_argument("--world-timeout", type=float, default=120.0)
+    parser.add_argument("--data-wait-timeout", type=float, default=None,
+                        help="DHPStrategy(data_wait_timeout=...); default: the strategy's default")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--world", help=argparse.SUPPRESS)  # internal: run one world's job from this spec
+    args = parser.parse_args(argv)
+    if args.world:
+        run_world_job(args.world)
+        return {}
+    if args.quick:
+        args.worlds, args.devices, args.fits = 1, "2", 2
+    contexts = args.context.split(",")
+    unknown = set(contexts) - set(CONTEXTS)
+    if unknown:
+        parser.error(f"unknown contexts {sorted(unknown)}; choose from {CONTEXTS}")
+    sizes = [int(size) for size in args.devices.split(",")]
+    wait = args.data_wait_timeout if args.data_wait_timeout is not None else DHPStrategy().data_wait_timeout
+    results = {context: ContextResult(context) for context in contexts}
+    started = time.perf_counter()
+    for world in range(args.worlds):
+        for offset in range(len(contexts)):  # rotating order: no context always runs first
+            context = contexts[(world + offset) % len(contexts)]
+            size = sizes[world % len(sizes)]
+            outcome = run_world(results[context], size, args.fits, args.world_timeout, wait)
+            print(f"world {world + 1}/{args.worlds} {context:>10} on {size} processes: {outcome}", flush=True)
+    print(f"\n{args.worlds} worlds per context of {args.fits} fits each, on {args.devices} processes in turn, "
+          f"{time.perf_counter() - started:.0f} s\n")
+    print("| loader start method | fits | hung /100 fits | failed /100 fits | of which stalls caught | "
+          "first batch s (median, min-max) |")
+    print("|---|---|---|---|---|---|")
+    for result in results.values():
+        times = result.first_batch_s or [float("nan")]
+        print(f"| {result.context} | {result.fits} | {result.per_100_fits(result.hung):.1f} | "
+              f"{result.per_100_fits(result.failed):.1f} | {result.stalls_caught} | "
+              f"{statistics.median(times):.2f} ({min(times):.2f}-{max(times):.2f}) |")
+    summary = {"setting": {"worlds": args.worlds, "devices": sizes, "fits_per_world": args.fits,
+                           "world_timeout_s": args.world_timeout, "data_wait_timeout_s": wait,
+                           "command": " ".join(sys.argv)},
+               "results": {name: asdict(result) for name, result in results.items()}}
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

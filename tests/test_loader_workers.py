@@ -1,0 +1,168 @@
+"""DataLoader workers under DHP: how they start, and what every rank sees when one stalls or dies."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_dhp import DHPStrategy
+from lightning_dhp.errors import DHPConfigError
+from lightning_dhp.lightning import DHPBatchSampler, DHPDataLoader, DHPDataModule, DHPPacking
+from lightning_dhp.lightning.planned_loader import PlanConfig
+from lightning_dhp.lightning.workers import POLL_S, WatchedIterator, stack_path
+from lightning_dhp.testing import run_distributed
+from tests.test_strategy import BATCHES, GLOBAL_BATCH, LENGTHS, _as_torchrun_rank, _trainer, error_of
+from tests.tiny_lm import LMTask, TokenDataset
+
+WAIT_S = 10.0  # data_wait_timeout of the stalling runs: well above a worker's start from a running forkserver
+FAILING_RANK = 1
+# each world runs one failure of each kind; between them, both sharding modes on 2 and 3 processes
+SCENARIOS = {2: (("dies", "replicate"), ("hangs", "fsdp")), 3: (("dies", "fsdp"), ("hangs", "replicate"))}
+
+
+class Misbehaving(TokenDataset):
+    """On FAILING_RANK, the loader worker stalls (``how="hangs"``) or dies with exit code 3 (``"dies"``, after
+    2 s, so its rank is already waiting for the batch) when it loads a sample of the second global batch."""
+
+    def __init__(self, rank: int, how: str) -> None:
+        super().__init__(LENGTHS)
+        self.rank, self.how = rank, how
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.rank == FAILING_RANK and index in BATCHES[1]:
+            _stalls_or_dies_here(self.how)
+        return super().__getitem__(index)
+
+
+def _stalls_or_dies_here(how: str) -> None:
+    if how == "hangs":
+        time.sleep(3600)
+    time.sleep(2)
+    os._exit(3)
+
+
+def _misbehaving_fits(rank: int, world_size: int) -> dict[str, dict]:
+    _as_torchrun_rank(rank)
+    reports = {}
+    for how, sharding in SCENARIOS[world_size]:
+        data = DHPDataModule(Misbehaving(rank, how), LENGTHS, GLOBAL_BATCH, seed=0, num_workers=1)
+        strategy = DHPStrategy(20, sharding=sharding, data_wait_timeout=WAIT_S)
+        started = time.monotonic()
+        error = error_of(lambda: _trainer(world_size, strategy).fit(LMTask(), datamodule=data))  # noqa: B023
+        reports[how] = {"error": error, "elapsed_s": time.monotonic() - started, "sharding": sharding}
+    return reports
+
+
+@pytest.fixture(scope="module", params=sorted(SCENARIOS), ids=[f"{size}-process" for size in sorted(SCENARIOS)])
+def misbehaving(request) -> list[dict[str, dict]]:
+    return run_distributed(_misbehaving_fits, request.param, timeout_s=300)
+
+
+def test_a_stalled_loader_worker_stops_every_rank_with_its_stack_within_the_wait_bound(misbehaving):
+    errors = {report["hangs"]["error"] for report in misbehaving}
+    assert len(errors) == 1, f"ranks disagree: {errors}"
+    kind, message = errors.pop()
+    assert kind == "DHPLoaderError", message
+    assert f"rank {FAILING_RANK} waited" in message and "global batch 1 (epoch 0)" in message, message
+    assert "DataLoader worker 0" in message and "still running" in message, message
+    assert "_stalls_or_dies_here" in message and "__getitem__" in message, message  # its Python stack
+    for report in misbehaving:  # setup, the first step and the wait: far below a collective timeout
+        assert report["hangs"]["elapsed_s"] < WAIT_S + 60, report["hangs"]
+
+
+def test_a_dead_loader_worker_stops_every_rank_naming_it(misbehaving):
+    errors = {report["dies"]["error"] for report in misbehaving}
+    assert len(errors) == 1, f"ranks disagree: {errors}"
+    kind, message = errors.pop()
+    assert kind == "DHPLoaderError", message
+    assert f"rank {FAILING_RANK}'s DataLoader worker 0" in message and "exited with code 3" in message, message
+    assert "global batch 1 (epoch 0)" in message, message
+
+
+# -- without processes -------------------------------------------------------------------------------
+
+
+def _loader(num_workers: int = 1, packing: DHPPacking | None = None, **kwargs) -> DHPDataLoader:
+    return DHPDataLoader(TokenDataset(LENGTHS), DHPBatchSampler(LENGTHS, GLOBAL_BATCH), PlanConfig(1, 0, 64),
+                         packing or DHPPacking(), {}, num_workers=num_workers, **kwargs)
+
+
+def test_workers_start_from_a_forkserver_unless_the_dataloader_names_a_start_method():
+    loader = _loader(data_wait_timeout=30.0)
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    assert loader.persistent_workers and loader.timeout == POLL_S
+    assert _loader(multiprocessing_context="spawn").multiprocessing_context.get_start_method() == "spawn"
+    assert _loader(num_workers=0).multiprocessing_context is None
+
+
+@pytest.mark.filterwarnings("ignore:Got pickle error")  # torch's own note on the same failure
+def test_an_unpicklable_item_transform_is_a_clear_error_when_the_workers_start():
+    loader = _loader(packing=DHPPacking(item_transform=lambda item: item))
+    with pytest.raises(DHPConfigError, match=r"'forkserver'.*cannot be pickled.*module level"):
+        iter(loader)
+
+
+def test_a_training_script_run_again_by_a_starting_worker_is_refused():
+    process = multiprocessing.current_process()
+    process._inheriting = True  # what multiprocessing sets while a new process imports its parent's script
+    try:
+        with pytest.raises(DHPConfigError, match=r'if __name__ == "__main__"'):
+            DHPStrategy()
+    finally:
+        del process._inheriting
+
+
+@pytest.mark.parametrize(("options", "fragment"), [
+    ({"data_wait_timeout": 0}, "positive number of seconds"),
+    ({"data_wait_timeout": 600.0, "timeout": timedelta(seconds=300)}, "not below the collective timeout"),
+])
+def test_a_data_wait_timeout_that_cannot_work_is_refused(options, fragment):
+    with pytest.raises(DHPConfigError, match=fragment):
+        DHPStrategy(**options)
+
+
+class _Worker:
+    def __init__(self, exitcode: int | None) -> None:
+        self.pid, self.exitcode = 4242, exitcode
+
+
+class _TorchIterator:
+    """Raises torch's own timeout ``timeouts`` times, then returns "batch" (or raises ``final``)."""
+
+    def __init__(self, worker: _Worker, timeouts: int, final: str | None = None) -> None:
+        self._task_info, self._rcvd_idx, self._workers = {0: (0,)}, 0, [worker]
+        self.timeouts, self.final = timeouts, final
+
+    def __next__(self):
+        if self.timeouts:
+            self.timeouts -= 1
+            raise RuntimeError(f"DataLoader timed out after {POLL_S} seconds")
+        if self.final:
+            raise RuntimeError(self.final)
+        return "batch"
+
+
+def _watched(iterator: _TorchIterator, stack_dir: Path, wait_s: float | None) -> WatchedIterator:
+    return WatchedIterator(iterator, rank=2, wait_s=wait_s, stack_dir=str(stack_dir), request_of=lambda _: None,
+                           on_failure=lambda request, message: message)
+
+
+def test_the_watchdog_keeps_waiting_within_its_bound_and_names_what_the_worker_was_doing(tmp_path):
+    assert next(_watched(_TorchIterator(_Worker(None), timeouts=3), tmp_path, wait_s=None)) == "batch"
+    assert next(_watched(_TorchIterator(_Worker(None), timeouts=3), tmp_path, wait_s=60)) == "batch"
+    never_started = next(_watched(_TorchIterator(_Worker(None), timeouts=10**6), tmp_path, wait_s=0.01))
+    assert "rank 2 waited" in never_started and "never started running Python" in never_started
+    died = "DataLoader worker (pid(s) 4242) exited unexpectedly"
+    died_starting = next(_watched(_TorchIterator(_Worker(1), timeouts=0, final=died), tmp_path, wait_s=60))
+    assert "exited with code 1 while starting" in died_starting and 'if __name__ == "__main__"' in died_starting
+    stack_path(str(tmp_path), 0).write_text("")  # the worker ran DHP's worker_init_fn
+    killed = next(_watched(_TorchIterator(_Worker(-9), timeouts=0, final=died), tmp_path, wait_s=60))
+    assert "rank 2's DataLoader worker 0 (pid 4242) was killed by SIGKILL while loading" in killed
+    with pytest.raises(RuntimeError, match="another error"):
+        next(_watched(_TorchIterator(_Worker(None), timeouts=0, final="another error"), tmp_path, wait_s=60))
