@@ -26,6 +26,7 @@ _LAZY = {
     "DHPError": "lightning_dhp.errors",
     "DHPConfigError": "lightning_dhp.errors",
     "DHPDataError": "lightning_dhp.errors",
+    "DHPLoaderError": "lightning_dhp.errors",
     "DHPRankMismatchError": "lightning_dhp.errors",
     "PlanError": "lightning_dhp.errors",
     "ZigzagLayout": "lightning_dhp.attention",
