@@ -1,9 +1,11 @@
 """The simulator on the DHP paper's setting: every preset of ``dhp-simulate --preset`` (InternVL3-2B/8B-
-and Qwen2.5-VL-7B-like language models on Ascend 910B and H100, video length distributions).
+and Qwen2.5-VL-7B-like language models on Ascend 910B and H100, video length distributions; the
+``-vision-`` presets add the vision tower and mix the videos with text samples).
 
 Writes ``OUT/<preset>/`` (the benchmark report with targets and plots, and its JSON) per preset, and
 ``OUT/presets.md`` plus ``OUT/presets.png``: DHP over the best static degree, Megatron's static
-degree, dhp-paper and megatron-dcp at the largest device count, per preset and distribution.
+degree, dhp-paper and megatron-dcp at the largest device count, per preset and distribution, and for
+the vision presets the vision-blind DHP plan (timed with the vision tower) over the vision-aware one.
 
 Usage: python benchmarks/simulation_presets.py [--devices 16,32,64] [--steps 8] [--out DIR]
 """
@@ -56,6 +58,22 @@ def summary(results: dict[str, dict[str, Any]]) -> tuple[str, list[tuple[str, li
     return "\n".join(lines) + "\n", bars
 
 
+def vision_summary(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table of the vision presets: vision-blind over vision-aware DHP per step at the largest device
+    count (empty without vision presets)."""
+    lines = ["| preset | lengths | devices | steps | blind / aware median | p10 | p90 | min | max |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, result in results.items():
+        for distribution in result["distributions"]:
+            row = distribution["results"][-1]
+            if "vision_blind_over_aware" in row:
+                ratios = row["vision_blind_over_aware"]
+                lines.append(f"| {name} | {distribution['name']} | {row['devices']} | {row['steps']} | "
+                             + " | ".join(f"{ratios[key]:.3f}" for key in ("median", "p10", "p90", "min", "max"))
+                             + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def plot(bars: list[tuple[str, list[float]]], path: Path) -> None:
     import matplotlib
 
@@ -95,12 +113,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name} ...", file=sys.stderr, flush=True)
         results[name] = run_preset(name, args.devices, args.steps, out)
     table, bars = summary(results)
+    vision = vision_summary(results)
+    if vision:
+        vision = ("\nVision presets: the DHP plan made without the vision patches, timed with them, over the plan "
+                  f"made with them (per step):\n\n{vision}")
     (out / "presets.md").write_text(
         f"# DHP in the paper's setting\n\n`python benchmarks/simulation_presets.py --devices {args.devices} "
-        f"--steps {args.steps}`; per preset: `{args.out}/<preset>/simulation.md`.\n\n{table}"
+        f"--steps {args.steps}`; per preset: `{args.out}/<preset>/simulation.md`.\n\n{table}{vision}"
     )
     plot(bars, out / "presets.png")
-    print(table, end="")
+    print(table + vision, end="")
     return 0
 
 

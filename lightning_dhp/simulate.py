@@ -17,12 +17,15 @@ and plans it under one cost model with:
   bandwidth;
 - ``ulysses-<d>``: the same groups as ``ring-<d>`` for every such ``d`` that also divides the
   attention heads, timed with an all-to-all model built from the cost model's fields (see
-  :func:`ulysses_group_time`).
+  :func:`ulysses_group_time`);
+- ``dhp-vision-blind`` (sources with vision patches, e.g. ``activitynet+mooncake``): ``plan_batch``
+  without the patches, timed with them, i.e. what DHP loses by ignoring the vision tower. Every other
+  policy plans and is timed with the patches.
 
 "Best static" is the static policy with the lowest predicted time over all simulated steps (chosen
 with hindsight); "Megatron static" is ``ring-<d>`` at the smallest fitting degree (Megatron's default).
-Useful work is the cost model's degree-1 compute of every sample (``a L^2 + b L``, no padding, no
-communication, no overhead); utilisation is useful work over devices x step time.
+Useful work is the cost model's degree-1 compute of every sample (``a L^2 + b L + vision V``, no
+padding, no communication, no overhead); utilisation is useful work over devices x step time.
 
 Run ``python -m lightning_dhp.simulate --help``.
 """
@@ -49,9 +52,10 @@ import numpy as np
 
 from lightning_dhp.data.lengths import DISTRIBUTIONS, LengthFileError, read_metadata, token_lengths
 from lightning_dhp.planner import CostModel, Plan, PlanError, padded_length, plan_batch, static_plan
+from lightning_dhp.planner.cost_model import take
 from lightning_dhp.planner.inputs import min_degrees
 from lightning_dhp.planner.peers import megatron_dcp_plan, paper_plan, sequential_group_time
-from lightning_dhp.planner.presets import MODEL_PRESETS
+from lightning_dhp.planner.presets import MODEL_PRESETS, VISION_PRESETS
 
 DEFAULT_DEVICES = (8, 16, 32, 64, 128, 256, 512, 1024)
 QUICK_DEVICES = (8, 16, 64)
@@ -61,6 +65,16 @@ QUICK_DISTRIBUTIONS = ("epic_kitchens_segments",)
 # K, V, dK, dV backward = 3 x 16 KV-head vectors per layer; Ulysses all-to-alls q, k, v, out forward
 # and their gradients backward = 2 x (32 + 8 + 8 + 32) head vectors per layer: 160 / 48 = 10 / 3.
 ULYSSES_VOLUME_RATIO = 10 / 3
+# Multimodal sources: every sample of a whole-video distribution (with vision patches) and of a text one
+# (without); "<video>+<text>", e.g. activitynet+mooncake.
+VIDEO_DISTRIBUTIONS = ("activitynet", "epic_kitchens_videos")
+TEXT_DISTRIBUTIONS = ("mooncake", "azure_conv", "azure_code")
+MULTIMODAL_DISTRIBUTIONS = tuple(f"{video}+{text}" for video in VIDEO_DISTRIBUTIONS for text in TEXT_DISTRIBUTIONS)
+# Vision patches per visual token: both presets' towers merge 2 x 2 patches into one token (Qwen2-VL's
+# spatial merge 2, InternVL's pixel shuffle 0.5), so a frame of (H/14) x (W/14) patches has a quarter as
+# many tokens (64 tokens per frame: 224 x 224 pixels).
+PATCHES_PER_VISUAL_TOKEN = 4
+VISION_BLIND = "dhp-vision-blind"
 
 
 class SimulationError(ValueError):
@@ -69,16 +83,18 @@ class SimulationError(ValueError):
 
 @dataclass(frozen=True)
 class LengthSource:
-    """Token lengths of one distribution and the rule that made them (quoted in every report)."""
+    """Token lengths of one distribution (and each sample's vision patches, None: a text-only source) and
+    the rule that made them (quoted in every report)."""
 
     name: str
     rule: str
     lengths: np.ndarray
+    vision_patches: np.ndarray | None = None
 
     def stats(self) -> dict[str, float]:
         """Spread of the token lengths; ``cv`` (std / mean) is the heterogeneity the report ranks by."""
         lengths = self.lengths.astype(np.float64)
-        return {
+        stats = {
             "samples": float(len(lengths)),
             "median": float(np.median(lengths)),
             "mean": float(lengths.mean()),
@@ -86,19 +102,53 @@ class LengthSource:
             "max": float(lengths.max()),
             "cv": float(lengths.std() / lengths.mean()),
         }
+        if self.vision_patches is not None:
+            stats["with_vision"] = float(np.mean(self.vision_patches > 0))
+        return stats
 
 
 def named_source(name: str, *, data_dir: str | None = None, params: dict[str, float] | None = None) -> LengthSource:
-    """A distribution of :data:`~lightning_dhp.data.lengths.DISTRIBUTIONS` with optional rule overrides."""
+    """A distribution of :data:`~lightning_dhp.data.lengths.DISTRIBUTIONS` or of
+    :data:`MULTIMODAL_DISTRIBUTIONS` (see :func:`multimodal_source`) with optional rule overrides."""
+    if name in MULTIMODAL_DISTRIBUTIONS:
+        video, text = name.split("+")
+        return multimodal_source(video, text, data_dir=data_dir, params=params)
     if name not in DISTRIBUTIONS:
-        raise SimulationError(f"--dist {name!r} is not a known distribution; choose from {sorted(DISTRIBUTIONS)}")
+        raise SimulationError(f"--dist {name!r} is not a known distribution; choose from "
+                              f"{sorted(DISTRIBUTIONS) + list(MULTIMODAL_DISTRIBUTIONS)}")
     params = params or {}
+    overrides = f" (overrides: {', '.join(f'{key}={value:g}' for key, value in params.items())})" if params else ""
+    return LengthSource(name, DISTRIBUTIONS[name].description + overrides, _rule_lengths(name, data_dir, params))
+
+
+def _rule_lengths(name: str, data_dir: str | None, params: dict[str, float]) -> np.ndarray:
     try:
-        lengths = token_lengths(name, data_dir=data_dir, **params)
+        return token_lengths(name, data_dir=data_dir, **params)
     except TypeError as error:
         raise SimulationError(f"--param {params}: {error}; use the constants named in that rule") from None
-    overrides = f" (overrides: {', '.join(f'{key}={value:g}' for key, value in params.items())})" if params else ""
-    return LengthSource(name, DISTRIBUTIONS[name].description + overrides, lengths)
+
+
+def multimodal_source(
+    video: str, text: str, *, data_dir: str | None = None, params: dict[str, float] | None = None
+) -> LengthSource:
+    """Every sample of the ``video`` distribution, with :data:`PATCHES_PER_VISUAL_TOKEN` vision patches per
+    visual token, and of the ``text`` one, without; ``params`` override the video rule's constants.
+
+    The patches come from the video rule itself: its visual tokens are its tokens with ``text_tokens=0``.
+    """
+    params = params or {}
+    video_source = named_source(video, data_dir=data_dir, params=params)
+    visual_tokens = _rule_lengths(video, data_dir, {**params, "text_tokens": 0})
+    text_lengths = named_source(text, data_dir=data_dir).lengths
+    rule = (f"every {video} video ({video_source.rule}) with {PATCHES_PER_VISUAL_TOKEN} vision patches per visual "
+            f"token, i.e. (H/14) x (W/14) patches per frame, and every {text} sample "
+            f"({DISTRIBUTIONS[text].description}) without patches")
+    return LengthSource(
+        f"{video}+{text}",
+        rule,
+        np.concatenate([video_source.lengths, text_lengths]),
+        np.concatenate([visual_tokens * PATCHES_PER_VISUAL_TOKEN, np.zeros(len(text_lengths), dtype=np.int64)]),
+    )
 
 
 def csv_source(path: str, column: str, *, scale: float = 1.0, offset: float = 0.0) -> LengthSource:
@@ -140,16 +190,20 @@ class Preset:
 
     The budgets are assumptions (the activation memory left after ZeRO-sharded weights and optimizer
     states on 64-80 GB devices): 32768 tokens for the 2B model, 16384 for the 7-8B ones. Set
-    ``--tokens-per-device`` from your own memory profile. The vision encoder is not modelled.
+    ``--tokens-per-device`` from your own memory profile. The vision tower is modelled only in the
+    ``-vision-`` presets (:data:`~lightning_dhp.planner.presets.VISION_PRESETS`), whose videos carry
+    vision patches and are mixed with text samples; its activations are not part of the budget.
     """
 
     model: str
     device: str
     tokens_per_device: int
     distributions: tuple[str, ...] = ("activitynet", "epic_kitchens_videos")
+    vision: bool = False
 
     def cost_model(self) -> CostModel:
-        return CostModel.for_transformer(MODEL_PRESETS[self.model], device=self.device)
+        vision = VISION_PRESETS[self.model] if self.vision else None
+        return CostModel.for_transformer(MODEL_PRESETS[self.model], vision=vision, device=self.device)
 
     def ulysses(self) -> tuple[int, float]:
         """Ulysses degrees divide the KV heads; its all-to-all moves q, k, v, out and their gradients,
@@ -159,35 +213,49 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    f"{model}-{device_key}": Preset(model, device, 32768 if model == "internvl3-2b" else 16384)
-    for model in MODEL_PRESETS
-    for device_key, device in (("910b", "Ascend 910B"), ("h100", "H100"))
+    **{
+        f"{model}-{device_key}": Preset(model, device, 32768 if model == "internvl3-2b" else 16384)
+        for model in MODEL_PRESETS
+        for device_key, device in (("910b", "Ascend 910B"), ("h100", "H100"))
+    },
+    **{
+        f"{model}-vision-h100": Preset(model, "H100", 16384, ("activitynet+mooncake", "activitynet+azure_conv"),
+                                       vision=True)
+        for model in ("qwen2.5-vl-7b", "internvl3-8b")
+    },
 }
 
 
 # -- policies ---------------------------------------------------------------------------------------
 
-GroupTime = Callable[[list[int], int, bool], float]
+# (lengths, degree, crosses a node, vision patches per sample or None) -> seconds
+GroupTime = Callable[[list[int], int, bool, "list[int] | None"], float]
 
 
 def ring_group_time(cost: CostModel) -> GroupTime:
     """The cost model's own ring-CP group time."""
-    return lambda lengths, degree, crosses_node: cost.group_time(lengths, degree, crosses_node=crosses_node)
+
+    def group_time(lengths: list[int], degree: int, crosses_node: bool, patches: list[int] | None = None) -> float:
+        return cost.group_time(lengths, degree, crosses_node=crosses_node, patches=patches)
+
+    return group_time
 
 
 def ulysses_group_time(cost: CostModel, volume_ratio: float) -> GroupTime:
     """Ulysses (all-to-all over heads) group time from the cost model's fields.
 
-    ``overhead + (a sum P^2 + b sum P) / d + [d > 1] (d - 1) (step_latency + volume_ratio * kv_bytes
-    * (sum P / d) / d / bandwidth)``: the same compute as the ring with ``P`` = length padded to a
-    multiple of ``d``; each rank sends ``(d - 1) / d`` of its ``sum P / d`` tokens' head vectors; the
-    all-to-alls sit between projection and attention, so nothing overlaps them; ``d - 1`` peers per
+    ``overhead + (a sum P^2 + b sum P + vision sum V) / d + [d > 1] (d - 1) (step_latency + volume_ratio
+    * kv_bytes * (sum P / d) / d / bandwidth)``: the same compute as the ring with ``P`` = length padded
+    to a multiple of ``d``; each rank sends ``(d - 1) / d`` of its ``sum P / d`` tokens' head vectors;
+    the all-to-alls sit between projection and attention, so nothing overlaps them; ``d - 1`` peers per
     collective pay the ring's per-step latency.
     """
 
-    def group_time(lengths: list[int], degree: int, crosses_node: bool) -> float:
+    def group_time(lengths: list[int], degree: int, crosses_node: bool, patches: list[int] | None = None) -> float:
         padded = np.asarray([-(-length // degree) * degree for length in lengths], dtype=np.float64)
         compute = (cost.attention_s_per_token2 * (padded * padded).sum() + cost.linear_s_per_token * padded.sum())
+        if patches is not None:
+            compute += cost.vision_s_per_patch * sum(patches)
         if degree == 1:
             return cost.overhead_s + compute
         bandwidth = cost.inter_node_bytes_per_s if crosses_node else cost.intra_node_bytes_per_s
@@ -200,14 +268,22 @@ def ulysses_group_time(cost: CostModel, volume_ratio: float) -> GroupTime:
 
 def megatron_group_time(cost: CostModel) -> GroupTime:
     """Megatron's hybrid-CP groups run their samples one after another: one forward+backward each."""
-    return lambda lengths, degree, crosses_node: sequential_group_time(cost, lengths, degree, crosses_node)
+
+    def group_time(lengths: list[int], degree: int, crosses_node: bool, patches: list[int] | None = None) -> float:
+        return sequential_group_time(cost, lengths, degree, crosses_node, patches)
+
+    return group_time
 
 
 PEERS = ("dhp-paper", "megatron-dcp")
 
 
-def retimed(plan: Plan, group_time: GroupTime, node_size: int) -> float:
-    """Predicted time of ``plan``'s rounds under ``group_time``; groups spanning two nodes cross."""
+def retimed(
+    plan: Plan, group_time: GroupTime, node_size: int, *, vision_patches: Sequence[int] | None = None
+) -> float:
+    """Predicted time of ``plan``'s rounds under ``group_time``; groups spanning two nodes cross. The groups
+    hold ``vision_patches`` (per sample; default: the plan's own, :attr:`Plan.vision_patches`)."""
+    patches = plan.vision_patches if vision_patches is None else vision_patches
     total = 0.0
     for round_ in plan.rounds:
         total += max(
@@ -215,6 +291,7 @@ def retimed(plan: Plan, group_time: GroupTime, node_size: int) -> float:
                 [plan.lengths[sample] for sample in group.samples],
                 group.degree,
                 group.ranks[0] // node_size != group.ranks[-1] // node_size,
+                None if patches is None else [int(patches[sample]) for sample in group.samples],
             )
             for group in round_.groups
         )
@@ -269,7 +346,8 @@ def _pool_replay(rank_sets_per_step: list[list[tuple[int, ...]]], capacity: int)
 def simulate_device_count(
     source: LengthSource, num_devices: int, config: SimulationConfig, cost: CostModel
 ) -> dict[str, Any]:
-    """Every policy on the same ``config.steps`` global batches of ``num_devices x samples_per_device``."""
+    """Every policy on the same ``config.steps`` global batches of ``num_devices x samples_per_device``
+    (with their vision patches, when the source has some)."""
     node_size, capacity = config.node_size, config.tokens_per_device
     ring, ulysses = ring_group_time(cost), ulysses_group_time(cost, config.ulysses_volume_ratio)
     dynamic = {
@@ -281,29 +359,39 @@ def simulate_device_count(
     statics = [f"ring-{degree}" for degree in static_degrees] + [
         f"ulysses-{degree}" for degree in static_degrees if config.ulysses_heads % degree == 0
     ]
-    totals = dict.fromkeys([*dynamic, *statics], 0.0)
+    vision = source.vision_patches is not None
+    totals = dict.fromkeys([*dynamic, *statics, *([VISION_BLIND] if vision else [])], 0.0)
     lower_bound = tokens = useful = rounds = 0.0
     planner_ms: dict[str, list[float]] = {policy: [] for policy in dynamic}
+    blind_over_aware: list[float] = []
     rank_sets_per_step: list[list[tuple[int, ...]]] = []
-    batches = batch_stream(source.lengths, config.samples_per_device * num_devices, config.seed)
-    for _, batch in zip(range(config.steps), batches, strict=False):
+    batches = batch_stream(np.arange(len(source.lengths)), config.samples_per_device * num_devices, config.seed)
+    for _, picked in zip(range(config.steps), batches, strict=False):
+        batch, patches = source.lengths[picked], take(source.vision_patches, picked)
         for policy, (planner, group_time) in dynamic.items():
             started = time.perf_counter()
-            plan = planner(batch, num_devices, capacity, cost, node_size=node_size)
+            plan = planner(batch, num_devices, capacity, cost, node_size=node_size, vision_patches=patches)
             planner_ms[policy].append((time.perf_counter() - started) * 1e3)
             totals[policy] += plan.predicted_time if group_time is ring else retimed(plan, group_time, node_size)
             if policy == "dhp":
                 lower_bound += plan.lower_bound
                 rounds += len(plan.rounds)
                 rank_sets_per_step.append([group.ranks for round_ in plan.rounds for group in round_.groups])
+                if vision:
+                    blind = plan_batch(batch, num_devices, capacity, cost, node_size=node_size)
+                    blind_time = retimed(blind, ring, node_size, vision_patches=patches)
+                    totals[VISION_BLIND] += blind_time
+                    blind_over_aware.append(blind_time / plan.predicted_time)
         for degree in static_degrees:
-            static = static_plan(batch, num_devices, capacity, degree, cost)
+            static = static_plan(batch, num_devices, capacity, degree, cost, vision_patches=patches)
             totals[f"ring-{degree}"] += retimed(static, ring, node_size)
             if f"ulysses-{degree}" in totals:
                 totals[f"ulysses-{degree}"] += retimed(static, ulysses, node_size)
         batch_f = batch.astype(np.float64)
         tokens += float(batch_f.sum())
         useful += float((cost.attention_s_per_token2 * batch_f * batch_f + cost.linear_s_per_token * batch_f).sum())
+        if vision:
+            useful += cost.vision_s_per_patch * float(patches.sum())
     step_time = {policy: total / config.steps for policy, total in totals.items()}
     best_static = min(statics, key=totals.__getitem__)
     megatron = f"ring-{static_degrees[0]}"
@@ -332,6 +420,18 @@ def simulate_device_count(
         },
         "peer_planner_ms_median": {peer: statistics.median(planner_ms[peer]) for peer in PEERS},
         "pool": _pool_replay(rank_sets_per_step, config.pool_size),
+        **({"vision_blind_over_aware": ratio_spread(blind_over_aware)} if vision else {}),
+    }
+
+
+def ratio_spread(ratios: Sequence[float]) -> dict[str, float]:
+    """Median, p10, p90, min and max of per-step ratios."""
+    return {
+        "median": statistics.median(ratios),
+        "p10": float(np.percentile(ratios, 10)),
+        "p90": float(np.percentile(ratios, 90)),
+        "min": min(ratios),
+        "max": max(ratios),
     }
 
 
@@ -406,8 +506,8 @@ def _add_scaling(rows: list[dict[str, Any]]) -> None:
 
 
 def _policy_order(policy: str) -> tuple[int, int]:
-    if policy in ("dhp", *PEERS):
-        return (0, ("dhp", *PEERS).index(policy))
+    if policy in ("dhp", *PEERS, VISION_BLIND):
+        return (0, ("dhp", *PEERS, VISION_BLIND).index(policy))
     kind, _, degree = policy.partition("-")
     return ({"ring": 1, "ulysses": 2}[kind], int(degree))
 
@@ -420,8 +520,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def _preset_lines(preset: dict[str, Any] | None) -> list[str]:
     if not preset:
         return []
+    tower = "with its vision tower" if preset["vision"] else "the vision tower is not modelled"
     return [f"Preset {preset['name']}: the {preset['model']} language model on {preset['device']} "
-            "(CostModel.for_transformer; the vision encoder is not modelled).", ""]
+            f"(CostModel.for_transformer; {tower}).", ""]
 
 
 def format_markdown(result: dict[str, Any], *, preamble: Sequence[str] = ()) -> str:
@@ -443,12 +544,14 @@ def format_markdown(result: dict[str, Any], *, preamble: Sequence[str] = ()) -> 
     ]
     for distribution in result["distributions"]:
         stats = distribution["stats"]
+        with_vision = f" {stats['with_vision']:.0%} of them with vision patches." if "with_vision" in stats else ""
         lines += [
             "",
             f"## {distribution['name']}",
             "",
             f"Rule: {distribution['rule']}. {stats['samples']:.0f} samples, tokens median {stats['median']:.0f}, "
-            f"mean {stats['mean']:.0f}, p99 {stats['p99']:.0f}, max {stats['max']:.0f}, CV {stats['cv']:.2f}.",
+            f"mean {stats['mean']:.0f}, p99 {stats['p99']:.0f}, max {stats['max']:.0f}, CV {stats['cv']:.2f}."
+            + with_vision,
             "",
         ]
         summary_rows = []
@@ -491,6 +594,7 @@ def format_markdown(result: dict[str, Any], *, preamble: Sequence[str] = ()) -> 
                 for row in distribution["results"]
             ],
         )
+        lines += _vision_lines(distribution["results"])
     lines += [
         "",
         "DHP / X: X's time over DHP's, both summed over the same steps (> 1: DHP faster). Best static: the "
@@ -504,6 +608,19 @@ def format_markdown(result: dict[str, Any], *, preamble: Sequence[str] = ()) -> 
         "distinct rank sets (what an uncapped pool creates). Static policies create devices / degree groups once.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _vision_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Vision-blind over vision-aware DHP per device count (sources with vision patches only)."""
+    if not all("vision_blind_over_aware" in row for row in rows):
+        return []
+    keys = ["median", "p10", "p90", "min", "max"]
+    table = _table(
+        ["devices", *keys],
+        [[str(row["devices"]), *(f"{row['vision_blind_over_aware'][key]:.3f}" for key in keys)] for row in rows],
+    )
+    return ["", f"{VISION_BLIND} over dhp per step (the plan made without the vision patches, timed with them, "
+            "over the plan made with them):", "", *table]
 
 
 # -- command line --------------------------------------------------------------------------------------
@@ -548,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_argument_group("lengths")
     source.add_argument("--dist", action="append", metavar="NAME",
                         help=f"named distribution (repeatable; default: all, --quick: "
-                        f"{', '.join(QUICK_DISTRIBUTIONS)}); one of {sorted(DISTRIBUTIONS)}")
+                        f"{', '.join(QUICK_DISTRIBUTIONS)}); one of {sorted(DISTRIBUTIONS)}, or a video and a text "
+                        f"one with vision patches on the videos: {', '.join(MULTIMODAL_DISTRIBUTIONS)}")
     source.add_argument("--param", action="append", type=_rule_param, default=[], metavar="KEY=NUMBER",
                         help="override a constant of the named distributions' rules, e.g. sample_fps=2")
     source.add_argument("--data-dir",

@@ -83,16 +83,17 @@ def vl_item(generator: torch.Generator, images: list[tuple[int, int]], video: tu
     return item
 
 
-# 0-2 images of different grids per sample (and one video); image runs of 1-6 tokens
-VL_LAYOUTS = [[(4, 4)], [], [(2, 2), (4, 6)], [(6, 4)], [(2, 6), (2, 2)], [(4, 4), (4, 4)], [(2, 4)], [],
-              [(4, 6)], [(2, 2)], [(6, 4), (2, 6)], [(4, 4)]]
+# 0-2 images of different grids per sample (image runs of 1-6 tokens), videos of 1-8 temporal patches
+VL_LAYOUTS = [([(4, 4)], None), ([], (3, 2, 4)), ([(2, 2), (4, 6)], None), ([(6, 4)], (1, 2, 2)),
+              ([(2, 6), (2, 2)], None), ([(4, 4), (4, 4)], None), ([(2, 4)], None), ([], (8, 2, 2)),
+              ([(4, 6)], (4, 2, 4)), ([(2, 2)], (5, 2, 2)), ([(6, 4), (2, 6)], None), ([(4, 4)], None),
+              ([(2, 2)], (2, 4, 4))]
 
 
 def vl_items(seed: int = 0) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
-    items = [vl_item(generator, images, text=4 + 3 * (index % 4)) for index, images in enumerate(VL_LAYOUTS)]
-    items.append(vl_item(generator, [(2, 2)], video=(2, 4, 4)))
-    return items
+    return [vl_item(generator, images, video, text=4 + 3 * (index % 4))
+            for index, (images, video) in enumerate(VL_LAYOUTS)]
 
 
 def reference_logits(model: PreTrainedModel, item: dict) -> torch.Tensor:

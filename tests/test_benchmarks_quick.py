@@ -97,3 +97,16 @@ def test_a_hung_e2e_run_is_killed_retried_and_reported(tmp_path):
     assert e2e.train_with_retries(variant, base, tmp_path, "r0v0", timeout_s=1.0, retries=1, failures=failures) is None
     assert [(failure["run"], failure["attempt"]) for failure in failures] == [("r0v0", 0), ("r0v0", 1)]
     assert all("did not finish within 1 s and was killed" in failure["reason"] for failure in failures)
+
+
+def test_vision_balance_quick(tmp_path):
+    output = tmp_path / "vision.json"
+    result = _run_quick("vision_balance.py", output, timeout=240)
+    assert "| degree | batch | variant | busiest / mean CPU" in result.stdout
+    results = json.loads(output.read_text())
+    assert abs(results["work_ratio"] - results["seven_b_ratio"]) < 0.05
+    ratio = {(row["batch"], row["variant"]): row["busiest_over_mean"]["median"] for row in results["rows"]}
+    variants = ("one owner", "split")
+    assert set(ratio) == {(batch, variant) for batch in ("one long video", "mixed") for variant in variants}
+    # one rank encoding the whole video makes it the busiest by about the tower's share of the work
+    assert ratio["one long video", "split"] < ratio["one long video", "one owner"]

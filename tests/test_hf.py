@@ -54,6 +54,15 @@ class RecordingModule(HFModule):
     def __init__(self, model) -> None:
         super().__init__(model, optimizer=hf_models.optimizer)
         self.held: list[tuple[int, int, tuple[int, ...]]] = []
+        self.video_grids: list[list[int]] = []  # the (t, h, w) of every video piece this rank encoded
+        if self.is_qwen_vl:
+            encode = model.model.get_video_features
+
+            def recording(pixel_values_videos, video_grid_thw, **kwargs):
+                self.video_grids += video_grid_thw.tolist()
+                return encode(pixel_values_videos, video_grid_thw, **kwargs)
+
+            model.model.get_video_features = recording
 
     def training_step(self, batch, batch_idx):
         info = batch["dhp"]
@@ -95,6 +104,7 @@ def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int, **st
     return {"params": {name.removeprefix("model."): value.detach().clone() for name, value in state.items()},
             "rounds": max(len(entry["plan"].rounds) for entry in plans.history),
             "degree": max(group.degree for group in groups), "held": getattr(task, "held", []),
+            "video_grids": getattr(task, "video_grids", []),
             "idle": sum(entry["plan"].stats()["idle_device_rounds"] for entry in plans.history)}
 
 
@@ -181,6 +191,11 @@ def test_qwen_vl_under_dhp_equals_the_plain_hf_loop(world, version):
         assert report["degree"] > 1, "the test data should use context parallelism"
         assert _straddling_images(reports, version, items) > 0, "some image should straddle a shard boundary"
         assert report["idle"] > 0, "some rank should be idle in some round (it runs the model on a dummy token)"
+    grids = [grid for rank_report in reports for grid in rank_report[f"qwen{version}_vl"]["video_grids"]]
+    assert grids and all(t == 1 for t, _, _ in grids), "videos are encoded one temporal patch at a time"
+    if world_size > 1:
+        assert sum(bool(rank_report[f"qwen{version}_vl"]["video_grids"]) for rank_report in reports) > 1, \
+            "more than one rank should encode video"
 
 
 def _straddling_images(reports: list[dict], version: str, items: list[dict]) -> int:
@@ -325,6 +340,33 @@ def test_an_idle_rank_gets_a_zero_loss_whose_graph_reaches_the_text_model():
     assert all(p.grad is not None and not p.grad.any() for p in text.parameters())
 
 
+def test_a_groups_vision_work_is_spread_over_its_ranks_by_image_and_temporal_patch():
+    from lightning_dhp.hf.qwen_vl import _group_units, _owners
+
+    batch = {"image_grid_thw": [torch.tensor([[1, 2, 4]]), torch.zeros(0, 3, dtype=torch.long)],
+             "video_grid_thw": [torch.tensor([[8, 2, 2]]), torch.tensor([[3, 4, 4]])]}
+    units = _group_units(batch, merge=2, split_videos=True)
+    assert [(unit.sample, unit.kind, unit.grid) for unit in units] == [
+        (0, "image", (1, 2, 4)), *[(0, "video", (1, 2, 2))] * 8, *[(1, "video", (1, 4, 4))] * 3]
+    assert [unit.first_row for unit in units[:4]] == [0, 2, 3, 4] and units[-1].first_patch == 32
+    for degree in (2, 3, 5):  # degrees that do not divide the 8 or 3 temporal patches
+        owners = _owners(units, degree)
+        load = [sum(unit.cost for unit, owner in zip(units, owners, strict=True) if owner == rank)
+                for rank in range(degree)]
+        assert max(load) <= sum(load) / degree + max(unit.cost for unit in units)  # LPT's bound
+        assert len(set(owners)) == degree
+    whole = _group_units(batch, merge=2, split_videos=False)
+    assert [unit.grid for unit in whole] == [(1, 2, 4), (8, 2, 2), (3, 4, 4)]
+
+
+def test_an_items_vision_patches_come_from_its_grids():
+    from lightning_dhp.hf import vision_patches
+
+    items = hf_models.vl_items()
+    assert vision_patches(items[-1]) == 1 * 2 * 2 + 2 * 4 * 4  # an image and a video
+    assert vision_patches(items[1]) == 3 * 2 * 4 and vision_patches({"input_ids": torch.arange(3)}) == 0
+
+
 def test_the_qwen_vl_item_transform_uses_the_models_rope_index_and_names_a_bad_item():
     model = hf_models.qwen_vl("2.5")
     transform = pickle.loads(pickle.dumps(HFModule(model).packing_options["item_transform"]))
@@ -349,6 +391,10 @@ def test_the_qwen_vl_item_transform_uses_the_models_rope_index_and_names_a_bad_i
                                                                         hf_models.IMAGE))
     with pytest.raises(ValueError, match="image tokens do not match"):  # two images' tokens run together
         transform(merged)
+    other_temporal_patch = dict(items[1], pixel_values_videos=items[1]["pixel_values_videos"][:, :12])
+    with pytest.raises(ValueError, match=r"pixel_values_videos has rows of shape \(12,\) but this vision tower "
+                                         r"takes patches of 24 values"):
+        transform(other_temporal_patch)
 
 
 @pytest.mark.parametrize("model_class", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",

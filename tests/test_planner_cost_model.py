@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 
@@ -87,6 +88,52 @@ def test_fit_from_single_device_measurements_keeps_the_ring_terms():
     assert (fitted.ring_step_latency_s, fitted.comm_overlap) == (MODEL.ring_step_latency_s, MODEL.comm_overlap)
 
 
+VISION = dataclasses.replace(MODEL, vision_s_per_patch=4e-6)
+
+
+@pytest.mark.parametrize("degree", [1, 3, 8])
+def test_vision_patches_add_their_seconds_split_over_the_group(degree):
+    lengths, patches = [1, 17, 300, 4097], [0, 1000, 0, 25000]
+    expected = reference_time(lengths, degree, False) + 4e-6 * 26000 / degree
+    assert VISION.group_time(lengths, degree, patches=patches) == pytest.approx(expected, rel=1e-12)
+    assert VISION.group_time(lengths, degree, patches=[0] * 4) == VISION.group_time(lengths, degree)
+    shares = VISION.sample_costs(np.array(lengths), degree, patches=np.array(patches))
+    assert VISION.fixed_time(degree) + math.fsum(shares) == pytest.approx(expected, rel=1e-12)
+    over_degrees = VISION.times_over_degrees(np.array(lengths), np.array([degree, 2 * degree]), node_size=4,
+                                             patches=np.array(patches))
+    expected_over = [VISION.group_time(lengths, d, crosses_node=d > 4, patches=patches) for d in (degree, 2 * degree)]
+    np.testing.assert_allclose(over_degrees, expected_over, rtol=1e-12)
+
+
+def synthetic_vision_measurements(model: CostModel, seed: int):
+    """Groups of degrees 1-4, half of their samples videos with 4 patches per token."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for degree in (1, 2, 3, 4):
+        for _ in range(12):
+            lengths = rng.integers(64, 8192, size=int(rng.integers(1, 5)))
+            patches = np.where(rng.random(len(lengths)) < 0.5, 4 * lengths, 0)
+            seconds = model.group_time(lengths.tolist(), degree, patches=patches.tolist())
+            rows.append((lengths.tolist(), degree, seconds, patches.tolist()))
+    return rows
+
+
+def test_fit_recovers_the_seconds_per_vision_patch():
+    fitted, report = CostModel.fit(synthetic_vision_measurements(VISION, 4), base=MODEL)
+    assert fitted.vision_s_per_patch == pytest.approx(4e-6, rel=1e-6)
+    assert fitted.linear_s_per_token == pytest.approx(VISION.linear_s_per_token, rel=1e-6)
+    assert report.max_abs_pct_error < 1e-6
+    # three-item measurements (no patches) cannot identify it: the base's value stays
+    text_only = [(lengths, degree, VISION.group_time(lengths, degree)) for lengths, degree, _, _ in
+                 synthetic_vision_measurements(VISION, 5)]
+    kept, _ = CostModel.fit(text_only, base=VISION)
+    assert kept.vision_s_per_patch == VISION.vision_s_per_patch
+    with pytest.raises(ValueError, match="a measurement has 2 lengths but 1 patch counts"):
+        CostModel.fit([([10, 20], 1, 0.1, [5]), ([20], 1, 0.2), ([30], 1, 0.3)])
+    with pytest.raises(ValueError, match=r"a measurement is \(lengths, degree, seconds\) or .* got 2 items"):
+        CostModel.fit([([10], 1), ([20], 1, 0.2), ([30], 1, 0.3)])
+
+
 def test_fit_rejects_too_few_or_bad_measurements():
     with pytest.raises(ValueError, match="at least 3 measurements, got 2"):
         CostModel.fit([([10], 1, 0.1), ([20], 1, 0.2)])
@@ -99,6 +146,10 @@ def test_json_round_trip_and_errors(tmp_path):
     MODEL.save(path)
     assert CostModel.load(path) == MODEL
     assert CostModel.from_json(MODEL.to_json()) == MODEL
+    assert CostModel.from_json(VISION.to_json()) == VISION
+    # a file written before the vision tower was modelled
+    older = {key: value for key, value in dataclasses.asdict(MODEL).items() if key != "vision_s_per_patch"}
+    assert CostModel.from_json(json.dumps(older)) == MODEL and MODEL.vision_s_per_patch == 0.0
     with pytest.raises(ValueError, match=r"unknown CostModel field\(s\) \['flops'\]"):
         CostModel.from_json('{"flops": 1.0}')
     with pytest.raises(ValueError, match=re.escape("CostModel.overhead_s=-1.0 must be a finite number >= 0")):

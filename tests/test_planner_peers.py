@@ -3,6 +3,7 @@ power-of-two aligned blocks, and a sequential group costs its samples one by one
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -90,3 +91,6 @@ def test_a_sequential_group_pays_every_sample_as_its_own_step():
     )
     assert sequential_group_time(COST, lengths, 4, False) == pytest.approx(expected, rel=1e-12)
     assert sequential_group_time(COST, lengths, 4, False) > COST.group_time(lengths, 4)
+    vision = dataclasses.replace(COST, vision_s_per_patch=1e-5)
+    assert sequential_group_time(vision, lengths, 4, False, [4000, 0, 800]) == pytest.approx(
+        expected + 1e-5 * 4800 / 4, rel=1e-12)

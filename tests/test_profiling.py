@@ -8,7 +8,14 @@ import math
 
 import pytest
 
-from lightning_dhp.lightning.profiling import fit_ring_steps, profile_cost_model, profile_packs, transformer_step
+from lightning_dhp.lightning.module_profile import vision_items
+from lightning_dhp.lightning.profiling import (
+    fit_ring_steps,
+    fit_vision_term,
+    profile_cost_model,
+    profile_packs,
+    transformer_step,
+)
 from lightning_dhp.planner import CostModel
 
 TRUE = CostModel(attention_s_per_token2=3e-9, linear_s_per_token=2e-5, overhead_s=4e-3, ring_step_latency_s=7e-4,
@@ -86,6 +93,23 @@ def test_ring_fit_without_cross_node_steps_keeps_the_inter_node_bandwidth():
     model, report = fit_ring_steps(TRUE, steps, node_size=8)
     assert model.ring_step_latency_s == pytest.approx(1e-3) and model.intra_node_bytes_per_s == pytest.approx(50e9)
     assert model.inter_node_bytes_per_s == TRUE.inter_node_bytes_per_s and report.median_abs_pct_error < 1e-9
+
+
+def test_whole_items_with_vision_patches_fit_the_vision_term():
+    true = dataclasses.replace(TRUE, vision_s_per_patch=2.5e-6)
+    items = {7: (40, 300), 9: (120, 1200), 11: (80, 0)}  # index: (tokens, patches)
+    cluster = FakeCluster()
+
+    def run_item(index: int) -> None:
+        tokens, patches = items[index]
+        cluster.now += true.group_time([tokens], 1, patches=[patches])
+
+    chosen = vision_items([items.get(i, (5, 0))[0] for i in range(12)], [items.get(i, (5, 0))[1] for i in range(12)],
+                          tokens_per_device=100)
+    assert chosen == [7]  # patches and fits one device (item 9 has 120 tokens, item 11 none)
+    fitted, timings = fit_vision_term(TRUE, run_item, [(index, *items[index]) for index in (7, 9)], timer=cluster.clock)
+    assert fitted.vision_s_per_patch == pytest.approx(2.5e-6, rel=1e-9)
+    assert dataclasses.replace(fitted, vision_s_per_patch=0.0) == TRUE and len(timings) == 2
 
 
 def test_profile_packs_time_each_length_alone_split_in_two_and_next_to_its_neighbour():

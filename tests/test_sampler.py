@@ -66,3 +66,39 @@ def test_bad_arguments_and_mismatched_resume_are_clear():
         DHPBatchSampler([1, 2, 3, 4], 2).load_state_dict(state)
     with pytest.raises(ValueError, match="global_batch_size=2"):
         DHPBatchSampler([1, 2, 3], 3).load_state_dict(state)
+
+
+@pytest.mark.parametrize(("patches", "fragment"), [
+    ([4, 0], r"vision_patches has 2 entries but there are 3 lengths"),
+    ([4, -1, -2], r"dataset items \[1, 2\] have negative vision patch counts \(vision_patches\[1\] = -1"),
+    ([4, 2.5, 0], r"vision patch counts must be whole numbers; dataset items \[1\]"),
+])
+def test_bad_vision_patches_name_the_dataset_items(patches, fragment):
+    from lightning_dhp.errors import DHPDataError
+
+    with pytest.raises(DHPDataError, match=fragment):
+        DHPBatchSampler([3, 5, 7], 2, vision_patches=patches)
+
+
+def test_vision_patches_reach_the_planner_from_the_dataset_attribute():
+    import torch
+
+    from lightning_dhp.lightning import DHPDataLoader, DHPPacking, dhp_dataloader
+    from lightning_dhp.lightning.planned_loader import PlanConfig, StepRequest
+    from lightning_dhp.planner import CostModel
+
+    class Videos(torch.utils.data.Dataset):
+        lengths, vision_patches = [6, 9, 4], [0, 32, 8]
+
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, index: int) -> dict:
+            return {"input_ids": torch.zeros(self.lengths[index], dtype=torch.long)}
+
+    loader = dhp_dataloader(Videos(), Videos.lengths, 3)
+    assert loader.batch_sampler.vision_patches == [0, 32, 8]
+    vision = CostModel(vision_s_per_patch=1e-3)
+    planned = DHPDataLoader(Videos(), loader.batch_sampler, PlanConfig(2, 0, 16, cost_model=vision), DHPPacking(), {})
+    step = planned.dataset[StepRequest("x", 0, 0, (1, 2))]
+    assert list(step.plan.vision_patches) == [32, 8]

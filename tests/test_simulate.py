@@ -13,13 +13,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_dhp.planner import CostModel, static_plan
+from lightning_dhp.data import token_lengths
+from lightning_dhp.planner import CostModel, plan_batch, static_plan
+from lightning_dhp.planner.presets import MODEL_PRESETS, VISION_PRESETS
 from lightning_dhp.simulate import (
+    PATCHES_PER_VISUAL_TOKEN,
     PRESETS,
     LengthSource,
     SimulationConfig,
     csv_source,
     main,
+    multimodal_source,
     retimed,
     ring_group_time,
     simulate_device_count,
@@ -159,6 +163,9 @@ def test_ulysses_matches_the_ring_at_degree_1_and_moves_the_stated_volume():
     all_to_all = 2.0 * COST.kv_bytes_per_token * (12288 / degree) / degree / COST.inter_node_bytes_per_s
     expected = COST.overhead_s + compute + (degree - 1) * (COST.ring_step_latency_s + all_to_all)
     assert ulysses(lengths, degree, True) == pytest.approx(expected)
+    vision = dataclasses.replace(COST, vision_s_per_patch=1e-5)
+    assert ulysses_group_time(vision, volume_ratio=2.0)(lengths, degree, True, [4000, 0]) == pytest.approx(
+        expected + 1e-5 * 4000 / degree)
 
 
 def test_presets_are_pinned():
@@ -167,6 +174,7 @@ def test_presets_are_pinned():
         for name, preset in PRESETS.items()
     }
     videos = ("activitynet", "epic_kitchens_videos")
+    mixes = ("activitynet+mooncake", "activitynet+azure_conv")
     assert pinned == {
         "internvl3-2b-910b": ("internvl3-2b", "Ascend 910B", 32768, videos, (2, 56 / 12)),
         "internvl3-2b-h100": ("internvl3-2b", "H100", 32768, videos, (2, 56 / 12)),
@@ -174,9 +182,59 @@ def test_presets_are_pinned():
         "internvl3-8b-h100": ("internvl3-8b", "H100", 16384, videos, (4, 128 / 24)),
         "qwen2.5-vl-7b-910b": ("qwen2.5-vl-7b", "Ascend 910B", 16384, videos, (4, 128 / 24)),
         "qwen2.5-vl-7b-h100": ("qwen2.5-vl-7b", "H100", 16384, videos, (4, 128 / 24)),
+        "qwen2.5-vl-7b-vision-h100": ("qwen2.5-vl-7b", "H100", 16384, mixes, (4, 128 / 24)),
+        "internvl3-8b-vision-h100": ("internvl3-8b", "H100", 16384, mixes, (4, 128 / 24)),
     }
     assert PRESETS["qwen2.5-vl-7b-h100"].cost_model() == CostModel.for_transformer(
         layers=28, hidden=3584, heads=28, kv_heads=4, intermediate=18944, vocab=152064, device="H100")
+    for name in ("qwen2.5-vl-7b", "internvl3-8b"):
+        assert PRESETS[f"{name}-vision-h100"].cost_model() == CostModel.for_transformer(
+            MODEL_PRESETS[name], vision=VISION_PRESETS[name], device="H100")
+        assert VISION_PRESETS[name].merge_size ** 2 == PATCHES_PER_VISUAL_TOKEN
+
+
+def test_a_multimodal_source_takes_its_patches_from_the_video_rule():
+    source = multimodal_source("activitynet", "mooncake")
+    videos, text = token_lengths("activitynet"), token_lengths("mooncake")
+    assert source.name == "activitynet+mooncake"
+    np.testing.assert_array_equal(source.lengths, np.concatenate([videos, text]))
+    # 1 fps x 64 tokens per frame + 128 text tokens: 4 patches per visual token, none for text
+    np.testing.assert_array_equal(source.vision_patches, np.concatenate([4 * (videos - 128), np.zeros(len(text))]))
+    assert source.stats()["with_vision"] == pytest.approx(len(videos) / (len(videos) + len(text)))
+    assert "4 vision patches per visual token" in source.rule and "Mooncake conversation trace" in source.rule
+    fewer = multimodal_source("activitynet", "azure_conv", params={"tokens_per_frame": 16})
+    assert fewer.vision_patches.max() == 4 * 16 * (videos.max() - 128) // 64
+
+
+def test_the_vision_preset_compares_vision_aware_and_vision_blind_dhp(tmp_path, capsys):
+    json_path = tmp_path / "result.json"
+    main(["--preset", "qwen2.5-vl-7b-vision-h100", "--dist", "activitynet+mooncake", "--quick", "--devices", "8,16",
+          "--steps", "2", "--json", str(json_path)])
+    report = capsys.readouterr().out
+    assert "with its vision tower" in report and "62% of them with vision patches" in report
+    assert "dhp-vision-blind over dhp per step" in report
+    result = json.loads(json_path.read_text())
+    assert result["cost_model"]["vision_s_per_patch"] == pytest.approx(6 * 642_611_200 / (989e12 * 0.4))
+    for row in result["distributions"][0]["results"]:
+        ratios = row["vision_blind_over_aware"]
+        assert ratios["min"] <= ratios["p10"] <= ratios["median"] <= ratios["p90"] <= ratios["max"]
+        assert ratios["median"] > 1.0  # ignoring the vision tower costs time
+        assert row["step_time_s"]["dhp-vision-blind"] > row["step_time_s"]["dhp"]
+        assert f"| {row['devices']} | {ratios['median']:.3f} | {ratios['p10']:.3f} |" in report
+
+
+def test_retiming_uses_the_plans_vision_patches_or_the_given_ones():
+    cost = dataclasses.replace(COST, vision_s_per_patch=1e-5)
+    lengths, patches = [3000, 9000, 500, 12000, 700], [12000, 0, 2000, 0, 0]
+    aware = plan_batch(lengths, 8, 8192, cost, node_size=4, vision_patches=patches)
+    assert retimed(aware, ring_group_time(cost), node_size=4) == pytest.approx(aware.predicted_time, rel=1e-12)
+    blind = plan_batch(lengths, 8, 8192, cost, node_size=4)
+    expected = sum(
+        max(cost.group_time([lengths[i] for i in group.samples], group.degree,
+                            patches=[patches[i] for i in group.samples]) for group in round_.groups)
+        for round_ in blind.rounds
+    )
+    assert retimed(blind, ring_group_time(cost), 4, vision_patches=patches) == pytest.approx(expected, rel=1e-12)
 
 
 def test_a_preset_sets_the_cost_model_budget_and_distributions_unless_given(tmp_path):

@@ -107,7 +107,7 @@ class VideoDigits(Dataset):
     frame count of every sample instead (``single_image`` uses 1). ``metadata_file`` is a path or a
     file name in ``data_dir`` (default: see :func:`lightning_dhp.data.lengths.shared_data_dir`).
     ``visual_index`` is per-token (``token_fields``); ``pixel_values``, ``answer`` and ``question``
-    are per-sample.
+    are per-sample. ``lengths`` and ``vision_patches`` come from the metadata, without rendering a frame.
     """
 
     token_fields = ("visual_index",)
@@ -162,7 +162,8 @@ class VideoDigits(Dataset):
         self.frame_widths = rng.choice(np.asarray(frame_sizes), size=num_samples)
         self.question_kinds = rng.choice(np.asarray(questions), size=num_samples)
         self.tokens_per_frame = (self.frame_heights // patch_size) * (self.frame_widths // patch_size)
-        self.lengths: np.ndarray = self.num_frames * self.tokens_per_frame + TEXT_TOKENS_PER_SAMPLE
+        self.vision_patches: np.ndarray = self.num_frames * self.tokens_per_frame  # one visual token per patch
+        self.lengths: np.ndarray = self.vision_patches + TEXT_TOKENS_PER_SAMPLE
 
     @classmethod
     def single_image(cls, num_samples: int, *, seed: int = 0, **kwargs: Any) -> VideoDigits:

@@ -8,6 +8,6 @@ global batch.
 
 from lightning_dhp.hf.attention import ATTENTION_NAME, dhp_attention
 from lightning_dhp.hf.module import HFModule, default_optimizer
-from lightning_dhp.hf.qwen_vl import QwenVLItems
+from lightning_dhp.hf.qwen_vl import QwenVLItems, vision_patches
 
-__all__ = ["ATTENTION_NAME", "HFModule", "QwenVLItems", "default_optimizer", "dhp_attention"]
+__all__ = ["ATTENTION_NAME", "HFModule", "QwenVLItems", "default_optimizer", "dhp_attention", "vision_patches"]

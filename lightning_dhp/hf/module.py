@@ -37,9 +37,13 @@ class HFModule(LightningModule):
     the trainable parameters to an optimizer (default :func:`default_optimizer`, AdamW at 1e-5).
     Give the data module :attr:`packing_options` (the item transform and token fields this model
     needs): ``DHPDataModule(dataset, lengths, batch_size, **module.packing_options)``.
+
+    A Qwen-VL group's vision work is spread over its ranks: whole images, and each video's temporal
+    patches (``split_videos=False`` encodes every video whole on one rank, as a baseline to compare with).
     """
 
-    def __init__(self, model: PreTrainedModel, optimizer: OptimizerFactory | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, optimizer: OptimizerFactory | None = None, *,
+                 split_videos: bool = True) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = default_optimizer if optimizer is None else optimizer
@@ -49,7 +53,7 @@ class HFModule(LightningModule):
         check_routable(model, model.config.get_text_config())
         model.set_attn_implementation({"text_config": ATTENTION_NAME} if self.is_qwen_vl else ATTENTION_NAME)
         if self.is_qwen_vl:
-            install_vision_hook(model)
+            install_vision_hook(model, split_videos)
 
     @property
     def packing_options(self) -> dict[str, Any]:

@@ -5,8 +5,9 @@ index): it checks the image/video placeholder tokens against ``image_grid_thw`` 
 computes the sample's 3-D M-RoPE positions with the model's own ``get_rope_index`` on the whole
 sample, and marks each placeholder token with its row of the sample's vision features. Both travel
 as token fields, sharded like ``input_ids``. In the step, :func:`embed_with_vision` (run by a
-pre-hook of the language model, inside the model's own forward) encodes each image and video of the
-group once, on one rank of the group, and gives every rank the features of the tokens it holds.
+pre-hook of the language model, inside the model's own forward) spreads the group's vision work over
+its ranks (whole images, and each video's temporal patches, balanced by predicted cost), encodes each
+piece once, and gives every rank the features of the tokens it holds.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class QwenVLItems:
     def __init__(self, model: PreTrainedModel) -> None:
         self.rope_owner = type(model.model)  # the class whose get_rope_index computes M-RoPE positions
         self.config: PretrainedConfig = model.config
-        self.merge = int(model.config.vision_config.spatial_merge_size)
+        vision = model.config.vision_config
+        self.merge = int(vision.spatial_merge_size)
+        self.patch_width = int(vision.in_channels * vision.temporal_patch_size * vision.patch_size**2)
 
     # get_rope_index is called with this object as ``self``: it reads ``config`` and this method.
     def get_vision_position_ids(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -77,6 +80,11 @@ class QwenVLItems:
                     f"{self.merge}**2 each, one run per {kind}); build the item with the model's processor")
             pixels = item.get(pixels_key)
             pixel_rows = 0 if pixels is None else pixels.shape[0]
+            if pixels is not None and (pixels.dim() != 2 or pixels.shape[1] != self.patch_width):
+                raise ValueError(
+                    f"{pixels_key} has rows of shape {tuple(pixels.shape[1:])} but this vision tower takes patches "
+                    f"of {self.patch_width} values (in_channels x temporal_patch_size x patch_size**2); process the "
+                    "item with this model's processor")
             if pixel_rows != int(grid.prod(-1).sum()):
                 raise ValueError(f"{pixels_key} has {pixel_rows} rows but {grid_key}={grid.tolist()} needs "
                                  f"{int(grid.prod(-1).sum())} (t*h*w patches per {kind})")
@@ -96,6 +104,13 @@ class QwenVLItems:
         return item
 
 
+def vision_patches(item: dict[str, Any]) -> int:
+    """The vision patches a Qwen-VL processor's item asks its vision tower to encode (images and videos,
+    before merging): what ``DHPDataModule(..., vision_patches=[...])`` wants per item. Reads the grids only."""
+    return sum(int(torch.as_tensor(item[key]).reshape(-1, 3).prod(-1).sum())
+               for _, _, key in _VISUALS if item.get(key) is not None)
+
+
 def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
     """``(start, end)`` of every run of True in a 1-D mask."""
     edges = torch.diff(torch.nn.functional.pad(mask.long(), (1, 1)))
@@ -103,64 +118,92 @@ def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
                     strict=True))
 
 
+# A segment of S patches costs about S * (1 + S / ATTENTION_PATCHES) patches of linear work: per patch and
+# block, the linear layers of a Qwen2-VL-7B tower take 2 x 19.7M FLOPs (1280 wide, MLP ratio 4) and full
+# attention 4 x S x 1280 (scores and values), so attention matches the linear work at S = 7680 patches
+# (Qwen2.5-VL attends within 112-pixel windows in most blocks, so this overstates its attention).
+ATTENTION_PATCHES = 7680
+
+
 @dataclass(frozen=True)
-class _Visual:
-    """One image or video of the group: its sample, kind, index among the sample's visuals of that kind,
-    first row in the sample's vision features, tokens (merged rows) and patches."""
+class _Unit:
+    """Vision work one rank encodes: a whole image, or (``split_videos``) one temporal patch of a video, which
+    every Qwen-VL tower attends to as a segment of its own (transformers' vision ``cu_seqlens`` have one
+    segment per temporal patch; Qwen2.5-VL's windows lie inside a frame), so its features do not depend on
+    what else is encoded with it.
+
+    ``grid`` is the unit's own (t, h, w); ``first_row`` its first row in the sample's vision features (images,
+    then videos); ``first_patch`` its first row in the sample's pixel values of its kind.
+    """
 
     sample: int
     kind: str
-    index: int
+    grid: tuple[int, int, int]
     first_row: int
-    tokens: int
-    patches: int
+    first_patch: int
+    merge: int
+
+    @property
+    def patches(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+    @property
+    def tokens(self) -> int:
+        return self.patches // self.merge**2
+
+    @property
+    def cost(self) -> float:
+        """Predicted encoding work, in patches (see :data:`ATTENTION_PATCHES`)."""
+        _, h, w = self.grid
+        return self.patches * (1 + h * w / ATTENTION_PATCHES)
 
 
-def _group_visuals(batch: dict[str, Any], merge: int) -> list[_Visual]:
-    """Every image and video of the group's samples, per sample images then videos (the rows' order)."""
-    visuals = []
+def _group_units(batch: dict[str, Any], merge: int, split_videos: bool) -> list[_Unit]:
+    """The group's vision work, in the order of each sample's features: per sample its images, then its videos
+    (each cut into temporal patches when ``split_videos``)."""
+    units = []
     for sample, (image_grid, video_grid) in enumerate(zip(batch["image_grid_thw"], batch["video_grid_thw"],
                                                           strict=True)):
         row = 0
         for kind, grid in (("image", image_grid), ("video", video_grid)):
-            for index, patches in enumerate(grid.prod(-1).tolist()):
-                visuals.append(_Visual(sample, kind, index, row, patches // merge**2, patches))
-                row += patches // merge**2
-    return visuals
+            patch = 0
+            for t, h, w in grid.tolist():
+                pieces = [(1, h, w)] * t if kind == "video" and split_videos else [(t, h, w)]
+                for piece in pieces:
+                    unit = _Unit(sample, kind, piece, row, patch, merge)
+                    units.append(unit)
+                    row, patch = row + unit.tokens, patch + unit.patches
+    return units
 
 
-def _owners(visuals: list[_Visual], degree: int) -> list[int]:
-    """Which rank of the group encodes each visual: largest first onto the least-loaded rank (by patches)."""
-    load, owners = [0] * degree, [0] * len(visuals)
-    for position in sorted(range(len(visuals)), key=lambda i: -visuals[i].patches):
+def _owners(units: list[_Unit], degree: int) -> list[int]:
+    """Which rank of the group encodes each unit: costliest first onto the least-loaded rank."""
+    load, owners = [0.0] * degree, [0] * len(units)
+    for position in sorted(range(len(units)), key=lambda i: -units[i].cost):
         owners[position] = min(range(degree), key=lambda rank: load[rank])
-        load[owners[position]] += visuals[position].patches
+        load[owners[position]] += units[position].cost
     return owners
 
 
-def _part(visuals: list[_Visual], owners: list[int], rank: int) -> list[int]:
-    """The visuals ``rank`` encodes, in the order of its features: its images, then its videos."""
-    return [i for kind in ("image", "video") for i, visual in enumerate(visuals)
-            if owners[i] == rank and visual.kind == kind]
+def _part(units: list[_Unit], owners: list[int], rank: int) -> list[int]:
+    """The units ``rank`` encodes, in the order of its features: its images, then its videos."""
+    return [i for kind in ("image", "video") for i, unit in enumerate(units) if owners[i] == rank and unit.kind == kind]
 
 
-def _encode(model: PreTrainedModel, batch: dict[str, Any], visuals: list[_Visual],
-            embeds: torch.Tensor) -> torch.Tensor:
-    """Merged vision features of ``visuals`` (images before videos), one vision-tower call per kind."""
+def _encode(model: PreTrainedModel, batch: dict[str, Any], units: list[_Unit], embeds: torch.Tensor) -> torch.Tensor:
+    """Merged vision features of ``units`` (images before videos), one vision-tower call per kind."""
     device, dtype = embeds.device, embeds.dtype
     features = [embeds.new_zeros(0, embeds.shape[1])]
-    for kind, pixels_key, grid_key in _VISUALS:
-        chosen = [visual for visual in visuals if visual.kind == kind]
+    for kind, pixels_key, _ in _VISUALS:
+        chosen = [unit for unit in units if unit.kind == kind]
         if not chosen:
             continue
-        pixels, grids = [], []
-        for visual in chosen:
-            grid = batch[grid_key][visual.sample]
-            patch_starts = torch.nn.functional.pad(grid.prod(-1).cumsum(0), (1, 0)).tolist()
-            pixels.append(batch[pixels_key][visual.sample][patch_starts[visual.index]:patch_starts[visual.index + 1]])
-            grids.append(grid[visual.index])
+        pixels = torch.cat([batch[pixels_key][unit.sample][unit.first_patch:unit.first_patch + unit.patches]
+                            for unit in chosen])
+        grids = torch.tensor([unit.grid for unit in chosen])
         encode = model.model.get_image_features if kind == "image" else model.model.get_video_features
-        features += encode(torch.cat(pixels).to(device), torch.stack(grids).to(device)).pooler_output
+        features += encode(pixels.to(device), grids.to(device)).pooler_output
     return torch.cat(features).to(dtype)
 
 
@@ -196,60 +239,62 @@ class _GatherOverRing(torch.autograd.Function):
         return total[:sizes[rank]], None, None, None
 
 
-def install_vision_hook(model: PreTrainedModel) -> None:
+def install_vision_hook(model: PreTrainedModel, split_videos: bool = True) -> None:
     """Let ``model``'s forward take ``dhp_vision=(batch, layout)``: its language model then gets the input
     embeddings with this rank's placeholder rows replaced by vision features (:func:`embed_with_vision`).
 
     The vision tower and the feature exchange run inside the model's own forward, so under FSDP they
     see the root module's parameters gathered like every other call of the step.
     """
-    model.model.language_model.register_forward_pre_hook(partial(_inject_vision, model), with_kwargs=True)
+    model.model.language_model.register_forward_pre_hook(partial(_inject_vision, model, split_videos),
+                                                         with_kwargs=True)
 
 
-def _inject_vision(model: PreTrainedModel, language_model: torch.nn.Module, args: tuple,
+def _inject_vision(model: PreTrainedModel, split_videos: bool, language_model: torch.nn.Module, args: tuple,
                    kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
     request = kwargs.pop(VISION_KWARG, None)
     if request is None:
         return None
     batch, layout = request
-    kwargs["inputs_embeds"] = embed_with_vision(model, batch, layout, kwargs["inputs_embeds"][0])[None]
+    kwargs["inputs_embeds"] = embed_with_vision(model, batch, layout, kwargs["inputs_embeds"][0], split_videos)[None]
     return args, kwargs
 
 
 def embed_with_vision(model: PreTrainedModel, batch: dict[str, Any], layout: ZigzagLayout,
-                      embeds: torch.Tensor) -> torch.Tensor:
+                      embeds: torch.Tensor, split_videos: bool = True) -> torch.Tensor:
     """``embeds`` ``(T_local, hidden)`` with this rank's placeholder rows replaced by vision features.
 
-    Each image or video of the group is encoded once, by one rank of the group (balanced by
-    patches); the features travel over the CP ring to the ranks holding their tokens. Encoding a
-    straddling image on every rank holding some of its tokens would not be exact: HF's vision RoPE
-    runs in float32, so partial gradients would be rounded before they are summed.
+    The group's vision work is cut into units (whole images; each video temporal patch when
+    ``split_videos``) spread over the group's ranks balanced by predicted cost; each unit is encoded once, by
+    one rank, and the features travel over the CP ring to the ranks holding their tokens. (Encoding a unit on
+    every rank holding some of its tokens would not be exact: HF's vision RoPE rounds q and k to float32, so
+    the partial gradients would be rounded before they are summed.)
     """
-    visuals = _group_visuals(batch, model.config.vision_config.spatial_merge_size)
-    if not visuals:  # the same on every rank of the group: no collective
+    units = _group_units(batch, model.config.vision_config.spatial_merge_size, split_videos)
+    if not units:  # the same on every rank of the group: no collective
         return embeds
-    owners = _owners(visuals, layout.degree)
-    parts = [_part(visuals, owners, rank) for rank in range(layout.degree)]
-    local = _encode(model, batch, [visuals[i] for i in parts[layout.rank]], embeds)
+    owners = _owners(units, layout.degree)
+    parts = [_part(units, owners, rank) for rank in range(layout.degree)]
+    local = _encode(model, batch, [units[i] for i in parts[layout.rank]], embeds)
     if layout.degree > 1:
         context = current_cp_context()
         assert context is not None, "a degree > 1 layout runs inside its CP context"
-        sizes = [sum(visuals[i].tokens for i in part) for part in parts]
+        sizes = [sum(units[i].tokens for i in part) for part in parts]
         trains_vision = torch.is_grad_enabled() and any(p.requires_grad for p in model.model.visual.parameters())
         if trains_vision and not local.requires_grad:  # a rank encoding nothing still joins the backward exchange
             local = local.detach().requires_grad_()
         local = _GatherOverRing.apply(local, sizes, RingExchange(context.group, context.ranks, layout.rank),
                                       layout.rank)
-    offsets = torch.zeros(len(visuals), dtype=torch.long)
+    offsets = torch.zeros(len(units), dtype=torch.long)
     order = [i for part in parts for i in part]
-    offsets[order] = torch.tensor([0] + [visuals[i].tokens for i in order[:-1]]).cumsum(0)
+    offsets[order] = torch.tensor([0] + [units[i].tokens for i in order[:-1]]).cumsum(0)
     rows = batch[VISION_ROWS].to(embeds.device) - 1
     held = torch.nonzero((rows >= 0) & layout.valid.to(embeds.device)).flatten()
     feature_index = torch.empty_like(held)
     samples = layout.sequence_ids.to(embeds.device)[held]
     for sample in set(samples.tolist()):
-        ids = [i for i, visual in enumerate(visuals) if visual.sample == sample]
-        first_rows = torch.tensor([visuals[i].first_row for i in ids], device=embeds.device)
+        ids = [i for i, unit in enumerate(units) if unit.sample == sample]
+        first_rows = torch.tensor([units[i].first_row for i in ids], device=embeds.device)
         selected = samples == sample
         sample_rows = rows[held[selected]]
         which = torch.bucketize(sample_rows, first_rows, right=True) - 1

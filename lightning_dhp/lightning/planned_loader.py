@@ -39,12 +39,12 @@ class PlanConfig:
     skip_bad_samples: bool = False
     static_degree: int | None = None  # plan like static ring CP: every group has this many ranks
 
-    def plan(self, lengths: Sequence[int]) -> Plan:
+    def plan(self, lengths: Sequence[int], vision_patches: Sequence[int] | None = None) -> Plan:
         if self.static_degree is not None:
             return static_plan(lengths, self.num_devices, self.tokens_per_device, self.static_degree,
-                               self.cost_model)
+                               self.cost_model, vision_patches=vision_patches)
         return plan_batch(lengths, self.num_devices, self.tokens_per_device, self.cost_model,
-                          node_size=self.node_size)
+                          node_size=self.node_size, vision_patches=vision_patches)
 
 
 @dataclass(frozen=True)
@@ -91,16 +91,19 @@ class PlannedStep:
 class PlannedDataset(Dataset):
     """Maps a :class:`StepRequest` to this rank's :class:`PlannedStep`."""
 
-    def __init__(self, dataset: Any, lengths: Sequence[int], config: PlanConfig, packing: DHPPacking) -> None:
+    def __init__(self, dataset: Any, lengths: Sequence[int], config: PlanConfig, packing: DHPPacking,
+                 vision_patches: Sequence[int] | None = None) -> None:
         self.dataset = dataset
         self.lengths = lengths
+        self.vision_patches = vision_patches
         self.config = config
         self.packing = packing
 
     def __getitem__(self, request: StepRequest) -> PlannedStep:
         config = self.config
         started = time.perf_counter()
-        plan = config.plan([self.lengths[i] for i in request.sample_ids])
+        patches = None if self.vision_patches is None else [self.vision_patches[i] for i in request.sample_ids]
+        plan = config.plan([self.lengths[i] for i in request.sample_ids], patches)
         planner_seconds = time.perf_counter() - started
         rounds: list[dict[str, Any]] = []
         leader_loss_tokens, leader_skipped, errors = 0, 0, []
@@ -227,7 +230,7 @@ class DHPDataLoader(DataLoader):
                 worker_init_fn=WorkerInit(self._stack_dir, loader_kwargs.get("worker_init_fn")),
                 multiprocessing_context=loader_kwargs.get("multiprocessing_context") or default_context(),
                 persistent_workers=True, timeout=min(POLL_S, self._wait_s or POLL_S))
-        super().__init__(PlannedDataset(dataset, batch_sampler.lengths, config, packing),
+        super().__init__(PlannedDataset(dataset, batch_sampler.lengths, config, packing, batch_sampler.vision_patches),
                          sampler=StepRequests(batch_sampler, self.loader_id),
                          batch_size=None, collate_fn=_unbatched, **loader_kwargs)
 

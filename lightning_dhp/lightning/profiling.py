@@ -124,6 +124,28 @@ def profile_cost_model(
     return model, ProfileReport(compute, ring, pack_times, steps, [])
 
 
+def fit_vision_term(
+    model: CostModel,
+    run_item: Callable[[int], None],
+    items: Sequence[tuple[int, int, int]],
+    *,
+    repeats: int = 3,
+    warmup: int = 1,
+    timer: Callable[[], float] = time.perf_counter,
+) -> tuple[CostModel, list[tuple[int, int, float]]]:
+    """``model`` with ``vision_s_per_patch`` fitted to whole items timed alone at degree 1.
+
+    ``items`` holds ``(index, tokens, vision_patches)``; ``run_item(index)`` runs forward+backward of that
+    item. Each item's time beyond what ``model`` predicts for its tokens is its vision tower's; the
+    coefficient is the median of that per patch (at least 0). Returns the model and ``(tokens, patches,
+    seconds)`` per item.
+    """
+    timings = [(tokens, patches, _median_time(lambda i=index: run_item(i), repeats, warmup, timer))
+               for index, tokens, patches in items]
+    per_patch = [max(0.0, seconds - model.group_time([tokens], 1)) / patches for tokens, patches, seconds in timings]
+    return dataclasses.replace(model, vision_s_per_patch=statistics.median(per_patch)), timings
+
+
 def _check_degree(degree: object, name: str) -> None:
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 2:
         raise ValueError(f"{name} holds {degree!r}; a group of context parallelism needs a degree >= 2")

@@ -19,13 +19,18 @@ class DHPBatchSampler:
     the final short batch of an epoch is skipped, otherwise every sample is yielded exactly once per
     epoch. ``state_dict``/``load_state_dict`` save the position inside the epoch so that a resumed
     run continues with exactly the batches the uninterrupted run would have seen.
+
+    ``lengths`` and ``vision_patches`` (optional) are what the planner knows of every sample: its
+    tokens, and the vision patches its vision tower encodes (images and video frames, before merging).
     """
 
     def __init__(self, lengths: Sequence[int], global_batch_size: int, *, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False) -> None:
+                 seed: int = 0, drop_last: bool = False, vision_patches: Sequence[int] | None = None) -> None:
         if global_batch_size < 1:
             raise DHPConfigError(f"global_batch_size must be >= 1, got {global_batch_size}")
         self.lengths = checked_lengths(lengths)
+        self.vision_patches = None if vision_patches is None else checked_vision_patches(vision_patches,
+                                                                                          len(self.lengths))
         self.global_batch_size = global_batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -94,12 +99,7 @@ def checked_lengths(lengths: Sequence[int]) -> list[int]:
     """
     if len(lengths) == 0:
         raise DHPDataError("lengths is empty: the dataset has no samples to batch")
-    values = list(lengths)
-    not_integers = [index for index, length in enumerate(values) if not _is_whole_number(length)]
-    if not_integers:
-        shown = ", ".join(f"lengths[{index}] = {values[index]!r}" for index in not_integers[:5])
-        raise DHPDataError(f"token counts must be whole numbers; dataset items {not_integers[:5]} have {shown}")
-    values = [int(length) for length in values]
+    values = _whole_numbers(lengths, "lengths", "token counts")
     bad = [index for index, length in enumerate(values) if length < 1]
     if bad:
         shown = ", ".join(f"lengths[{index}] = {values[index]}" for index in bad[:5])
@@ -107,6 +107,29 @@ def checked_lengths(lengths: Sequence[int]) -> list[int]:
         raise DHPDataError(f"dataset items {bad[:5]}{more} have no tokens to train ({shown}); every length must "
                            "be >= 1: remove those items or fix their lengths")
     return values
+
+
+def checked_vision_patches(vision_patches: Sequence[int], num_samples: int) -> list[int]:
+    """One count >= 0 of vision patches per sample, or a :class:`DHPDataError` naming the dataset indices."""
+    if len(vision_patches) != num_samples:
+        raise DHPDataError(f"vision_patches has {len(vision_patches)} entries but there are {num_samples} lengths; "
+                           "pass one patch count per dataset item (0 for text), in dataset order")
+    values = _whole_numbers(vision_patches, "vision_patches", "vision patch counts")
+    negative = [index for index, patches in enumerate(values) if patches < 0]
+    if negative:
+        shown = ", ".join(f"vision_patches[{index}] = {values[index]}" for index in negative[:5])
+        raise DHPDataError(f"dataset items {negative[:5]} have negative vision patch counts ({shown}); a count is "
+                           "the patches the vision tower encodes for the item, 0 for text")
+    return values
+
+
+def _whole_numbers(values: Sequence[Any], name: str, what: str) -> list[int]:
+    values = list(values)
+    not_integers = [index for index, value in enumerate(values) if not _is_whole_number(value)]
+    if not_integers:
+        shown = ", ".join(f"{name}[{index}] = {values[index]!r}" for index in not_integers[:5])
+        raise DHPDataError(f"{what} must be whole numbers; dataset items {not_integers[:5]} have {shown}")
+    return [int(value) for value in values]
 
 
 def _is_whole_number(value: Any) -> bool:

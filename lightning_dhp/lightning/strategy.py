@@ -317,14 +317,17 @@ class DHPStrategy(ParallelStrategy):
                            f"{report.median_abs_pct_error:.1f}%, p90 {report.p90_abs_pct_error:.1f}%)")
         return self.broadcast(model)
 
-    def _profile(self, dataset: Any, lengths: list[int], packing: DHPPacking, tokens_per_device: int) -> CostModel:
-        """Time the user's module on packs of real samples, fit, and give every rank rank 0's model."""
-        from lightning_dhp.lightning.module_profile import module_pack_runner, profiled_lengths
-        from lightning_dhp.lightning.profiling import profile_cost_model
+    def _profile(self, dataset: Any, batch_sampler: DHPBatchSampler, packing: DHPPacking,
+                 tokens_per_device: int) -> CostModel:
+        """Time the user's module on packs of real samples (and, with vision patches, whole items with
+        different patch counts), fit, and give every rank rank 0's model."""
+        from lightning_dhp.lightning.module_profile import module_pack_runner, profiled_lengths, vision_items
+        from lightning_dhp.lightning.profiling import fit_vision_term, profile_cost_model
 
         started = time.perf_counter()
-        run_pack = module_pack_runner(self.lightning_module, dataset, lengths, packing, self.root_device,
-                                      self.batch_to_device)
+        lengths, patches = batch_sampler.lengths, batch_sampler.vision_patches
+        run_pack, run_item = module_pack_runner(self.lightning_module, dataset, lengths, packing, self.root_device,
+                                                self.batch_to_device, patches)
         base = CostModel.default()
         model, report = profile_cost_model(run_pack, profiled_lengths(lengths, tokens_per_device), base=base)
         if model.attention_s_per_token2 <= 0 and model.linear_s_per_token <= 0:
@@ -332,8 +335,13 @@ class DHPStrategy(ParallelStrategy):
                            "per-step overhead); keeping the default model's per-token terms")
             model = dataclasses.replace(model, attention_s_per_token2=base.attention_s_per_token2,
                                         linear_s_per_token=base.linear_s_per_token)
+        vision = ""
+        chosen = vision_items(lengths, patches, tokens_per_device)
+        if chosen:
+            model, _ = fit_vision_term(model, run_item, [(index, lengths[index], patches[index]) for index in chosen])
+            vision = f"; vision {model.vision_s_per_patch:.3g} s per patch from {len(chosen)} whole items"
         rank_zero_info(f"DHP: profiled the cost model of {type(self.lightning_module).__name__} in "
-                       f"{time.perf_counter() - started:.1f} s ({report.summary()})")
+                       f"{time.perf_counter() - started:.1f} s ({report.summary()}{vision})")
         return self.broadcast(model)
 
     @override
@@ -489,7 +497,7 @@ class DHPStrategy(ParallelStrategy):
                                  "any degree)")
         tokens_per_device = self.tokens_per_device or max(batch_sampler.lengths)
         if self.cost_model == "profile":  # the first loader's data profiles the module (every rank at once)
-            self.cost_model = self._profile(dataloader.dataset, batch_sampler.lengths, packing, tokens_per_device)
+            self.cost_model = self._profile(dataloader.dataset, batch_sampler, packing, tokens_per_device)
         config = PlanConfig(
             num_devices=self.world_size, rank=self.global_rank,
             tokens_per_device=tokens_per_device,

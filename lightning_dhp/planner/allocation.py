@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lightning_dhp.planner.cost_model import CostModel, padded_lengths
+from lightning_dhp.planner.cost_model import CostModel, padded_lengths, take
 
 
 @dataclass
@@ -150,11 +150,15 @@ def table_from_flat(
     target: float,
     cost: CostModel,
     node_size: int | None,
+    flat_patches: np.ndarray | None = None,
 ) -> DegreeTable:
-    """:func:`build_table` with the bins' lengths concatenated and ``sizes`` samples per bin."""
+    """:func:`build_table` with the bins' lengths (and vision patches, None: none) concatenated and
+    ``sizes`` samples per bin."""
     num_bins = len(sizes)
     flat_bins = np.repeat(np.arange(num_bins), sizes)
-    degree_one_work = np.bincount(flat_bins, weights=cost.sample_costs(flat_lengths, 1), minlength=num_bins)
+    degree_one_work = np.bincount(flat_bins, weights=cost.sample_costs(flat_lengths, 1, patches=flat_patches),
+                                  minlength=num_bins)
+    bin_patches = None if flat_patches is None else np.bincount(flat_bins, weights=flat_patches, minlength=num_bins)
     headroom = max(target - cost.overhead_s, 1e-12)
     guess = np.ceil(degree_one_work / headroom).astype(np.int64) + 2 - min_degree
     full = max_degree - min_degree + 1
@@ -165,7 +169,8 @@ def table_from_flat(
         retry = []
         for width in np.unique(widths[pending]).tolist():
             chosen = pending[widths[pending] == width]
-            times = _times_for(chosen, width, flat_bins, flat_lengths, min_degree, max_degree, cost, node_size)
+            times = _times_for(chosen, width, flat_bins, flat_lengths, min_degree, max_degree, cost, node_size,
+                               take(bin_patches, chosen))
             envelope = np.minimum.accumulate(times, axis=1)
             finished = (envelope[:, -1] <= target) | (width >= full[chosen])
             done.setdefault(width, []).append((chosen[finished], times[finished], envelope[finished]))
@@ -192,8 +197,10 @@ def _times_for(
     max_degree: np.ndarray,
     cost: CostModel,
     node_size: int | None,
+    chosen_patches: np.ndarray | None,
 ) -> np.ndarray:
-    """Times of the ``chosen`` bins (ascending ids) at ``width`` consecutive degrees each."""
+    """Times of the ``chosen`` bins (ascending ids, with ``chosen_patches`` vision patches each, None:
+    none) at ``width`` consecutive degrees each."""
     is_chosen = np.zeros(len(min_degree), dtype=bool)
     is_chosen[chosen] = True
     samples = np.flatnonzero(is_chosen[flat_bins])  # grouped by bin, bins ascending
@@ -204,7 +211,8 @@ def _times_for(
     boundaries = np.flatnonzero(np.concatenate([[True], row[1:] != row[:-1]]))
     sum_padded = np.add.reduceat(padded, boundaries, axis=0)
     sum_squares = np.add.reduceat(padded * padded, boundaries, axis=0)
-    times = cost.times_from_sums(sum_padded, sum_squares, degrees, node_size=node_size)
+    sum_patches = None if chosen_patches is None else chosen_patches[:, None]
+    times = cost.times_from_sums(sum_padded, sum_squares, degrees, node_size=node_size, sum_patches=sum_patches)
     times[degrees > max_degree[chosen][:, None]] = np.inf
     return times
 

@@ -28,8 +28,10 @@ def build_plan(
     cost: CostModel,
     node_size: int | None,
     bound: float,
+    patches: np.ndarray | None = None,
 ) -> Plan:
-    """Turn planned groups into a :class:`Plan`, timing every group with the cost model."""
+    """Turn planned groups into a :class:`Plan`, timing every group with the cost model (``patches``:
+    each sample's vision patches, None: none)."""
     ordered = [sorted(planned, key=lambda planned_group: planned_group.first_rank) for planned in rounds]
     flat = [group for planned in ordered for group in planned]
     degrees = np.array([group.degree for group in flat], dtype=np.int64)
@@ -40,13 +42,15 @@ def build_plan(
     padded = padded_lengths(lengths[members], degrees[owner]).astype(np.float64)
     sum_padded = np.bincount(owner, weights=padded, minlength=len(flat))
     sum_squares = np.bincount(owner, weights=padded * padded, minlength=len(flat))
+    sum_patches = None if patches is None else np.bincount(owner, weights=patches[members], minlength=len(flat))
     if node_size is None:
         crosses = np.zeros(len(flat), dtype=bool)
     else:
         crosses = first // node_size != (first + degrees - 1) // node_size
-    times = cost.times_from_sums(sum_padded, sum_squares, degrees)
+    times = cost.times_from_sums(sum_padded, sum_squares, degrees, sum_patches=sum_patches)
     if crosses.any():  # node_size=0 makes every group pay the inter-node bandwidth
-        times = np.where(crosses, cost.times_from_sums(sum_padded, sum_squares, degrees, node_size=0), times)
+        crossing = cost.times_from_sums(sum_padded, sum_squares, degrees, node_size=0, sum_patches=sum_patches)
+        times = np.where(crosses, crossing, times)
     groups = iter(
         Group(
             ranks=tuple(range(group.first_rank, group.first_rank + group.degree)),
@@ -66,4 +70,5 @@ def build_plan(
         predicted_time=predicted,
         lower_bound=bound,
         node_size=node_size,
+        vision_patches=None if patches is None else tuple(patches.tolist()),
     )

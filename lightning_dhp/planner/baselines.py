@@ -14,14 +14,21 @@ from lightning_dhp.planner.rounds import balanced_assignment, lower_bound, minim
 
 
 def static_slots(
-    lengths: np.ndarray, num_devices: int, tokens_per_device: int, degree: int, cost: CostModel, extra_rounds: int = 0
+    lengths: np.ndarray,
+    num_devices: int,
+    tokens_per_device: int,
+    degree: int,
+    cost: CostModel,
+    extra_rounds: int = 0,
+    patches: np.ndarray | None = None,
 ) -> list[list[list[int]]]:
-    """Per round, the members of its ``num_devices // degree`` groups of ``degree`` (checked inputs):
-    samples heaviest first to the least-loaded group slot with memory left over all rounds at once,
-    over the fewest rounds that hold them plus ``extra_rounds``."""
+    """Per round, the members of its ``num_devices // degree`` groups of ``degree`` (checked inputs;
+    ``patches``: vision patches per sample or None): samples heaviest first to the least-loaded group
+    slot with memory left over all rounds at once, over the fewest rounds that hold them plus
+    ``extra_rounds``."""
     groups_per_round = num_devices // degree
     padded = padded_lengths(lengths, degree)
-    work = cost.sample_costs(lengths, degree)
+    work = cost.sample_costs(lengths, degree, patches=patches)
     num_rounds = minimum_rounds(padded, num_devices, tokens_per_device) + extra_rounds
     while (
         slots := balanced_assignment(work, padded, num_rounds * groups_per_round, degree * tokens_per_device)
@@ -38,15 +45,17 @@ def static_plan(
     cost_model: CostModel | None = None,
     *,
     node_size: int | None = None,
+    vision_patches: Sequence[int] | np.ndarray | None = None,
 ) -> Plan:
     """Every group has exactly ``degree`` ranks (``num_devices / degree`` groups per round).
 
-    Samples go heaviest first to the least-loaded group slot with memory left, over the fewest
-    rounds that hold them. ``degree`` must divide ``num_devices`` (and ``node_size`` when it is
-    smaller, so that no group that fits in a node crosses one).
+    Samples go heaviest first (vision work included, ``vision_patches`` per sample as in
+    :func:`~lightning_dhp.planner.plan_batch`) to the least-loaded group slot with memory left, over
+    the fewest rounds that hold them. ``degree`` must divide ``num_devices`` (and ``node_size`` when
+    it is smaller, so that no group that fits in a node crosses one).
     """
-    lengths_array, num_devices, tokens_per_device, node_size = check_inputs(
-        lengths, num_devices, tokens_per_device, node_size
+    lengths_array, num_devices, tokens_per_device, node_size, patches = check_inputs(
+        lengths, num_devices, tokens_per_device, node_size, vision_patches
     )
     valid = divisors(num_devices)
     if isinstance(degree, bool) or not isinstance(degree, int | np.integer) or degree not in valid:
@@ -74,9 +83,9 @@ def static_plan(
     rounds = [
         [PlannedGroup(tuple(sorted(members)), degree, position * degree) for position, members in enumerate(slots)
          if members]
-        for slots in static_slots(lengths_array, num_devices, tokens_per_device, degree, cost)
+        for slots in static_slots(lengths_array, num_devices, tokens_per_device, degree, cost, patches=patches)
     ]
     rounds = [planned for planned in rounds if planned]
     fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
-    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size)
-    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, node_size, bound)
+    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size, patches)
+    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, node_size, bound, patches)

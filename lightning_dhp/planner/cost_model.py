@@ -1,16 +1,24 @@
 """Cost model: predicted seconds for one context-parallel group running a bin of samples.
 
-For a group of degree ``d`` holding samples of padded lengths ``P_i`` (see :func:`padded_length`):
+For a group of degree ``d`` holding samples of padded lengths ``P_i`` (see :func:`padded_length`)
+with ``V_i`` vision patches each:
 
     time = overhead
          + (a * sum P_i^2 + b * sum P_i) / d                          # attention + linear work
+         + vision * sum V_i / d                                       # vision tower
          + [d > 1] * (d - 1) * (1 - overlap) * (step_latency + kv_bytes * sum P_i / d / bandwidth)
 
-The last line is the ring: ``d - 1`` steps, each sending the local K/V shard (``sum P_i / d``
-tokens) to the next rank; ``overlap`` is the fraction hidden behind compute. Groups that cross a
-node boundary use ``inter_node_bytes_per_s``. Every term except the overhead and the per-step
-latency is a sum over samples, so a group's time is ``fixed(d) + sum_i sample_cost(L_i, d)``;
-the planner relies on that to move samples between groups in O(1).
+The vision line is the encoder (forward + backward) of the group's images and video frames: the
+runtime spreads it over the group's ranks by whole images and temporal patches, balanced by cost, so
+it divides by ``d`` (up to the granularity of one image or temporal patch). The last line is the
+ring: ``d - 1`` steps, each sending the local K/V shard (``sum P_i / d`` tokens) to the next rank;
+``overlap`` is the fraction hidden behind compute. Groups that cross a node boundary use
+``inter_node_bytes_per_s``. Every term except the overhead and the per-step latency is a sum over
+samples, so a group's time is ``fixed(d) + sum_i sample_cost(L_i, V_i, d)``; the planner relies on
+that to move samples between groups in O(1).
+
+Memory is the planner's ``tokens_per_device``: it counts the language model's (padded) tokens, visual
+tokens included; the vision tower's own activations are not part of it.
 """
 
 from __future__ import annotations
@@ -22,9 +30,12 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from lightning_dhp.planner.presets import VisionShape
 
 
 def padded_length(length: int, degree: int) -> int:
@@ -45,6 +56,11 @@ def padded_lengths(lengths: np.ndarray, degrees: np.ndarray | int) -> np.ndarray
     degrees = np.asarray(degrees)
     chunk = 2 * degrees
     return np.where(degrees == 1, lengths, -(-lengths // chunk) * chunk)
+
+
+def take(patches: np.ndarray | None, index: Any) -> np.ndarray | None:
+    """``patches[index]``, or None when there are no vision patches (the planner's per-sample arrays)."""
+    return None if patches is None else patches[index]
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,7 @@ class CostModel:
     intra_node_bytes_per_s: float = 100e9
     inter_node_bytes_per_s: float = 25e9
     comm_overlap: float = 0.5
+    vision_s_per_patch: float = 0.0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -104,6 +121,7 @@ class CostModel:
         vocab: int | None = None,
         head_dim: int | None = None,
         gated_mlp: bool = True,
+        vision: VisionShape | None = None,
         device: str | Any = "H100",
         dtype_bytes: int = 2,
         comm_overlap: float = 0.5,
@@ -113,10 +131,18 @@ class CostModel:
 
         Pass a Hugging Face config (object or dict; a VLM's ``text_config``/``llm_config`` is used),
         a :class:`~lightning_dhp.planner.presets.TransformerShape`, or the dimensions; ``kv_heads``
-        defaults to ``heads``. ``device`` is ``"H100"``, ``"H200"``,
+        defaults to ``heads``. ``vision`` is a :class:`~lightning_dhp.planner.presets.VisionShape`
+        that sets ``vision_s_per_patch``; by default a VLM config's ``vision_config`` does, and no
+        vision tower is modelled otherwise. ``device`` is ``"H100"``, ``"H200"``,
         ``"A100"``, ``"Ascend 910B"`` or a :class:`~lightning_dhp.planner.presets.DevicePreset`.
         """
-        from lightning_dhp.planner.presets import TransformerShape, device_preset, transformer_coefficients
+        from lightning_dhp.planner.presets import (
+            TransformerShape,
+            VisionShape,
+            device_preset,
+            transformer_coefficients,
+            vision_s_per_patch,
+        )
 
         dimensions = {"layers": layers, "hidden": hidden, "heads": heads, "intermediate": intermediate, "vocab": vocab}
         if config is not None:
@@ -124,6 +150,8 @@ class CostModel:
             if given:
                 raise ValueError(f"for_transformer: pass a config or dimensions, not both (also got {given})")
             shape = config if isinstance(config, TransformerShape) else TransformerShape.from_config(config)
+            if vision is None and not isinstance(config, TransformerShape):
+                vision = VisionShape.from_config(config)
         else:
             missing = sorted(name for name, value in dimensions.items() if value is None)
             if missing:
@@ -131,7 +159,10 @@ class CostModel:
             shape = TransformerShape(
                 kv_heads=kv_heads or heads, head_dim=head_dim, gated_mlp=gated_mlp, **dimensions  # type: ignore[arg-type]
             )
-        coefficients = transformer_coefficients(shape, device_preset(device), dtype_bytes)
+        preset = device_preset(device)
+        coefficients = transformer_coefficients(shape, preset, dtype_bytes)
+        if vision is not None:
+            coefficients["vision_s_per_patch"] = vision_s_per_patch(vision, preset)
         return cls(**coefficients, comm_overlap=comm_overlap)
 
     def fixed_time(self, degree: int) -> float:
@@ -145,25 +176,48 @@ class CostModel:
         bandwidth = self.inter_node_bytes_per_s if crosses_node else self.intra_node_bytes_per_s
         return (degree - 1) * (1.0 - self.comm_overlap) * self.kv_bytes_per_token / bandwidth
 
-    def sample_costs(self, lengths: np.ndarray, degree: int, *, crosses_node: bool = False) -> np.ndarray:
-        """Each sample's additive share of a degree-``degree`` group's time (float64 seconds)."""
+    def sample_costs(
+        self, lengths: np.ndarray, degree: int, *, crosses_node: bool = False, patches: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Each sample's additive share of a degree-``degree`` group's time (float64 seconds);
+        ``patches``: each sample's vision patches (None: none)."""
         padded = padded_lengths(np.asarray(lengths, dtype=np.int64), degree).astype(np.float64)
         per_token = self.linear_s_per_token + self._comm_s_per_token(degree, crosses_node)
-        return (self.attention_s_per_token2 * padded * padded + per_token * padded) / degree
+        work = self.attention_s_per_token2 * padded * padded + per_token * padded
+        if patches is not None:
+            work = work + self.vision_s_per_patch * np.asarray(patches, dtype=np.float64)
+        return work / degree
 
-    def group_time(self, lengths: Iterable[int], degree: int, *, crosses_node: bool = False) -> float:
-        """Predicted seconds for one group of ``degree`` devices running ``lengths`` together."""
-        costs = self.sample_costs(np.fromiter(lengths, dtype=np.int64), degree, crosses_node=crosses_node)
+    def group_time(
+        self,
+        lengths: Iterable[int],
+        degree: int,
+        *,
+        crosses_node: bool = False,
+        patches: Iterable[int] | None = None,
+    ) -> float:
+        """Predicted seconds for one group of ``degree`` devices running ``lengths`` (with ``patches``
+        vision patches each, None: none) together."""
+        patch_array = None if patches is None else np.fromiter(patches, dtype=np.int64)
+        costs = self.sample_costs(
+            np.fromiter(lengths, dtype=np.int64), degree, crosses_node=crosses_node, patches=patch_array
+        )
         return self.fixed_time(degree) + math.fsum(costs)
 
     def times_over_degrees(
-        self, lengths: np.ndarray, degrees: np.ndarray, *, node_size: int | None = None
+        self,
+        lengths: np.ndarray,
+        degrees: np.ndarray,
+        *,
+        node_size: int | None = None,
+        patches: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Group time of the same ``lengths`` at each of ``degrees`` (vectorised).
+        """Group time of the same ``lengths`` (and vision ``patches``, None: none) at each of ``degrees``
+        (vectorised).
 
         ``lengths`` has shape ``(samples,)`` or ``(samples, len(degrees))`` and ``degrees`` any
-        shape broadcasting against it; the sum runs over axis 0. A group larger than
-        ``node_size`` crosses a node and pays the inter-node bandwidth.
+        shape broadcasting against it; the sum runs over axis 0, for ``patches`` too. A group larger
+        than ``node_size`` crosses a node and pays the inter-node bandwidth.
         """
         degrees = np.asarray(degrees, dtype=np.int64)
         lengths = np.asarray(lengths, dtype=np.int64)
@@ -172,7 +226,8 @@ class CostModel:
         padded = padded_lengths(lengths, degrees).astype(np.float64)
         sum_padded = padded.sum(axis=0)
         sum_squares = (padded * padded).sum(axis=0)
-        return self.times_from_sums(sum_padded, sum_squares, degrees, node_size=node_size)
+        sum_patches = None if patches is None else np.asarray(patches, dtype=np.float64).sum(axis=0)
+        return self.times_from_sums(sum_padded, sum_squares, degrees, node_size=node_size, sum_patches=sum_patches)
 
     def times_from_sums(
         self,
@@ -181,8 +236,10 @@ class CostModel:
         degrees: np.ndarray,
         *,
         node_size: int | None = None,
+        sum_patches: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Group times from the padded token sum and the sum of squared padded lengths."""
+        """Group times from the padded token sum, the sum of squared padded lengths and the vision
+        patches (None: none)."""
         degrees = np.asarray(degrees, dtype=np.int64)
         ring_steps = (degrees - 1) * (1.0 - self.comm_overlap)
         if node_size is None:
@@ -191,12 +248,14 @@ class CostModel:
             bandwidth = np.where(degrees > node_size, self.inter_node_bytes_per_s, self.intra_node_bytes_per_s)
         per_token = self.linear_s_per_token + ring_steps * self.kv_bytes_per_token / bandwidth
         work = self.attention_s_per_token2 * sum_squares + per_token * sum_padded
+        if sum_patches is not None:
+            work = work + self.vision_s_per_patch * sum_patches
         return self.overhead_s + ring_steps * self.ring_step_latency_s + work / degrees
 
     # -- fitting ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _features(lengths: Sequence[int], degree: int) -> list[float]:
+    def _features(lengths: Sequence[int], degree: int, patches: Sequence[int] | None) -> list[float]:
         padded = padded_lengths(np.asarray(lengths, dtype=np.int64), degree).astype(np.float64)
         tokens_per_rank = padded.sum() / degree
         ring_steps = degree - 1
@@ -206,52 +265,57 @@ class CostModel:
             1.0,
             float(ring_steps),
             float(ring_steps * tokens_per_rank),
+            float(sum(patches) / degree) if patches is not None else 0.0,
         ]
 
     @classmethod
     def fit(
         cls,
-        measurements: Iterable[tuple[Sequence[int], int, float]],
+        measurements: Iterable[tuple[Sequence[int], int, float] | tuple[Sequence[int], int, float, Sequence[int]]],
         *,
         base: CostModel | None = None,
     ) -> tuple[CostModel, FitReport]:
-        """Least-squares fit (non-negative, relative error) from ``(lengths, degree, seconds)``.
+        """Least-squares fit (non-negative, relative error) from ``(lengths, degree, seconds)`` or
+        ``(lengths, degree, seconds, patches)`` (``patches``: each sample's vision patches).
 
-        Fits the attention, linear, overhead and (when some degree is > 1) the exposed ring
-        latency and per-token ring cost; the fitted ring terms are stored with ``comm_overlap=0``.
-        Terms the measurements cannot identify (no degree > 1) keep ``base``'s values (default:
-        :meth:`default`). Returns the model and its fit error.
+        Fits the attention, linear, overhead, (when some degree is > 1) the exposed ring latency and
+        per-token ring cost, and (when some measurement has vision patches) the seconds per patch;
+        the fitted ring terms are stored with ``comm_overlap=0``. Terms the measurements cannot
+        identify (no degree > 1, no patches) keep ``base``'s values (default: :meth:`default`).
+        Returns the model and its fit error.
         """
         base = base or cls.default()
-        measurements = [(list(lengths), int(degree), float(seconds)) for lengths, degree, seconds in measurements]
-        rows = [(cls._features(lengths, degree), seconds) for lengths, degree, seconds in measurements]
+        measurements = [_measurement(measurement) for measurement in measurements]
+        rows = [
+            (cls._features(lengths, degree, patches), seconds) for lengths, degree, seconds, patches in measurements
+        ]
         if len(rows) < 3:
             raise ValueError(f"CostModel.fit needs at least 3 measurements, got {len(rows)}")
         if any(seconds <= 0 or not math.isfinite(seconds) for _, seconds in rows):
             raise ValueError("CostModel.fit: every measured time must be a finite number of seconds > 0")
         features = np.array([row for row, _ in rows])
         seconds = np.array([s for _, s in rows])
-        active = [0, 1, 2] + ([3, 4] if np.any(features[:, 3] > 0) else [])
+        fits_ring, fits_vision = bool(np.any(features[:, 3] > 0)), bool(np.any(features[:, 5] > 0))
+        active = [0, 1, 2] + ([3, 4] if fits_ring else []) + ([5] if fits_vision else [])
         coefficients = [float(value) for value in _nonnegative_relative_lstsq(features, seconds, active)]
-        if len(active) == 5:
+        fitted: dict[str, float] = {
+            "attention_s_per_token2": coefficients[0],
+            "linear_s_per_token": coefficients[1],
+            "overhead_s": coefficients[2],
+        }
+        if fits_ring:
             per_step_token = coefficients[4]
-            model = dataclasses.replace(
-                base,
-                attention_s_per_token2=coefficients[0],
-                linear_s_per_token=coefficients[1],
-                overhead_s=coefficients[2],
+            fitted.update(
                 ring_step_latency_s=coefficients[3],
                 comm_overlap=0.0,
                 intra_node_bytes_per_s=(base.kv_bytes_per_token / per_step_token if per_step_token > 0 else 1e18),
             )
-        else:
-            model = dataclasses.replace(
-                base,
-                attention_s_per_token2=coefficients[0],
-                linear_s_per_token=coefficients[1],
-                overhead_s=coefficients[2],
-            )
-        predicted = np.array([model.group_time(lengths, degree) for lengths, degree, _ in measurements])
+        if fits_vision:
+            fitted["vision_s_per_patch"] = coefficients[5]
+        model = dataclasses.replace(base, **fitted)
+        predicted = np.array([
+            model.group_time(lengths, degree, patches=patches) for lengths, degree, _, patches in measurements
+        ])
         errors = np.abs(predicted - seconds) / seconds * 100.0
         report = FitReport(
             median_abs_pct_error=float(np.median(errors)),
@@ -285,6 +349,23 @@ class CostModel:
     def load(cls, path: str | os.PathLike[str]) -> CostModel:
         """Read a model written by :meth:`save`."""
         return cls.from_json(Path(path).read_text())
+
+
+def _measurement(measurement: Sequence[Any]) -> tuple[list[int], int, float, list[int] | None]:
+    """One :meth:`CostModel.fit` measurement as ``(lengths, degree, seconds, patches or None)``."""
+    if len(measurement) not in (3, 4):
+        raise ValueError(
+            f"CostModel.fit: a measurement is (lengths, degree, seconds) or (lengths, degree, seconds, patches), "
+            f"got {len(measurement)} items"
+        )
+    lengths, degree, seconds = list(measurement[0]), int(measurement[1]), float(measurement[2])
+    patches = list(measurement[3]) if len(measurement) == 4 else None
+    if patches is not None and len(patches) != len(lengths):
+        raise ValueError(
+            f"CostModel.fit: a measurement has {len(lengths)} lengths but {len(patches)} patch counts; "
+            f"give one patch count per sample"
+        )
+    return lengths, degree, seconds, patches
 
 
 def _nonnegative_relative_lstsq(features: np.ndarray, seconds: np.ndarray, active: list[int]) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 from lightning_dhp.planner.allocation import allocate, bin_min_degrees, spend_leftover, table_from_flat
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.baselines import static_plan, static_slots
-from lightning_dhp.planner.cost_model import CostModel, padded_lengths
+from lightning_dhp.planner.cost_model import CostModel, padded_lengths, take
 from lightning_dhp.planner.inputs import check_every_sample_fits, check_inputs, min_degrees
 from lightning_dhp.planner.packing import RoundProblem, pack_round, size_round
 from lightning_dhp.planner.placement import PlacementFailure, place
@@ -88,18 +88,21 @@ def plan_batch(
     cost_model: CostModel | None = None,
     *,
     node_size: int | None = None,
+    vision_patches: Sequence[int] | np.ndarray | None = None,
 ) -> Plan:
     """Plan one global batch: rounds of context-parallel groups of any degree.
 
-    ``lengths`` are token counts per sample, ``tokens_per_device`` the per-device token capacity
-    (padded tokens, see :func:`padded_length`), ``node_size`` the ranks per node when groups that
-    fit in a node must not cross one. Raises :class:`PlanError` on bad input.
+    ``lengths`` are token counts per sample (the language model's, visual tokens included),
+    ``tokens_per_device`` the per-device token capacity (padded tokens, see :func:`padded_length`),
+    ``node_size`` the ranks per node when groups that fit in a node must not cross one,
+    ``vision_patches`` each sample's vision-tower patches (timed with the cost model's
+    ``vision_s_per_patch``; None or all zero: a text-only plan). Raises :class:`PlanError` on bad input.
     """
-    lengths_array, num_devices, tokens_per_device, node_size = check_inputs(
-        lengths, num_devices, tokens_per_device, node_size
+    lengths_array, num_devices, tokens_per_device, node_size, patches = check_inputs(
+        lengths, num_devices, tokens_per_device, node_size, vision_patches
     )
     with _cyclic_gc_paused():
-        return _plan(lengths_array, num_devices, tokens_per_device, cost_model, node_size)
+        return _plan(lengths_array, num_devices, tokens_per_device, cost_model, node_size, patches)
 
 
 @contextlib.contextmanager
@@ -129,21 +132,23 @@ class _Batch:
     tokens_per_device: int
     cost: CostModel
     node_size: int | None
+    patches: np.ndarray | None  # vision patches per sample; None: none
     lower_bound: float
 
     def plan(self, rounds: list[list[PlannedGroup]]) -> Plan:
         return build_plan(rounds, self.lengths, self.num_devices, self.tokens_per_device, self.cost, self.node_size,
-                          self.lower_bound)
+                          self.lower_bound, self.patches)
 
     def round_bound(self, samples: np.ndarray) -> float:
         """Lower bound on the makespan of one round holding ``samples``."""
         return lower_bound(self.lengths[samples], self.min_degree[samples], self.num_devices, 1, self.cost,
-                           self.node_size)
+                           self.node_size, take(self.patches, samples))
 
     def round_problem(self, samples: np.ndarray, bound: float) -> RoundProblem:
         """The round of ``samples`` (whose lower bound is ``bound``) as a problem of local positions."""
         return RoundProblem(self.lengths[samples], self.min_degree[samples], self.num_devices,
-                            self.tokens_per_device, self.cost, self.node_size, bound, len(self.lengths))
+                            self.tokens_per_device, self.cost, self.node_size, bound, len(self.lengths),
+                            take(self.patches, samples))
 
 
 class _Pruned:
@@ -159,6 +164,7 @@ def _plan(
     tokens_per_device: int,
     cost_model: CostModel | None,
     node_size: int | None,
+    patches: np.ndarray | None,
 ) -> Plan:
     """:func:`plan_batch` on checked inputs."""
     cost = cost_model or CostModel.default()
@@ -168,14 +174,14 @@ def _plan(
     min_degree = min_degrees(lengths_array, tokens_per_device)
     check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device)
     fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
-    batch = _Batch(lengths_array, min_degree, num_devices, tokens_per_device, cost, node_size,
-                   lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size))
+    batch = _Batch(lengths_array, min_degree, num_devices, tokens_per_device, cost, node_size, patches,
+                   lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size, patches))
     static, static_degree = _best_static(batch)
     limit = static.predicted_time * (1 + PRUNE_MARGIN) if static is not None else math.inf
     cross_round = len(lengths_array) <= CROSS_ROUND_MAX_SAMPLES
     candidates: list[Plan] = []
     extra_round: Plan | None = None
-    work = device_seconds(lengths_array, min_degree, cost)
+    work = device_seconds(lengths_array, min_degree, cost, patches)
     for num_rounds in range(fewest, len(lengths_array) + 1):
         assignment = balanced_assignment(work, lengths_array, num_rounds, num_devices * tokens_per_device)
         if assignment is None:
@@ -196,7 +202,8 @@ def _plan(
     ):
         # static CP's joint assignment over all rounds, with memory slack for short samples to leave
         # the wide groups
-        slots = static_slots(lengths_array, num_devices, tokens_per_device, static_degree, cost, STATIC_ROUNDS_EXTRA)
+        slots = static_slots(lengths_array, num_devices, tokens_per_device, static_degree, cost, STATIC_ROUNDS_EXTRA,
+                             patches)
         planned = _plan_rounds(batch, [[sample for group in groups for sample in group] for groups in slots], limit)
         if isinstance(planned, Plan):
             candidates.append(planned)
@@ -207,7 +214,7 @@ def _plan(
     margin = REBALANCE_MARGIN if fastest > batch.lower_bound * (1 + HARD_GAP) else 0.0
     if REBALANCE and cross_round:
         candidates = [
-            rebalance_plan(candidate, lengths_array, cost)
+            rebalance_plan(candidate, lengths_array, cost, patches=patches)
             if candidate.predicted_time <= fastest * (1 + margin)
             and not (SKIP_STATIC_REBALANCE and candidate is static and extra_round is not None)
             else candidate
@@ -221,7 +228,8 @@ def _plan(
         and len(best.rounds) > 1
         and best.predicted_time > best.lower_bound * (1 + HARD_GAP)
     ):
-        best = rebalance_plan(_polish(best, batch), lengths_array, cost, budget_share=POLISH_REBALANCE_SHARE)
+        best = rebalance_plan(_polish(best, batch), lengths_array, cost, budget_share=POLISH_REBALANCE_SHARE,
+                              patches=patches)
     return best
 
 
@@ -255,13 +263,13 @@ def _best_static(batch: _Batch) -> tuple[Plan | None, int]:
     best: tuple[Plan | None, int] = (None, 0)
     degrees = _power_of_two_degrees(int(batch.min_degree.max()), batch.num_devices)
     bounds = [_static_bound(batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost,
-                            batch.node_size) for degree in degrees]
+                            batch.node_size, batch.patches) for degree in degrees]
     for bound, degree in sorted(zip(bounds, degrees, strict=True)):
         if best[0] is not None and bound >= best[0].predicted_time * (1 + STATIC_BOUND_MARGIN):
             break  # it cannot win, nor can the ones after it
         with contextlib.suppress(PlanError):  # the degree does not suit the node size
             plan = static_plan(batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost,
-                               node_size=batch.node_size)
+                               node_size=batch.node_size, vision_patches=batch.patches)
             if best[0] is None or plan.predicted_time < best[0].predicted_time:
                 best = (plan, degree)
     return best
@@ -281,7 +289,7 @@ def _plan_rounds(
     longest = np.array([samples[np.argmax(batch.lengths[samples])] for samples in rounds])
     padded = padded_lengths(batch.lengths[longest], batch.min_degree[longest]).astype(np.float64)
     at_minimum = batch.cost.times_from_sums(padded, padded * padded, batch.min_degree[longest],
-                                            node_size=batch.node_size)
+                                            node_size=batch.node_size, sum_patches=take(batch.patches, longest))
     planned: list[list[PlannedGroup]] = [[] for _ in rounds]
     spent, remaining = 0.0, math.fsum(bounds)
     for index in np.lexsort((np.arange(len(rounds)), -np.maximum(bounds, at_minimum))).tolist():
@@ -297,7 +305,13 @@ def _plan_rounds(
 
 
 def _static_bound(
-    lengths: np.ndarray, num_devices: int, tokens_per_device: int, degree: int, cost: CostModel, node_size: int | None
+    lengths: np.ndarray,
+    num_devices: int,
+    tokens_per_device: int,
+    degree: int,
+    cost: CostModel,
+    node_size: int | None,
+    patches: np.ndarray | None = None,
 ) -> float:
     """Lower bound on :func:`static_plan`'s time at ``degree``: every round pays a group's fixed
     time, and the work of all samples spreads at best evenly over ``num_devices / degree`` groups."""
@@ -305,7 +319,8 @@ def _static_bound(
     rounds = minimum_rounds(padded, num_devices, tokens_per_device)
     padded_f = padded.astype(np.float64)
     fixed = float(cost.times_from_sums(0.0, 0.0, degree, node_size=node_size))
-    alone = float(cost.times_from_sums(padded_f.sum(), (padded_f * padded_f).sum(), degree, node_size=node_size))
+    alone = float(cost.times_from_sums(padded_f.sum(), (padded_f * padded_f).sum(), degree, node_size=node_size,
+                                       sum_patches=None if patches is None else float(patches.sum())))
     return rounds * fixed + (alone - fixed) * degree / num_devices
 
 
@@ -363,7 +378,7 @@ def _merge_start(problem: RoundProblem) -> list[list[int]] | None:
     order = np.lexsort((np.arange(len(problem.lengths)), -problem.lengths)).tolist()
     bins = [[position] for position in order]
     degrees = problem.min_degree[order].astype(np.int64)
-    work = problem.sample_costs(problem.lengths[order], np.ones(len(order), dtype=np.int64))
+    work = problem.sample_costs(order, np.ones(len(order), dtype=np.int64))
     while degrees.sum() > problem.num_devices and len(bins) > 1:
         first, second = np.triu_indices(len(bins), k=1)
         sizes = np.array([len(bins[a]) + len(bins[b]) for a, b in zip(first.tolist(), second.tolist(), strict=True)])
@@ -400,7 +415,7 @@ def _uniform_start(problem: RoundProblem, degree: int) -> list[list[int]] | None
     """Bins of one degree: ``num_devices // degree`` of them, filled heaviest sample first."""
     degrees = np.full(len(problem.lengths), degree, dtype=np.int64)
     return balanced_assignment(
-        problem.sample_costs(problem.lengths, degrees),
+        problem.sample_costs(slice(None), degrees),
         problem.padded(problem.lengths, degrees),
         problem.num_devices // degree,
         degree * problem.tokens_per_device,
@@ -496,6 +511,7 @@ def _solve_allocation(
     sizes = np.fromiter(map(len, members), dtype=np.int64, count=len(members))
     flat_members = np.fromiter(itertools.chain.from_iterable(members), dtype=np.int64, count=int(sizes.sum()))
     flat_lengths = problem.lengths[flat_members]
+    flat_patches = take(problem.patches, flat_members)
     owner = np.repeat(np.arange(len(members)), sizes)
     min_degree = bin_min_degrees(
         flat_lengths,
@@ -509,7 +525,7 @@ def _solve_allocation(
         return None
     max_degree = num_devices - (int(min_degree.sum()) - min_degree)
     table = table_from_flat(
-        flat_lengths, sizes, min_degree, max_degree, problem.lower_bound, problem.cost, problem.node_size
+        flat_lengths, sizes, min_degree, max_degree, problem.lower_bound, problem.cost, problem.node_size, flat_patches
     )
     for _ in range(len(members) * num_devices + 1):
         allocation = allocate(table, num_devices)

@@ -29,8 +29,7 @@ def check_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
     if not values:
         raise PlanError("lengths is empty; pass the token length of at least one sample")
     for index, value in enumerate(values):
-        if isinstance(value, np.generic):
-            value = value.item()  # so that messages show 0, not np.int64(0)
+        value = _shown(value)
         is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
         if not is_number or not math.isfinite(value) or value != int(value) or value < 1:
             raise PlanError(
@@ -43,6 +42,45 @@ def check_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
                 f"drop or truncate that sample"
             )
     return np.array([int(value) for value in values], dtype=np.int64)
+
+
+def check_vision_patches(patches: Sequence[int] | np.ndarray | None, num_samples: int) -> np.ndarray | None:
+    """Vision patches per sample as an int64 array, or None when there are none (None or all zero).
+
+    One whole number >= 0 per sample (integral floats are accepted); a PlanError names the positions
+    that break it. All zero is the same as None, so such plans are those of text-only batches.
+    """
+    if patches is None:
+        return None
+    values = patches if isinstance(patches, np.ndarray) else list(patches)
+    if len(values) != num_samples:
+        raise PlanError(
+            f"vision_patches has {len(values)} entries but there are {num_samples} samples; "
+            f"pass one patch count per sample (0 for text)"
+        )
+    clean_array = isinstance(values, np.ndarray) and values.ndim == 1 and np.issubdtype(values.dtype, np.integer)
+    if not (clean_array and (not values.size or (values.min() >= 0 and values.max() <= MAX_LENGTH))):
+        bad = [index for index, value in enumerate(values) if not _is_count(value)]
+        if bad:
+            shown = ", ".join(f"{index} ({_shown(values[index])!r})" for index in bad[:10])
+            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise PlanError(
+                f"vision_patches of sample(s) {shown}{more} must be whole numbers of patches in "
+                f"[0, {MAX_LENGTH}]; fix those counts (0 for a text sample)"
+            )
+    array = np.asarray(values, dtype=np.int64)
+    return array if array.any() else None
+
+
+def _shown(value: object) -> object:
+    """``value`` as a message shows it: 0, not np.int64(0)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _is_count(value: object) -> bool:
+    value = _shown(value)
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return is_number and math.isfinite(value) and value == int(value) and 0 <= value <= MAX_LENGTH
 
 
 def min_degrees(lengths: np.ndarray, tokens_per_device: int) -> np.ndarray:
@@ -89,12 +127,18 @@ def check_every_sample_fits(
 
 
 def check_inputs(
-    lengths: Sequence[int] | np.ndarray, num_devices: int, tokens_per_device: int, node_size: int | None
-) -> tuple[np.ndarray, int, int, int | None]:
-    """Checked lengths, device count, capacity and node size (PlanError naming the bad one)."""
+    lengths: Sequence[int] | np.ndarray,
+    num_devices: int,
+    tokens_per_device: int,
+    node_size: int | None,
+    vision_patches: Sequence[int] | np.ndarray | None = None,
+) -> tuple[np.ndarray, int, int, int | None, np.ndarray | None]:
+    """Checked lengths, device count, capacity, node size and vision patches (see
+    :func:`check_vision_patches`); a PlanError names the bad one."""
     lengths_array = check_lengths(lengths)
     num_devices = check_count(num_devices, "num_devices", "use at least one device")
     tokens_per_device = check_count(tokens_per_device, "tokens_per_device", "give each device room for >= 1 token")
     if node_size is not None:
         node_size = check_count(node_size, "node_size", "pass the ranks per node, or None for one flat node")
-    return lengths_array, num_devices, tokens_per_device, node_size
+    patches = check_vision_patches(vision_patches, len(lengths_array))
+    return lengths_array, num_devices, tokens_per_device, node_size, patches

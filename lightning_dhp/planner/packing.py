@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from lightning_dhp.planner.allocation import table_from_flat
-from lightning_dhp.planner.cost_model import CostModel, padded_lengths
+from lightning_dhp.planner.cost_model import CostModel, padded_lengths, take
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class RoundProblem:
     node_size: int | None
     lower_bound: float
     batch_size: int  # samples in the whole batch (all rounds); sets the refinement budget
+    patches: np.ndarray | None = None  # vision patches per position; None: none
     # what the round's stages computed for a set of bins before (several starts and refinement
     # passes reach the same bins)
     memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -42,10 +43,12 @@ class RoundProblem:
     def padded(self, lengths: np.ndarray, degrees: np.ndarray) -> np.ndarray:
         return padded_lengths(lengths, degrees)
 
-    def sample_costs(self, lengths: np.ndarray, degrees: np.ndarray) -> np.ndarray:
-        """Additive time share of each length at each degree (broadcasting)."""
-        padded = self.padded(lengths, degrees).astype(np.float64)
-        with_work = self.cost.times_from_sums(padded, padded * padded, degrees, node_size=self.node_size)
+    def sample_costs(self, positions: Any, degrees: np.ndarray) -> np.ndarray:
+        """Additive time share of the samples at ``positions`` (an index into :attr:`lengths`) at each
+        degree (broadcasting)."""
+        padded = self.padded(self.lengths[positions], degrees).astype(np.float64)
+        with_work = self.cost.times_from_sums(padded, padded * padded, degrees, node_size=self.node_size,
+                                              sum_patches=take(self.patches, positions))
         return with_work - self.cost.times_from_sums(0.0, 0.0, degrees, node_size=self.node_size)
 
 
@@ -61,7 +64,7 @@ def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarra
     """
     lengths, min_degree = problem.lengths, problem.min_degree
     capacity, overhead = problem.tokens_per_device, problem.cost.overhead_s
-    alone_time = overhead + problem.sample_costs(lengths, np.ones_like(lengths))
+    alone_time = overhead + problem.sample_costs(slice(None), np.ones_like(lengths))
     multi = min_degree > 1
     candidates = np.flatnonzero(multi | (alone_time > problem.lower_bound))
     table = table_from_flat(
@@ -72,6 +75,7 @@ def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarra
         problem.lower_bound,
         problem.cost,
         problem.node_size,
+        take(problem.patches, candidates),
     )
     candidate_lengths = lengths[candidates]
     candidate_multi = multi[candidates]
@@ -151,7 +155,7 @@ def pack_round(
     tokens = problem.padded(problem.lengths[singles], single_degrees).tolist() + [0] * pool_bins
     times = (
         problem.cost.times_from_sums(0.0, 0.0, degrees, node_size=problem.node_size)
-        + np.concatenate([problem.sample_costs(problem.lengths[singles], single_degrees), np.zeros(pool_bins)])
+        + np.concatenate([problem.sample_costs(singles, single_degrees), np.zeros(pool_bins)])
     ).tolist()
     classes = np.unique(degrees).tolist()
     heaps: dict[int, list[tuple[float, int]]] = {degree: [] for degree in classes}
@@ -159,7 +163,7 @@ def pack_round(
         heaps[degree].append((times[bin_index], bin_index))
     for heap in heaps.values():
         heapq.heapify(heap)
-    pool_costs = problem.sample_costs(problem.lengths[pool][:, None], np.array(classes)[None, :])
+    pool_costs = problem.sample_costs(pool[:, None], np.array(classes)[None, :])
     pool_padded = problem.padded(problem.lengths[pool][:, None], np.array(classes)[None, :])
     order = np.lexsort((pool, -pool_costs[:, 0]))
     smallest_left = np.minimum.accumulate(problem.lengths[pool][order][::-1])[::-1].tolist()

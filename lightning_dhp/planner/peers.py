@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
-from lightning_dhp.planner.cost_model import CostModel, padded_length, padded_lengths
+from lightning_dhp.planner.cost_model import CostModel, padded_length, padded_lengths, take
 from lightning_dhp.planner.inputs import check_every_sample_fits, check_inputs, min_degrees
 from lightning_dhp.planner.placement import PlacementFailure, place
 from lightning_dhp.planner.plan import Plan
@@ -40,9 +40,16 @@ MEGATRON_BALANCE_SLACK = 0.05  # BalancedCPScheduler's delta: a group is balance
 MEGATRON_BUCKET_SLACK = 1.1  # make_buckets_equal closes a bucket past 110% of its work target
 
 
-def sequential_group_time(cost: CostModel, lengths: Sequence[int], degree: int, crosses_node: bool) -> float:
-    """A group that runs its samples one after another, each as its own forward+backward."""
-    return sum(cost.group_time([length], degree, crosses_node=crosses_node) for length in lengths)
+def sequential_group_time(
+    cost: CostModel, lengths: Sequence[int], degree: int, crosses_node: bool, patches: Sequence[int] | None = None
+) -> float:
+    """A group that runs its samples one after another, each as its own forward+backward (``patches``:
+    each sample's vision patches, None: none)."""
+    each: list[list[int] | None] = [None] * len(lengths) if patches is None else [[count] for count in patches]
+    return sum(
+        cost.group_time([length], degree, crosses_node=crosses_node, patches=sample_patches)
+        for length, sample_patches in zip(lengths, each, strict=True)
+    )
 
 
 # -- dhp-paper -------------------------------------------------------------------------------------------
@@ -55,15 +62,17 @@ def paper_plan(
     cost_model: CostModel | None = None,
     *,
     node_size: int | None = None,
+    vision_patches: Sequence[int] | np.ndarray | None = None,
 ) -> Plan:
-    """The DHP paper's planner (module docstring): BFD bins, ``O(K' N^2)`` DP, round-robin leftover."""
-    lengths_array, num_devices, tokens_per_device, node_size = check_inputs(
-        lengths, num_devices, tokens_per_device, node_size
+    """The DHP paper's planner (module docstring): BFD bins, ``O(K' N^2)`` DP, round-robin leftover;
+    ``vision_patches`` as in :func:`~lightning_dhp.planner.plan_batch`."""
+    lengths_array, num_devices, tokens_per_device, node_size, patches = check_inputs(
+        lengths, num_devices, tokens_per_device, node_size, vision_patches
     )
     cost = cost_model or CostModel.default()
     min_degree = min_degrees(lengths_array, tokens_per_device)
     check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device)
-    work = device_seconds(lengths_array, min_degree, cost)
+    work = device_seconds(lengths_array, min_degree, cost, patches)
     fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
     rounds: list[list[PlannedGroup]] = []
     placed_in_nodes = True
@@ -72,7 +81,7 @@ def paper_plan(
         if assignment is None:
             continue
         solved = [
-            _paper_round(np.array(sorted(members), dtype=np.int64), lengths_array, min_degree, num_devices,
+            _paper_round(np.array(sorted(members), dtype=np.int64), lengths_array, patches, min_degree, num_devices,
                          tokens_per_device, cost, node_size)
             for members in assignment
             if members
@@ -81,10 +90,10 @@ def paper_plan(
             rounds = [groups for groups, _ in solved]
             placed_in_nodes = all(in_nodes for _, in_nodes in solved)
             break
-    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size)
+    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size, patches)
     # a round whose degrees do not fit node-aware placement is laid out flat; its plan then claims no nodes
     plan_nodes = node_size if placed_in_nodes else None
-    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, plan_nodes, bound)
+    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, plan_nodes, bound, patches)
 
 
 def _best_fit_decreasing(
@@ -115,6 +124,7 @@ def _best_fit_decreasing(
 def _paper_round(
     samples: np.ndarray,
     all_lengths: np.ndarray,
+    all_patches: np.ndarray | None,
     all_min_degree: np.ndarray,
     num_devices: int,
     tokens_per_device: int,
@@ -122,7 +132,7 @@ def _paper_round(
     node_size: int | None,
 ) -> tuple[list[PlannedGroup], bool] | None:
     """One round's groups and whether they sit inside nodes, or None when its bins need > N devices."""
-    lengths = all_lengths[samples]
+    lengths, patches = all_lengths[samples], take(all_patches, samples)
     bins, bin_min = _best_fit_decreasing(lengths, all_min_degree[samples], tokens_per_device)
     if sum(bin_min) > num_devices:
         return None
@@ -134,7 +144,8 @@ def _paper_round(
             candidates * tokens_per_device
         )
         candidates = candidates[fits]
-        times[index, candidates] = cost.times_over_degrees(lengths[members], candidates, node_size=node_size)
+        times[index, candidates] = cost.times_over_degrees(lengths[members], candidates, node_size=node_size,
+                                                           patches=take(patches, members))
     degrees = _min_max_dp(times, num_devices)
     _round_robin_leftover(degrees, times, num_devices)
     starts = place(degrees.tolist(), num_devices, node_size)
@@ -215,14 +226,16 @@ def megatron_dcp_plan(
     cost_model: CostModel | None = None,
     *,
     node_size: int | None = None,
+    vision_patches: Sequence[int] | np.ndarray | None = None,
 ) -> Plan:
-    """Megatron-Core hybrid context parallelism's schedule (module docstring) as a :class:`Plan`.
+    """Megatron-Core hybrid context parallelism's schedule (module docstring) as a :class:`Plan`;
+    ``vision_patches`` as in :func:`~lightning_dhp.planner.plan_batch`.
 
     Its groups run their samples in sequence: time them with :func:`sequential_group_time`; the
     plan's own ``predicted_time`` times them packed, as this package's runtime would run them.
     """
-    lengths_array, num_devices, tokens_per_device, node_size = check_inputs(
-        lengths, num_devices, tokens_per_device, node_size
+    lengths_array, num_devices, tokens_per_device, node_size, patches = check_inputs(
+        lengths, num_devices, tokens_per_device, node_size, vision_patches
     )
     cost = cost_model or CostModel.default()
     min_degree = min_degrees(lengths_array, tokens_per_device)
@@ -233,34 +246,35 @@ def megatron_dcp_plan(
             check_every_sample_fits(lengths_array[index : index + 1], np.array([num_devices + 1]), num_devices,
                                     tokens_per_device)
     order = np.lexsort((np.arange(len(lengths_array)), -lengths_array)).tolist()
-    scheduler = _MegatronScheduler(lengths_array, sizes, num_devices, tokens_per_device, cost, node_size)
+    scheduler = _MegatronScheduler(lengths_array, patches, sizes, num_devices, tokens_per_device, cost, node_size)
     rounds: list[list[PlannedGroup]] = []
     while order:
         groups, order = scheduler.next_round(order)
         rounds.append(groups)
     fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
-    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size)
+    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size, patches)
     in_nodes = node_size is None or all(
         group.degree > node_size or group.first_rank // node_size == (group.first_rank + group.degree - 1) // node_size
         for groups in rounds
         for group in groups
     )
     plan_nodes = node_size if in_nodes else None  # aligned blocks cross nodes only when node_size is odd-shaped
-    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, plan_nodes, bound)
+    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, plan_nodes, bound, patches)
 
 
 class _MegatronScheduler:
     """``BalancedCPScheduler.next_hdp_group`` on aligned power-of-two rank blocks."""
 
-    def __init__(self, lengths: np.ndarray, sizes: list[int], num_devices: int, tokens_per_device: int,
-                 cost: CostModel, node_size: int | None):
-        self.lengths, self.sizes = lengths, sizes
+    def __init__(self, lengths: np.ndarray, patches: np.ndarray | None, sizes: list[int], num_devices: int,
+                 tokens_per_device: int, cost: CostModel, node_size: int | None):
+        self.lengths, self.patches, self.sizes = lengths, patches, sizes
         self.num_devices, self.tokens_per_device = num_devices, tokens_per_device
         self.cost, self.node_size = cost, node_size
 
     def _time(self, sample: int, degree: int) -> float:
         crosses = self.node_size is not None and degree > self.node_size
-        return self.cost.group_time([int(self.lengths[sample])], degree, crosses_node=crosses)
+        patches = take(self.patches, slice(sample, sample + 1))
+        return self.cost.group_time([int(self.lengths[sample])], degree, crosses_node=crosses, patches=patches)
 
     def _buckets(self, order: list[int]) -> list[list[int]]:
         """``make_buckets_equal``: as many consecutive buckets (longest first) as distinct CP sizes,

@@ -51,6 +51,7 @@ class Plan:
     predicted_time: float
     lower_bound: float
     node_size: int | None = None
+    vision_patches: tuple[int, ...] | None = None  # per sample, what the times include; None: no vision work
 
     def group_for(self, round_index: int, rank: int) -> Group | None:
         """The group ``rank`` belongs to in round ``round_index``, or None when it idles."""
@@ -104,6 +105,12 @@ class Plan:
                         f"{where} needs {group.tokens_per_rank} tokens per rank, over "
                         f"tokens_per_device={self.tokens_per_device}"
                     )
+        patches = self.vision_patches
+        if patches is not None and (len(patches) != len(self.lengths) or min(patches, default=0) < 0):
+            raise PlanError(
+                f"vision_patches holds {len(patches)} counts (min {min(patches, default=0)}) for "
+                f"{len(self.lengths)} samples; give one count >= 0 per sample"
+            )
         missing = sorted(set(range(len(self.lengths))) - set(seen))
         if missing:
             raise PlanError(f"samples {missing[:10]} (of {len(missing)} missing) appear in no group")
@@ -117,9 +124,10 @@ class Plan:
         """Stable hex digest of the plan's structure (inputs, rounds, ranks, samples).
 
         Predicted times are left out, so the digest does not depend on float rounding: the same
-        assignment gives the same digest in every process and on every machine.
+        assignment gives the same digest in every process and on every machine. Vision patches are
+        part of the inputs only when the plan has some (a text-only plan's digest is unchanged).
         """
-        canonical = {
+        canonical: dict[str, object] = {
             "lengths": list(self.lengths),
             "num_devices": self.num_devices,
             "tokens_per_device": self.tokens_per_device,
@@ -129,6 +137,8 @@ class Plan:
                 for round_ in self.rounds
             ],
         }
+        if self.vision_patches is not None:
+            canonical["vision_patches"] = list(self.vision_patches)
         encoded = json.dumps(canonical, separators=(",", ":"), sort_keys=True).encode()
         return hashlib.sha256(encoded).hexdigest()
 
@@ -158,8 +168,9 @@ class Plan:
         """Readable multi-line description: totals, then one line per group."""
         gap = self.predicted_time / self.lower_bound - 1.0 if self.lower_bound > 0 else 0.0
         node = f", nodes of {self.node_size}" if self.node_size else ""
+        patches = f", {sum(self.vision_patches)} vision patches" if self.vision_patches else ""
         lines = [
-            f"Plan: {len(self.lengths)} samples ({sum(self.lengths)} tokens) on {self.num_devices} devices "
+            f"Plan: {len(self.lengths)} samples ({sum(self.lengths)} tokens{patches}) on {self.num_devices} devices "
             f"x {self.tokens_per_device} tokens{node}, {len(self.rounds)} round(s), predicted "
             f"{self.predicted_time:.4g} s (lower bound {self.lower_bound:.4g} s, +{100 * gap:.1f}%)"
         ]

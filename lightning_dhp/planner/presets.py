@@ -11,15 +11,32 @@ the forward FLOPs) costs:
 - ring traffic: K and V forward, K, V, dK and dV backward: ``3 x 2 x kv_dim x dtype_bytes x
   layers`` bytes per token.
 
+Per vision patch (one ViT input token: ``temporal_patch x patch x patch`` pixels) of a VLM's vision
+tower with ``depth`` blocks of width ``w``, MLP width ``I`` (gated: three matrices), ``m x m`` patches
+merged into one visual token by a two-layer projector to the language model's width ``h_out``
+(:class:`VisionShape`), training costs ``6 x W`` FLOPs with
+
+    W = channels x temporal_patch x patch^2 x w                    # patch embedding
+      + depth (4 w^2 + (3 if gated else 2) w I)                    # QKV, output projection, MLP
+      + (w m^2 x merger_hidden + merger_hidden x h_out) / m^2      # projector, once per m^2 patches
+
+(``merger_hidden`` is ``w m^2`` in Qwen2-VL's PatchMerger, ``h_out`` in InternVL's and LLaVA's
+projectors). Attention inside the tower is left out: per patch and block it costs ``4 w x span``
+FLOPs (``span``: the patches one attends to) against ``2 (4 w^2 + 3 w I)``, about 1% in Qwen2.5-VL
+(windows of 64 patches in 28 of 32 blocks, one frame in the other 4) but about 17% in InternViT-300M
+(full attention over a 448x448 tile of 1025 tokens), which this model therefore underestimates. A
+frozen tower costs only its forward, a third of this.
+
 Seconds are FLOPs over ``peak x utilisation`` and bytes over ``bandwidth x`` :data:`LINK_EFFICIENCY`.
 For a Llama-7B-like shape with 8 KV heads on an H100 this reproduces :meth:`CostModel.default`'s
 attention, linear, K/V, overhead and latency terms within 10%; the default's bandwidths (100 and
-25 GB/s) are more conservative than the H100 preset's.
+25 GB/s) are more conservative than the H100 preset's. The vision tower runs at the language model's
+utilisation (an assumption: its matrices are smaller, so it may reach less).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +84,7 @@ DEVICE_PRESETS: dict[str, DevicePreset] = {
 
 @dataclass(frozen=True)
 class TransformerShape:
-    """A decoder's dimensions (the language model of a VLM: the vision encoder is not modelled)."""
+    """A decoder's dimensions (the language model of a VLM; its vision tower is a :class:`VisionShape`)."""
 
     layers: int
     hidden: int
@@ -101,7 +118,7 @@ class TransformerShape:
     @classmethod
     def from_config(cls, config: Any) -> TransformerShape:
         """From a Hugging Face config object or dict (its ``text_config``/``llm_config`` for VLMs)."""
-        get = config.get if isinstance(config, Mapping) else lambda key, default=None: getattr(config, key, default)
+        get = _getter(config)
         for nested in ("text_config", "llm_config"):
             inner = get(nested)
             if inner is not None:
@@ -134,6 +151,107 @@ MODEL_PRESETS: dict[str, TransformerShape] = {
 }
 
 
+def _getter(config: Any) -> Callable[..., Any]:
+    """``get(key, default=None)`` of a Hugging Face config object or dict."""
+    return config.get if isinstance(config, Mapping) else lambda key, default=None: getattr(config, key, default)
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """A VLM's vision tower: a ViT of ``depth`` blocks and a projector to the language model's width.
+
+    Its attention heads do not change its FLOPs, so they are not part of it (see the module docstring).
+    """
+
+    depth: int
+    hidden: int
+    intermediate: int
+    out_hidden: int  # the language model's hidden size: the projector's output
+    patch_size: int = 14
+    temporal_patch_size: int = 1  # frames in one patch (Qwen2-VL: 2; InternViT: 1)
+    in_channels: int = 3
+    merge_size: int = 1  # merge_size x merge_size patches become one visual token
+    gated_mlp: bool = False  # SwiGLU-style MLP (Qwen2.5-VL)
+    merger_hidden: int | None = None  # the projector's inner width; default hidden x merge_size^2 (Qwen2-VL)
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "hidden", "intermediate", "out_hidden", "patch_size", "temporal_patch_size",
+                     "in_channels", "merge_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"VisionShape.{name}={value!r} must be an integer >= 1")
+
+    @property
+    def weights_per_patch(self) -> float:
+        """Weights one patch multiplies: its share of the patch embedding, the blocks and the projector."""
+        width, merged = self.hidden, self.hidden * self.merge_size**2
+        embedding = self.in_channels * self.temporal_patch_size * self.patch_size**2 * width
+        block = 4 * width * width + (3 if self.gated_mlp else 2) * width * self.intermediate
+        inner = self.merger_hidden or merged
+        projector = merged * inner + inner * self.out_hidden
+        return embedding + self.depth * block + projector / self.merge_size**2
+
+    @classmethod
+    def from_config(cls, config: Any) -> VisionShape | None:
+        """The tower of a Hugging Face VLM config (object or dict), or None when it has no ``vision_config``.
+
+        Qwen2-VL / Qwen2.5-VL towers (``depth``, ``hidden_size`` or ``embed_dim``, ``intermediate_size``
+        or ``mlp_ratio``, ``patch_size``, ``temporal_patch_size``, ``in_channels``/``in_chans``,
+        ``spatial_merge_size``, ``out_hidden_size``, or Qwen2-VL's ``hidden_size`` beside ``embed_dim``)
+        and InternVL/LLaVA-style ones (``num_hidden_layers``, ``hidden_size``, ``intermediate_size``,
+        ``patch_size``, ``num_channels``, the top-level ``downsample_ratio``; the projector ends at the
+        language model's width). The MLP is gated when ``hidden_act`` is ``silu`` (Qwen2.5-VL).
+        """
+        vision = _getter(config)("vision_config")
+        if vision is None:
+            return None
+        get = _getter(vision)
+        width = get("embed_dim") or get("hidden_size")
+        if get("depth") is not None:  # Qwen2-VL family: the tower ends in its PatchMerger
+            depth, merge_size, merger_hidden = get("depth"), get("spatial_merge_size", 1), None
+            out_hidden = get("hidden_size") if get("embed_dim") else get("out_hidden_size")
+        else:  # InternVL / LLaVA: pixel shuffle (downsample_ratio), then an MLP projector at the LM's width
+            ratio = _getter(config)("downsample_ratio")
+            depth, merge_size = get("num_hidden_layers"), round(1 / ratio) if ratio else 1
+            out_hidden = merger_hidden = TransformerShape.from_config(config).hidden
+        mlp_ratio = get("mlp_ratio")
+        intermediate = get("intermediate_size") or (round(width * mlp_ratio) if width and mlp_ratio else None)
+        found = {"depth": depth, "hidden_size": width, "intermediate_size": intermediate, "out_hidden_size": out_hidden,
+                 "patch_size": get("patch_size")}
+        missing = sorted(key for key, value in found.items() if value is None)
+        if missing:
+            raise ValueError(f"the vision_config lacks {missing}; pass vision=VisionShape(...) to for_transformer(), "
+                             f"or pass the text_config alone to leave the vision tower out")
+        return cls(
+            depth=int(depth),
+            hidden=int(width),
+            intermediate=int(intermediate),
+            out_hidden=int(out_hidden),
+            patch_size=int(get("patch_size")),
+            temporal_patch_size=int(get("temporal_patch_size") or 1),
+            in_channels=int(get("in_channels") or get("in_chans") or get("num_channels") or 3),
+            merge_size=int(merge_size),
+            gated_mlp=get("hidden_act") == "silu",
+            merger_hidden=merger_hidden,
+        )
+
+
+# The vision towers of the language models above (their Hugging Face config.json files).
+VISION_PRESETS: dict[str, VisionShape] = {
+    # InternVL3-2B/8B: InternViT-300M-448px-V2.5 (24 blocks, width 1024, MLP 4096, GELU), 448x448 tiles of
+    # 14-pixel patches, pixel shuffle 0.5 (2x2 patches per token: 256 tokens per tile), projector mlp1 =
+    # LayerNorm, Linear(4096, h_out), GELU, Linear(h_out, h_out) at the language model's width h_out
+    "internvl3-2b": VisionShape(depth=24, hidden=1024, intermediate=4096, out_hidden=1536, merge_size=2,
+                                merger_hidden=1536),
+    "internvl3-8b": VisionShape(depth=24, hidden=1024, intermediate=4096, out_hidden=3584, merge_size=2,
+                                merger_hidden=3584),
+    # Qwen2.5-VL-7B-Instruct vision_config: depth 32, hidden 1280, intermediate 3420 (SwiGLU, hidden_act
+    # silu), 16 heads, patch 14, temporal patch 2, in_chans 3, spatial merge 2, out_hidden 3584
+    "qwen2.5-vl-7b": VisionShape(depth=32, hidden=1280, intermediate=3420, out_hidden=3584, temporal_patch_size=2,
+                                 merge_size=2, gated_mlp=True),
+}
+
+
 def device_preset(device: str | DevicePreset) -> DevicePreset:
     """A preset by name (case-insensitive, e.g. ``"h100"``, ``"ascend 910b"``, ``"910b"``) or itself."""
     if isinstance(device, DevicePreset):
@@ -157,3 +275,9 @@ def transformer_coefficients(shape: TransformerShape, device: DevicePreset, dtyp
         "intra_node_bytes_per_s": device.intra_node_bytes_per_s * LINK_EFFICIENCY,
         "inter_node_bytes_per_s": device.inter_node_bytes_per_s * LINK_EFFICIENCY,
     }
+
+
+def vision_s_per_patch(shape: VisionShape, device: DevicePreset) -> float:
+    """Seconds per vision patch on ``device``, forward + backward: ``6 x`` :attr:`VisionShape.weights_per_patch`
+    FLOPs."""
+    return 6 * shape.weights_per_patch / (device.peak_bf16_flops * device.utilisation)

@@ -33,19 +33,24 @@ SWAPS = True  # besides moves, swap samples between rounds (see the module docst
 SKIP_STUCK = True  # a donor round whose search found nothing is skipped until a change touches it
 
 
-def rebalance_plan(plan: Plan, lengths: np.ndarray, cost: CostModel, *, budget_share: float = 1.0) -> Plan:
+def rebalance_plan(
+    plan: Plan, lengths: np.ndarray, cost: CostModel, *, budget_share: float = 1.0, patches: np.ndarray | None = None
+) -> Plan:
     """``plan`` after :func:`rebalance` (the same plan when it has one round or no change helps), with
-    ``budget_share`` of the change budget its gap to the lower bound allows."""
+    ``budget_share`` of the change budget its gap to the lower bound allows (``patches``: the vision
+    patches the plan was timed with)."""
     if len(plan.rounds) < 2:
         return plan
     rounds = [[PlannedGroup(group.samples, group.degree, group.ranks[0]) for group in round_.groups]
               for round_ in plan.rounds]
     gap = plan.predicted_time / plan.lower_bound - 1 if plan.lower_bound > 0 else math.inf
     share = budget_share * (min(1.0, gap / FULL_BUDGET_GAP) if FULL_BUDGET_GAP > 0 else 1.0)
-    moved = rebalance(rounds, lengths, plan.tokens_per_device, cost, plan.node_size, budget_share=share)
+    moved = rebalance(rounds, lengths, plan.tokens_per_device, cost, plan.node_size, budget_share=share,
+                      patches=patches)
     if moved == rounds:
         return plan
-    return build_plan(moved, lengths, plan.num_devices, plan.tokens_per_device, cost, plan.node_size, plan.lower_bound)
+    return build_plan(moved, lengths, plan.num_devices, plan.tokens_per_device, cost, plan.node_size, plan.lower_bound,
+                      patches)
 
 
 def rebalance(
@@ -56,15 +61,17 @@ def rebalance(
     node_size: int | None,
     *,
     budget_share: float = 1.0,
+    patches: np.ndarray | None = None,
 ) -> list[list[PlannedGroup]]:
     """``rounds`` with samples moved or swapped between rounds while that shortens the summed makespans,
-    at most ``budget_share`` of :data:`MAX_CHANGES_PER_SAMPLE` changes per sample.
+    at most ``budget_share`` of :data:`MAX_CHANGES_PER_SAMPLE` changes per sample (``patches``: each
+    sample's vision patches, None: none).
 
     Every sample of ``lengths`` must be in some group.
     """
     if len(rounds) < 2:
         return rounds
-    state = _Groups(rounds, lengths, tokens_per_device, cost, node_size)
+    state = _Groups(rounds, lengths, tokens_per_device, cost, node_size, patches)
     for _ in range(max(1, int(budget_share * MAX_CHANGES_PER_SAMPLE * len(lengths)))):
         if not state.apply_best_change():
             break
@@ -72,8 +79,9 @@ def rebalance(
 
 
 class _Groups:
-    """Every group's members, padded token sums and time, with each sample's padded length at each
-    degree the plan uses (a group's time is linear in its padded sum and sum of squares)."""
+    """Every group's members, padded token sums, vision patches and time, with each sample's padded
+    length at each degree the plan uses (a group's time is linear in its padded sum, sum of squares and
+    patches)."""
 
     def __init__(
         self,
@@ -82,6 +90,7 @@ class _Groups:
         tokens_per_device: int,
         cost: CostModel,
         node_size: int | None,
+        patches: np.ndarray | None,
     ) -> None:
         groups = [group for planned in rounds for group in planned]
         self.num_rounds = len(rounds)
@@ -105,27 +114,36 @@ class _Groups:
         # node_size=0 makes a group pay the inter-node bandwidth, as in build_plan
         zero, one = np.zeros(len(groups)), np.ones(len(groups))
 
-        def at_degrees(sums: np.ndarray, squares: np.ndarray) -> np.ndarray:
-            inside = cost.times_from_sums(sums, squares, degree)
-            return np.where(crosses, cost.times_from_sums(sums, squares, degree, node_size=0), inside)
+        def at_degrees(sums: np.ndarray, squares: np.ndarray, patches: np.ndarray | None = None) -> np.ndarray:
+            inside = cost.times_from_sums(sums, squares, degree, sum_patches=patches)
+            return np.where(crosses, cost.times_from_sums(sums, squares, degree, node_size=0, sum_patches=patches),
+                            inside)
 
         self.fixed = at_degrees(zero, zero)
         self.per_token = at_degrees(one, zero) - self.fixed
         self.per_square = at_degrees(zero, one) - self.fixed
+        self.per_patch = at_degrees(zero, zero, one) - self.fixed
+        # vision patches per sample and per group (both None without patches: no patch terms anywhere)
+        self.patches = None if patches is None else patches.astype(np.float64)
         # per sample: its padded length in its own group and its round (kept current by _transfer)
         self.own = self.padded[np.arange(len(lengths)), self.degree_column[self.group_of]]
         self.sample_round = self.round_of[self.group_of]
         self.sums = np.bincount(self.group_of, weights=self.own, minlength=len(groups))
         self.squares = np.bincount(self.group_of, weights=self.own * self.own, minlength=len(groups))
-        self.time = self.times(self.sums, self.squares, np.arange(len(groups)))
+        self.group_patches = None if patches is None else np.bincount(self.group_of, weights=self.patches,
+                                                                      minlength=len(groups))
+        self.time = self.times(self.sums, self.squares, np.arange(len(groups)), self.group_patches)
         # per round: the slowest group's time and the second largest (0 for a round of one group)
         self.makespan, self.second = np.zeros(self.num_rounds), np.zeros(self.num_rounds)
         for round_index in range(self.num_rounds):
             self._update_round(round_index)
         self.min_gain = MIN_GAIN * float(self.makespan.sum())
 
-    def times(self, sums: np.ndarray, squares: np.ndarray, groups: np.ndarray | int) -> np.ndarray:
-        return self.fixed[groups] + self.per_square[groups] * squares + self.per_token[groups] * sums
+    def times(
+        self, sums: np.ndarray, squares: np.ndarray, groups: np.ndarray | int, patches: np.ndarray | None = None
+    ) -> np.ndarray:
+        time = self.fixed[groups] + self.per_square[groups] * squares + self.per_token[groups] * sums
+        return time if patches is None else time + self.per_patch[groups] * patches
 
     def _update_round(self, round_index: int) -> None:
         times = self.time[self.round_start[round_index] : self.round_start[round_index + 1]]
@@ -160,11 +178,15 @@ class _Groups:
             slowest = first + int(np.argmax(time[first : self.round_start[donor + 1]]))
             samples = np.array(self.members[slowest], dtype=np.int64)
             own = self.padded[samples, self.degree_column[slowest]]
+            vision = self.patches is not None
+            leaving = self.patches[samples] if vision else np.zeros(0)  # the slowest group's samples' patches
 
             # moves: the sample leaves, nothing comes back (emptying the group would idle its ranks for nothing)
-            left = self.times(self.sums[slowest] - own, self.squares[slowest] - own * own, slowest)
+            left = self.times(self.sums[slowest] - own, self.squares[slowest] - own * own, slowest,
+                              self.group_patches[slowest] - leaving if vision else None)
             need = self.padded[samples[:, None], self.degree_column[None, :]]
-            arrive = self.times(self.sums + need, self.squares + need * need, every)
+            arrive = self.times(self.sums + need, self.squares + need * need, every,
+                                self.group_patches + leaving[:, None] if vision else None)
             move_net = np.where(
                 (round_of != donor) & (self.sums + need <= self.capacity) & (len(samples) > 1),
                 (makespan[donor] - np.maximum(left, second[donor]))[:, None]
@@ -178,12 +200,16 @@ class _Groups:
                 # swaps: the sample goes to a partner's group, the partner comes back to the slowest group
                 here = self.padded[:, self.degree_column[slowest]]
                 back_sums = self.sums[slowest] - own[:, None] + here
-                back_time = self.times(back_sums, self.squares[slowest] - (own * own)[:, None] + here * here, slowest)
+                back_time = self.times(
+                    back_sums, self.squares[slowest] - (own * own)[:, None] + here * here, slowest,
+                    self.group_patches[slowest] - leaving[:, None] + self.patches if vision else None,
+                )
                 there = self.padded[samples[:, None], self.degree_column[self.group_of]]
                 partner_group = self.group_of
                 there_sums = self.sums[partner_group] - partner_own + there
                 there_time = self.times(
-                    there_sums, self.squares[partner_group] - partner_own * partner_own + there * there, partner_group
+                    there_sums, self.squares[partner_group] - partner_own * partner_own + there * there, partner_group,
+                    self.group_patches[partner_group] - self.patches + leaving[:, None] if vision else None,
                 )
                 swap_net = np.where(
                     (partner_round != donor) & (back_sums <= self.capacity[slowest])
@@ -221,6 +247,10 @@ class _Groups:
             padded = self.padded[sample, self.degree_column[group]]
             self.sums[group] += sign * padded
             self.squares[group] += sign * padded * padded
-            self.time[group] = self.times(self.sums[group], self.squares[group], group)
+            group_patches = None
+            if self.patches is not None:
+                self.group_patches[group] += sign * self.patches[sample]
+                group_patches = self.group_patches[group]
+            self.time[group] = self.times(self.sums[group], self.squares[group], group, group_patches)
         for round_index in set(touched):
             self._update_round(round_index)

@@ -47,10 +47,9 @@ class Refiner:
         classes = self._class_of[degrees]
         if (classes < 0).any():
             missing = np.unique(np.asarray(degrees)[classes < 0])
-            lengths = self.problem.lengths[None, :]
             self._class_of[missing] = len(self._costs) + np.arange(len(missing))
-            self._costs = np.concatenate([self._costs, self.problem.sample_costs(lengths, missing[:, None])])
-            self._padded = np.concatenate([self._padded, self.problem.padded(lengths, missing[:, None])])
+            self._costs = np.concatenate([self._costs, self.problem.sample_costs(slice(None), missing[:, None])])
+            self._padded = np.concatenate([self._padded, self.problem.padded(self.problem.lengths, missing[:, None])])
             classes = self._class_of[degrees]
         return self._costs[classes, samples], self._padded[classes, samples]
 
@@ -136,7 +135,12 @@ class Refiner:
         here_padded = here_padded.astype(np.float64)
         sum_padded += here_padded.sum(axis=0)
         sum_squares += (here_padded**2).sum(axis=0)
-        merged = problem.cost.times_from_sums(sum_padded, sum_squares, merged_degree, node_size=problem.node_size)
+        sum_patches = None
+        if problem.patches is not None:  # the two bins' patches together: they do not depend on the degree
+            sum_patches = np.bincount(self.owner, weights=problem.patches, minlength=bins)
+            sum_patches += sum_patches[slowest]
+        merged = problem.cost.times_from_sums(sum_padded, sum_squares, merged_degree, node_size=problem.node_size,
+                                              sum_patches=sum_patches)
         feasible = alive & (sum_padded <= merged_degree * problem.tokens_per_device)
         feasible[slowest] = False
         score = np.where(feasible, merged, np.inf)

@@ -6,7 +6,7 @@ import heapq
 
 import numpy as np
 
-from lightning_dhp.planner.cost_model import CostModel
+from lightning_dhp.planner.cost_model import CostModel, take
 
 
 def minimum_rounds(lengths: np.ndarray, num_devices: int, tokens_per_device: int) -> int:
@@ -53,17 +53,20 @@ def balanced_assignment(work: np.ndarray, size: np.ndarray, num_bins: int, capac
     return members
 
 
-def device_seconds(lengths: np.ndarray, min_degree: np.ndarray, cost: CostModel) -> np.ndarray:
+def device_seconds(
+    lengths: np.ndarray, min_degree: np.ndarray, cost: CostModel, patches: np.ndarray | None = None
+) -> np.ndarray:
     """Lower bound on the device-seconds each sample costs at any degree it can run at.
 
-    ``d * sample_cost(L, d) = a P^2 + (b + ring(d)) P`` with ``P >= L`` and
+    ``d * sample_cost(L, V, d) = a P^2 + (b + ring(d)) P + vision V`` with ``P >= L`` and
     ``ring(d) = (d - 1) (1 - overlap) kv_bytes / bandwidth``, which is smallest at ``min_degree``
-    with the faster of the two bandwidths.
+    with the faster of the two bandwidths; ``V`` the sample's vision ``patches`` (None: none).
     """
     lengths_f = lengths.astype(np.float64)
     bandwidth = max(cost.intra_node_bytes_per_s, cost.inter_node_bytes_per_s)
     ring = (min_degree - 1) * (1.0 - cost.comm_overlap) * cost.kv_bytes_per_token / bandwidth
-    return cost.attention_s_per_token2 * lengths_f * lengths_f + (cost.linear_s_per_token + ring) * lengths_f
+    work = cost.attention_s_per_token2 * lengths_f * lengths_f + (cost.linear_s_per_token + ring) * lengths_f
+    return work if patches is None else work + cost.vision_s_per_patch * patches
 
 
 def lower_bound(
@@ -73,15 +76,19 @@ def lower_bound(
     num_rounds: int,
     cost: CostModel,
     node_size: int | None,
+    patches: np.ndarray | None = None,
 ) -> float:
-    """Lower bound on the summed round makespans of any plan with at least ``num_rounds`` rounds.
+    """Lower bound on the summed round makespans of any plan with at least ``num_rounds`` rounds
+    (``patches``: each sample's vision patches, None: none).
 
     ``max(rounds * overhead + total device-seconds / devices, best time of the longest sample
     + (rounds - 1) * overhead)``: every round pays the overhead, the work has to be spread over at
     most ``num_devices``, and the longest sample runs somewhere at its fastest degree at best.
     """
-    spread = num_rounds * cost.overhead_s + float(device_seconds(lengths, min_degree, cost).sum()) / num_devices
+    work = device_seconds(lengths, min_degree, cost, patches)
+    spread = num_rounds * cost.overhead_s + float(work.sum()) / num_devices
     longest = int(np.argmax(lengths))
     degrees = np.arange(int(min_degree[longest]), num_devices + 1)
-    fastest = float(cost.times_over_degrees(lengths[longest : longest + 1], degrees, node_size=node_size).min())
+    fastest = float(cost.times_over_degrees(lengths[longest : longest + 1], degrees, node_size=node_size,
+                                            patches=take(patches, slice(longest, longest + 1))).min())
     return max(spread, fastest + (num_rounds - 1) * cost.overhead_s)
