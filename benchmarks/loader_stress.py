@@ -8,13 +8,15 @@ step, so each fit starts loader workers right after process groups were created 
 the pool's at the first step). Ranks keep Linux's default start method, ``fork``. A world that does not
 finish within ``--world-timeout`` seconds is killed (with its whole session) and counted as hung; one that
 fails is counted as failed, and as a *stall caught* when its error is the strategy's data-wait watchdog
-(``DHPLoaderError``).
+(``DHPLoaderError``; ``--data-wait-timeout``, by default a quarter of the world timeout, so it can fire
+first). Before a hung world is killed, every process of it dumps its Python stacks (kept in the JSON).
 
 ``--context`` is the loader workers' start method: ``dhp`` (the strategy's choice when the DataLoader names
 none), or ``fork`` / ``forkserver`` / ``spawn`` passed as the DataLoader's ``multiprocessing_context``.
 Several contexts run interleaved (the order rotates every world), so load drifts hit every context alike.
-The table gives, per context, hung and failed worlds per 100 fits and the time from the start of training
-to its first batch on rank 0 (the loader's worker start-up included; median and min-max over fits).
+The table gives, per context, hung and failed worlds per 100 fits and the time from Lightning's ``setup`` hook
+to the first batch on rank 0 (worker start-up included; median and min-max), for the first fit of each
+process (which also starts the forkserver) and for the later fits.
 
 Usage: python benchmarks/loader_stress.py [--quick] [--worlds 60] [--devices 2,3,4] [--fits 3]
        [--context dhp,fork] [--data-wait-timeout S] [--json PATH]
@@ -23,6 +25,7 @@ Usage: python benchmarks/loader_stress.py [--quick] [--worlds 60] [--devices 2,3
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -43,6 +46,7 @@ from torch import nn
 from lightning_dhp import DHPStrategy, cp_attention, loss_share
 from lightning_dhp.errors import DHPLoaderError
 from lightning_dhp.lightning import DHPBatchSampler, DHPPacking
+from lightning_dhp.lightning.workers import STACK_SIGNAL
 from lightning_dhp.testing import launch_environment
 
 CONTEXTS = ("dhp", "fork", "forkserver", "spawn")
@@ -87,14 +91,14 @@ class Tokens(torch.utils.data.Dataset):
 
 
 class FirstBatchTimer(Callback):
-    """Seconds from the start of training to its first batch: the train loader's workers start (Lightning
-    iterates the loader after ``on_train_start``), plan and load the first global batch."""
+    """Seconds from Lightning's ``setup`` hook (the process group exists) to the first training batch: the
+    data and model set up, the train loader's workers started, the first global batch planned and loaded."""
 
     def __init__(self) -> None:
         self.started = 0.0
         self.first_batch_s: float | None = None
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def setup(self, trainer, pl_module, stage: str) -> None:
         self.started = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -131,7 +135,8 @@ class ContextResult:
     hung: int = 0
     failed: int = 0
     stalls_caught: int = 0
-    first_batch_s: list[float] = field(default_factory=list)
+    first_batch_s: list[list[float]] = field(default_factory=list)  # per world that finished, per fit
+    hung_stacks: list[str] = field(default_factory=list)  # every process's Python stacks, per hung world
     errors: list[str] = field(default_factory=list)
 
     def per_100_fits(self, count: int) -> float:
@@ -153,9 +158,12 @@ def run_world(result: ContextResult, world_size: int, num_fits: int, world_timeo
             try:
                 _, errors = world.communicate(timeout=world_timeout_s)
             except subprocess.TimeoutExpired:
+                os.killpg(world.pid, STACK_SIGNAL)  # every rank (and forked worker) dumps its stacks, then dies
+                time.sleep(2)
                 os.killpg(world.pid, signal.SIGKILL)
-                world.communicate()
+                _, errors = world.communicate()
                 result.hung += 1
+                result.hung_stacks.append(errors[-20000:])
                 return "hung"
         out = Path(folder, "out.json")
         if world.returncode or not out.exists():
@@ -165,12 +173,19 @@ def run_world(result: ContextResult, world_size: int, num_fits: int, world_timeo
                 result.stalls_caught += 1
                 return "stall"
             return "failed"
-        result.first_batch_s += json.loads(out.read_text())
+        result.first_batch_s.append(json.loads(out.read_text()))
     return "ok"
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def run_world_job(spec_path: str) -> None:
     """The job of one world, on every rank (Lightning's launcher runs this script once per rank)."""
+    faulthandler.register(STACK_SIGNAL, all_threads=True)  # a hung world's stacks, for the report
     spec = json.loads(Path(spec_path).read_text())
     first_batch = fits(spec["devices"], spec["context"], spec["fits"], spec["data_wait_timeout"])
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
@@ -179,14 +194,15 @@ def run_world_job(spec_path: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one world of 2 processes per context, 2 fits")
+    parser.add_argument("--quick", action="store_true", help="one world of 2 processes per context, one fit")
     parser.add_argument("--worlds", type=int, default=60, help="worlds per context")
     parser.add_argument("--devices", default="2,3,4", help="world sizes, used in turn")
     parser.add_argument("--fits", type=int, default=3, help="fits per world")
     parser.add_argument("--context", default="dhp,fork", help=f"comma-separated, of {CONTEXTS}")
-    parser.add_argument("--world-timeout", type=float, default=120.0)
+    parser.add_argument("--world-timeout", type=float, default=240.0)
     parser.add_argument("--data-wait-timeout", type=float, default=None,
-                        help="DHPStrategy(data_wait_timeout=...); default: the strategy's default")
+                        help="DHPStrategy(data_wait_timeout=...); default: a quarter of the world timeout, so "
+                             "that the watchdog reports a stalled worker before the world is killed")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--world", help=argparse.SUPPRESS)  # internal: run one world's job from this spec
     args = parser.parse_args(argv)
@@ -194,13 +210,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_world_job(args.world)
         return {}
     if args.quick:
-        args.worlds, args.devices, args.fits = 1, "2", 2
+        args.worlds, args.devices, args.fits = 1, "2", 1
     contexts = args.context.split(",")
     unknown = set(contexts) - set(CONTEXTS)
     if unknown:
         parser.error(f"unknown contexts {sorted(unknown)}; choose from {CONTEXTS}")
     sizes = [int(size) for size in args.devices.split(",")]
-    wait = args.data_wait_timeout if args.data_wait_timeout is not None else DHPStrategy().data_wait_timeout
+    wait = args.data_wait_timeout if args.data_wait_timeout is not None else args.world_timeout / 4
     results = {context: ContextResult(context) for context in contexts}
     started = time.perf_counter()
     for world in range(args.worlds):
@@ -212,13 +228,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\n{args.worlds} worlds per context of {args.fits} fits each, on {args.devices} processes in turn, "
           f"{time.perf_counter() - started:.0f} s\n")
     print("| loader start method | fits | hung /100 fits | failed /100 fits | of which stalls caught | "
-          "first batch s (median, min-max) |")
-    print("|---|---|---|---|---|---|")
+          "first batch s, first fit of a process | later fits |")
+    print("|---|---|---|---|---|---|---|")
     for result in results.values():
-        times = result.first_batch_s or [float("nan")]
+        first = [fits[0] for fits in result.first_batch_s]
+        later = [seconds for fits in result.first_batch_s for seconds in fits[1:]]
         print(f"| {result.context} | {result.fits} | {result.per_100_fits(result.hung):.1f} | "
-              f"{result.per_100_fits(result.failed):.1f} | {result.stalls_caught} | "
-              f"{statistics.median(times):.2f} ({min(times):.2f}-{max(times):.2f}) |")
+              f"{result.per_100_fits(result.failed):.1f} | {result.stalls_caught} | {_spread(first)} | "
+              f"{_spread(later)} |")
     summary = {"setting": {"worlds": args.worlds, "devices": sizes, "fits_per_world": args.fits,
                            "world_timeout_s": args.world_timeout, "data_wait_timeout_s": wait,
                            "command": " ".join(sys.argv)},

@@ -22,6 +22,10 @@ and plans it under one cost model with:
   without the patches, timed with them, i.e. what DHP loses by ignoring the vision tower. Every other
   policy plans and is timed with the patches.
 
+``--vision-patches-per-device`` budgets the vision tower's memory as ``--tokens-per-device`` budgets the
+language model's: every policy but ``dhp-vision-blind`` (which does not see the patches, so may break
+it) keeps each group's patches within its degree x that budget.
+
 "Best static" is the static policy with the lowest predicted time over all simulated steps (chosen
 with hindsight); "Megatron static" is ``ring-<d>`` at the smallest fitting degree (Megatron's default).
 Useful work is the cost model's degree-1 compute of every sample (``a L^2 + b L + vision V``, no
@@ -54,6 +58,7 @@ from lightning_dhp.data.lengths import DISTRIBUTIONS, LengthFileError, read_meta
 from lightning_dhp.planner import CostModel, Plan, PlanError, padded_length, plan_batch, static_plan
 from lightning_dhp.planner.cost_model import take
 from lightning_dhp.planner.inputs import min_degrees
+from lightning_dhp.planner.memory import vision_min_degrees
 from lightning_dhp.planner.peers import megatron_dcp_plan, paper_plan, sequential_group_time
 from lightning_dhp.planner.presets import MODEL_PRESETS, VISION_PRESETS
 
@@ -105,6 +110,10 @@ class LengthSource:
         if self.vision_patches is not None:
             stats["with_vision"] = float(np.mean(self.vision_patches > 0))
         return stats
+
+    def most_patches(self) -> int:
+        """The most vision patches of any sample (0 for a text-only source)."""
+        return 0 if self.vision_patches is None else int(self.vision_patches.max())
 
 
 def named_source(name: str, *, data_dir: str | None = None, params: dict[str, float] | None = None) -> LengthSource:
@@ -174,6 +183,7 @@ class SimulationConfig:
     devices: tuple[int, ...] = DEFAULT_DEVICES
     samples_per_device: int = 8
     tokens_per_device: int = 16384
+    vision_patches_per_device: int | None = None  # None: the vision tower's memory is not budgeted
     node_size: int = 8
     steps: int = 32
     pool_size: int = 32
@@ -192,7 +202,10 @@ class Preset:
     states on 64-80 GB devices): 32768 tokens for the 2B model, 16384 for the 7-8B ones. Set
     ``--tokens-per-device`` from your own memory profile. The vision tower is modelled only in the
     ``-vision-`` presets (:data:`~lightning_dhp.planner.presets.VISION_PRESETS`), whose videos carry
-    vision patches and are mixed with text samples; its activations are not part of the budget.
+    vision patches and are mixed with text samples. No preset budgets the tower's activations: the token
+    budget is already assumed to fill the activation memory, and how a run splits it between tower and
+    language model (checkpointing, freeing the tower's activations) is its own; pass
+    ``--vision-patches-per-device`` from your memory profile.
     """
 
     model: str
@@ -298,9 +311,15 @@ def retimed(
     return total
 
 
-def fitting_static_degrees(longest: int, num_devices: int, tokens_per_device: int) -> list[int]:
-    """Power-of-two degrees dividing ``num_devices`` that hold a sample of ``longest`` tokens."""
+def fitting_static_degrees(
+    longest: int, num_devices: int, tokens_per_device: int, most_patches: int = 0,
+    vision_patches_per_device: int | None = None,
+) -> list[int]:
+    """Power-of-two degrees dividing ``num_devices`` that hold a sample of ``longest`` tokens and, under a
+    vision budget, one of ``most_patches`` vision patches."""
     needed = int(min_degrees(np.array([longest]), tokens_per_device)[0])
+    if vision_patches_per_device is not None:
+        needed = max(needed, int(vision_min_degrees(np.int64(most_patches), vision_patches_per_device)))
     degrees, degree = [], 1
     while degree <= num_devices:
         fits = padded_length(longest, degree) <= degree * tokens_per_device
@@ -348,14 +367,15 @@ def simulate_device_count(
 ) -> dict[str, Any]:
     """Every policy on the same ``config.steps`` global batches of ``num_devices x samples_per_device``
     (with their vision patches, when the source has some)."""
-    node_size, capacity = config.node_size, config.tokens_per_device
+    node_size, capacity, vision_budget = config.node_size, config.tokens_per_device, config.vision_patches_per_device
     ring, ulysses = ring_group_time(cost), ulysses_group_time(cost, config.ulysses_volume_ratio)
     dynamic = {
         "dhp": (plan_batch, ring),
         "dhp-paper": (paper_plan, ring),
         "megatron-dcp": (megatron_dcp_plan, megatron_group_time(cost)),
     }
-    static_degrees = fitting_static_degrees(int(source.lengths.max()), num_devices, capacity)
+    static_degrees = fitting_static_degrees(int(source.lengths.max()), num_devices, capacity,
+                                            source.most_patches(), vision_budget)
     statics = [f"ring-{degree}" for degree in static_degrees] + [
         f"ulysses-{degree}" for degree in static_degrees if config.ulysses_heads % degree == 0
     ]
@@ -370,7 +390,8 @@ def simulate_device_count(
         batch, patches = source.lengths[picked], take(source.vision_patches, picked)
         for policy, (planner, group_time) in dynamic.items():
             started = time.perf_counter()
-            plan = planner(batch, num_devices, capacity, cost, node_size=node_size, vision_patches=patches)
+            plan = planner(batch, num_devices, capacity, cost, node_size=node_size, vision_patches=patches,
+                           vision_patches_per_device=vision_budget)
             planner_ms[policy].append((time.perf_counter() - started) * 1e3)
             totals[policy] += plan.predicted_time if group_time is ring else retimed(plan, group_time, node_size)
             if policy == "dhp":
@@ -383,7 +404,8 @@ def simulate_device_count(
                     totals[VISION_BLIND] += blind_time
                     blind_over_aware.append(blind_time / plan.predicted_time)
         for degree in static_degrees:
-            static = static_plan(batch, num_devices, capacity, degree, cost, vision_patches=patches)
+            static = static_plan(batch, num_devices, capacity, degree, cost, vision_patches=patches,
+                                 vision_patches_per_device=vision_budget)
             totals[f"ring-{degree}"] += retimed(static, ring, node_size)
             if f"ulysses-{degree}" in totals:
                 totals[f"ulysses-{degree}"] += retimed(static, ulysses, node_size)
@@ -436,8 +458,10 @@ def ratio_spread(ratios: Sequence[float]) -> dict[str, float]:
 
 
 def check_fits_everywhere(source: LengthSource, config: SimulationConfig) -> None:
-    """SimulationError before any work when the longest sample fits no simulated device count."""
-    longest = int(source.lengths.max())
+    """SimulationError before any work when the longest sample (or, under a vision budget, the one with the
+    most vision patches) fits no simulated device count."""
+    longest, most_patches = int(source.lengths.max()), source.most_patches()
+    vision_budget = config.vision_patches_per_device
     for num_devices in config.devices:
         if not fitting_static_degrees(longest, num_devices, config.tokens_per_device):
             needed = int(min_degrees(np.array([longest]), config.tokens_per_device)[0])
@@ -445,6 +469,13 @@ def check_fits_everywhere(source: LengthSource, config: SimulationConfig) -> Non
                 f"distribution {source.name!r}: its longest sample ({longest} tokens) needs a power-of-two "
                 f"degree >= {needed} dividing --devices {num_devices} at --tokens-per-device "
                 f"{config.tokens_per_device}; raise --tokens-per-device or use more devices"
+            )
+        if not fitting_static_degrees(longest, num_devices, config.tokens_per_device, most_patches, vision_budget):
+            needed = int(vision_min_degrees(np.int64(most_patches), vision_budget))
+            raise SimulationError(
+                f"distribution {source.name!r}: its sample with the most vision patches ({most_patches}) needs a "
+                f"power-of-two degree >= {needed} dividing --devices {num_devices} at --vision-patches-per-device "
+                f"{vision_budget}; raise --vision-patches-per-device or use more devices"
             )
 
 
@@ -528,14 +559,16 @@ def _preset_lines(preset: dict[str, Any] | None) -> list[str]:
 def format_markdown(result: dict[str, Any], *, preamble: Sequence[str] = ()) -> str:
     """The report: configuration, ``preamble`` lines, then per distribution a summary and a per-policy table."""
     config, lines = result["config"], []
+    budget = config["vision_patches_per_device"]
+    vision_budget = "" if budget is None else f"{budget} vision patches per device; "
     lines += [
         "# DHP cluster-scale simulation",
         "",
         f"{result['date']} on {result['machine']}. Global batch = {config['samples_per_device']} samples per "
         f"device; {config['steps']} steps per device count; {config['tokens_per_device']} tokens per device; "
-        f"{config['node_size']} devices per node; pool capacity {config['pool_size']}; Ulysses degrees divide "
-        f"{config['ulysses_heads']} heads (all-to-all volume {config['ulysses_volume_ratio']:.3g} x ring K/V bytes); "
-        f"seed {config['seed']}.",
+        f"{vision_budget}{config['node_size']} devices per node; pool capacity {config['pool_size']}; Ulysses "
+        f"degrees divide {config['ulysses_heads']} heads (all-to-all volume {config['ulysses_volume_ratio']:.3g} x "
+        f"ring K/V bytes); seed {config['seed']}.",
         "",
         "Cost model: " + ", ".join(f"{key}={value:.3g}" for key, value in result["cost_model"].items()) + ".",
         "",
@@ -684,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="global batch = this x devices (default %(default)s)")
     cluster.add_argument("--tokens-per-device", type=_positive_int,
                          help=f"per-device token capacity C (default {defaults.tokens_per_device}, or the preset's)")
+    cluster.add_argument("--vision-patches-per-device", type=_positive_int,
+                         help="per-device vision-tower patch budget: a group of d devices holds at most d x this "
+                         "many patches (default: none, the tower's memory is not budgeted; no preset sets one)")
     cluster.add_argument("--node-size", type=_positive_int, default=defaults.node_size,
                          help="devices per node; wider groups pay the inter-node bandwidth (default %(default)s)")
     cluster.add_argument("--cost-model", help="CostModel JSON (CostModel.save); default CostModel.default()")
@@ -755,6 +791,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str | None = None) -> tuple[
         devices=args.devices or (QUICK_DEVICES if args.quick else DEFAULT_DEVICES),
         samples_per_device=args.samples_per_device,
         tokens_per_device=args.tokens_per_device or budget,
+        vision_patches_per_device=args.vision_patches_per_device,
         node_size=args.node_size,
         steps=args.steps or (3 if args.quick else defaults.steps),
         pool_size=args.pool_size,

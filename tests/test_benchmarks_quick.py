@@ -77,15 +77,15 @@ def test_e2e_bench_rotates_which_variant_runs_first():
 
 def test_loader_stress_quick(tmp_path):
     """The stress harness runs and DHP's loaders start their workers; hangs are too rare to count here
-    (about 1 in 200 fits on the fork start method): the figures come from the full run."""
+    (4 in 558 fits on the fork start method here): the figures come from the full run."""
     output = tmp_path / "stress.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "loader_stress.py"), "--quick", "--context",
                              "dhp", "--json", str(output)], check=True, cwd=REPO, timeout=240, capture_output=True,
                             text=True)
     assert "| loader start method | fits | hung /100 fits |" in result.stdout
     dhp = json.loads(output.read_text())["results"]["dhp"]
-    assert (dhp["fits"], dhp["hung"], dhp["failed"]) == (2, 0, 0), dhp["errors"]
-    assert len(dhp["first_batch_s"]) == 2 and all(seconds > 0 for seconds in dhp["first_batch_s"])
+    assert (dhp["fits"], dhp["hung"], dhp["failed"]) == (1, 0, 0), dhp["errors"]
+    assert len(dhp["first_batch_s"]) == 1 and dhp["first_batch_s"][0][0] > 0
 
 
 def test_a_hung_e2e_run_is_killed_retried_and_reported(tmp_path):

@@ -85,7 +85,7 @@ def test_vision_patches_reach_the_planner_from_the_dataset_attribute():
 
     from lightning_dhp.lightning import DHPDataLoader, DHPPacking, dhp_dataloader
     from lightning_dhp.lightning.planned_loader import PlanConfig, StepRequest
-    from lightning_dhp.planner import CostModel
+    from lightning_dhp.planner import CostModel, PlanError
 
     class Videos(torch.utils.data.Dataset):
         lengths, vision_patches = [6, 9, 4], [0, 32, 8]
@@ -102,3 +102,6 @@ def test_vision_patches_reach_the_planner_from_the_dataset_attribute():
     planned = DHPDataLoader(Videos(), loader.batch_sampler, PlanConfig(2, 0, 16, cost_model=vision), DHPPacking(), {})
     step = planned.dataset[StepRequest("x", 0, 0, (1, 2))]
     assert list(step.plan.vision_patches) == [32, 8]
+    budget = PlanConfig(2, 0, 16, cost_model=vision, vision_patches_per_device=10)
+    with pytest.raises(PlanError, match=r"dataset sample 1 cannot be trained: .*32 vision patches"):
+        DHPDataLoader(Videos(), loader.batch_sampler, budget, DHPPacking(), {})  # it needs 4 devices, there are 2

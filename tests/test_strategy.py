@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from lightning.pytorch import Trainer
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from lightning_dhp import DHPStrategy
+from lightning_dhp.errors import DHPConfigError
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPlanReport
 from lightning_dhp.testing import launch_environment, run_distributed
 from tests.tiny_lm import LMTask, TokenDataset, reference_mean_loss, reference_training
@@ -167,3 +169,14 @@ def test_popen_launcher_runs_a_script_on_two_processes(tmp_path):
     subprocess.run([sys.executable, str(REPO / "tests" / "popen_train.py"), str(output)], cwd=tmp_path, env=env,
                    check=True, timeout=240)
     _assert_params_close(torch.load(output), reference_training(LENGTHS, BATCHES, STEPS))
+
+
+@pytest.mark.parametrize(("options", "fragment"), [
+    ({"data_wait_timeout": 0}, "positive number of seconds"),
+    ({"data_wait_timeout": 600.0, "timeout": timedelta(seconds=300)}, "not below the collective timeout"),
+    ({"vision_patches_per_device": 0}, "vision_patches_per_device must be a whole number >= 1"),
+    ({"vision_patches_per_device": 2.5}, "vision_patches_per_device must be a whole number >= 1"),
+])
+def test_options_that_cannot_work_are_refused_when_the_strategy_is_built(options, fragment):
+    with pytest.raises(DHPConfigError, match=fragment):
+        DHPStrategy(**options)

@@ -38,13 +38,15 @@ class PlanConfig:
     node_size: int | None = None
     skip_bad_samples: bool = False
     static_degree: int | None = None  # plan like static ring CP: every group has this many ranks
+    vision_patches_per_device: int | None = None
 
     def plan(self, lengths: Sequence[int], vision_patches: Sequence[int] | None = None) -> Plan:
+        memory = {"vision_patches": vision_patches, "vision_patches_per_device": self.vision_patches_per_device}
         if self.static_degree is not None:
             return static_plan(lengths, self.num_devices, self.tokens_per_device, self.static_degree,
-                               self.cost_model, vision_patches=vision_patches)
+                               self.cost_model, **memory)
         return plan_batch(lengths, self.num_devices, self.tokens_per_device, self.cost_model,
-                          node_size=self.node_size, vision_patches=vision_patches)
+                          node_size=self.node_size, **memory)
 
 
 @dataclass(frozen=True)
@@ -191,13 +193,18 @@ def _unbatched(step: PlannedStep) -> PlannedStep:
     return step
 
 
-def check_longest_sample_fits(lengths: Sequence[int], config: PlanConfig) -> None:
-    """Fail when the loader is built, naming the dataset index, if the longest sample fits on no group."""
-    longest = max(range(len(lengths)), key=lambda i: lengths[i])
-    try:
-        config.plan([lengths[longest]])
-    except PlanError as error:
-        raise PlanError(f"dataset sample {longest} cannot be trained: {error}") from None
+def check_largest_samples_fit(lengths: Sequence[int], vision_patches: Sequence[int] | None,
+                              config: PlanConfig) -> None:
+    """Fail when the loader is built, naming the dataset index, if the longest sample, or the one with the
+    most vision patches, fits on no group."""
+    largest = {max(range(len(lengths)), key=lambda i: lengths[i])}
+    if vision_patches is not None:
+        largest.add(max(range(len(lengths)), key=lambda i: vision_patches[i]))
+    for index in sorted(largest):
+        try:
+            config.plan([lengths[index]], None if vision_patches is None else [vision_patches[index]])
+        except PlanError as error:
+            raise PlanError(f"dataset sample {index} cannot be trained: {error}") from None
 
 
 class DHPDataLoader(DataLoader):
@@ -216,7 +223,7 @@ class DHPDataLoader(DataLoader):
     def __init__(self, dataset: Any, batch_sampler: DHPBatchSampler, config: PlanConfig, packing: DHPPacking,
                  trained: dict[str, StepRequest], *, data_wait_timeout: float | None = None, **loader_kwargs: Any):
         check_one_length_per_item(dataset, batch_sampler.lengths)
-        check_longest_sample_fits(batch_sampler.lengths, config)
+        check_largest_samples_fit(batch_sampler.lengths, batch_sampler.vision_patches, config)
         self.dhp_batch_sampler = batch_sampler
         self.plan_config = config
         self.loader_id = uuid.uuid4().hex

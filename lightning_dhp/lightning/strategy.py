@@ -112,6 +112,9 @@ class DHPStrategy(ParallelStrategy):
         gradient_bucket_mb: with ``sharding="replicate"``, gradients are summed in buckets of about this
             size, overlapped with the last round's backward; ``None`` sums them in one flat all-reduce
             after the backward.
+        vision_patches_per_device: the most vision patches one device encodes in a step, on average over its
+            group (the vision tower's activations, which ``tokens_per_device`` does not count); ``None`` leaves
+            them unbudgeted. Needs the data's ``vision_patches``.
         data_wait_timeout: seconds a rank waits for a batch from its DataLoader workers (``num_workers > 0``)
             before every rank stops with a :class:`~lightning_dhp.errors.DHPLoaderError` naming the rank, the
             worker and its Python stack; ``None`` waits forever. A DataLoader's own ``timeout`` takes
@@ -129,7 +132,7 @@ class DHPStrategy(ParallelStrategy):
                  activation_checkpointing: ModuleClasses | None = None,
                  sharding: str = "replicate", fsdp_modules: ModuleClasses | None = None,
                  save_distributed_checkpoint: bool = False, gradient_bucket_mb: float | None = 25.0,
-                 data_wait_timeout: float | None = DEFAULT_DATA_WAIT_S,
+                 vision_patches_per_device: int | None = None, data_wait_timeout: float | None = DEFAULT_DATA_WAIT_S,
                  process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout,
                  **parallel_kwargs: Any) -> None:
         super().__init__(**parallel_kwargs)
@@ -149,6 +152,10 @@ class DHPStrategy(ParallelStrategy):
             raise DHPConfigError("fsdp_modules needs sharding='fsdp'")
         if save_distributed_checkpoint and sharding != "fsdp":
             raise DHPConfigError("save_distributed_checkpoint needs sharding='fsdp' (replicas save one full file)")
+        if vision_patches_per_device is not None and (isinstance(vision_patches_per_device, bool) or not isinstance(
+                vision_patches_per_device, int) or vision_patches_per_device < 1):
+            raise DHPConfigError(f"vision_patches_per_device must be a whole number >= 1 or None, got "
+                                 f"{vision_patches_per_device!r}")
         if data_wait_timeout is not None and not data_wait_timeout > 0:
             raise DHPConfigError(f"data_wait_timeout must be a positive number of seconds or None, got "
                                  f"{data_wait_timeout!r}")
@@ -171,6 +178,7 @@ class DHPStrategy(ParallelStrategy):
         self.gradient_bucket_mb = gradient_bucket_mb
         self.save_distributed_checkpoint = save_distributed_checkpoint
         self.data_wait_timeout = data_wait_timeout
+        self.vision_patches_per_device = vision_patches_per_device
         self.pool = GroupPool(pool_size)
         self.skipped_samples = 0
         self.num_nodes = 1
@@ -503,7 +511,8 @@ class DHPStrategy(ParallelStrategy):
             tokens_per_device=tokens_per_device,
             cost_model=self.cost_model if isinstance(self.cost_model, CostModel) else None,
             node_size=self.node_size or (self.num_processes if self.num_nodes > 1 else None),
-            skip_bad_samples=self.skip_bad_samples, static_degree=self.static_degree)
+            skip_bad_samples=self.skip_bad_samples, static_degree=self.static_degree,
+            vision_patches_per_device=self.vision_patches_per_device)
         loader_kwargs = {key: getattr(dataloader, key) for key in
                          ("num_workers", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
                           "persistent_workers")}

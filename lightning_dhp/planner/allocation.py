@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths, take
+from lightning_dhp.planner.memory import vision_budget, vision_min_degrees
 
 
 @dataclass
@@ -89,16 +90,29 @@ class DegreeTable:
 
 
 def bin_min_degrees(
-    lengths: np.ndarray, owner: np.ndarray, member_min_degree: np.ndarray, num_bins: int, capacity: int, limit: int
+    lengths: np.ndarray,
+    owner: np.ndarray,
+    member_min_degree: np.ndarray,
+    num_bins: int,
+    capacity: int,
+    limit: int,
+    patches: np.ndarray | None = None,
+    vision_patches_per_device: int | None = None,
 ) -> np.ndarray:
     """Smallest degree of every bin in ``[its largest member's minimum degree, limit]`` whose padded
-    per-device tokens fit, or ``limit + 1``; ``owner[i]`` is the bin of sample ``i``.
+    per-device tokens fit (and, under a vision budget, its members' ``patches`` together), or ``limit + 1``;
+    ``owner[i]`` is the bin of sample ``i``.
 
     Most bins fit at their start degree. Per-device tokens ``sum_i 2 * ceil(L_i / 2d)`` never grow
-    with ``d`` (d >= 2), so the others bisect, all of them side by side.
+    with ``d`` (d >= 2), so the others bisect, all of them side by side. Patches do not depend on the
+    degree: they only raise the start.
     """
     start = np.zeros(num_bins, dtype=np.int64)
     np.maximum.at(start, owner, member_min_degree)
+    budget = vision_budget(patches, vision_patches_per_device)
+    if budget is not None:
+        held = np.bincount(owner, weights=patches, minlength=num_bins).astype(np.int64)
+        start = np.minimum(np.maximum(start, vision_min_degrees(held, budget)), limit + 1)
     total = np.bincount(owner, weights=lengths, minlength=num_bins)
     degrees = start.copy()
     hard = np.where(start == 1, total > capacity, _per_device(lengths, owner, start, num_bins) > capacity)

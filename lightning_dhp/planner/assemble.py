@@ -29,9 +29,11 @@ def build_plan(
     node_size: int | None,
     bound: float,
     patches: np.ndarray | None = None,
+    vision_patches_per_device: int | None = None,
 ) -> Plan:
     """Turn planned groups into a :class:`Plan`, timing every group with the cost model (``patches``:
-    each sample's vision patches, None: none)."""
+    each sample's vision patches, None: none; ``vision_patches_per_device``: the vision budget the groups
+    respect, None: none)."""
     ordered = [sorted(planned, key=lambda planned_group: planned_group.first_rank) for planned in rounds]
     flat = [group for planned in ordered for group in planned]
     degrees = np.array([group.degree for group in flat], dtype=np.int64)
@@ -71,4 +73,5 @@ def build_plan(
         lower_bound=bound,
         node_size=node_size,
         vision_patches=None if patches is None else tuple(patches.tolist()),
+        vision_patches_per_device=vision_patches_per_device,
     )

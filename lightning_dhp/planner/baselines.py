@@ -8,7 +8,14 @@ import numpy as np
 
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
-from lightning_dhp.planner.inputs import check_every_sample_fits, check_inputs, divisors, min_degrees
+from lightning_dhp.planner.inputs import (
+    check_every_sample_fits,
+    check_inputs,
+    divisors,
+    min_degrees,
+    refuse_over_degree,
+)
+from lightning_dhp.planner.memory import vision_budget
 from lightning_dhp.planner.plan import Plan, PlanError
 from lightning_dhp.planner.rounds import balanced_assignment, lower_bound, minimum_rounds
 
@@ -21,17 +28,20 @@ def static_slots(
     cost: CostModel,
     extra_rounds: int = 0,
     patches: np.ndarray | None = None,
+    vision_patches_per_device: int | None = None,
 ) -> list[list[list[int]]]:
     """Per round, the members of its ``num_devices // degree`` groups of ``degree`` (checked inputs;
-    ``patches``: vision patches per sample or None): samples heaviest first to the least-loaded group
-    slot with memory left over all rounds at once, over the fewest rounds that hold them plus
-    ``extra_rounds``."""
+    ``patches``: vision patches per sample or None, ``vision_patches_per_device``: their budget or None):
+    samples heaviest first to the least-loaded group slot with memory left over all rounds at once, over
+    the fewest rounds that hold them plus ``extra_rounds``."""
     groups_per_round = num_devices // degree
     padded = padded_lengths(lengths, degree)
     work = cost.sample_costs(lengths, degree, patches=patches)
-    num_rounds = minimum_rounds(padded, num_devices, tokens_per_device) + extra_rounds
+    num_rounds = minimum_rounds(padded, num_devices, tokens_per_device, patches, vision_patches_per_device)
+    num_rounds += extra_rounds
     while (
-        slots := balanced_assignment(work, padded, num_rounds * groups_per_round, degree * tokens_per_device)
+        slots := balanced_assignment(work, padded, num_rounds * groups_per_round, degree, tokens_per_device, patches,
+                                     vision_patches_per_device)
     ) is None:
         num_rounds += 1
     return [slots[index * groups_per_round : (index + 1) * groups_per_round] for index in range(num_rounds)]
@@ -46,16 +56,18 @@ def static_plan(
     *,
     node_size: int | None = None,
     vision_patches: Sequence[int] | np.ndarray | None = None,
+    vision_patches_per_device: int | None = None,
 ) -> Plan:
     """Every group has exactly ``degree`` ranks (``num_devices / degree`` groups per round).
 
     Samples go heaviest first (vision work included, ``vision_patches`` per sample as in
-    :func:`~lightning_dhp.planner.plan_batch`) to the least-loaded group slot with memory left, over
-    the fewest rounds that hold them. ``degree`` must divide ``num_devices`` (and ``node_size`` when
-    it is smaller, so that no group that fits in a node crosses one).
+    :func:`~lightning_dhp.planner.plan_batch`) to the least-loaded group slot with memory left (tokens,
+    and vision patches under ``vision_patches_per_device``), over the fewest rounds that hold them.
+    ``degree`` must divide ``num_devices`` (and ``node_size`` when it is smaller, so that no group that
+    fits in a node crosses one), and hold every sample.
     """
-    lengths_array, num_devices, tokens_per_device, node_size, patches = check_inputs(
-        lengths, num_devices, tokens_per_device, node_size, vision_patches
+    lengths_array, num_devices, tokens_per_device, node_size, patches, vision_patches_per_device = check_inputs(
+        lengths, num_devices, tokens_per_device, node_size, vision_patches, vision_patches_per_device
     )
     valid = divisors(num_devices)
     if isinstance(degree, bool) or not isinstance(degree, int | np.integer) or degree not in valid:
@@ -67,25 +79,46 @@ def static_plan(
             f"use one of {[d for d in valid if d >= node_size or node_size % d == 0]}"
         )
     cost = cost_model or CostModel.default()
-    min_degree = min_degrees(lengths_array, tokens_per_device)
-    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device)
-    padded = padded_lengths(lengths_array, degree)
-    too_long = np.flatnonzero(padded > degree * tokens_per_device)
-    if too_long.size:
-        index = int(too_long[0])
-        fitting = [d for d in valid if d >= min_degree[index]]
-        per_device = -(-int(padded[index]) // degree)
-        raise PlanError(
-            f"sample {index} has length {int(lengths_array[index])} tokens and needs {per_device} tokens "
-            f"per device at degree {degree}, over tokens_per_device={tokens_per_device}; use a degree in "
-            f"{fitting} or raise tokens_per_device to >= {per_device}"
-        )
+    min_degree = min_degrees(lengths_array, tokens_per_device, patches, vision_patches_per_device)
+    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device, patches,
+                            vision_patches_per_device)
+    _check_degree_holds_every_sample(lengths_array, patches, degree, tokens_per_device, vision_patches_per_device,
+                                     min_degree, valid)
     rounds = [
         [PlannedGroup(tuple(sorted(members)), degree, position * degree) for position, members in enumerate(slots)
          if members]
-        for slots in static_slots(lengths_array, num_devices, tokens_per_device, degree, cost, patches=patches)
+        for slots in static_slots(lengths_array, num_devices, tokens_per_device, degree, cost, patches=patches,
+                                  vision_patches_per_device=vision_patches_per_device)
     ]
     rounds = [planned for planned in rounds if planned]
-    fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
+    fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device, patches, vision_patches_per_device)
     bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size, patches)
-    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, node_size, bound, patches)
+    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, node_size, bound, patches,
+                      vision_patches_per_device)
+
+
+def _check_degree_holds_every_sample(
+    lengths: np.ndarray,
+    patches: np.ndarray | None,
+    degree: int,
+    tokens_per_device: int,
+    vision_patches_per_device: int | None,
+    min_degree: np.ndarray,
+    valid: list[int],
+) -> None:
+    """PlanError for the first sample a group of ``degree`` cannot hold, naming the budget it breaks (its
+    tokens when both do) and the ``valid`` degrees at or above its ``min_degree`` that would hold it."""
+    padded = padded_lengths(lengths, degree)
+    over_tokens = padded > degree * tokens_per_device
+    budget = vision_budget(patches, vision_patches_per_device)
+    refused = np.flatnonzero(over_tokens if budget is None else over_tokens | (patches > degree * budget))
+    if refused.size == 0:
+        return
+    index = int(refused[0])
+    fitting = [d for d in valid if d >= min_degree[index]]
+    if over_tokens[index]:
+        refuse_over_degree(index, f"length {int(lengths[index])} tokens", degree, "tokens_per_device",
+                           tokens_per_device, -(-int(padded[index]) // degree), "tokens", fitting)
+    count = int(patches[index])
+    refuse_over_degree(index, f"{count} vision patches", degree, "vision_patches_per_device", budget,
+                       -(-count // degree), "vision patches", fitting)

@@ -18,7 +18,8 @@ samples, so a group's time is ``fixed(d) + sum_i sample_cost(L_i, V_i, d)``; the
 that to move samples between groups in O(1).
 
 Memory is the planner's ``tokens_per_device``: it counts the language model's (padded) tokens, visual
-tokens included; the vision tower's own activations are not part of it.
+tokens included; the vision tower's own activations have a budget of their own,
+``vision_patches_per_device`` (see :mod:`~lightning_dhp.planner.memory`), when one is set.
 """
 
 from __future__ import annotations

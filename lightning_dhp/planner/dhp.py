@@ -89,6 +89,7 @@ def plan_batch(
     *,
     node_size: int | None = None,
     vision_patches: Sequence[int] | np.ndarray | None = None,
+    vision_patches_per_device: int | None = None,
 ) -> Plan:
     """Plan one global batch: rounds of context-parallel groups of any degree.
 
@@ -96,13 +97,17 @@ def plan_batch(
     ``tokens_per_device`` the per-device token capacity (padded tokens, see :func:`padded_length`),
     ``node_size`` the ranks per node when groups that fit in a node must not cross one,
     ``vision_patches`` each sample's vision-tower patches (timed with the cost model's
-    ``vision_s_per_patch``; None or all zero: a text-only plan). Raises :class:`PlanError` on bad input.
+    ``vision_s_per_patch``; None or all zero: a text-only plan), ``vision_patches_per_device`` the
+    per-device budget of vision-tower patches (a group of degree ``d`` holds at most ``d`` times it;
+    None: the tower's memory is not budgeted). Raises :class:`PlanError` on bad input or a sample that
+    fits no group.
     """
-    lengths_array, num_devices, tokens_per_device, node_size, patches = check_inputs(
-        lengths, num_devices, tokens_per_device, node_size, vision_patches
+    lengths_array, num_devices, tokens_per_device, node_size, patches, vision_patches_per_device = check_inputs(
+        lengths, num_devices, tokens_per_device, node_size, vision_patches, vision_patches_per_device
     )
     with _cyclic_gc_paused():
-        return _plan(lengths_array, num_devices, tokens_per_device, cost_model, node_size, patches)
+        return _plan(lengths_array, num_devices, tokens_per_device, cost_model, node_size, patches,
+                     vision_patches_per_device)
 
 
 @contextlib.contextmanager
@@ -133,11 +138,12 @@ class _Batch:
     cost: CostModel
     node_size: int | None
     patches: np.ndarray | None  # vision patches per sample; None: none
+    vision_patches_per_device: int | None  # the vision memory budget; None: none
     lower_bound: float
 
     def plan(self, rounds: list[list[PlannedGroup]]) -> Plan:
         return build_plan(rounds, self.lengths, self.num_devices, self.tokens_per_device, self.cost, self.node_size,
-                          self.lower_bound, self.patches)
+                          self.lower_bound, self.patches, self.vision_patches_per_device)
 
     def round_bound(self, samples: np.ndarray) -> float:
         """Lower bound on the makespan of one round holding ``samples``."""
@@ -148,7 +154,7 @@ class _Batch:
         """The round of ``samples`` (whose lower bound is ``bound``) as a problem of local positions."""
         return RoundProblem(self.lengths[samples], self.min_degree[samples], self.num_devices,
                             self.tokens_per_device, self.cost, self.node_size, bound, len(self.lengths),
-                            take(self.patches, samples))
+                            take(self.patches, samples), self.vision_patches_per_device)
 
 
 class _Pruned:
@@ -165,16 +171,19 @@ def _plan(
     cost_model: CostModel | None,
     node_size: int | None,
     patches: np.ndarray | None,
+    vision_patches_per_device: int | None,
 ) -> Plan:
     """:func:`plan_batch` on checked inputs."""
     cost = cost_model or CostModel.default()
     if cost.attention_s_per_token2 <= 0 and cost.linear_s_per_token <= 0:
         raise PlanError("the cost model charges nothing per token (attention and linear terms are 0), so no plan "
                         "beats another; fit it on timings that grow with the tokens, or use CostModel.default()")
-    min_degree = min_degrees(lengths_array, tokens_per_device)
-    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device)
-    fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
+    min_degree = min_degrees(lengths_array, tokens_per_device, patches, vision_patches_per_device)
+    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device, patches,
+                            vision_patches_per_device)
+    fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device, patches, vision_patches_per_device)
     batch = _Batch(lengths_array, min_degree, num_devices, tokens_per_device, cost, node_size, patches,
+                   vision_patches_per_device,
                    lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size, patches))
     static, static_degree = _best_static(batch)
     limit = static.predicted_time * (1 + PRUNE_MARGIN) if static is not None else math.inf
@@ -183,7 +192,8 @@ def _plan(
     extra_round: Plan | None = None
     work = device_seconds(lengths_array, min_degree, cost, patches)
     for num_rounds in range(fewest, len(lengths_array) + 1):
-        assignment = balanced_assignment(work, lengths_array, num_rounds, num_devices * tokens_per_device)
+        assignment = balanced_assignment(work, lengths_array, num_rounds, num_devices, tokens_per_device, patches,
+                                         vision_patches_per_device)
         if assignment is None:
             continue
         planned = _plan_rounds(batch, assignment, limit, tight_starts=num_rounds == 1 or TIGHT_STARTS_MULTI_ROUND)
@@ -203,7 +213,7 @@ def _plan(
         # static CP's joint assignment over all rounds, with memory slack for short samples to leave
         # the wide groups
         slots = static_slots(lengths_array, num_devices, tokens_per_device, static_degree, cost, STATIC_ROUNDS_EXTRA,
-                             patches)
+                             patches, vision_patches_per_device)
         planned = _plan_rounds(batch, [[sample for group in groups for sample in group] for groups in slots], limit)
         if isinstance(planned, Plan):
             candidates.append(planned)
@@ -263,13 +273,14 @@ def _best_static(batch: _Batch) -> tuple[Plan | None, int]:
     best: tuple[Plan | None, int] = (None, 0)
     degrees = _power_of_two_degrees(int(batch.min_degree.max()), batch.num_devices)
     bounds = [_static_bound(batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost,
-                            batch.node_size, batch.patches) for degree in degrees]
+                            batch.node_size, batch.patches, batch.vision_patches_per_device) for degree in degrees]
     for bound, degree in sorted(zip(bounds, degrees, strict=True)):
         if best[0] is not None and bound >= best[0].predicted_time * (1 + STATIC_BOUND_MARGIN):
             break  # it cannot win, nor can the ones after it
         with contextlib.suppress(PlanError):  # the degree does not suit the node size
             plan = static_plan(batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost,
-                               node_size=batch.node_size, vision_patches=batch.patches)
+                               node_size=batch.node_size, vision_patches=batch.patches,
+                               vision_patches_per_device=batch.vision_patches_per_device)
             if best[0] is None or plan.predicted_time < best[0].predicted_time:
                 best = (plan, degree)
     return best
@@ -312,11 +323,12 @@ def _static_bound(
     cost: CostModel,
     node_size: int | None,
     patches: np.ndarray | None = None,
+    vision_patches_per_device: int | None = None,
 ) -> float:
     """Lower bound on :func:`static_plan`'s time at ``degree``: every round pays a group's fixed
     time, and the work of all samples spreads at best evenly over ``num_devices / degree`` groups."""
     padded = padded_lengths(lengths, degree)
-    rounds = minimum_rounds(padded, num_devices, tokens_per_device)
+    rounds = minimum_rounds(padded, num_devices, tokens_per_device, patches, vision_patches_per_device)
     padded_f = padded.astype(np.float64)
     fixed = float(cost.times_from_sums(0.0, 0.0, degree, node_size=node_size))
     alone = float(cost.times_from_sums(padded_f.sum(), (padded_f * padded_f).sum(), degree, node_size=node_size,
@@ -388,7 +400,8 @@ def _merge_start(problem: RoundProblem) -> list[list[int]] | None:
         )
         owner = np.repeat(np.arange(len(sizes)), sizes)
         merged = bin_min_degrees(problem.lengths[members], owner, problem.min_degree[members], len(sizes),
-                                 problem.tokens_per_device, problem.num_devices)
+                                 problem.tokens_per_device, problem.num_devices, take(problem.patches, members),
+                                 problem.vision_patches_per_device)
         saving = degrees[first] + degrees[second] - merged
         if saving.max() <= 0:
             return None
@@ -418,7 +431,10 @@ def _uniform_start(problem: RoundProblem, degree: int) -> list[list[int]] | None
         problem.sample_costs(slice(None), degrees),
         problem.padded(problem.lengths, degrees),
         problem.num_devices // degree,
-        degree * problem.tokens_per_device,
+        degree,
+        problem.tokens_per_device,
+        problem.patches,
+        problem.vision_patches_per_device,
     )
 
 
@@ -520,6 +536,8 @@ def _solve_allocation(
         len(members),
         problem.tokens_per_device,
         num_devices,
+        flat_patches,
+        problem.vision_patches_per_device,
     )
     if min_degree.sum() > num_devices:
         return None

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import NoReturn
 
 import numpy as np
 
+from lightning_dhp.planner.memory import vision_budget, vision_min_degrees
 from lightning_dhp.planner.plan import PlanError
 
 MAX_LENGTH = 2**40  # far beyond any real sample; keeps padded sums and squares exact in int64/float64
@@ -83,19 +85,32 @@ def _is_count(value: object) -> bool:
     return is_number and math.isfinite(value) and value == int(value) and 0 <= value <= MAX_LENGTH
 
 
-def min_degrees(lengths: np.ndarray, tokens_per_device: int) -> np.ndarray:
-    """Smallest degree at which each sample fits: padded(L, d) <= d * tokens_per_device.
+def min_degrees(
+    lengths: np.ndarray,
+    tokens_per_device: int,
+    patches: np.ndarray | None = None,
+    vision_patches_per_device: int | None = None,
+) -> np.ndarray:
+    """Smallest degree at which each sample fits: padded(L, d) <= d * tokens_per_device and, with a vision
+    budget, ``patches <= d * vision_patches_per_device``.
 
     Degree 1 needs ``L <= C``. For ``d >= 2`` the padded length is ``2d * ceil(L / 2d)``, so the
     rule reads ``ceil(L / 2d) <= C // 2``, i.e. ``d >= ceil(L / (2 * (C // 2)))``. With ``C == 1``
-    no degree above 1 fits; such samples get a huge sentinel degree.
+    no degree above 1 fits; such samples get a huge sentinel degree. Patches ask for
+    ``ceil(P / vision_patches_per_device)`` ranks (:func:`~lightning_dhp.planner.memory.vision_min_degrees`);
+    when that is 2 or more, the tokens must fit by the rule for ``d >= 2``.
     """
     half = tokens_per_device // 2
     if half == 0:
         multi = np.full(lengths.shape, np.iinfo(np.int64).max // 4, dtype=np.int64)
     else:
         multi = np.maximum(2, -(-lengths // (2 * half)))
-    return np.where(lengths <= tokens_per_device, 1, multi)
+    degrees = np.where(lengths <= tokens_per_device, 1, multi)
+    budget = vision_budget(patches, vision_patches_per_device)
+    if budget is None:
+        return degrees
+    by_patches = vision_min_degrees(patches, budget)
+    return np.where(by_patches > 1, np.maximum(by_patches, multi), degrees)
 
 
 def divisors(number: int) -> list[int]:
@@ -104,25 +119,56 @@ def divisors(number: int) -> list[int]:
 
 
 def check_every_sample_fits(
-    lengths: np.ndarray, degrees: np.ndarray, num_devices: int, tokens_per_device: int
+    lengths: np.ndarray,
+    degrees: np.ndarray,
+    num_devices: int,
+    tokens_per_device: int,
+    patches: np.ndarray | None = None,
+    vision_patches_per_device: int | None = None,
 ) -> None:
-    """PlanError for the first sample whose minimum degree exceeds ``num_devices``."""
+    """PlanError for the first sample whose minimum degree exceeds ``num_devices``, naming the budget it
+    breaks (its tokens when both do)."""
     too_long = np.flatnonzero(degrees > num_devices)
     if too_long.size == 0:
         return
     index = int(too_long[0])
-    length = int(lengths[index])
-    needed_capacity = length if num_devices == 1 else min(length, 2 * -(-length // (2 * num_devices)))
-    if tokens_per_device == 1:
-        needs = "it needs tokens_per_device >= 2 to be split across devices at all"
-        devices_fix = ""
-    else:
-        needs = f"it needs {int(degrees[index])} devices at tokens_per_device={tokens_per_device}"
-        devices_fix = f" or use >= {int(degrees[index])} devices"
+    token_degree = int(min_degrees(lengths[index : index + 1], tokens_per_device)[0])
+    if token_degree > num_devices:
+        length = int(lengths[index])
+        holding = f"length {length} tokens"
+        needed = length if num_devices == 1 else min(length, 2 * -(-length // (2 * num_devices)))
+        if tokens_per_device == 1:
+            needs = "it needs tokens_per_device >= 2 to be split across devices at all"
+            fix = f"raise tokens_per_device to >= {needed}"
+        else:
+            needs = f"it needs {token_degree} devices at tokens_per_device={tokens_per_device}"
+            fix = f"raise tokens_per_device to >= {needed} or use >= {int(degrees[index])} devices"
+    else:  # its vision patches refuse it
+        count = int(patches[index])
+        holding = f"{count} vision patches"
+        if tokens_per_device == 1:
+            needs = (f"tokens_per_device=1 keeps every sample on one device, where its patches need "
+                     f"vision_patches_per_device >= {count}")
+            fix = f"raise vision_patches_per_device to >= {count} or tokens_per_device to >= 2"
+        else:
+            needs = f"it needs {int(degrees[index])} devices at vision_patches_per_device={vision_patches_per_device}"
+            fix = (f"raise vision_patches_per_device to >= {-(-count // num_devices)} or use >= "
+                   f"{int(degrees[index])} devices")
     raise PlanError(
-        f"sample {index} has length {length} tokens and cannot fit even on all num_devices={num_devices} "
-        f"devices ({needs}); raise tokens_per_device to >= {needed_capacity}{devices_fix}, "
-        f"or drop/truncate that sample"
+        f"sample {index} has {holding} and cannot fit even on all num_devices={num_devices} "
+        f"devices ({needs}); {fix}, or drop/truncate that sample"
+    )
+
+
+def refuse_over_degree(
+    index: int, holding: str, degree: int, budget_name: str, budget: int, per_device: int, unit: str,
+    fitting: list[int],
+) -> NoReturn:
+    """Raise the PlanError for sample ``index`` (``holding`` what it holds) that needs ``per_device`` ``unit``
+    per device at the fixed ``degree``, over ``budget_name``; ``fitting``: the degrees that would hold it."""
+    raise PlanError(
+        f"sample {index} has {holding} and needs {per_device} {unit} per device at degree {degree}, over "
+        f"{budget_name}={budget}; use a degree in {fitting} or raise {budget_name} to >= {per_device}"
     )
 
 
@@ -132,13 +178,19 @@ def check_inputs(
     tokens_per_device: int,
     node_size: int | None,
     vision_patches: Sequence[int] | np.ndarray | None = None,
-) -> tuple[np.ndarray, int, int, int | None, np.ndarray | None]:
-    """Checked lengths, device count, capacity, node size and vision patches (see
-    :func:`check_vision_patches`); a PlanError names the bad one."""
+    vision_patches_per_device: int | None = None,
+) -> tuple[np.ndarray, int, int, int | None, np.ndarray | None, int | None]:
+    """Checked lengths, device count, capacity, node size, vision patches (see :func:`check_vision_patches`)
+    and vision budget (None: none); a PlanError names the bad one."""
     lengths_array = check_lengths(lengths)
     num_devices = check_count(num_devices, "num_devices", "use at least one device")
     tokens_per_device = check_count(tokens_per_device, "tokens_per_device", "give each device room for >= 1 token")
     if node_size is not None:
         node_size = check_count(node_size, "node_size", "pass the ranks per node, or None for one flat node")
     patches = check_vision_patches(vision_patches, len(lengths_array))
-    return lengths_array, num_devices, tokens_per_device, node_size, patches
+    if vision_patches_per_device is not None:
+        vision_patches_per_device = check_count(
+            vision_patches_per_device, "vision_patches_per_device",
+            "give each device room for >= 1 vision patch, or pass None for no vision budget",
+        )
+    return lengths_array, num_devices, tokens_per_device, node_size, patches, vision_patches_per_device

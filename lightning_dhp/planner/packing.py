@@ -3,11 +3,13 @@
 Sizing: for a makespan ``T`` every sample that cannot run on one device within ``T`` (it needs
 more memory than one device, or its degree-1 time exceeds ``T``) gets a group of its own at the
 fewest devices reaching ``T``; the rest form a pool of degree-1 bins, ``max(ceil(tokens / C),
-ceil(work / (T - overhead)))`` of them. A binary search finds the smallest ``T`` that fits the
-devices. Packing: the singles open their groups, every remaining device becomes a degree-1 bin,
-and the pool samples go longest first to the bin where they finish earliest among those with
-memory left (memory-aware longest-processing-time / best-fit decreasing). Refinement (:mod:`.refine`)
-then improves bin membership.
+ceil(work / (T - overhead)))`` of them (and, under a vision budget ``V``, at least ``ceil(patches /
+V)``; what the singles can hold of each comes off first). A binary search finds the smallest ``T``
+that fits the devices. Packing: the singles open their groups, every remaining device becomes a
+degree-1 bin, and the pool samples go longest first to the bin where they finish earliest among
+those with memory left (memory-aware longest-processing-time / best-fit decreasing). Memory is
+padded tokens and, under a vision budget, vision patches (:mod:`.memory`). Refinement
+(:mod:`.refine`) then improves bin membership.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from lightning_dhp.planner.allocation import table_from_flat
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths, take
+from lightning_dhp.planner.memory import fits_memory, vision_budget
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,18 @@ class RoundProblem:
     lower_bound: float
     batch_size: int  # samples in the whole batch (all rounds); sets the refinement budget
     patches: np.ndarray | None = None  # vision patches per position; None: none
+    vision_patches_per_device: int | None = None  # the vision memory budget; None: none
     # what the round's stages computed for a set of bins before (several starts and refinement
     # passes reach the same bins)
     memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def padded(self, lengths: np.ndarray, degrees: np.ndarray) -> np.ndarray:
         return padded_lengths(lengths, degrees)
+
+    @property
+    def patch_budget(self) -> int | None:
+        """The vision budget the round's bins must respect (None: none, or no patches)."""
+        return vision_budget(self.patches, self.vision_patches_per_device)
 
     def sample_costs(self, positions: Any, degrees: np.ndarray) -> np.ndarray:
         """Additive time share of the samples at ``positions`` (an index into :attr:`lengths`) at each
@@ -83,6 +92,10 @@ def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarra
     one_device = ~multi
     total_work = float((alone_time[one_device] - overhead).sum())
     total_tokens = int(lengths[one_device].sum())
+    patch_budget = problem.patch_budget
+    if patch_budget is not None:
+        candidate_patches = problem.patches[candidates]
+        total_patches = int(problem.patches[one_device].sum())
 
     def needed(makespans: np.ndarray) -> np.ndarray:
         """Devices the singles and the pool need at each of ``makespans`` (inf: unreachable)."""
@@ -99,11 +112,23 @@ def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarra
             density = work / np.maximum(tokens, 1)
             spare_time = np.where(single, np.maximum(0.0, makespans[:, None] - times) * degrees, 0.0)
             spare_tokens = np.where(single, degrees * capacity - problem.padded(candidate_lengths, degrees), 0)
-            usable = np.minimum(spare_time, spare_tokens * density[:, None]).sum(axis=1)
+            lendable = np.minimum(spare_time, spare_tokens * density[:, None])
+            if patch_budget is not None:  # ... and at most its spare patches x the pool's work per patch
+                patches = total_patches - np.where(leaving, candidate_patches, 0).sum(axis=1)
+                patch_density = work / np.maximum(patches, 1)
+                spare_patches = np.where(single, degrees * patch_budget - candidate_patches, 0)
+                lendable = np.minimum(
+                    lendable, np.where((patches > 0)[:, None], spare_patches * patch_density[:, None], np.inf)
+                )
+            usable = lendable.sum(axis=1)
             by_work = np.ceil(np.maximum(0.0, work - usable) / (makespans - overhead) - 1e-9)
             usable_tokens = np.where(density > 0, usable / density, spare_tokens.sum(axis=1))
-        by_memory = np.ceil(np.maximum(0.0, tokens - usable_tokens) / capacity - 1e-9)
-        pooled = np.where(makespans > overhead, devices + np.maximum(by_work, by_memory), np.inf)
+            pool_bins = np.maximum(by_work, np.ceil(np.maximum(0.0, tokens - usable_tokens) / capacity - 1e-9))
+            if patch_budget is not None:  # the pool's patches the singles cannot hold need bins too
+                usable_patches = np.where(patch_density > 0, usable / patch_density, spare_patches.sum(axis=1))
+                by_patches = np.ceil(np.maximum(0.0, patches - usable_patches) / patch_budget - 1e-9)
+                pool_bins = np.maximum(pool_bins, by_patches)
+        pooled = np.where(makespans > overhead, devices + pool_bins, np.inf)
         result = np.where(tokens == 0, devices, pooled)
         return np.where((np.isinf(times) & single).any(axis=1), np.inf, result)
 
@@ -144,9 +169,9 @@ def pack_round(
     """Bins (lists of local positions): one per single, plus degree-1 bins for the pool.
 
     Pool samples go longest first to the bin that finishes earliest with them among those with
-    memory left. None when some sample fits no bin.
+    memory left (tokens, and vision patches under a vision budget). None when some sample fits no bin.
     """
-    capacity = problem.tokens_per_device
+    capacity, patch_budget = problem.tokens_per_device, problem.patch_budget
     pool_bins = min(problem.num_devices - int(single_degrees.sum()), len(pool))
     if len(pool) and pool_bins < 1 and len(singles) == 0:
         return None
@@ -172,6 +197,14 @@ def pack_round(
     class_heaps = [heaps[degree] for degree in classes]
     limits = [degree * capacity for degree in classes]
     cost_rows, need_rows, pool_list = pool_costs.tolist(), pool_padded.tolist(), pool.tolist()
+    vision = patch_budget is not None
+    patch_limits = [degree * patch_budget if vision else None for degree in classes]
+    if vision:  # the same bookkeeping for the vision patches
+        held = problem.patches[singles].tolist() + [0] * pool_bins
+        held_array = np.array(held, dtype=np.int64)
+        pool_patches = problem.patches[pool]
+        patch_rows = pool_patches.tolist()
+        fewest_patches_left = np.minimum.accumulate(pool_patches[order][::-1])[::-1].tolist()
     for rank_in_order, item in enumerate(order.tolist()):
         item_costs, item_needs, smallest = cost_rows[item], need_rows[item], smallest_left[rank_in_order]
         best_finish, best_class, best_bin = math.inf, -1, -1
@@ -183,15 +216,19 @@ def pack_round(
             while heap and (
                 heap[0][0] != times[heap[0][1]]  # stale: the bin has grown since this entry
                 or limit - tokens[heap[0][1]] < smallest  # full for good
+                or (vision and patch_limits[class_position] - held[heap[0][1]] < fewest_patches_left[rank_in_order])
             ):
                 heapq.heappop(heap)
             if not heap:
                 continue
             need = item_needs[class_position]
             candidate = heap[0][1]
-            if tokens[candidate] + need > limit:  # earliest bin too full: earliest one with room
+            if tokens[candidate] + need > limit or (
+                vision and held[candidate] + patch_rows[item] > patch_limits[class_position]
+            ):  # earliest bin too full: earliest one with room
                 bins = class_bins[class_position]
-                room = tokens_array[bins] + need <= limit
+                held_after = held_array[bins] + patch_rows[item] if vision else None
+                room = fits_memory(tokens_array[bins] + need, limit, held_after, patch_limits[class_position])
                 if not room.any():
                     continue
                 candidate = int(bins[np.argmin(np.where(room, times_array[bins], np.inf))])
@@ -203,6 +240,9 @@ def pack_round(
         times[best_bin] = times_array[best_bin] = best_finish
         tokens[best_bin] += item_needs[best_class]
         tokens_array[best_bin] = tokens[best_bin]
+        if vision:
+            held[best_bin] += patch_rows[item]
+            held_array[best_bin] = held[best_bin]
         members[best_bin].append(pool_list[item])
         heapq.heappush(class_heaps[best_class], (best_finish, best_bin))
     return [bin_members for bin_members in members if bin_members]

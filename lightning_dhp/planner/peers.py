@@ -20,6 +20,10 @@
   takes a sample only while the group's padded tokens fit ``degree x tokens_per_device`` (so that
   its plan is also valid for this package's packed runtime).
 
+Both respect a vision budget (``vision_patches_per_device``) the way they respect tokens: a sample's
+minimum degree (and Megatron's CP size) also holds its patches, and a bin or group takes a sample only
+while its patches fit ``degree x vision_patches_per_device``.
+
 Both return a validated-shape :class:`~lightning_dhp.planner.Plan` (``plan.validate()`` passes).
 """
 
@@ -32,6 +36,7 @@ import numpy as np
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.cost_model import CostModel, padded_length, padded_lengths, take
 from lightning_dhp.planner.inputs import check_every_sample_fits, check_inputs, min_degrees
+from lightning_dhp.planner.memory import fits_memory, vision_budget, vision_min_degrees
 from lightning_dhp.planner.placement import PlacementFailure, place
 from lightning_dhp.planner.plan import Plan
 from lightning_dhp.planner.rounds import balanced_assignment, device_seconds, lower_bound, minimum_rounds
@@ -63,26 +68,29 @@ def paper_plan(
     *,
     node_size: int | None = None,
     vision_patches: Sequence[int] | np.ndarray | None = None,
+    vision_patches_per_device: int | None = None,
 ) -> Plan:
     """The DHP paper's planner (module docstring): BFD bins, ``O(K' N^2)`` DP, round-robin leftover;
-    ``vision_patches`` as in :func:`~lightning_dhp.planner.plan_batch`."""
-    lengths_array, num_devices, tokens_per_device, node_size, patches = check_inputs(
-        lengths, num_devices, tokens_per_device, node_size, vision_patches
+    ``vision_patches`` and ``vision_patches_per_device`` as in :func:`~lightning_dhp.planner.plan_batch`."""
+    lengths_array, num_devices, tokens_per_device, node_size, patches, vision_patches_per_device = check_inputs(
+        lengths, num_devices, tokens_per_device, node_size, vision_patches, vision_patches_per_device
     )
     cost = cost_model or CostModel.default()
-    min_degree = min_degrees(lengths_array, tokens_per_device)
-    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device)
+    min_degree = min_degrees(lengths_array, tokens_per_device, patches, vision_patches_per_device)
+    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device, patches,
+                            vision_patches_per_device)
     work = device_seconds(lengths_array, min_degree, cost, patches)
-    fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
+    fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device, patches, vision_patches_per_device)
     rounds: list[list[PlannedGroup]] = []
     placed_in_nodes = True
     for num_rounds in range(fewest, len(lengths_array) + 1):
-        assignment = balanced_assignment(work, lengths_array, num_rounds, num_devices * tokens_per_device)
+        assignment = balanced_assignment(work, lengths_array, num_rounds, num_devices, tokens_per_device, patches,
+                                         vision_patches_per_device)
         if assignment is None:
             continue
         solved = [
             _paper_round(np.array(sorted(members), dtype=np.int64), lengths_array, patches, min_degree, num_devices,
-                         tokens_per_device, cost, node_size)
+                         tokens_per_device, vision_patches_per_device, cost, node_size)
             for members in assignment
             if members
         ]
@@ -93,31 +101,44 @@ def paper_plan(
     bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size, patches)
     # a round whose degrees do not fit node-aware placement is laid out flat; its plan then claims no nodes
     plan_nodes = node_size if placed_in_nodes else None
-    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, plan_nodes, bound, patches)
+    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, plan_nodes, bound, patches,
+                      vision_patches_per_device)
 
 
 def _best_fit_decreasing(
-    lengths: np.ndarray, min_degree: np.ndarray, tokens_per_device: int
+    lengths: np.ndarray,
+    patches: np.ndarray | None,
+    min_degree: np.ndarray,
+    tokens_per_device: int,
+    vision_patches_per_device: int | None,
 ) -> tuple[list[list[int]], list[int]]:
     """Positions into bins and the bins' degrees: longest first, each sample to the fullest bin that
-    still holds it (memory at the bin's degree, the minimum degree of its first, longest member),
-    or to a new bin when none does."""
+    still holds it (memory at the bin's degree, the minimum degree of its first, longest member:
+    tokens, and ``patches`` under a vision budget, None: none), or to a new bin when none does."""
     bins: list[list[int]] = []
     degrees = np.zeros(len(lengths), dtype=np.int64)  # bins never outnumber samples
     room = np.zeros(len(lengths), dtype=np.int64)  # free padded tokens of each bin
+    held = np.zeros(len(lengths), dtype=np.int64)  # vision patches of each bin (under a vision budget)
+    budget = vision_budget(patches, vision_patches_per_device)
     for position in np.lexsort((np.arange(len(lengths)), -lengths)).tolist():
         count = len(bins)
         need = padded_lengths(np.full(count, lengths[position]), degrees[:count])
-        left = np.where(need <= room[:count], room[:count] - need, np.iinfo(np.int64).max)
+        patch_room = None if budget is None else degrees[:count] * budget
+        fits = fits_memory(need, room[:count], None if budget is None else held[:count] + patches[position],
+                           patch_room)
+        left = np.where(fits, room[:count] - need, np.iinfo(np.int64).max)
         best = int(np.argmin(left)) if count else -1
         if best < 0 or left[best] == np.iinfo(np.int64).max:
             degree = int(min_degree[position])
             degrees[count] = degree
             room[count] = degree * tokens_per_device - padded_length(int(lengths[position]), degree)
             bins.append([position])
+            best = count
         else:
             room[best] = left[best]
             bins[best].append(position)
+        if budget is not None:
+            held[best] += patches[position]
     return bins, degrees[: len(bins)].tolist()
 
 
@@ -128,17 +149,20 @@ def _paper_round(
     all_min_degree: np.ndarray,
     num_devices: int,
     tokens_per_device: int,
+    vision_patches_per_device: int | None,
     cost: CostModel,
     node_size: int | None,
 ) -> tuple[list[PlannedGroup], bool] | None:
     """One round's groups and whether they sit inside nodes, or None when its bins need > N devices."""
     lengths, patches = all_lengths[samples], take(all_patches, samples)
-    bins, bin_min = _best_fit_decreasing(lengths, all_min_degree[samples], tokens_per_device)
+    bins, bin_min = _best_fit_decreasing(lengths, patches, all_min_degree[samples], tokens_per_device,
+                                         vision_patches_per_device)
     if sum(bin_min) > num_devices:
         return None
     all_degrees = np.arange(num_devices + 1)
     times = np.full((len(bins), num_devices + 1), np.inf)
     for index, members in enumerate(bins):
+        # a bin's patches fit its first degree (BFD checked them there) and so every wider one
         candidates = all_degrees[bin_min[index] :]
         fits = padded_lengths(lengths[members][:, None], candidates[None, :]).sum(axis=0) <= (
             candidates * tokens_per_device
@@ -211,10 +235,13 @@ def _round_robin_leftover(degrees: np.ndarray, times: np.ndarray, num_devices: i
 # -- megatron-dcp ----------------------------------------------------------------------------------------
 
 
-def megatron_cp_size(length: int, num_devices: int, tokens_per_device: int) -> int:
-    """Megatron's CP size of a sub-sample: the smallest power of two that holds it, else all devices."""
+def megatron_cp_size(length: int, num_devices: int, tokens_per_device: int, vision_degree: int = 1) -> int:
+    """Megatron's CP size of a sub-sample: the smallest power of two that holds it (and is at least
+    ``vision_degree``, the ranks its vision patches need), else all devices."""
     degree = 1
-    while degree < num_devices and padded_length(length, degree) > degree * tokens_per_device:
+    while degree < num_devices and (
+        degree < vision_degree or padded_length(length, degree) > degree * tokens_per_device
+    ):
         degree *= 2
     return min(degree, num_devices)
 
@@ -227,31 +254,39 @@ def megatron_dcp_plan(
     *,
     node_size: int | None = None,
     vision_patches: Sequence[int] | np.ndarray | None = None,
+    vision_patches_per_device: int | None = None,
 ) -> Plan:
     """Megatron-Core hybrid context parallelism's schedule (module docstring) as a :class:`Plan`;
-    ``vision_patches`` as in :func:`~lightning_dhp.planner.plan_batch`.
+    ``vision_patches`` and ``vision_patches_per_device`` as in :func:`~lightning_dhp.planner.plan_batch`.
 
     Its groups run their samples in sequence: time them with :func:`sequential_group_time`; the
     plan's own ``predicted_time`` times them packed, as this package's runtime would run them.
     """
-    lengths_array, num_devices, tokens_per_device, node_size, patches = check_inputs(
-        lengths, num_devices, tokens_per_device, node_size, vision_patches
+    lengths_array, num_devices, tokens_per_device, node_size, patches, vision_patches_per_device = check_inputs(
+        lengths, num_devices, tokens_per_device, node_size, vision_patches, vision_patches_per_device
     )
     cost = cost_model or CostModel.default()
-    min_degree = min_degrees(lengths_array, tokens_per_device)
-    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device)
-    sizes = [megatron_cp_size(int(length), num_devices, tokens_per_device) for length in lengths_array.tolist()]
+    min_degree = min_degrees(lengths_array, tokens_per_device, patches, vision_patches_per_device)
+    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device, patches,
+                            vision_patches_per_device)
+    budget = vision_budget(patches, vision_patches_per_device)
+    vision_degrees = [1] * len(lengths_array) if budget is None else vision_min_degrees(patches, budget).tolist()
+    sizes = [
+        megatron_cp_size(length, num_devices, tokens_per_device, vision_degree)
+        for length, vision_degree in zip(lengths_array.tolist(), vision_degrees, strict=True)
+    ]
     for index, size in enumerate(sizes):
         if padded_length(int(lengths_array[index]), size) > size * tokens_per_device:
             check_every_sample_fits(lengths_array[index : index + 1], np.array([num_devices + 1]), num_devices,
                                     tokens_per_device)
     order = np.lexsort((np.arange(len(lengths_array)), -lengths_array)).tolist()
-    scheduler = _MegatronScheduler(lengths_array, patches, sizes, num_devices, tokens_per_device, cost, node_size)
+    scheduler = _MegatronScheduler(lengths_array, patches, sizes, num_devices, tokens_per_device, budget, cost,
+                                   node_size)
     rounds: list[list[PlannedGroup]] = []
     while order:
         groups, order = scheduler.next_round(order)
         rounds.append(groups)
-    fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device)
+    fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device, patches, vision_patches_per_device)
     bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size, patches)
     in_nodes = node_size is None or all(
         group.degree > node_size or group.first_rank // node_size == (group.first_rank + group.degree - 1) // node_size
@@ -259,17 +294,23 @@ def megatron_dcp_plan(
         for group in groups
     )
     plan_nodes = node_size if in_nodes else None  # aligned blocks cross nodes only when node_size is odd-shaped
-    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, plan_nodes, bound, patches)
+    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, plan_nodes, bound, patches,
+                      vision_patches_per_device)
 
 
 class _MegatronScheduler:
     """``BalancedCPScheduler.next_hdp_group`` on aligned power-of-two rank blocks."""
 
     def __init__(self, lengths: np.ndarray, patches: np.ndarray | None, sizes: list[int], num_devices: int,
-                 tokens_per_device: int, cost: CostModel, node_size: int | None):
+                 tokens_per_device: int, vision_budget: int | None, cost: CostModel, node_size: int | None):
         self.lengths, self.patches, self.sizes = lengths, patches, sizes
         self.num_devices, self.tokens_per_device = num_devices, tokens_per_device
+        self.vision_budget = vision_budget  # vision patches per device (None: no budget, or no patches)
         self.cost, self.node_size = cost, node_size
+
+    def _held(self, sample: int) -> int:
+        """The vision patches ``sample`` adds to a group's memory (0 without a vision budget)."""
+        return 0 if self.vision_budget is None else int(self.patches[sample])
 
     def _time(self, sample: int, degree: int) -> float:
         crosses = self.node_size is not None and degree > self.node_size
@@ -300,7 +341,7 @@ class _MegatronScheduler:
         """One scheduling group (a round): its groups and the samples left for later rounds."""
         buckets = self._buckets(order)
         busy = np.zeros(self.num_devices, dtype=bool)  # ranks some group of this round holds
-        groups: list[dict] = []  # {"start", "size", "samples", "load", "tokens"}
+        groups: list[dict] = []  # {"start", "size", "samples", "load", "tokens", "patches"}
         first_size = None
         check_balance = False
         while any(buckets):
@@ -320,12 +361,13 @@ class _MegatronScheduler:
             first_size = first_size or size
             if target == "new":
                 start = self._free_block(size, busy)
-                groups.append({"start": start, "size": size, "samples": [], "load": 0.0, "tokens": 0})
+                groups.append({"start": start, "size": size, "samples": [], "load": 0.0, "tokens": 0, "patches": 0})
                 busy[start : start + size] = True
                 target = groups[-1]
             target["samples"].append(sample)
             target["load"] += self._time(sample, size)
             target["tokens"] += padded_length(int(self.lengths[sample]), size)
+            target["patches"] += self._held(sample)
             bucket.pop(0)
             if size < first_size:
                 check_balance = True
@@ -349,11 +391,17 @@ class _MegatronScheduler:
         size = self.sizes[sample]
         if self._free_block(size, busy) is not None:
             return "new"
-        need = padded_length(int(self.lengths[sample]), size)
-        limit = size * self.tokens_per_device - need
+        # the room a group of its size may have used and still hold it
+        token_room = size * self.tokens_per_device - padded_length(int(self.lengths[sample]), size)
+        patch_room = None if self.vision_budget is None else size * self.vision_budget - self._held(sample)
         best = None
         for group in groups:
-            if group["size"] == size and group["tokens"] <= limit and (best is None or group["load"] < best["load"]):
+            if (
+                group["size"] == size
+                and group["tokens"] <= token_room
+                and (patch_room is None or group["patches"] <= patch_room)
+                and (best is None or group["load"] < best["load"])
+            ):
                 best = group
         return best
 
@@ -387,6 +435,7 @@ class _MegatronScheduler:
             group["samples"].pop()
             group["load"] -= share
             group["tokens"] -= padded_length(int(self.lengths[sample]), group["size"])
+            group["patches"] -= self._held(sample)
             removed.append(sample)
         return removed
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from lightning_dhp.errors import PlanError
 from lightning_dhp.planner.cost_model import padded_length
+from lightning_dhp.planner.memory import vision_budget
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Plan:
     lower_bound: float
     node_size: int | None = None
     vision_patches: tuple[int, ...] | None = None  # per sample, what the times include; None: no vision work
+    vision_patches_per_device: int | None = None  # the vision memory budget the plan respects; None: none
 
     def group_for(self, round_index: int, rank: int) -> Group | None:
         """The group ``rank`` belongs to in round ``round_index``, or None when it idles."""
@@ -111,6 +113,9 @@ class Plan:
                 f"vision_patches holds {len(patches)} counts (min {min(patches, default=0)}) for "
                 f"{len(self.lengths)} samples; give one count >= 0 per sample"
             )
+        budget = vision_budget(patches, self.vision_patches_per_device)
+        if budget is not None:
+            self._check_vision_budget(patches, budget)
         missing = sorted(set(range(len(self.lengths))) - set(seen))
         if missing:
             raise PlanError(f"samples {missing[:10]} (of {len(missing)} missing) appear in no group")
@@ -120,12 +125,24 @@ class Plan:
         if self.lower_bound > self.predicted_time * (1 + 1e-9):
             raise PlanError(f"lower_bound={self.lower_bound} exceeds predicted_time={self.predicted_time}")
 
+    def _check_vision_budget(self, patches: tuple[int, ...], budget: int) -> None:
+        """PlanError for the first group whose vision patches exceed its degree x ``budget``."""
+        for round_index, round_ in enumerate(self.rounds):
+            for group in round_.groups:
+                held = sum(patches[sample] for sample in group.samples)
+                if held > group.degree * budget:
+                    raise PlanError(
+                        f"round {round_index} group at ranks {group.ranks} holds {held} vision patches, over "
+                        f"{group.degree} x vision_patches_per_device={budget}"
+                    )
+
     def digest(self) -> str:
         """Stable hex digest of the plan's structure (inputs, rounds, ranks, samples).
 
         Predicted times are left out, so the digest does not depend on float rounding: the same
         assignment gives the same digest in every process and on every machine. Vision patches are
-        part of the inputs only when the plan has some (a text-only plan's digest is unchanged).
+        part of the inputs only when the plan has some (a text-only plan's digest is unchanged), and the
+        vision budget only when it is set.
         """
         canonical: dict[str, object] = {
             "lengths": list(self.lengths),
@@ -139,6 +156,8 @@ class Plan:
         }
         if self.vision_patches is not None:
             canonical["vision_patches"] = list(self.vision_patches)
+        if self.vision_patches_per_device is not None:
+            canonical["vision_patches_per_device"] = self.vision_patches_per_device
         encoded = json.dumps(canonical, separators=(",", ":"), sort_keys=True).encode()
         return hashlib.sha256(encoded).hexdigest()
 
@@ -169,9 +188,11 @@ class Plan:
         gap = self.predicted_time / self.lower_bound - 1.0 if self.lower_bound > 0 else 0.0
         node = f", nodes of {self.node_size}" if self.node_size else ""
         patches = f", {sum(self.vision_patches)} vision patches" if self.vision_patches else ""
+        budget = self.vision_patches_per_device
+        vision_budget_shown = f" and {budget} vision patches" if budget is not None else ""
         lines = [
             f"Plan: {len(self.lengths)} samples ({sum(self.lengths)} tokens{patches}) on {self.num_devices} devices "
-            f"x {self.tokens_per_device} tokens{node}, {len(self.rounds)} round(s), predicted "
+            f"x {self.tokens_per_device} tokens{vision_budget_shown}{node}, {len(self.rounds)} round(s), predicted "
             f"{self.predicted_time:.4g} s (lower bound {self.lower_bound:.4g} s, +{100 * gap:.1f}%)"
         ]
         for round_index, round_ in enumerate(self.rounds):

@@ -7,7 +7,8 @@ swaps it with a sample of another round (the other sample comes back to the slow
 memory binds, a swap is the only way to bring work into a round's idle time. The move that gains most
 is taken, or when no move gains, the swap that does: the gain is what the donor round's makespan drops
 minus what the receiving round's grows (nothing when the work fits the receiving round's idle time).
-Every change shortens the summed makespans; group degrees and ranks stay as they are.
+Every change shortens the summed makespans; group degrees and ranks stay as they are, and every group
+keeps within its memory (padded tokens and, under a vision budget, vision patches).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
+from lightning_dhp.planner.memory import fits_memory, vision_budget
 from lightning_dhp.planner.plan import Plan
 
 # at most this many changes per sample of the batch (on memory-bound 512-sample batches 0.5 gains 0.3%
@@ -38,7 +40,7 @@ def rebalance_plan(
 ) -> Plan:
     """``plan`` after :func:`rebalance` (the same plan when it has one round or no change helps), with
     ``budget_share`` of the change budget its gap to the lower bound allows (``patches``: the vision
-    patches the plan was timed with)."""
+    patches the plan was timed with; the plan's vision budget holds them)."""
     if len(plan.rounds) < 2:
         return plan
     rounds = [[PlannedGroup(group.samples, group.degree, group.ranks[0]) for group in round_.groups]
@@ -46,11 +48,11 @@ def rebalance_plan(
     gap = plan.predicted_time / plan.lower_bound - 1 if plan.lower_bound > 0 else math.inf
     share = budget_share * (min(1.0, gap / FULL_BUDGET_GAP) if FULL_BUDGET_GAP > 0 else 1.0)
     moved = rebalance(rounds, lengths, plan.tokens_per_device, cost, plan.node_size, budget_share=share,
-                      patches=patches)
+                      patches=patches, vision_patches_per_device=plan.vision_patches_per_device)
     if moved == rounds:
         return plan
     return build_plan(moved, lengths, plan.num_devices, plan.tokens_per_device, cost, plan.node_size, plan.lower_bound,
-                      patches)
+                      patches, plan.vision_patches_per_device)
 
 
 def rebalance(
@@ -62,16 +64,18 @@ def rebalance(
     *,
     budget_share: float = 1.0,
     patches: np.ndarray | None = None,
+    vision_patches_per_device: int | None = None,
 ) -> list[list[PlannedGroup]]:
     """``rounds`` with samples moved or swapped between rounds while that shortens the summed makespans,
     at most ``budget_share`` of :data:`MAX_CHANGES_PER_SAMPLE` changes per sample (``patches``: each
-    sample's vision patches, None: none).
+    sample's vision patches, None: none; every group keeps within ``tokens_per_device`` and
+    ``vision_patches_per_device`` per rank, None: no vision budget).
 
     Every sample of ``lengths`` must be in some group.
     """
     if len(rounds) < 2:
         return rounds
-    state = _Groups(rounds, lengths, tokens_per_device, cost, node_size, patches)
+    state = _Groups(rounds, lengths, tokens_per_device, cost, node_size, patches, vision_patches_per_device)
     for _ in range(max(1, int(budget_share * MAX_CHANGES_PER_SAMPLE * len(lengths)))):
         if not state.apply_best_change():
             break
@@ -81,7 +85,7 @@ def rebalance(
 class _Groups:
     """Every group's members, padded token sums, vision patches and time, with each sample's padded
     length at each degree the plan uses (a group's time is linear in its padded sum, sum of squares and
-    patches)."""
+    patches), and the memory budgets every change keeps to."""
 
     def __init__(
         self,
@@ -91,6 +95,7 @@ class _Groups:
         cost: CostModel,
         node_size: int | None,
         patches: np.ndarray | None,
+        vision_patches_per_device: int | None,
     ) -> None:
         groups = [group for planned in rounds for group in planned]
         self.num_rounds = len(rounds)
@@ -110,7 +115,9 @@ class _Groups:
             self.group_of[samples] = index
         degrees, self.degree_column = np.unique(degree, return_inverse=True)
         self.padded = padded_lengths(lengths[:, None], degrees[None, :]).astype(np.float64)
+        budget = vision_budget(patches, vision_patches_per_device)
         self.capacity = degree * tokens_per_device
+        self.patch_capacity = None if budget is None else degree * budget  # None: no vision budget
         # node_size=0 makes a group pay the inter-node bandwidth, as in build_plan
         zero, one = np.zeros(len(groups)), np.ones(len(groups))
 
@@ -138,6 +145,12 @@ class _Groups:
         for round_index in range(self.num_rounds):
             self._update_round(round_index)
         self.min_gain = MIN_GAIN * float(self.makespan.sum())
+
+    def fits(self, groups: np.ndarray | int | slice, sums: np.ndarray, patches: np.ndarray | None) -> np.ndarray:
+        """Whether ``groups`` hold ``sums`` padded tokens and ``patches`` vision patches (checked under a
+        vision budget only)."""
+        patch_capacity = None if self.patch_capacity is None else self.patch_capacity[groups]
+        return fits_memory(sums, self.capacity[groups], patches, patch_capacity)
 
     def times(
         self, sums: np.ndarray, squares: np.ndarray, groups: np.ndarray | int, patches: np.ndarray | None = None
@@ -185,10 +198,10 @@ class _Groups:
             left = self.times(self.sums[slowest] - own, self.squares[slowest] - own * own, slowest,
                               self.group_patches[slowest] - leaving if vision else None)
             need = self.padded[samples[:, None], self.degree_column[None, :]]
-            arrive = self.times(self.sums + need, self.squares + need * need, every,
-                                self.group_patches + leaving[:, None] if vision else None)
+            arrived = self.group_patches + leaving[:, None] if vision else None
+            arrive = self.times(self.sums + need, self.squares + need * need, every, arrived)
             move_net = np.where(
-                (round_of != donor) & (self.sums + need <= self.capacity) & (len(samples) > 1),
+                (round_of != donor) & self.fits(slice(None), self.sums + need, arrived) & (len(samples) > 1),
                 (makespan[donor] - np.maximum(left, second[donor]))[:, None]
                 - np.maximum(0.0, arrive - makespan[round_of]),
                 -np.inf,
@@ -200,20 +213,21 @@ class _Groups:
                 # swaps: the sample goes to a partner's group, the partner comes back to the slowest group
                 here = self.padded[:, self.degree_column[slowest]]
                 back_sums = self.sums[slowest] - own[:, None] + here
+                back_patches = self.group_patches[slowest] - leaving[:, None] + self.patches if vision else None
                 back_time = self.times(
-                    back_sums, self.squares[slowest] - (own * own)[:, None] + here * here, slowest,
-                    self.group_patches[slowest] - leaving[:, None] + self.patches if vision else None,
+                    back_sums, self.squares[slowest] - (own * own)[:, None] + here * here, slowest, back_patches
                 )
                 there = self.padded[samples[:, None], self.degree_column[self.group_of]]
                 partner_group = self.group_of
                 there_sums = self.sums[partner_group] - partner_own + there
+                there_patches = self.group_patches[partner_group] - self.patches + leaving[:, None] if vision else None
                 there_time = self.times(
                     there_sums, self.squares[partner_group] - partner_own * partner_own + there * there, partner_group,
-                    self.group_patches[partner_group] - self.patches + leaving[:, None] if vision else None,
+                    there_patches,
                 )
                 swap_net = np.where(
-                    (partner_round != donor) & (back_sums <= self.capacity[slowest])
-                    & (there_sums <= self.capacity[partner_group]),
+                    (partner_round != donor) & self.fits(slowest, back_sums, back_patches)
+                    & self.fits(partner_group, there_sums, there_patches),
                     makespan[donor] - np.maximum(back_time, second[donor])
                     - np.maximum(0.0, there_time - makespan[partner_round]),
                     -np.inf,

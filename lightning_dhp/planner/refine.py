@@ -9,13 +9,15 @@ Three moves, each evaluated for every candidate at once with numpy:
 - split the slowest bin into two bins whose degrees add up to its own (longest sample first to
   the side that ends earlier), which saves ring traffic and fixes memory-forced merges.
 The best move is taken when it makes both touched bins faster than the slowest bin was; this
-strictly shrinks the largest touched time, so the search cannot cycle.
+strictly shrinks the largest touched time, so the search cannot cycle. Every move keeps each bin's
+padded tokens and, under a vision budget, its vision patches within its degree x the per-device budget.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from lightning_dhp.planner.memory import fits_memory
 from lightning_dhp.planner.packing import RoundProblem
 
 IMPROVEMENT = 1 - 1e-12
@@ -23,7 +25,8 @@ SWAP_PARTNER_BINS = 16  # swaps look at the samples of this many fastest bins
 
 
 class Refiner:
-    """Mutable bins of one round: members, degree, time and padded tokens per bin."""
+    """Mutable bins of one round: members, degree, time and padded tokens per bin (and vision patches, under
+    a vision budget: every move keeps both within the bins' memory)."""
 
     def __init__(self, problem: RoundProblem, members: list[list[int]], degrees: np.ndarray, times: np.ndarray):
         self.problem = problem
@@ -38,6 +41,17 @@ class Refiner:
         self._padded = np.zeros((0, len(problem.lengths)), dtype=np.int64)
         self.own_cost, self.own_padded = self._at_degrees(np.arange(len(problem.lengths)), self.degree[self.owner])
         self.tokens = np.bincount(self.owner, weights=self.own_padded, minlength=len(members)).astype(np.int64)
+        # under a vision budget: each sample's patches and each bin's (None: no budget to respect)
+        self.budget = problem.patch_budget
+        self.patches = None if self.budget is None else problem.patches
+        self.held = None if self.patches is None else np.bincount(
+            self.owner, weights=self.patches, minlength=len(members)).astype(np.int64)
+
+    def _fits(self, degrees: np.ndarray | int, tokens: np.ndarray, held: np.ndarray | None) -> np.ndarray:
+        """Whether bins of ``degrees`` hold ``tokens`` padded tokens and ``held`` vision patches (None: no
+        vision budget)."""
+        return fits_memory(tokens, degrees * self.problem.tokens_per_device, held,
+                           None if held is None else degrees * self.budget)
 
     def _at_degrees(self, samples: np.ndarray, degrees: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cost and padded length of ``samples[i]`` at ``degrees[i]`` (any broadcastable shapes).
@@ -82,7 +96,8 @@ class Refiner:
     def _best_move(self, slowest: int, here: np.ndarray, relieved: np.ndarray, alive: np.ndarray):
         costs, padded = self._at_degrees(here[:, None], np.maximum(self.degree, 1)[None, :])
         arrive = self.times[None, :] + costs
-        room = (self.tokens[None, :] + padded <= self.degree[None, :] * self.problem.tokens_per_device) & alive
+        held = None if self.patches is None else self.held[None, :] + self.patches[here][:, None]
+        room = self._fits(self.degree[None, :], self.tokens[None, :] + padded, held) & alive
         room[:, slowest] = False
         score = np.where(room, np.maximum(relieved[:, None], arrive), np.inf)
         row, target = np.unravel_index(int(np.argmin(score)), score.shape)
@@ -99,7 +114,6 @@ class Refiner:
         others = np.flatnonzero(is_partner[self.owner])
         if not others.size:
             return np.inf, None
-        capacity = self.problem.tokens_per_device
         other_bins = self.owner[others]
         to_slow_cost, to_slow_padded = self._at_degrees(others, self.degree[slowest])
         to_other_cost, to_other_padded = self._at_degrees(here[:, None], self.degree[other_bins][None, :])
@@ -107,8 +121,12 @@ class Refiner:
         other_after = (self.times[other_bins] - self.own_cost[others])[None, :] + to_other_cost
         slow_tokens = self.tokens[slowest] - self.own_padded[here][:, None] + to_slow_padded[None, :]
         other_tokens = (self.tokens[other_bins] - self.own_padded[others])[None, :] + to_other_padded
-        fits = (slow_tokens <= self.degree[slowest] * capacity) & (
-            other_tokens <= (self.degree[other_bins] * capacity)[None, :]
+        slow_held = other_held = None
+        if self.patches is not None:
+            exchanged = self.patches[others][None, :] - self.patches[here][:, None]  # what the slowest bin gains
+            slow_held, other_held = self.held[slowest] + exchanged, self.held[other_bins][None, :] - exchanged
+        fits = self._fits(self.degree[slowest], slow_tokens, slow_held) & self._fits(
+            self.degree[other_bins][None, :], other_tokens, other_held
         )
         score = np.where(fits, np.maximum(slow_after, other_after), np.inf)
         row, column = np.unravel_index(int(np.argmin(score)), score.shape)
@@ -141,7 +159,8 @@ class Refiner:
             sum_patches += sum_patches[slowest]
         merged = problem.cost.times_from_sums(sum_padded, sum_squares, merged_degree, node_size=problem.node_size,
                                               sum_patches=sum_patches)
-        feasible = alive & (sum_padded <= merged_degree * problem.tokens_per_device)
+        held = None if self.patches is None else self.held + self.held[slowest]
+        feasible = alive & self._fits(merged_degree, sum_padded, held)
         feasible[slowest] = False
         score = np.where(feasible, merged, np.inf)
         partner = int(np.argmin(score))
@@ -157,6 +176,8 @@ class Refiner:
             self.tokens[partner] = 0
             self.times[slowest] = float(score[partner])
             self.tokens[slowest] = int(sum_padded[partner])
+            if self.held is not None:
+                self.held[slowest], self.held[partner] = held[partner], 0
             self.own_cost[self.members[slowest]], self.own_padded[self.members[slowest]] = self._at_degrees(
                 np.array(self.members[slowest]), self.degree[slowest]
             )
@@ -168,7 +189,7 @@ class Refiner:
         degree = int(self.degree[slowest])
         if degree < 2 or len(here) < 2:
             return np.inf, None
-        problem, capacity = self.problem, self.problem.tokens_per_device
+        problem = self.problem
         first = np.arange(1, degree, dtype=np.int64)
         second = degree - first
         cost_first, padded_first = self._at_degrees(here[:, None], first[None, :])
@@ -177,11 +198,16 @@ class Refiner:
         load_second = problem.cost.times_from_sums(0.0, 0.0, second, node_size=problem.node_size)
         tokens_first = np.zeros(len(first), dtype=np.int64)
         tokens_second = np.zeros(len(first), dtype=np.int64)
+        vision = self.patches is not None
+        held_first = np.zeros(len(first), dtype=np.int64) if vision else None
+        held_second = np.zeros(len(first), dtype=np.int64) if vision else None
         feasible = np.ones(len(first), dtype=bool)
         to_first = np.zeros((len(here), len(first)), dtype=bool)
         for row in np.argsort(-problem.lengths[here], kind="stable").tolist():
-            fits_first = tokens_first + padded_first[row] <= first * capacity
-            fits_second = tokens_second + padded_second[row] <= second * capacity
+            patches = self.patches[here[row]] if vision else 0
+            fits_first = self._fits(first, tokens_first + padded_first[row], held_first + patches if vision else None)
+            fits_second = self._fits(second, tokens_second + padded_second[row],
+                                     held_second + patches if vision else None)
             ends_first = np.maximum(load_first + cost_first[row], load_second)
             ends_second = np.maximum(load_first, load_second + cost_second[row])
             go_first = fits_first & (~fits_second | (ends_first <= ends_second))
@@ -191,6 +217,9 @@ class Refiner:
             tokens_first = np.where(go_first, tokens_first + padded_first[row], tokens_first)
             load_second = np.where(go_first, load_second, load_second + cost_second[row])
             tokens_second = np.where(go_first, tokens_second, tokens_second + padded_second[row])
+            if vision:
+                held_first = np.where(go_first, held_first + patches, held_first)
+                held_second = np.where(go_first, held_second, held_second + patches)
         score = np.where(feasible, np.maximum(load_first, load_second), np.inf)
         best = int(np.argmin(score))
 
@@ -207,6 +236,9 @@ class Refiner:
             self.times[slowest] = load_first[best]
             self.tokens = np.append(self.tokens, tokens_second[best])
             self.tokens[slowest] = tokens_first[best]
+            if self.held is not None:
+                self.held = np.append(self.held, held_second[best])
+                self.held[slowest] = held_first[best]
             for bin_index, bin_members in ((slowest, kept), (new_bin, leaving)):
                 if bin_members:
                     self.own_cost[bin_members], self.own_padded[bin_members] = self._at_degrees(
@@ -221,6 +253,9 @@ class Refiner:
         self.members[target].append(sample)
         self.times[source] -= self.own_cost[sample]
         self.tokens[source] -= self.own_padded[sample]
+        if self.held is not None:
+            self.held[source] -= self.patches[sample]
+            self.held[target] += self.patches[sample]
         self.owner[sample] = target
         cost, padded = self._at_degrees(np.array([sample]), self.degree[target])
         self.own_cost[sample], self.own_padded[sample] = cost[0], padded[0]

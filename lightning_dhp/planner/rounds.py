@@ -7,21 +7,45 @@ import heapq
 import numpy as np
 
 from lightning_dhp.planner.cost_model import CostModel, take
+from lightning_dhp.planner.memory import fits_memory, vision_budget
 
 
-def minimum_rounds(lengths: np.ndarray, num_devices: int, tokens_per_device: int) -> int:
-    """Rounds needed by memory alone: every token occupies at least one slot of one device."""
-    return max(1, -(-int(lengths.sum()) // (num_devices * tokens_per_device)))
+def minimum_rounds(
+    lengths: np.ndarray,
+    num_devices: int,
+    tokens_per_device: int,
+    patches: np.ndarray | None = None,
+    vision_patches_per_device: int | None = None,
+) -> int:
+    """Rounds needed by memory alone: every token occupies at least one slot of one device, and so does
+    every vision patch under a vision budget (``patches`` and ``vision_patches_per_device``, None: none)."""
+    rounds = max(1, -(-int(lengths.sum()) // (num_devices * tokens_per_device)))
+    budget = vision_budget(patches, vision_patches_per_device)
+    if budget is None:
+        return rounds
+    return max(rounds, -(-int(patches.sum()) // (num_devices * budget)))
 
 
-def balanced_assignment(work: np.ndarray, size: np.ndarray, num_bins: int, capacity: int) -> list[list[int]] | None:
+def balanced_assignment(
+    work: np.ndarray,
+    size: np.ndarray,
+    num_bins: int,
+    bin_degree: int,
+    tokens_per_device: int,
+    patches: np.ndarray | None = None,
+    vision_patches_per_device: int | None = None,
+) -> list[list[int]] | None:
     """Items heaviest first to the least-loaded bin with room (LPT); None if one fits nowhere.
 
-    Ties break on the lower item and bin index, so the result is deterministic. The heap holds
-    (load, bin) entries, stale ones (the bin has grown since) and bins too full for any item left
-    are dropped lazily; when the least-loaded bin lacks room for an item, one vectorised pass finds
-    the least-loaded bin that has it.
+    A bin spans ``bin_degree`` devices: it holds ``size`` (padded tokens) up to ``bin_degree x
+    tokens_per_device`` and, under a vision budget (``patches``: each item's vision patches, and
+    ``vision_patches_per_device``, None: none), patches up to ``bin_degree x vision_patches_per_device``.
+    Ties break on the lower item and bin index, so the result is deterministic. The heap holds (load,
+    bin) entries, stale ones (the bin has grown since) and bins too full for any item left are dropped
+    lazily; when the least-loaded bin lacks room for an item, one vectorised pass finds the least-loaded
+    bin that has it.
     """
+    capacity = bin_degree * tokens_per_device
     order = np.lexsort((np.arange(len(work)), -work))
     ordered_size = np.asarray(size)[order]
     item_sizes, item_work = ordered_size.tolist(), np.asarray(work, dtype=np.float64)[order].tolist()
@@ -30,21 +54,37 @@ def balanced_assignment(work: np.ndarray, size: np.ndarray, num_bins: int, capac
     load, used = [0.0] * num_bins, [0] * num_bins
     load_array, used_array = np.zeros(num_bins), np.zeros(num_bins, dtype=np.int64)
     members: list[list[int]] = [[] for _ in range(num_bins)]
+    budget = vision_budget(patches, vision_patches_per_device)
+    vision = budget is not None
+    patch_capacity = None if budget is None else bin_degree * budget
+    if vision:  # the same bookkeeping for the vision patches
+        ordered_patches = np.asarray(patches)[order]
+        item_patches = ordered_patches.tolist()
+        fewest_patches_left = np.minimum.accumulate(ordered_patches[::-1])[::-1].tolist()
+        held, held_array = [0] * num_bins, np.zeros(num_bins, dtype=np.int64)
     for position, item in enumerate(order.tolist()):
         need = item_sizes[position]
-        while heap and (heap[0][0] != load[heap[0][1]] or capacity - used[heap[0][1]] < smallest_left[position]):
+        while heap and (
+            heap[0][0] != load[heap[0][1]]
+            or capacity - used[heap[0][1]] < smallest_left[position]
+            or (vision and patch_capacity - held[heap[0][1]] < fewest_patches_left[position])
+        ):
             heapq.heappop(heap)
         if not heap:
             return None
         bin_index = heap[0][1]
-        if used[bin_index] + need > capacity:
-            room = used_array + need <= capacity
+        if used[bin_index] + need > capacity or (vision and held[bin_index] + item_patches[position] > patch_capacity):
+            room = fits_memory(used_array + need, capacity, held_array + item_patches[position] if vision else None,
+                               patch_capacity)
             if not room.any():
                 return None
             bin_index = int(np.argmin(np.where(room, load_array, np.inf)))
         load[bin_index] += item_work[position]
         used[bin_index] += need
         load_array[bin_index], used_array[bin_index] = load[bin_index], used[bin_index]
+        if vision:
+            held[bin_index] += item_patches[position]
+            held_array[bin_index] = held[bin_index]
         members[bin_index].append(item)
         if heap[0][1] == bin_index:  # its entry is first: replace it in one step
             heapq.heapreplace(heap, (load[bin_index], bin_index))
