@@ -232,7 +232,7 @@ class DHPDataLoader(DataLoader):
         self._stack_dir: str | None = None
         self._wait_s = loader_kwargs.get("timeout") or data_wait_timeout
         if loader_kwargs.get("num_workers", 0) > 0:
-            self._stack_dir = new_stack_dir()
+            self._stack_dir = new_stack_dir(self)
             loader_kwargs.update(
                 worker_init_fn=WorkerInit(self._stack_dir, loader_kwargs.get("worker_init_fn")),
                 multiprocessing_context=loader_kwargs.get("multiprocessing_context") or default_context(),

@@ -22,9 +22,11 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing
 import os
+import shutil
 import signal
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing import forkserver
@@ -89,9 +91,11 @@ def stack_path(stack_dir: str, worker_id: int) -> Path:
     return Path(stack_dir) / f"worker-{worker_id}.stack"
 
 
-def new_stack_dir() -> str:
-    """A folder for one loader's worker stacks (small files, removed with the system's temporary files)."""
-    return tempfile.mkdtemp(prefix="dhp-loader-")
+def new_stack_dir(owner: object) -> str:
+    """A folder for one loader's worker stacks, removed when ``owner`` (the loader) is."""
+    folder = tempfile.mkdtemp(prefix="dhp-loader-")
+    weakref.finalize(owner, shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 class WatchedIterator:
