@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +55,7 @@ from lightning_dhp.data.video_digits import TEXT_TOKENS_PER_SAMPLE
 from lightning_dhp.planner.baselines import divisors
 from lightning_dhp.planner.inputs import min_degrees
 from lightning_dhp.simulate import machine_description
-from lightning_dhp.testing import launch_environment
+from lightning_dhp.testing import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "_e2e_run.py"
@@ -107,19 +105,13 @@ def train(variant: Variant, base: dict[str, Any], folder: Path, tag: str, timeou
     if base.get("save_params"):
         spec["params_path"] = str(folder / f"{tag}.params.pt")
     spec_path.write_text(json.dumps(spec))
-    with subprocess.Popen([sys.executable, str(WORKER), str(spec_path), str(result_path)], cwd=REPO,
-                          env=launch_environment(**RUN_ENV), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as process:
-        try:
-            _, stderr = process.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, stderr = process.communicate()
-            raise RunFailed(f"training run {tag} ({variant.name}) did not finish within {timeout_s:.0f} s and was "
-                            f"killed:\n{stderr[-4000:]}") from None
-    if process.returncode or not result_path.exists():
-        raise RunFailed(f"training run {tag} ({variant.name}) failed with exit code {process.returncode}:\n"
-                        f"{stderr[-4000:]}")
+    exit_code, stderr = run_job([sys.executable, str(WORKER), str(spec_path), str(result_path)], timeout_s,
+                                cwd=REPO, env=RUN_ENV)
+    if exit_code is None:
+        raise RunFailed(f"training run {tag} ({variant.name}) did not finish within {timeout_s:.0f} s and was "
+                        f"killed:\n{stderr[-4000:]}")
+    if exit_code or not result_path.exists():
+        raise RunFailed(f"training run {tag} ({variant.name}) failed with exit code {exit_code}:\n{stderr[-4000:]}")
     result = json.loads(result_path.read_text())
     if "params_path" in spec:
         result["params"] = torch.load(spec["params_path"])

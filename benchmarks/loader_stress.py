@@ -28,9 +28,7 @@ import argparse
 import faulthandler
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +45,7 @@ from lightning_dhp import DHPStrategy, cp_attention, loss_share
 from lightning_dhp.errors import DHPLoaderError
 from lightning_dhp.lightning import DHPBatchSampler, DHPPacking
 from lightning_dhp.lightning.workers import STACK_SIGNAL
-from lightning_dhp.testing import launch_environment
+from lightning_dhp.testing import run_job
 
 CONTEXTS = ("dhp", "fork", "forkserver", "spawn")
 RUN_ENV = {"OMP_NUM_THREADS": "1", "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
@@ -152,21 +150,14 @@ def run_world(result: ContextResult, world_size: int, num_fits: int, world_timeo
         spec = Path(folder, "spec.json")
         spec.write_text(json.dumps({"devices": world_size, "context": result.context, "fits": num_fits,
                                     "data_wait_timeout": data_wait_timeout, "result": str(Path(folder, "out.json"))}))
-        with subprocess.Popen([sys.executable, __file__, "--world", str(spec)], env=launch_environment(**RUN_ENV),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True) as world:
-            try:
-                _, errors = world.communicate(timeout=world_timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(world.pid, STACK_SIGNAL)  # every rank (and forked worker) dumps its stacks, then dies
-                time.sleep(2)
-                os.killpg(world.pid, signal.SIGKILL)
-                _, errors = world.communicate()
-                result.hung += 1
-                result.hung_stacks.append(errors[-20000:])
-                return "hung"
+        exit_code, errors = run_job([sys.executable, __file__, "--world", str(spec)], world_timeout_s, env=RUN_ENV,
+                                    stack_signal=STACK_SIGNAL)  # every rank of a hung world dumps its stacks
+        if exit_code is None:
+            result.hung += 1
+            result.hung_stacks.append(errors[-20000:])
+            return "hung"
         out = Path(folder, "out.json")
-        if world.returncode or not out.exists():
+        if exit_code or not out.exists():
             result.failed += 1
             result.errors.append(errors[-3000:])
             if DHPLoaderError.__name__ in errors:

@@ -2,12 +2,15 @@
 
 A file store in a temporary folder (no ports to collide), one thread per rank, a hard timeout that
 kills every rank (a hang fails instead of blocking), and every failing rank's traceback in the error.
-:func:`launch_environment` is the environment for a subprocess that launches its own ranks.
+:func:`launch_environment` is the environment for a subprocess that launches its own ranks, and
+:func:`run_job` runs such a subprocess with a bound on its time.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import tempfile
 import time
 import traceback
@@ -29,6 +32,25 @@ def launch_environment(**extra: str) -> dict[str, str]:
     subprocess that launches its own ranks. An inherited ``LOCAL_RANK`` makes Lightning take the script for
     one rank of an external launch, and rank 0 waits for peers that never start."""
     return {**{key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}, **extra}
+
+
+def run_job(command: list[str], timeout_s: float, *, cwd: str | os.PathLike[str] | None = None,
+            env: dict[str, str] | None = None, stack_signal: int | None = None) -> tuple[int | None, str]:
+    """Run ``command`` (a job that may launch its own ranks) in a session of its own, in
+    :func:`launch_environment` plus ``env``; return its exit code, or ``None`` when it did not finish within
+    ``timeout_s`` and was killed with every process it started, and its standard error. ``stack_signal`` is
+    sent to the session 2 s before the kill, for processes that dump their stacks on it."""
+    with subprocess.Popen(command, cwd=cwd, env=launch_environment(**(env or {})), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as job:
+        try:
+            _, stderr = job.communicate(timeout=timeout_s)
+            return job.returncode, stderr
+        except subprocess.TimeoutExpired:
+            if stack_signal is not None:
+                os.killpg(job.pid, stack_signal)
+                time.sleep(2)
+            os.killpg(job.pid, signal.SIGKILL)
+            return None, job.communicate()[1]
 
 
 def _worker(
