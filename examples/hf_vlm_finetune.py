@@ -1,8 +1,9 @@
-"""Fine-tune a Hugging Face Qwen2-VL-architecture model on the video-digits task under DHP.
+"""Fine-tune a Hugging Face Qwen-VL-architecture model on the video-digits task under DHP.
 
-    python examples/hf_vlm_finetune.py                                   # 4 CPU processes, tiny model
+    python examples/hf_vlm_finetune.py                                   # 4 CPU processes, tiny Qwen3-VL
     python examples/hf_vlm_finetune.py trainer.devices=2 trainer.max_steps=50
-    python examples/hf_vlm_finetune.py hf_model=qwen2_vl_2b trainer=gpu  # a released checkpoint (see its config)
+    python examples/hf_vlm_finetune.py hf_model=tiny_qwen2_vl            # a tiny Qwen2-VL instead
+    python examples/hf_vlm_finetune.py hf_model=qwen3_vl_2b trainer=gpu  # a released checkpoint (see its config)
 
 Configuration: lightning_dhp/conf/hf_vlm_finetune.yaml (model configs in conf/hf_model/). Prints the
 held-out answer accuracy before and after training and writes summary.json to Hydra's output directory.

@@ -1,10 +1,10 @@
 """Hugging Face models under DHP against a plain single-process HF loop, in float64.
 
-One spawned world per size (1, 2 and 3 processes) trains a tiny Llama (GQA) and a tiny Qwen2-VL and
-Qwen2.5-VL for 3 optimizer steps (on 2+ processes also FSDP-sharded, the Llama built on the meta device
-with rank 0's weights, and Qwen2-VL under all-gather CP and the group-free ring); the tests compare the
-parameters with ``tests.hf_models``' oracle (each sample alone through the model's own forward and
-attention, the same AdamW).
+One spawned world per size (1, 2 and 3 processes) trains a tiny Llama (GQA), Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL (DeepStack), InternVL and LLaVA-OneVision for 3 optimizer steps (on 2+ processes also
+FSDP-sharded, the Llama built on the meta device with rank 0's weights, and Qwen2-VL under all-gather CP
+and the group-free ring); the tests compare the parameters with ``tests.hf_models``' oracle (each sample
+alone through the model's own forward and attention, the same AdamW).
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ import torch
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextDecoderLayer
 
 from lightning_dhp import DHPStrategy, ZigzagLayout
 from lightning_dhp.distributed import CPContext, cp_context
 from lightning_dhp.errors import DHPConfigError, DHPDataError
 from lightning_dhp.hf import ATTENTION_NAME, HFModule, dhp_attention
+from lightning_dhp.hf.families import QwenVL
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPacking, DHPPlanReport, sharding
 from lightning_dhp.lightning.batch import DHPBatchInfo
 from lightning_dhp.testing import run_distributed
@@ -44,6 +47,14 @@ WORLD_SIZES = (1, 2, 3)
 TOKENS_PER_DEVICE = {1: 64, 2: 20, 3: 20}  # the longest samples need CP degree 2 on 2+ processes
 VL_TOKENS_PER_DEVICE = {1: 64, 2: 16, 3: 16}
 VL_BATCH = 5
+MM_BATCH = 3  # 8 items: 3 global batches an epoch, so 3 steps see every item once
+# today's MLLMs: the model, its items, the decoder layer FSDP shards on its own
+MULTIMODAL = {"qwen3_vl": (hf_models.qwen3_vl, hf_models.qwen3_vl_items, Qwen3VLTextDecoderLayer),
+              "internvl": (hf_models.internvl, hf_models.internvl_items, Qwen2DecoderLayer),
+              "llava_onevision": (hf_models.llava_onevision, hf_models.llava_onevision_items, Qwen2DecoderLayer)}
+# parameters a model computes with but whose output feeds nothing (SigLIP's pooling head and last norm: LLaVA
+# takes the hidden states before them); they must keep no gradient under DHP too
+UNUSED = {"llava_onevision": ("model.vision_tower.post_layernorm.", "model.vision_tower.head.")}
 BAD_INDEX = 3
 HELD_OUT = TokenDataset(LENGTHS[:GLOBAL_BATCH], seed=1)  # one global batch
 
@@ -55,7 +66,7 @@ class RecordingModule(HFModule):
         super().__init__(model, optimizer=hf_models.optimizer)
         self.held: list[tuple[int, int, tuple[int, ...]]] = []
         self.video_grids: list[list[int]] = []  # the (t, h, w) of every video piece this rank encoded
-        if self.is_qwen_vl:
+        if isinstance(self.family, QwenVL):
             encode = model.model.get_video_features
 
             def recording(pixel_values_videos, video_grid_thw, **kwargs):
@@ -66,7 +77,7 @@ class RecordingModule(HFModule):
 
     def training_step(self, batch, batch_idx):
         info = batch["dhp"]
-        if self.is_qwen_vl and len(batch["input_ids"]):
+        if self.family is not None and len(batch["input_ids"]):
             valid = info.layout.valid
             for position, index in enumerate(info.sample_indices):
                 rows = batch["vision_rows"][valid & (info.layout.sequence_ids == position)]
@@ -108,6 +119,11 @@ def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int, **st
             "idle": sum(entry["plan"].stats()["idle_device_rounds"] for entry in plans.history)}
 
 
+def _tokens_for_full_degree(items: list[dict], world_size: int) -> int:
+    """A device capacity at which the longest item runs on all ``world_size`` processes (degree 3 on 3)."""
+    return 2 * -(-max(_vl_lengths(items)) // (2 * world_size))  # zigzag: 2 chunks a rank
+
+
 def _scenarios(rank: int, world_size: int) -> dict:
     _as_torchrun_rank(rank)
     reports = {}
@@ -128,6 +144,20 @@ def _scenarios(rank: int, world_size: int) -> dict:
         if version == "2":
             predicting = _trainer(world_size, DHPStrategy(VL_TOKENS_PER_DEVICE[world_size]))
             reports["qwen2_vl"]["predict"] = predicting.predict(task, datamodule=data)
+    for name, (make, make_items, layer) in MULTIMODAL.items():
+        own_items = make_items()
+        task = RecordingModule(make())
+        data = DHPDataModule(own_items, _vl_lengths(own_items), MM_BATCH, seed=0, predict_dataset=own_items,
+                             predict_lengths=_vl_lengths(own_items), **task.packing_options)
+        tokens = _tokens_for_full_degree(own_items, world_size)
+        reports[name] = _fit(world_size, task, data, tokens)
+        if name == "qwen3_vl":
+            predicting = _trainer(world_size, DHPStrategy(tokens))
+            reports[name]["predict"] = predicting.predict(task, datamodule=data)
+        if world_size > 1:
+            task = RecordingModule(make())
+            data = DHPDataModule(own_items, _vl_lengths(own_items), MM_BATCH, seed=0, **task.packing_options)
+            reports[f"{name}_fsdp"] = _fit(world_size, task, data, tokens, sharding="fsdp", fsdp_modules={layer})
     if world_size > 1:  # the other CP modes; FSDP2 over all ranks, decoder layers sharded on their own
         for name, options in (("allgather", {"cp_implementation": "allgather"}),
                               ("group_free", {"group_free_ring": True})):
@@ -160,8 +190,10 @@ def _batches(lengths: list[int], global_batch: int) -> list[list[int]]:
     return sampler.batches()
 
 
-def _moved(expected: dict, initial: dict) -> None:
-    assert all(not torch.equal(expected[name], initial[name]) for name in expected), "every parameter should train"
+def _moved(expected: dict, initial: dict, unused: tuple[str, ...] = ()) -> None:
+    """Every parameter trains but those under the ``unused`` prefixes (computed, but feeding no output)."""
+    moved = {name for name in expected if not torch.equal(expected[name], initial[name])}
+    assert moved == {name for name in expected if not name.startswith(unused)}, "every used parameter should train"
 
 
 def test_llama_under_dhp_equals_the_plain_hf_loop(world):
@@ -211,6 +243,37 @@ def _straddling_images(reports: list[dict], version: str, items: list[dict]) -> 
     return sum(len(ranks) > 1 for ranks in holders.values())
 
 
+@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
+@pytest.mark.parametrize("name", list(MULTIMODAL))
+def test_todays_mllms_under_dhp_equal_the_plain_hf_loop(world, name, sharding):
+    world_size, reports = world
+    if sharding == "fsdp" and world_size == 1:
+        pytest.skip("sharding needs 2 or more processes")
+    make, make_items, _ = MULTIMODAL[name]
+    items = make_items()
+    expected = hf_models.reference_training(make(), items, _batches(_vl_lengths(items), MM_BATCH), STEPS)
+    _moved(expected, make().state_dict(), UNUSED.get(name, ()))
+    scenario = name if sharding == "replicated" else f"{name}_fsdp"
+    for report in reports[:1] if sharding == "fsdp" else reports:  # FSDP gathers the full state to rank 0
+        _assert_params_close(report[scenario]["params"], expected)
+    report = reports[0][scenario]
+    assert report["rounds"] > 1, "the test data should need several rounds"
+    if world_size > 1:
+        assert report["degree"] == world_size, f"the longest samples should run at degree {world_size}"
+    if sharding == "replicated" and world_size > 1:
+        assert _split_visuals(reports, name) > 0, "some sample's visual tokens should straddle a shard boundary"
+
+
+def _split_visuals(reports: list[dict], name: str) -> int:
+    """(step, sample) pairs whose visual tokens were held by two or more ranks."""
+    holders: dict[tuple[int, int], set[int]] = {}
+    for rank, report in enumerate(reports):
+        for step, index, rows in report[name]["held"]:
+            if rows:
+                holders.setdefault((step, index), set()).add(rank)
+    return sum(len(ranks) > 1 for ranks in holders.values())
+
+
 def _trained(model, expected: dict):
     model.load_state_dict(expected)
     return model.eval()
@@ -224,14 +287,18 @@ def test_validation_and_predict_of_the_trained_models_equal_their_own_forward(wo
     items = hf_models.vl_items()
     qwen = _trained(hf_models.qwen_vl(), hf_models.reference_training(
         hf_models.qwen_vl(), items, _batches(_vl_lengths(items), VL_BATCH), STEPS))
+    qwen3_items = hf_models.qwen3_vl_items()
+    qwen3 = _trained(hf_models.qwen3_vl(), hf_models.reference_training(
+        hf_models.qwen3_vl(), qwen3_items, _batches(_vl_lengths(qwen3_items), MM_BATCH), STEPS))
     with torch.no_grad():
         sums, counts = zip(*(hf_models.reference_loss_sum(llama, {"input_ids": tokens})
                              for tokens in HELD_OUT.samples), strict=True)
         llama_logits = [llama(input_ids=tokens[None]).logits[0] for tokens in HELD_OUT.samples]
         qwen_logits = [hf_models.reference_logits(qwen, item) for item in items]
+        qwen3_logits = [hf_models.reference_logits(qwen3, item) for item in qwen3_items]
     for report in reports:
         assert report["llama"]["val_loss"] == pytest.approx(float(sum(sums) / sum(counts)), rel=1e-9)
-        for name, expected in (("llama", llama_logits), ("qwen2_vl", qwen_logits)):
+        for name, expected in (("llama", llama_logits), ("qwen2_vl", qwen_logits), ("qwen3_vl", qwen3_logits)):
             outputs = [output for batch in report[name]["predict"] for output in batch]
             assert len(outputs) == len(expected)
             for output, logits in zip(outputs, expected, strict=True):
@@ -341,27 +408,30 @@ def test_an_idle_rank_gets_a_zero_loss_whose_graph_reaches_the_text_model():
 
 
 def test_a_groups_vision_work_is_spread_over_its_ranks_by_image_and_temporal_patch():
-    from lightning_dhp.hf.qwen_vl import _group_units, _owners
+    from lightning_dhp.hf.vision import _owners
 
+    family = HFModule(hf_models.qwen_vl()).family
     batch = {"image_grid_thw": [torch.tensor([[1, 2, 4]]), torch.zeros(0, 3, dtype=torch.long)],
              "video_grid_thw": [torch.tensor([[8, 2, 2]]), torch.tensor([[3, 4, 4]])]}
-    units = _group_units(batch, merge=2, split_videos=True)
-    assert [(unit.sample, unit.kind, unit.grid) for unit in units] == [
+
+    def group_units(split_videos):
+        return [unit for sample in range(2) for unit in family.sample_units(batch, sample, split_videos)]
+
+    units = group_units(True)
+    assert [(unit.sample, unit.kind, unit.info) for unit in units] == [
         (0, "image", (1, 2, 4)), *[(0, "video", (1, 2, 2))] * 8, *[(1, "video", (1, 4, 4))] * 3]
-    assert [unit.first_row for unit in units[:4]] == [0, 2, 3, 4] and units[-1].first_patch == 32
+    assert [unit.first_row for unit in units[:4]] == [0, 2, 3, 4] and units[-1].first_pixel == 32
     for degree in (2, 3, 5):  # degrees that do not divide the 8 or 3 temporal patches
         owners = _owners(units, degree)
         load = [sum(unit.cost for unit, owner in zip(units, owners, strict=True) if owner == rank)
                 for rank in range(degree)]
         assert max(load) <= sum(load) / degree + max(unit.cost for unit in units)  # LPT's bound
         assert len(set(owners)) == degree
-    whole = _group_units(batch, merge=2, split_videos=False)
-    assert [unit.grid for unit in whole] == [(1, 2, 4), (8, 2, 2), (3, 4, 4)]
+    assert [unit.info for unit in group_units(False)] == [(1, 2, 4), (8, 2, 2), (3, 4, 4)]
 
 
 def test_an_items_vision_patches_come_from_its_grids():
-    from lightning_dhp.hf import vision_patches
-
+    vision_patches = HFModule(hf_models.qwen_vl()).vision_patches
     items = hf_models.vl_items()
     assert vision_patches(items[-1]) == 1 * 2 * 2 + 2 * 4 * 4  # an image and a video
     assert vision_patches(items[1]) == 3 * 2 * 4 and vision_patches({"input_ids": torch.arange(3)}) == 0

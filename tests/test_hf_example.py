@@ -1,5 +1,5 @@
-"""The HF example end to end: a tiny Qwen2-VL-architecture model from a config learns video digits
-under DHP on 4 CPU processes (held-out answer accuracy well above chance)."""
+"""The HF example end to end: a tiny Qwen3-VL-architecture model (DeepStack, interleaved M-RoPE) from a
+config learns video digits under DHP on 4 CPU processes (held-out answer accuracy well above chance)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ ACCURACY_FLOOR = 0.3  # chance is 0.1
 
 
 @pytest.mark.timeout(600)  # 4 processes for 100 steps: 2-3 minutes on a shared 2-core machine
-def test_a_tiny_qwen2_vl_learns_video_digits_under_dhp_on_four_processes(tmp_path):
+def test_a_tiny_qwen3_vl_learns_video_digits_under_dhp_on_four_processes(tmp_path):
     env = launch_environment()
     command = [sys.executable, str(REPO / "examples" / "hf_vlm_finetune.py"), "trainer.devices=4",
-               "trainer.max_steps=100", "data.num_eval=40", f"hydra.run.dir={tmp_path / 'run'}"]
+               "hf_model=qwen3_vl_tiny", "trainer.max_steps=100", "data.num_eval=40",
+               f"hydra.run.dir={tmp_path / 'run'}"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -14,13 +14,13 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 
 from lightning_dhp.attention import ZigzagLayout, cp_attention
 from lightning_dhp.errors import DHPConfigError
+from lightning_dhp.hf.families import SUPPORTED_MULTIMODAL
 
 ATTENTION_NAME = "lightning_dhp"
 LAYOUT_KWARG = "dhp_layout"  # a model kwarg HF passes through to attention: an explicit layout (idle ranks)
 
 SUPPORTED = ("decoder-only *ForCausalLM models with full causal attention and no attention dropout (Llama, Qwen2, "
-             "Qwen3, Gemma, Phi-3, Mistral without a sliding window, ...), Qwen2VLForConditionalGeneration and "
-             "Qwen2_5_VLForConditionalGeneration")
+             f"Qwen3, Gemma, Phi-3, Mistral without a sliding window, ...), and {', '.join(SUPPORTED_MULTIMODAL)}")
 
 
 def dhp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -58,8 +58,13 @@ def check_routable(model: PreTrainedModel, text_config: PretrainedConfig) -> Non
     if getattr(text_config, "sliding_window", None) is not None:
         problems.append(f"sliding-window attention (sliding_window={text_config.sliding_window}; set it to None "
                         "if every sample is shorter than the window)")
-    if any(kind != "full_attention" for kind in getattr(text_config, "layer_types", None) or ()):
-        problems.append(f"layer types {sorted(set(text_config.layer_types))}")
+    layer_types = getattr(text_config, "layer_types", None) or ()
+    linear = [index for index, kind in enumerate(layer_types) if kind == "linear_attention"]
+    if linear:
+        problems.append(f"its language model has linear-attention (GatedDeltaNet) layers {linear}, which need a "
+                        "context-parallel algorithm of their own")
+    elif any(kind != "full_attention" for kind in layer_types):
+        problems.append(f"layer types {sorted(set(layer_types))}")
     if getattr(text_config, "attn_logit_softcapping", None) is not None:
         problems.append(f"soft-capped attention logits (attn_logit_softcapping={text_config.attn_logit_softcapping})")
     if getattr(text_config, "attention_dropout", 0.0):

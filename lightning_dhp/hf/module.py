@@ -8,18 +8,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from transformers import PreTrainedModel, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import PreTrainedModel
 
 from lightning_dhp.attention import ZigzagLayout
 from lightning_dhp.errors import DHPConfigError
 from lightning_dhp.hf.attention import ATTENTION_NAME, LAYOUT_KWARG, SUPPORTED, check_routable
-from lightning_dhp.hf.qwen_vl import TOKEN_FIELDS, VISION_KWARG, VISION_ROWS, QwenVLItems, install_vision_hook
+from lightning_dhp.hf.families import family_of
+from lightning_dhp.hf.vision import VISION_KWARG, VISION_ROWS, install
 from lightning_dhp.lightning import loss_share
 from lightning_dhp.lightning.batch import batch_info
 from lightning_dhp.lightning.collate import IGNORE_INDEX
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-QWEN_VL_CLASSES = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
 
 
 def default_optimizer(parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -28,7 +28,7 @@ def default_optimizer(parameters: Iterable[torch.nn.Parameter]) -> torch.optim.O
 
 
 class HFModule(LightningModule):
-    """Trains ``model`` (a ``*ForCausalLM`` or a Qwen2-VL / Qwen2.5-VL model) under ``DHPStrategy``.
+    """Trains ``model`` (a ``*ForCausalLM`` or a multimodal model of a supported family) under ``DHPStrategy``.
 
     The model's text attention is switched to ``cp_attention`` (vision towers keep their own). Each
     step runs the model on this rank's rows of its group's packed samples and returns its share of
@@ -38,8 +38,9 @@ class HFModule(LightningModule):
     Give the data module :attr:`packing_options` (the item transform and token fields this model
     needs): ``DHPDataModule(dataset, lengths, batch_size, **module.packing_options)``.
 
-    A Qwen-VL group's vision work is spread over its ranks: whole images, and each video's temporal
-    patches (``split_videos=False`` encodes every video whole on one rank, as a baseline to compare with).
+    A multimodal group's vision work is spread over its ranks in independent units (images, tiles, video
+    temporal patches or frames; see ``lightning_dhp/hf/families``); ``split_videos=False`` encodes every video
+    whole on one rank, as a baseline to compare with.
     """
 
     def __init__(self, model: PreTrainedModel, optimizer: OptimizerFactory | None = None, *,
@@ -47,40 +48,48 @@ class HFModule(LightningModule):
         super().__init__()
         self.model = model
         self.optimizer_factory = default_optimizer if optimizer is None else optimizer
-        self.is_qwen_vl = isinstance(model, QWEN_VL_CLASSES)
-        if not self.is_qwen_vl and not type(model).__name__.endswith("ForCausalLM"):
-            raise DHPConfigError(f"{type(model).__name__} is not a model HFModule can train; supported: {SUPPORTED}")
         check_routable(model, model.config.get_text_config())
-        model.set_attn_implementation({"text_config": ATTENTION_NAME} if self.is_qwen_vl else ATTENTION_NAME)
-        if self.is_qwen_vl:
-            install_vision_hook(model, split_videos)
+        self.family = family_of(model)
+        if self.family is None and not type(model).__name__.endswith("ForCausalLM"):
+            raise DHPConfigError(f"{type(model).__name__} is not a model HFModule can train; supported: {SUPPORTED}")
+        model.set_attn_implementation({"text_config": ATTENTION_NAME} if self.family else ATTENTION_NAME)
+        if self.family is not None:
+            install(model, self.family, split_videos)
 
     @property
     def packing_options(self) -> dict[str, Any]:
         """``token_fields`` and ``item_transform`` for ``DHPDataModule`` / ``dhp_dataloader`` / ``DHPPacking``."""
-        if self.is_qwen_vl:
-            return {"token_fields": list(TOKEN_FIELDS), "item_transform": QwenVLItems(self.model)}
+        if self.family is not None:
+            return {"token_fields": list(self.family.token_fields), "item_transform": self.family}
         return {"token_fields": [], "item_transform": None}
+
+    def vision_patches(self, item: dict[str, Any]) -> int:
+        """The patches the vision tower encodes for ``item`` (as the processor returns it; 0 for a text model):
+        what ``DHPDataModule(..., vision_patches=[...])`` wants per item. Reads shapes only."""
+        return 0 if self.family is None else self.family.vision_patches(item)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Logits ``(T_local, vocab)`` of this rank's rows (an idle rank's empty batch gives 0 rows)."""
         layout = batch_info(batch).layout
         if len(batch["input_ids"]) == 0:
             return self._idle_logits(batch)
-        if not self.is_qwen_vl:
+        if self.family is None:
             return self.model(input_ids=batch["input_ids"][None], position_ids=batch["position_ids"][None],
                               use_cache=False).logits[0]
-        if VISION_ROWS not in batch or batch["position_ids"].dim() != 2:
+        multi_row = self.family.position_rows > 1
+        if VISION_ROWS not in batch or (batch["position_ids"].dim() == 2) != multi_row:
             raise DHPConfigError(f"{type(self.model).__name__} needs its item transform and token fields: build the "
                                  "data module with DHPDataModule(..., **module.packing_options)")
-        return self.model(input_ids=batch["input_ids"][None], position_ids=batch["position_ids"].T[:, None],
-                          use_cache=False, **{VISION_KWARG: (batch, layout)}).logits[0]
+        positions = batch["position_ids"].T[:, None] if multi_row else batch["position_ids"][None]
+        return self.model(input_ids=batch["input_ids"][None], position_ids=positions, use_cache=False,
+                          **{VISION_KWARG: (batch, layout)}).logits[0]
 
     def _idle_logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """An idle rank runs the model on one dummy token (HF models cannot take 0 tokens) and keeps 0 rows
         of its logits, so the step still has a graph through the text model's parameters."""
         token = batch["input_ids"].new_zeros(1, 1)
-        positions = token if not self.is_qwen_vl else token.expand(3, 1, 1)
+        rows = 1 if self.family is None else self.family.position_rows
+        positions = token if rows == 1 else token.expand(rows, 1, 1)
         logits = self.model(input_ids=token, position_ids=positions, use_cache=False,
                             **{LAYOUT_KWARG: ZigzagLayout([1], 1, 0)}).logits[0]
         return logits[:0] + 0 * logits.sum()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -97,11 +99,23 @@ def _fsdp_modules(module: nn.Module) -> list[FSDPModule]:
 
 class ShardedGradientSync:
     """FSDP2's reduce-scatter, summed, once per optimizer step: earlier rounds (and global batches that
-    Lightning accumulates) backward with gradient sync off, keeping unsharded gradients locally."""
+    Lightning accumulates) backward with gradient sync off, keeping unsharded gradients locally.
 
-    def __init__(self, modules: list[FSDPModule]) -> None:
+    Ranks differentiate different parameters (a rank without frames never runs the vision tower), so
+    unused parameters join the reduce-scatter as zeros; a parameter that no rank differentiated would then
+    get a zero gradient, which AdamW's weight decay moves, unlike on one device. Each rank counts, per
+    parameter, whether it got a gradient since the last synced backward; one small all-reduce after that
+    backward finds the parameters no rank differentiated, and they keep no gradient.
+    """
+
+    def __init__(self, modules: list[FSDPModule], group: dist.ProcessGroup | None) -> None:
         self.modules = modules
+        self.group = group
         self.enabled = True
+        self._params = _fsdp_params(modules)
+        self._had_gradient = torch.zeros(len(self._params), dtype=torch.int32)
+        self._watched: set[int] = set()  # ids of the unsharded parameters with a gradient hook
+        self._gradient_before: list[bool] | None = None  # per parameter, during a synced backward
 
     def _set_sync(self, sync: bool) -> None:
         for fsdp_module in self.modules:
@@ -115,13 +129,50 @@ class ShardedGradientSync:
         yield  # before_backward(last_round=False) already turned the sync off
 
     def before_backward(self, last_round: bool) -> None:
-        self._set_sync(last_round and self.enabled)
+        self._watch_unsharded_parameters()
+        sync = last_round and self.enabled
+        self._set_sync(sync)
+        self._gradient_before = [_sharded(p).grad is not None for p in self._params] if sync else None
 
     def finish_backward(self, only_if_any: bool = False) -> None:
-        """FSDP reduce-scattered during the backward: nothing left to do."""
+        """After a synced backward: parameters that no rank differentiated since the last one keep no gradient."""
+        if self._gradient_before is None or self.group is None:
+            return
+        counts = self._had_gradient.to(_sharded(self._params[0]).device)
+        dist.all_reduce(counts, group=self.group)
+        for fsdp_param, count, had_before in zip(self._params, counts.tolist(), self._gradient_before, strict=True):
+            if count == 0 and not had_before:
+                _sharded(fsdp_param).grad = None
+        self._had_gradient.zero_()
+        self._gradient_before = None
 
     def discard(self) -> None:
         """Nothing kept aside outside FSDP."""
+
+    def _watch_unsharded_parameters(self) -> None:
+        for index, fsdp_param in enumerate(self._params):
+            unsharded = _unsharded(fsdp_param)
+            if unsharded is not None and id(unsharded) not in self._watched:
+                self._watched.add(id(unsharded))
+                unsharded.register_post_accumulate_grad_hook(partial(self._mark, index))
+
+    def _mark(self, index: int, _: torch.Tensor) -> None:
+        self._had_gradient[index] = 1
+
+
+# FSDP2's per-parameter state is not public API; these three helpers are the only places that read it.
+def _fsdp_params(modules: list[FSDPModule]) -> list[Any]:
+    return [fsdp_param for module in modules for group in module._get_fsdp_state()._fsdp_param_groups
+            for fsdp_param in group.fsdp_params]
+
+
+def _sharded(fsdp_param: Any) -> nn.Parameter:
+    return fsdp_param.sharded_param
+
+
+def _unsharded(fsdp_param: Any) -> nn.Parameter | None:
+    """The parameter the forward uses (and autograd accumulates into), once FSDP has first gathered it."""
+    return getattr(fsdp_param, "_unsharded_param", None)
 
 
 # Checkpoints of a sharded model are full (consolidated) state dicts: loadable without any distributed

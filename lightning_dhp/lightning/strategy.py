@@ -294,7 +294,8 @@ class DHPStrategy(ParallelStrategy):
                 "training_step/validation_step/test_step/predict_step, which DHPStrategy runs inside the "
                 "batch's context-parallel group"))
         if self._sharded:
-            self._gradients = ShardedGradientSync(shard_model(self.lightning_module, self._device_mesh, blocks, policy))
+            self._gradients = ShardedGradientSync(shard_model(self.lightning_module, self._device_mesh, blocks, policy),
+                                                  self._device_mesh.get_group())
             if on_meta:  # each rank allocates and initialises its own shards only
                 materialize(self.lightning_module, self.root_device)
         else:
