@@ -140,6 +140,16 @@ def test_an_internvl3_8b_config_gives_the_internvit_preset():
     assert VISION_PRESETS["internvl3-8b"].weights_per_patch == 602_112 + 301_989_888 + 6_881_280
 
 
+def test_a_transformers_internvl_hf_config_object_with_list_patch_sizes_gives_the_internvit_preset():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.InternVLConfig(
+        text_config={"model_type": "qwen2", **QWEN25_TEXT, "vocab_size": 151674}, downsample_ratio=0.5,
+        vision_config={"num_hidden_layers": 24, "hidden_size": 1024, "intermediate_size": 4096,
+                       "num_attention_heads": 16, "patch_size": [14, 14], "image_size": [448, 448],
+                       "num_channels": 3, "hidden_act": "gelu"})
+    assert VisionShape.from_config(config) == VISION_PRESETS["internvl3-8b"]
+
+
 def test_a_transformers_qwen25_vl_config_object_gives_the_same_vision_tower():
     transformers = pytest.importorskip("transformers")
     config = transformers.Qwen2_5_VLConfig(text_config=QWEN25_TEXT, vision_config=QWEN25_VISION)

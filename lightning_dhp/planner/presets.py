@@ -214,10 +214,13 @@ class VisionShape:
             ratio = _getter(config)("downsample_ratio")
             depth, merge_size = get("num_hidden_layers"), round(1 / ratio) if ratio else 1
             out_hidden = merger_hidden = TransformerShape.from_config(config).hidden
+        patch_size = get("patch_size")
+        if isinstance(patch_size, (list, tuple)):  # InternVL's [height, width]; square in every released tower
+            patch_size = patch_size[0]
         mlp_ratio = get("mlp_ratio")
         intermediate = get("intermediate_size") or (round(width * mlp_ratio) if width and mlp_ratio else None)
         found = {"depth": depth, "hidden_size": width, "intermediate_size": intermediate, "out_hidden_size": out_hidden,
-                 "patch_size": get("patch_size")}
+                 "patch_size": patch_size}
         missing = sorted(key for key, value in found.items() if value is None)
         if missing:
             raise ValueError(f"the vision_config lacks {missing}; pass vision=VisionShape(...) to for_transformer(), "
@@ -227,7 +230,7 @@ class VisionShape:
             hidden=int(width),
             intermediate=int(intermediate),
             out_hidden=int(out_hidden),
-            patch_size=int(get("patch_size")),
+            patch_size=int(patch_size),
             temporal_patch_size=int(get("temporal_patch_size") or 1),
             in_channels=int(get("in_channels") or get("in_chans") or get("num_channels") or 3),
             merge_size=int(merge_size),
