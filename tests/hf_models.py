@@ -115,12 +115,15 @@ def reference_loss_sum(model: PreTrainedModel, item: dict) -> tuple[torch.Tensor
     return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum"), int((targets != -100).sum())
 
 
-def reference_training(model: PreTrainedModel, items: list[dict], batches: list[list[int]], steps: int) -> dict:
-    """Plain HF: per global batch, the sum of every sample's loss over the batch's loss tokens, then AdamW."""
+def reference_training(model: PreTrainedModel, items: list[dict], batches: list[list[int]], steps: int,
+                       bf16_autocast: bool = False) -> dict:
+    """Plain HF: per global batch, the sum of every sample's loss over the batch's loss tokens, then AdamW
+    (``bf16_autocast``: the forwards under CPU bf16 autocast, as bf16-mixed runs them)."""
     optim = optimizer(model.parameters())
     for batch in batches[:steps]:
         optim.zero_grad()
-        sums, counts = zip(*(reference_loss_sum(model, items[index]) for index in batch), strict=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+            sums, counts = zip(*(reference_loss_sum(model, items[index]) for index in batch), strict=True)
         (sum(sums) / sum(counts)).backward()
         optim.step()
     return {name: value.detach().clone() for name, value in model.state_dict().items()}

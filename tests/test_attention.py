@@ -7,6 +7,8 @@ All degrees 1..8 run in one spawn of 8 gloo ranks: each partition of the 8 ranks
 from __future__ import annotations
 
 import itertools
+import sys
+import warnings
 
 import pytest
 import torch
@@ -415,3 +417,60 @@ def test_cuda_kernels_call_the_aten_schemas(kernel, backward, causal):
     if backward:
         grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out))
         assert [(g.shape, g.dtype) for g in grads] == [(x.shape, x.dtype) for x in (q, k, v)]
+
+
+def _fake_flash_attn(root, version: str, interface: str) -> None:
+    """A ``flash_attn`` package of ``version`` whose ``flash_attn_interface`` module runs ``interface``."""
+    package = root / "flash_attn"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "flash_attn_interface.py").write_text(interface)
+    metadata = root / f"flash_attn-{version}.dist-info"
+    metadata.mkdir()
+    (metadata / "METADATA").write_text(f"Metadata-Version: 2.1\nName: flash-attn\nVersion: {version}\n")
+
+
+@pytest.mark.parametrize(("version", "interface", "available", "warning"), [
+    ("2.7.4.post1", "", True, None),
+    ("2.6.3", "", False, "older than 2.7.0"),
+    ("2.8.3", "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c10')", False,
+     "its CUDA extension does not load .*undefined symbol"),
+])
+def test_flash_attn_counts_as_available_only_when_new_enough_and_its_extension_loads(
+        tmp_path, monkeypatch, version, interface, available, warning):
+    from lightning_dhp.attention.kernels import flash_attn_available
+
+    _fake_flash_attn(tmp_path, version, interface)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("flash_attn", "flash_attn.flash_attn_interface"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    flash_attn_available.cache_clear()
+    try:
+        if warning is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert flash_attn_available() is available
+        else:
+            with pytest.warns(UserWarning, match=warning):
+                assert flash_attn_available() is available
+    finally:
+        flash_attn_available.cache_clear()
+
+
+def test_under_autocast_cp_attention_takes_q_k_v_in_the_autocast_dtype_as_sdpa_does():
+    """A float32 RoPE gives float32 q and k while v leaves its projection in bf16: cp_attention casts all three
+    to the autocast dtype (float64 stays), instead of refusing the mix."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(7, 4, 8, generator=generator), torch.randn(7, 2, 8, generator=generator)
+    v = torch.randn(7, 2, 8, generator=generator).bfloat16()
+    layout = ZigzagLayout([3, 4], 1, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cp_attention(q, k, v, layout)
+        first = [x[None, :3].transpose(1, 2) for x in (q, k, v)]  # the first sequence, (1, heads, 3, 8)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(*first, is_causal=True, enable_gqa=True)
+        assert cp_attention(q.double(), k.double(), v.double(), layout).dtype == torch.float64
+    assert out.dtype == sdpa.dtype == torch.bfloat16
+    torch.testing.assert_close(out, cp_attention(q.bfloat16(), k.bfloat16(), v, layout), rtol=0, atol=0)
+    torch.testing.assert_close(out[:3].float(), sdpa[0].transpose(0, 1).float(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="must share dtype"):  # outside autocast the mix is still refused
+        cp_attention(q, k, v, layout)

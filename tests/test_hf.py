@@ -37,6 +37,7 @@ from tests.test_strategy import (
     _as_torchrun_rank,
     _assert_params_close,
     _trainer,
+    assert_within_bf16_rounding,
     error_of,
     load_weights_from_rank_zero,
     same_error_on_every_rank,
@@ -104,11 +105,12 @@ def _bad_items() -> list[dict]:
     return items
 
 
-def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int, **strategy_kwargs) -> dict:
+def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int, precision: str = "32-true",
+         **strategy_kwargs) -> dict:
     with tempfile.TemporaryDirectory() as report_dir:  # the report's plot and summary files, not the cwd
         plans = DHPPlanReport(dirpath=report_dir, num_plotted_steps=1, log_metrics=False)
-        _trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), STEPS, callbacks=[plans]).fit(task,
-                                                                                                 datamodule=data)
+        _trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), STEPS, callbacks=[plans],
+                 precision=precision).fit(task, datamodule=data)
     groups = [g for entry in plans.history for r in entry["plan"].rounds for g in r.groups]
     fsdp = strategy_kwargs.get("sharding") == "fsdp"
     state = sharding.model_state(task) if fsdp else task.state_dict()  # FSDP: gathered on rank 0 only
@@ -135,6 +137,9 @@ def _scenarios(rank: int, world_size: int) -> dict:
     reports["llama"]["val_loss"] = _trainer(world_size, DHPStrategy(tokens)).validate(
         llama, datamodule=data, verbose=False)[0]["val_loss"]
     reports["llama"]["predict"] = _trainer(world_size, DHPStrategy(tokens)).predict(llama, datamodule=data)
+    # bf16-mixed: float32 weights; HF's float32 RoPE makes q and k float32 while v stays bf16
+    reports["llama_bf16_mixed"] = _fit(world_size, hf_models.module(hf_models.llama().float()), data, tokens,
+                                       precision="bf16-mixed")
     items = hf_models.vl_items()
     for version in ("2", "2.5"):
         task = RecordingModule(hf_models.qwen_vl(version))
@@ -206,6 +211,18 @@ def test_llama_under_dhp_equals_the_plain_hf_loop(world):
     assert reports[0]["llama"]["rounds"] > 1, "the test data should need several rounds"
     if world_size > 1:
         assert reports[0]["llama"]["degree"] > 1, "the test data should use context parallelism"
+
+
+def test_llama_under_bf16_mixed_matches_the_plain_hf_loop_under_bf16_autocast(world):
+    world_size, reports = world
+    samples = [{"input_ids": tokens} for tokens in TokenDataset(LENGTHS).samples]
+    batches = _batches(LENGTHS, GLOBAL_BATCH)
+    expected = hf_models.reference_training(hf_models.llama().float(), samples, batches, STEPS, bf16_autocast=True)
+    initial = hf_models.llama().float().state_dict()
+    for report in reports:
+        assert_within_bf16_rounding(report["llama_bf16_mixed"]["params"], expected, initial)
+    if world_size > 1:
+        assert reports[0]["llama_bf16_mixed"]["degree"] > 1
 
 
 @pytest.mark.parametrize("version", ["2", "2.5"])

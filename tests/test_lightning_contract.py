@@ -18,8 +18,11 @@ from torch._dynamo.utils import counters  # Dynamo's own tally of compiled graph
 from torch.utils.data import DataLoader
 
 from lightning_dhp import DHPStrategy, loss_share
+from lightning_dhp.data.video_digits import VideoDigits
+from lightning_dhp.distributed import CPContext, cp_context
 from lightning_dhp.errors import DHPConfigError, DHPDataError
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPacking, global_share
+from lightning_dhp.models import TinyVLMConfig, VLMTask, single_process_batch
 from lightning_dhp.testing import run_distributed
 from tests.test_strategy import (
     BATCHES,
@@ -30,6 +33,7 @@ from tests.test_strategy import (
     _assert_params_close,
     _trainer,
     assert_bf16_mixed_runs_match_single_device,
+    assert_within_bf16_rounding,
     error_of,
     plan_report,
     same_error_on_every_rank,
@@ -163,6 +167,42 @@ def _data(num_workers: int = 0) -> DHPDataModule:
                          predict_dataset=validation, predict_lengths=LENGTHS, num_workers=num_workers)
 
 
+# The main job's model (a tiny TinyVLM, float32 weights) under bf16-mixed: a float32 RoPE makes q and k float32
+# while v comes out of its projection in bf16, which cp_attention must take as SDPA does.
+VLM_CONFIG = TinyVLMConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
+                           max_patches_per_side=4, vision_hidden_size=16, vision_layers=1, vision_heads=2,
+                           vision_intermediate_size=32)
+VLM_DIGITS = VideoDigits(9, seed=3, durations_s=[4.0, 12.0, 24.0], sample_fps=0.25, frame_sizes=(8, 16))
+VLM_LENGTHS = [len(VLM_DIGITS[index]["input_ids"]) for index in range(len(VLM_DIGITS))]
+VLM_BATCH = 3  # 9 samples: 3 global batches an epoch
+
+
+def _vlm_task() -> VLMTask:
+    torch.manual_seed(0)
+    return VLMTask(VLM_CONFIG, lr=1e-2, warmup_steps=1)
+
+
+def _vlm_tokens(world_size: int) -> int:
+    """The capacity at which the longest sample runs on all ``world_size`` processes."""
+    return 2 * -(-max(VLM_LENGTHS) // (2 * world_size))
+
+
+def _vlm_reference(steps: int) -> dict:
+    """Single-process bf16-mixed training: each global batch's step under CPU bf16 autocast, backward outside it."""
+    task = _vlm_task()
+    optimization = task.configure_optimizers()
+    optimizer, scheduler = optimization["optimizer"], optimization["lr_scheduler"]["scheduler"]
+    for indices in DHPBatchSampler(VLM_LENGTHS, VLM_BATCH, seed=0).batches()[:steps]:
+        batch = single_process_batch([VLM_DIGITS[index] for index in indices], indices)
+        with torch.autocast("cpu", dtype=torch.bfloat16), cp_context(CPContext(batch["dhp"].layout, None, (0,))):
+            loss = task.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return {name: value.detach().clone() for name, value in task.model.state_dict().items()}
+
+
 def _params(task: LMTask) -> dict:
     """The task's parameters, named without the ``model.`` prefix (as ``reference_training`` names them)."""
     return {name.removeprefix("model."): value.detach().clone() for name, value in task.state_dict().items()}
@@ -222,6 +262,13 @@ def _scenarios(rank: int, world_size: int) -> dict:
                            "graph_breaks": list(counters["graph_break"])}
     mixed = MixedPrecisionTask()
     reports["bf16_mixed"] = {**fit(mixed, precision="bf16-mixed")[1], "autocast": mixed.steps_under_bf16_autocast}
+    vlm = _vlm_task()
+    plans = plan_report()
+    _trainer(world_size, DHPStrategy(_vlm_tokens(world_size)), STEPS, callbacks=[plans],
+             precision="bf16-mixed").fit(vlm, datamodule=DHPDataModule(VLM_DIGITS, VLM_LENGTHS, VLM_BATCH, seed=0))
+    reports["vlm_bf16_mixed"] = {
+        "params": {name: value.detach().clone() for name, value in vlm.model.state_dict().items()},
+        "degree": max(g.degree for entry in plans.history for r in entry["plan"].rounds for g in r.groups)}
     reports["manual_textbook"] = error_of(lambda: fit(ManualTask(textbook=True)))
     reports["skip_every_rank"] = fit(SkipTask(), steps=STEPS)[1]
     if world_size > 1:
@@ -390,6 +437,14 @@ def test_a_per_rank_batch_size_in_self_log_is_ignored_with_one_warning_and_value
 def test_bf16_mixed_training_runs_under_autocast_and_matches_single_device_bf16_mixed(world):
     _, reports = world
     assert_bf16_mixed_runs_match_single_device([report["bf16_mixed"] for report in reports])
+
+
+def test_the_main_jobs_model_trains_under_bf16_mixed_like_single_device_bf16_mixed(world):
+    world_size, reports = world
+    expected, initial = _vlm_reference(STEPS), _vlm_reference(0)
+    for report in reports:
+        assert_within_bf16_rounding(report["vlm_bf16_mixed"]["params"], expected, initial)
+    assert reports[0]["vlm_bf16_mixed"]["degree"] == world_size
 
 
 def test_a_replicated_model_built_on_the_meta_device_trains_exactly(world):

@@ -33,3 +33,16 @@ def test_device_lists_parse_like_lightnings():
     assert NPUAccelerator.parse_devices(2) == [0, 1]
     assert NPUAccelerator.parse_devices("0,3") == [0, 3]
     assert NPUAccelerator.parse_devices([1]) == [1]
+
+
+def test_mixed_precision_autocasts_on_the_npu_not_on_cuda():
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    from lightning_dhp.lightning.npu import npu_precision
+
+    lightnings_choice = MixedPrecision("bf16-mixed", device="cuda")  # what Lightning builds for accelerator="npu"
+    fixed = npu_precision(lightnings_choice)
+    assert isinstance(fixed, MixedPrecision) and (fixed.device, fixed.precision) == ("npu", "bf16-mixed")
+    assert fixed.scaler is None
+    plain = Precision()
+    assert npu_precision(plain) is plain

@@ -7,6 +7,7 @@ import dataclasses
 import math
 
 import pytest
+import torch
 
 from lightning_dhp.lightning.module_profile import vision_items
 from lightning_dhp.lightning.profiling import (
@@ -140,3 +141,19 @@ def test_profiling_the_builtin_workload_on_this_cpu():
                                        repeats=1)
     assert report.compute.num_measurements == 5
     assert all(math.isfinite(getattr(model, name)) for name in ("attention_s_per_token2", "linear_s_per_token"))
+
+
+def test_auto_calibration_times_the_training_dtype_through_cp_attentions_kernel(monkeypatch):
+    from lightning_dhp.lightning import profiling
+
+    assert [profiling.compute_dtype(p) for p in ("bf16-mixed", "bf16-true", "16-mixed", "32-true", "64-true")] == [
+        "bfloat16", "bfloat16", "float16", "float32", "float64"]
+    seen = []
+
+    def spy(q, k, v, layout):
+        seen.append((q.dtype, layout.seq_lens))
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(profiling, "cp_attention", spy)
+    profiling.transformer_step(hidden=16, heads=2, layers=1, device="cpu", dtype="bfloat16")([5, 3])
+    assert seen == [(torch.bfloat16, (5, 3))]

@@ -40,6 +40,8 @@ def cp_attention(
     q ``(T_local, Hq, D)`` and k/v ``(T_local, Hkv, D)`` hold this rank's rows of ``layout`` (GQA:
     Hq a multiple of Hkv). Returns ``(T_local, Hq, D)`` in q's dtype; attention never crosses sequence
     boundaries, padded keys are never attended, and padding rows come out as 0 and pass no gradient.
+    Under autocast, q, k and v are first cast to its lower-precision dtype, as
+    ``F.scaled_dot_product_attention`` takes them (a float32 RoPE makes q and k float32 while v stays bf16).
 
     Without ``layout`` the current :class:`~lightning_dhp.distributed.CPContext` supplies layout, group,
     ranks and implementation; with no context all rows form one sequence on this rank (unless the
@@ -51,6 +53,7 @@ def cp_attention(
     Under ``torch.compile`` it runs eagerly and the model's other layers compile around it: its layout
     and process group change with every round's plan, so a traced graph would recompile for each.
     """
+    q, k, v = _follow_autocast(q, k, v)
     _check_shapes(q, k, v)
     if layout is None:
         context = current_cp_context()
@@ -84,6 +87,16 @@ def cp_attention(
     if implementation == "allgather":
         return AllGatherAttention.apply(q, k, v, problem, group)
     return RingAttention.apply(q, k, v, problem, RingExchange(group, ranks, layout.rank))
+
+
+def _follow_autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k and v in the autocast dtype of their device type when autocast is on there (float64 stays, as
+    autocast leaves it); otherwise as they are."""
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(x.to(dtype) if x.is_floating_point() and x.dtype != torch.float64 else x for x in (q, k, v))
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

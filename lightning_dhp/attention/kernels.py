@@ -32,6 +32,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -342,12 +343,15 @@ class CUDAEfficientKernel:
         return dq[0], _sum_kv_groups(dk[0], groups, 1), _sum_kv_groups(dv[0], groups, 1)
 
 
-FLASH_ATTN_MIN_VERSION = (2, 6, 3)
+# 2.7.0 is the first release whose private varlen functions return 4 values and take window_size_left/right.
+FLASH_ATTN_MIN_VERSION = (2, 7, 0)
 
 
 @functools.cache
 def flash_attn_available() -> bool:
-    """Whether the flash-attn package (>= 2.6.3, the varlen signature used here) is installed."""
+    """Whether the flash-attn package (>= 2.7.0, the varlen signature used here) is installed and its CUDA
+    extension loads (a wheel built for another torch fails with an undefined symbol: then torch's own flash
+    kernel is used, with one warning saying why)."""
     if importlib.util.find_spec("flash_attn") is None:
         return False
     try:
@@ -355,7 +359,17 @@ def flash_attn_available() -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
     release = tuple(int(part) for part in version.split("+")[0].split(".")[:3] if part.isdigit())
-    return release >= FLASH_ATTN_MIN_VERSION
+    if release < FLASH_ATTN_MIN_VERSION:
+        warnings.warn(f"flash-attn {version} is older than {'.'.join(map(str, FLASH_ATTN_MIN_VERSION))}, whose "
+                      "varlen interface cp_attention calls; using torch's flash kernel instead", stacklevel=2)
+        return False
+    try:
+        importlib.import_module("flash_attn.flash_attn_interface")
+    except (ImportError, OSError) as error:
+        warnings.warn(f"flash-attn {version} is installed but its CUDA extension does not load ({error}); using "
+                      "torch's flash kernel instead. Reinstall flash-attn built for this torch", stacklevel=2)
+        return False
+    return True
 
 
 class FlashAttnKernel:

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
 
 def _torch_npu() -> Any:
@@ -66,3 +67,12 @@ class NPUAccelerator(Accelerator):
     @classmethod
     def register_accelerators(cls, accelerator_registry: Any) -> None:
         accelerator_registry.register("npu", cls, description="Ascend NPU through torch-npu")
+
+
+def npu_precision(plugin: Precision) -> Precision:
+    """``plugin`` with its autocast on the NPU. Lightning builds mixed precision with ``torch.autocast("cuda")``
+    for every accelerator but cpu and mps; on Ascend that autocast turns itself off, so "bf16-mixed" would
+    silently train in float32 (and "16-mixed" would scale with a CUDA GradScaler)."""
+    if isinstance(plugin, MixedPrecision) and plugin.device != "npu":
+        return MixedPrecision(plugin.precision, device="npu")
+    return plugin

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lightning_dhp.attention import ZigzagLayout, cp_attention
 from lightning_dhp.planner import CostModel, FitReport, calibrate
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -242,36 +243,37 @@ def transformer_layers(
     return x
 
 
-def causal_attention_per_sample(lengths: Sequence[int]) -> Attention:
-    """Causal SDPA on each sample of a degree-1 pack of ``lengths`` (tokens, heads, head_dim)."""
-
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        outputs, start = [], 0
-        for length in lengths:
-            rows = slice(start, start + length)
-            out = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k[rows].transpose(0, 1),
-                                                 v[rows].transpose(0, 1), is_causal=True)
-            outputs.append(out.transpose(0, 1))
-            start += length
-        return torch.cat(outputs)
-
-    return attention
+def packed_causal_attention(lengths: Sequence[int]) -> Attention:
+    """Causal attention of a degree-1 pack of ``lengths`` through ``cp_attention``: the kernel training runs
+    (varlen where the device has one), in the inputs' dtype."""
+    layout = ZigzagLayout(lengths, 1, 0)
+    return lambda q, k, v: cp_attention(q, k, v, layout)
 
 
 def transformer_step(
     hidden: int = 256, heads: int = 4, layers: int = 2, device: str | None = None, dtype: str = "float32"
 ) -> Callable[[Sequence[int]], None]:
-    """A ``run_step(lengths)`` doing forward+backward of ``layers`` transformer layers on a pack."""
+    """A ``run_step(lengths)`` doing forward+backward of ``layers`` transformer layers on a pack, in ``dtype``
+    (the training's compute dtype: its matmuls and attention kernel are what the cost model times)."""
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     weights = transformer_weights(hidden, layers, device=torch_device, dtype=getattr(torch, dtype))
 
     def run_step(lengths: Sequence[int]) -> None:
         x = torch.randn(sum(lengths), hidden, device=torch_device, dtype=weights[0][0].dtype, requires_grad=True)
-        out = transformer_layers(x, weights, heads, causal_attention_per_sample(lengths))
+        out = transformer_layers(x, weights, heads, packed_causal_attention(lengths))
         out.float().square().mean().backward()
         synchronize(torch_device)
 
     return run_step
+
+
+def compute_dtype(precision: str) -> str:
+    """The dtype a Lightning precision setting computes in: ``"bf16-mixed"`` -> ``"bfloat16"``, ..."""
+    if precision.startswith("bf16"):
+        return "bfloat16"
+    if precision.startswith("16"):
+        return "float16"
+    return "float64" if precision.startswith("64") else "float32"
 
 
 def synchronize(device: torch.device) -> None:

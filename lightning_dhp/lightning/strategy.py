@@ -51,6 +51,7 @@ from lightning_dhp.lightning.batch import DHPBatchInfo, loss_of
 from lightning_dhp.lightning.collate import DHPPacking
 from lightning_dhp.lightning.gradients import GradientSync
 from lightning_dhp.lightning.materialize import check_materializable, has_meta_tensors, materialize
+from lightning_dhp.lightning.npu import NPUAccelerator, npu_precision
 from lightning_dhp.lightning.planned_loader import DHPDataLoader, PlanConfig, PlannedStep, StepRequest
 from lightning_dhp.lightning.predictions import assemble, piece_of
 from lightning_dhp.lightning.sampler import DHPBatchSampler
@@ -273,6 +274,8 @@ class DHPStrategy(ParallelStrategy):
         _lightning.disable_distributed_sampler(trainer)
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
+        if isinstance(self.accelerator, NPUAccelerator):
+            self.precision_plugin = npu_precision(self.precision_plugin)
         self.model = self.precision_plugin.convert_module(self.model)
         # What can be refused is refused here, the same on every rank, before any collective.
         on_meta = has_meta_tensors(self.lightning_module)
@@ -314,14 +317,16 @@ class DHPStrategy(ParallelStrategy):
 
     def _calibrate(self) -> CostModel:
         """Fit the cost model on rank 0's device and share it: every rank must plan with the same model."""
-        from lightning_dhp.lightning.profiling import transformer_step
+        from lightning_dhp.lightning.profiling import compute_dtype, transformer_step
         from lightning_dhp.planner.calibration import calibrate
 
         model = None
         if self.global_rank == 0:
             started = time.perf_counter()
-            model, report, _ = calibrate(transformer_step(device=str(self.root_device)), base=CostModel.default())
-            rank_zero_info(f"DHP: calibrated the cost model on {self.root_device} in "
+            dtype = compute_dtype(self.precision_plugin.precision)
+            model, report, _ = calibrate(transformer_step(device=str(self.root_device), dtype=dtype),
+                                         base=CostModel.default())
+            rank_zero_info(f"DHP: calibrated the cost model on {self.root_device} in {dtype} in "
                            f"{time.perf_counter() - started:.1f} s (fit error: median "
                            f"{report.median_abs_pct_error:.1f}%, p90 {report.p90_abs_pct_error:.1f}%)")
         return self.broadcast(model)
