@@ -33,6 +33,12 @@ def optimizer(parameters) -> torch.optim.Optimizer:
     return torch.optim.AdamW(parameters, lr=LR)
 
 
+def sgd(parameters) -> torch.optim.Optimizer:
+    """Plain SGD, for bf16 comparisons: updates proportional to gradients (AdamW's normalised steps turn the
+    rounding of near-zero gradients into sign flips)."""
+    return torch.optim.SGD(parameters, lr=0.5)
+
+
 def llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(**TEXT, max_position_embeddings=256)).double()
@@ -116,10 +122,10 @@ def reference_loss_sum(model: PreTrainedModel, item: dict) -> tuple[torch.Tensor
 
 
 def reference_training(model: PreTrainedModel, items: list[dict], batches: list[list[int]], steps: int,
-                       bf16_autocast: bool = False) -> dict:
+                       bf16_autocast: bool = False, make_optimizer=optimizer) -> dict:
     """Plain HF: per global batch, the sum of every sample's loss over the batch's loss tokens, then AdamW
-    (``bf16_autocast``: the forwards under CPU bf16 autocast, as bf16-mixed runs them)."""
-    optim = optimizer(model.parameters())
+    (or ``make_optimizer``; ``bf16_autocast``: the forwards under CPU bf16 autocast, as bf16-mixed runs them)."""
+    optim = make_optimizer(model.parameters())
     for batch in batches[:steps]:
         optim.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):

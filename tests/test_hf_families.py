@@ -137,3 +137,13 @@ def test_other_multimodal_models_and_linear_attention_hybrids_are_refused_by_nam
     with pytest.raises(DHPConfigError, match=r"Qwen3_5ForCausalLM .*linear-attention \(GatedDeltaNet\) layers \[0\], "
                                              "which need a context-parallel algorithm of their own"):
         HFModule(hybrid)
+
+
+def test_a_transformers_older_than_the_floor_is_refused_on_import_saying_which():
+    import subprocess
+    import sys
+
+    code = "import transformers; transformers.__version__ = '5.17.0'; import lightning_dhp.hf"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "lightning_dhp.hf needs transformers >= 5.18, found 5.17.0" in result.stderr

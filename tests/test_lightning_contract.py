@@ -177,9 +177,19 @@ VLM_LENGTHS = [len(VLM_DIGITS[index]["input_ids"]) for index in range(len(VLM_DI
 VLM_BATCH = 3  # 9 samples: 3 global batches an epoch
 
 
+class SGDVLMTask(VLMTask):
+    """The main job's task with plain SGD: updates proportional to gradients, so bf16 rounding shows as a small
+    share of each update (AdamW's normalised steps turn rounding of near-zero gradients into sign flips)."""
+
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.5)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0), "interval": "step"}}
+
+
 def _vlm_task() -> VLMTask:
     torch.manual_seed(0)
-    return VLMTask(VLM_CONFIG, lr=1e-2, warmup_steps=1)
+    return SGDVLMTask(VLM_CONFIG)
 
 
 def _vlm_tokens(world_size: int) -> int:

@@ -311,3 +311,13 @@ def test_a_model_materialised_from_the_meta_device_gets_its_own_initialisation()
             assert abs(float(value.std()) - float(expected.std())) < 0.2 * float(expected.std()), name
         elif "norm" in name:  # layer norms and RMS norms: their own reset (ones, zeros)
             torch.testing.assert_close(value, expected, rtol=0, atol=0)
+
+
+def test_a_torch_whose_fsdp2_cannot_reduce_scatter_unused_parameters_is_refused_saying_why(monkeypatch):
+    from torch.distributed.fsdp import FSDPModule
+
+    monkeypatch.delattr(FSDPModule, "set_reduce_scatter_unused_params", raising=False)  # as in torch 2.11
+    with pytest.raises(DHPConfigError, match=r"sharding='fsdp' needs FSDP2's set_reduce_scatter_unused_params, "
+                                             r"which torch .* lacks .*use torch >= 2.13, or sharding='replicate'"):
+        DHPStrategy(sharding="fsdp")
+    DHPStrategy(sharding="replicate")

@@ -93,7 +93,7 @@ def _follow_autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
     """q, k and v in the autocast dtype of their device type when autocast is on there (float64 stays, as
     autocast leaves it); otherwise as they are."""
     device_type = q.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return q, k, v
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(x.to(dtype) if x.is_floating_point() and x.dtype != torch.float64 else x for x in (q, k, v))

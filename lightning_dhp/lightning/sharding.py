@@ -62,6 +62,17 @@ def blocks_to_shard(module: nn.Module, block_types: Collection[type[nn.Module]])
     return blocks
 
 
+def fsdp_unsupported_reason() -> str | None:
+    """Why this torch cannot shard under DHP, or None. Ranks differentiate different parameters (a rank without
+    frames never runs the vision tower), so every rank's reduce-scatter must still cover every parameter:
+    FSDP2's ``set_reduce_scatter_unused_params``, which torch 2.11 lacks (2.13 has it)."""
+    if hasattr(FSDPModule, "set_reduce_scatter_unused_params"):
+        return None
+    return (f"sharding='fsdp' needs FSDP2's set_reduce_scatter_unused_params, which torch {torch.__version__} lacks "
+            "(ranks that skip a module, such as a vision tower on a rank without frames, would otherwise run "
+            "mismatched reduce-scatters); use torch >= 2.13, or sharding='replicate'")
+
+
 def shard_model(module: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module],
                 policy: MixedPrecisionPolicy | None) -> list[FSDPModule]:
     """Shard ``blocks`` (from :func:`blocks_to_shard`) on their own, then each direct child of ``module``

@@ -59,6 +59,7 @@ from lightning_dhp.lightning.sharding import (
     SHARDINGS,
     ShardedGradientSync,
     blocks_to_shard,
+    fsdp_unsupported_reason,
     is_sharded,
     mixed_precision_policy,
     shard_model,
@@ -149,6 +150,8 @@ class DHPStrategy(ParallelStrategy):
             raise DHPConfigError(f"static_degree must be >= 1, got {static_degree}")
         if sharding not in SHARDINGS:
             raise DHPConfigError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+        if sharding == "fsdp" and fsdp_unsupported_reason() is not None:
+            raise DHPConfigError(fsdp_unsupported_reason())
         if fsdp_modules and sharding != "fsdp":
             raise DHPConfigError("fsdp_modules needs sharding='fsdp'")
         if save_distributed_checkpoint and sharding != "fsdp":
