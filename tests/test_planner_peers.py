@@ -94,3 +94,11 @@ def test_a_sequential_group_pays_every_sample_as_its_own_step():
     vision = dataclasses.replace(COST, vision_s_per_patch=1e-5)
     assert sequential_group_time(vision, lengths, 4, False, [4000, 0, 800]) == pytest.approx(
         expected + 1e-5 * 4800 / 4, rel=1e-12)
+
+
+def test_a_paper_plan_laid_out_flat_bounds_itself_without_node_terms():
+    """Found by hypothesis: degrees 10, 3, 3 do not fit nodes of 4, so the plan is laid out flat; its lower
+    bound must not charge node-crossing groups either (it exceeded the plan's own time)."""
+    plan = paper_plan([33, 33, 35, 487], 16, 100, COST, node_size=4)
+    plan.validate()
+    assert plan.node_size is None and plan.lower_bound <= plan.predicted_time

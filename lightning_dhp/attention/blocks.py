@@ -97,12 +97,20 @@ class AttentionProblem:
         return block_calls(self.layout, source, self.causal)
 
     def zero_padding_rows(self, *tensors: torch.Tensor) -> None:
-        """Zero the padding rows (dim 0) of tensors whose real rows the own block wrote."""
-        padding = ~self.layout.valid
-        if padding.any():
-            padding = padding.to(tensors[0].device)
+        """Zero the padding rows (dim 0) of tensors whose real rows the own block wrote (a masked fill: no
+        host sync, unlike assigning through a boolean index)."""
+        padding = _padding_rows(self.layout, tensors[0].device)
+        if padding is not None:
             for tensor in tensors:
-                tensor[padding] = 0
+                tensor.masked_fill_(padding.view(-1, *[1] * (tensor.dim() - 1)), 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _padding_rows(layout: ZigzagLayout, device: torch.device) -> torch.Tensor | None:
+    """The layout's padding rows as a mask on ``device``, None when it has none. Cached per layout and device:
+    every attention layer of a micro-step asks, and each would otherwise copy the mask to the device."""
+    padding = ~layout.valid
+    return padding.to(device) if bool(padding.any()) else None
 
 
 Rows = slice | torch.Tensor  # local rows of a packed block: one range, or indices where it has gaps

@@ -98,9 +98,10 @@ def paper_plan(
             rounds = [groups for groups, _ in solved]
             placed_in_nodes = all(in_nodes for _, in_nodes in solved)
             break
-    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size, patches)
-    # a round whose degrees do not fit node-aware placement is laid out flat; its plan then claims no nodes
+    # a round whose degrees do not fit node-aware placement is laid out flat; its plan then claims no nodes,
+    # and its times (so its lower bound) have no node-crossing terms
     plan_nodes = node_size if placed_in_nodes else None
+    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, plan_nodes, patches)
     return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, plan_nodes, bound, patches,
                       vision_patches_per_device)
 
@@ -287,13 +288,13 @@ def megatron_dcp_plan(
         groups, order = scheduler.next_round(order)
         rounds.append(groups)
     fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device, patches, vision_patches_per_device)
-    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size, patches)
     in_nodes = node_size is None or all(
         group.degree > node_size or group.first_rank // node_size == (group.first_rank + group.degree - 1) // node_size
         for groups in rounds
         for group in groups
     )
     plan_nodes = node_size if in_nodes else None  # aligned blocks cross nodes only when node_size is odd-shaped
+    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, plan_nodes, patches)  # as timed
     return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, plan_nodes, bound, patches,
                       vision_patches_per_device)
 

@@ -110,7 +110,7 @@ class LlavaOnevision(VisionFamily):
                 ends_video = index == len(steps) - 1
                 tokens = count * self.tokens_per_frame + ends_video
                 units.append(VisionUnit(sample, "video", row, tokens, frame, count,
-                                        encoding_cost(self.patches_per_crop, count), (count, ends_video)))
+                                        encoding_cost(self.patches_per_crop, count), (int(ends_video),)))
                 row, frame = row + tokens, frame + count
         return units
 
@@ -121,12 +121,17 @@ class LlavaOnevision(VisionFamily):
             numbers = torch.tensor([len(batch["image_sizes"][unit.sample]) for unit in units])
             output = model.model.get_image_features(pixels, sizes, batch_num_images=numbers)
             return torch.cat(output.pooler_output)
-        rows, start = [], 0
-        for unit in units:  # one call per unit: a unit's frames are one video of the model's batch
-            frames, ends_video = unit.info
-            features = model.model.get_video_features(pixels[start:start + frames][None]).pooler_output[0]
-            rows.append(features if ends_video else features[:frames * self.tokens_per_frame])
-            start += frames
+        starts = [sum(unit.pixels for unit in units[:index]) for index in range(len(units))]
+        by_frames: dict[int, list[int]] = {}
+        for index, unit in enumerate(units):
+            by_frames.setdefault(unit.pixels, []).append(index)
+        rows: list[torch.Tensor] = [pixels.new_zeros(0)] * len(units)
+        for frames, indices in by_frames.items():  # units of as many frames: one call, one video each
+            clips = torch.stack([pixels[starts[index]:starts[index] + frames] for index in indices])
+            features = model.model.get_video_features(clips).pooler_output
+            for clip, index in enumerate(indices):
+                ends_video = units[index].info[0]
+                rows[index] = features[clip] if ends_video else features[clip][:frames * self.tokens_per_frame]
         return torch.cat(rows)
 
     def encoder_outputs(self, features: dict[str, torch.Tensor]) -> dict[str, Any]:
