@@ -86,6 +86,21 @@ class VisionFamily:
             raise DHPConfigError(f"{type(model).__name__}'s config uses token id 0 for visual placeholders, but DHP "
                                  "pads shards with token id 0; give the placeholders other ids")
         self.feature_width = self.config.get_text_config().hidden_size
+        self.base_class = type(model.model)
+        self._base: PreTrainedModel | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_base": None}
+
+    @property
+    def base(self) -> PreTrainedModel:
+        """A real instance of the model's base class on the meta device (no memory; built once per process, when
+        first asked), so the item transform calls HF's own functions (``get_rope_index``, ...) on the model's
+        class and config."""
+        if self._base is None:
+            with torch.device("meta"):
+                self._base = self.base_class(self.config)
+        return self._base
 
     @property
     def token_fields(self) -> tuple[str, ...]:

@@ -150,8 +150,8 @@ class DHPStrategy(ParallelStrategy):
             raise DHPConfigError(f"static_degree must be >= 1, got {static_degree}")
         if sharding not in SHARDINGS:
             raise DHPConfigError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
-        if sharding == "fsdp" and fsdp_unsupported_reason() is not None:
-            raise DHPConfigError(fsdp_unsupported_reason())
+        if sharding == "fsdp" and (reason := fsdp_unsupported_reason()) is not None:
+            raise DHPConfigError(reason)
         if fsdp_modules and sharding != "fsdp":
             raise DHPConfigError("fsdp_modules needs sharding='fsdp'")
         if save_distributed_checkpoint and sharding != "fsdp":

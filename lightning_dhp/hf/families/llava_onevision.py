@@ -21,6 +21,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 from lightning_dhp.hf.vision import KINDS, VisionFamily, VisionUnit, encoding_cost
 
 VIDEO_FRAMES = "video_frames"  # frames per video of the sample, added by the item transform
+IMAGE_TOKENS = "image_tokens"  # placeholder tokens per image of the sample, added by the item transform
 
 
 class LlavaOnevision(VisionFamily):
@@ -37,22 +38,14 @@ class LlavaOnevision(VisionFamily):
         self.patches_per_crop = side * side
         self.tokens_per_crop = self.patches_per_crop - (self.config.vision_feature_select_strategy == "default")
         self.tokens_per_frame = math.ceil(side / 2) ** 2
-        self.base_class = type(model.model)
-        self._base: PreTrainedModel | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_base": None}
 
     def image_tokens(self, image_size: torch.Tensor, images_in_sample: int) -> int:
         """Placeholder tokens of one image: the model's own ``pack_image_features`` on meta tensors (no memory)."""
-        if self._base is None:
-            with torch.device("meta"):
-                self._base = self.base_class(self.config)
         crops = self.crops(image_size, images_in_sample)
         with torch.device("meta"):
             features = [torch.empty(crops, self.tokens_per_crop, 1)]
-            packed, _ = self._base.pack_image_features(features, image_size[None], torch.empty(1),
-                                                       self.config.vision_aspect_ratio)
+            packed, _ = self.base.pack_image_features(features, image_size[None], torch.empty(1),
+                                                      self.config.vision_aspect_ratio)
         return packed[0].shape[0]
 
     def crops(self, image_size: torch.Tensor, images_in_sample: int) -> int:
@@ -68,7 +61,8 @@ class LlavaOnevision(VisionFamily):
             raise ValueError(f"pixel_values of shape {tuple(pixels.shape)} with image_sizes "
                              f"{None if sizes is None else tuple(sizes.shape)}: the processor gives (images, crops, 3, "
                              f"{self.crop_size}, {self.crop_size}) and one (height, width) per image")
-        expected = sum(self.image_tokens(size, images) for size in sizes) if images else 0
+        tokens = [self.image_tokens(size, images) for size in sizes] if images else []
+        expected = sum(tokens)
         if images:  # the crops the model encodes, in order: (crops, 3, S, S)
             item["pixel_values"] = torch.cat([image[:self.crops(size, images)] for image, size in zip(pixels, sizes,
                                                                                                   strict=True)])
@@ -91,15 +85,14 @@ class LlavaOnevision(VisionFamily):
                                  f"{self.token_ids[kind]}) but {counts[kind][1]} need {counts[kind][0]}; build the "
                                  "item with the model's processor")
         item["batch_num_images"] = torch.tensor([images])
+        item[IMAGE_TOKENS] = torch.tensor(tokens, dtype=torch.long)
         item["image_sizes"] = torch.zeros(0, 2, dtype=torch.long) if sizes is None else sizes
 
     def sample_units(self, batch: dict[str, Any], sample: int, split_videos: bool) -> list[VisionUnit]:
         units, row = [], 0
-        sizes = batch["image_sizes"][sample]
-        images = len(sizes)
-        if images:
-            tokens = sum(self.image_tokens(size, images) for size in sizes)
-            crops = sum(self.crops(size, images) for size in sizes)
+        pixels = batch["pixel_values"][sample]
+        if pixels is not None:  # the item transform left the crops the model encodes, and each image's tokens
+            tokens, crops = int(batch[IMAGE_TOKENS][sample].sum()), len(pixels)
             cost = encoding_cost(self.patches_per_crop, crops)
             units.append(VisionUnit(sample, "image", row, tokens, 0, crops, cost))
             row += tokens

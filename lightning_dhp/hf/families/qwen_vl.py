@@ -29,20 +29,6 @@ class QwenVL(VisionFamily):
         vision = self.config.vision_config
         self.merge = int(vision.spatial_merge_size)
         self.patch_width = int(vision.in_channels * vision.temporal_patch_size * vision.patch_size**2)
-        self.base_class = type(model.model)  # whose get_rope_index computes the positions
-        self._base: PreTrainedModel | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_base": None}
-
-    @property
-    def base(self) -> PreTrainedModel:
-        """A real instance of the model's base class on the meta device (no memory; built once per process),
-        so positions come from HF's own ``get_rope_index``, which reads only its config."""
-        if self._base is None:
-            with torch.device("meta"):
-                self._base = self.base_class(self.config)
-        return self._base
 
     def expected_runs(self, kind: str, grid: torch.Tensor) -> list[int]:
         """Placeholder tokens per run: one run per image and per video."""
