@@ -42,6 +42,7 @@ from tests.test_strategy import (
     error_of,
     load_weights_from_rank_zero,
     same_error_on_every_rank,
+    tokens_for_full_degree,
 )
 from tests.tiny_lm import TokenDataset
 
@@ -123,11 +124,6 @@ def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int, prec
             "idle": sum(entry["plan"].stats()["idle_device_rounds"] for entry in plans.history)}
 
 
-def _tokens_for_full_degree(items: list[dict], world_size: int) -> int:
-    """A device capacity at which the longest item runs on all ``world_size`` processes (degree 3 on 3)."""
-    return 2 * -(-max(_vl_lengths(items)) // (2 * world_size))  # zigzag: 2 chunks a rank
-
-
 def _scenarios(rank: int, world_size: int) -> dict:
     _as_torchrun_rank(rank)
     reports = {}
@@ -156,7 +152,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
         task = RecordingModule(make())
         data = DHPDataModule(own_items, _vl_lengths(own_items), MM_BATCH, seed=0, predict_dataset=own_items,
                              predict_lengths=_vl_lengths(own_items), **task.packing_options)
-        tokens = _tokens_for_full_degree(own_items, world_size)
+        tokens = tokens_for_full_degree(_vl_lengths(own_items), world_size)
         reports[name] = _fit(world_size, task, data, tokens)
         if name == "qwen3_vl":
             predicting = _trainer(world_size, DHPStrategy(tokens))

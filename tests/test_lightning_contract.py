@@ -37,6 +37,7 @@ from tests.test_strategy import (
     error_of,
     plan_report,
     same_error_on_every_rank,
+    tokens_for_full_degree,
 )
 from tests.tiny_lm import (
     Block,
@@ -192,11 +193,6 @@ def _vlm_task() -> VLMTask:
     return SGDVLMTask(VLM_CONFIG)
 
 
-def _vlm_tokens(world_size: int) -> int:
-    """The capacity at which the longest sample runs on all ``world_size`` processes."""
-    return 2 * -(-max(VLM_LENGTHS) // (2 * world_size))
-
-
 def _vlm_reference(steps: int) -> dict:
     """Single-process bf16-mixed training: each global batch's step under CPU bf16 autocast, backward outside it."""
     task = _vlm_task()
@@ -274,7 +270,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
     reports["bf16_mixed"] = {**fit(mixed, precision="bf16-mixed")[1], "autocast": mixed.steps_under_bf16_autocast}
     vlm = _vlm_task()
     plans = plan_report()
-    _trainer(world_size, DHPStrategy(_vlm_tokens(world_size)), STEPS, callbacks=[plans],
+    _trainer(world_size, DHPStrategy(tokens_for_full_degree(VLM_LENGTHS, world_size)), STEPS, callbacks=[plans],
              precision="bf16-mixed").fit(vlm, datamodule=DHPDataModule(VLM_DIGITS, VLM_LENGTHS, VLM_BATCH, seed=0))
     reports["vlm_bf16_mixed"] = {
         "params": {name: value.detach().clone() for name, value in vlm.model.state_dict().items()},

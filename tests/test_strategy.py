@@ -44,6 +44,11 @@ BATCHES = _global_batches(epochs=2)
 REPO = Path(__file__).resolve().parents[1]
 
 
+def tokens_for_full_degree(lengths: list[int], world_size: int) -> int:
+    """A device capacity at which the longest sample runs on all ``world_size`` processes (degree 3 on 3)."""
+    return 2 * -(-max(lengths) // (2 * world_size))  # zigzag: 2 chunks a rank
+
+
 def _trainer(world_size: int, strategy: DHPStrategy | str, steps: int = STEPS, **kwargs) -> Trainer:
     options = {"max_steps": steps, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
                "enable_model_summary": False, "num_sanity_val_steps": 0, **kwargs}
