@@ -54,7 +54,8 @@ class HFModule(LightningModule):
             raise DHPConfigError(f"{type(model).__name__} is not a model HFModule can train; supported: {SUPPORTED}")
         model.set_attn_implementation({"text_config": ATTENTION_NAME} if self.family else ATTENTION_NAME)
         if self.family is not None:
-            install(model, self.family, split_videos)
+            self.family.split_videos = split_videos
+            install(model, self.family)
 
     @property
     def packing_options(self) -> dict[str, Any]:

@@ -31,12 +31,16 @@ from lightning_dhp.hf.module import HFModule
 VIDEO_PAD, VISION_START, VISION_END, IMAGE_PAD = range(len(VOCAB), len(VOCAB) + 4)  # the tiny model's extra ids
 
 
+TASK_TOKEN_IDS = {"image_token_id": IMAGE_PAD, "video_token_id": VIDEO_PAD, "vision_start_token_id": VISION_START,
+                  "vision_end_token_id": VISION_END}
+
+
 def _text_config(hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
-                 intermediate_size: int) -> dict[str, Any]:
-    """A tiny Qwen-VL language model's config with the task's vocabulary; M-RoPE sections T:H:W = 2:1:1."""
+                 intermediate_size: int, vocab_size: int) -> dict[str, Any]:
+    """A tiny Qwen-VL language model's config; M-RoPE sections T:H:W = 2:1:1."""
     head_dim = hidden_size // num_heads
     sections = [head_dim // 4, head_dim // 8, head_dim // 2 - head_dim // 4 - head_dim // 8]
-    return {"vocab_size": IMAGE_PAD + 1, "hidden_size": hidden_size, "num_hidden_layers": num_layers,
+    return {"vocab_size": vocab_size, "hidden_size": hidden_size, "num_hidden_layers": num_layers,
             "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
             "intermediate_size": intermediate_size, "bos_token_id": None, "eos_token_id": None,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections}}
@@ -44,26 +48,28 @@ def _text_config(hidden_size: int, num_layers: int, num_heads: int, num_kv_heads
 
 def tiny_qwen2_vl(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                   intermediate_size: int = 192, vision_hidden_size: int = 64, vision_layers: int = 2,
-                  vision_heads: int = 4, patch_size: int = 4, seed: int = 0) -> Qwen2VLForConditionalGeneration:
-    """A Qwen2-VL-architecture model from a config (random init, seeded) with the task's vocabulary."""
+                  vision_heads: int = 4, patch_size: int = 4, seed: int = 0, vocab_size: int = IMAGE_PAD + 1,
+                  token_ids: dict[str, int] | None = None) -> Qwen2VLForConditionalGeneration:
+    """A Qwen2-VL-architecture model from a config (random init, seeded), by default with the task's vocabulary
+    (``vocab_size`` and the placeholder ``token_ids`` name another tokenizer's)."""
     config = Qwen2VLConfig(
-        text_config=_text_config(hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size),
+        text_config=_text_config(hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, vocab_size),
         vision_config={"depth": vision_layers, "embed_dim": vision_hidden_size, "hidden_size": hidden_size,
                        "num_heads": vision_heads, "patch_size": patch_size, "spatial_merge_size": 2,
                        "temporal_patch_size": 2, "in_channels": 3, "mlp_ratio": 2},
-        image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD, vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END)
+        **(token_ids or TASK_TOKEN_IDS))
     torch.manual_seed(seed)
     return Qwen2VLForConditionalGeneration(config)
 
 
 def tiny_qwen3_vl(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                   intermediate_size: int = 192, vision_hidden_size: int = 64, vision_layers: int = 2,
-                  vision_heads: int = 4, patch_size: int = 4, deepstack_layers: int = 1,
-                  seed: int = 0) -> PreTrainedModel:
+                  vision_heads: int = 4, patch_size: int = 4, deepstack_layers: int = 1, seed: int = 0,
+                  vocab_size: int = IMAGE_PAD + 1, token_ids: dict[str, int] | None = None) -> PreTrainedModel:
     """A Qwen3-VL-architecture model from a config (random init, seeded): interleaved M-RoPE and DeepStack
-    (the first ``deepstack_layers`` ViT blocks feed the first decoder layers), with the task's vocabulary."""
-    text = _text_config(hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size)
+    (the first ``deepstack_layers`` ViT blocks feed the first decoder layers), by default with the task's
+    vocabulary (``vocab_size`` and the placeholder ``token_ids`` name another tokenizer's)."""
+    text = _text_config(hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, vocab_size)
     text["rope_parameters"]["mrope_interleaved"] = True
     config = Qwen3VLConfig(
         text_config=text | {"head_dim": hidden_size // num_heads},
@@ -71,8 +77,7 @@ def tiny_qwen3_vl(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4
                        "intermediate_size": 2 * vision_hidden_size, "num_heads": vision_heads,
                        "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
                        "num_position_embeddings": 16, "deepstack_visual_indexes": list(range(deepstack_layers))},
-        image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD, vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END)
+        **(token_ids or TASK_TOKEN_IDS))
     torch.manual_seed(seed)
     return Qwen3VLForConditionalGeneration(config)
 

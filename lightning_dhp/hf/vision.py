@@ -86,6 +86,7 @@ class VisionFamily:
             raise DHPConfigError(f"{type(model).__name__}'s config uses token id 0 for visual placeholders, but DHP "
                                  "pads shards with token id 0; give the placeholders other ids")
         self.feature_width = self.config.get_text_config().hidden_size
+        self.split_videos = True  # False: encode every video whole on one rank (a baseline to compare with)
         self.base_class = type(model.model)
         self._base: PreTrainedModel | None = None
 
@@ -140,6 +141,22 @@ class VisionFamily:
         item[VISION_ROWS] = vision_rows
         return item
 
+    def transform_group(self, batch: dict[str, Any], layout: ZigzagLayout) -> dict[str, Any]:
+        """Load the pixels this rank encodes where items deferred them (``lightning_dhp.hf.ChatDataset``): in the
+        loader, once the group is planned, each deferred pixel tensor becomes the rows of this rank's units."""
+        kinds = {kind for kind, key in self.pixel_keys.items() if any(hasattr(p, "load") for p in batch.get(key, []))}
+        if not kinds:
+            return batch
+        units = group_units(self, batch, layout)
+        mine = _part(units, _owners(units, layout.degree), layout.rank)
+        for kind in kinds:
+            pixels = batch[self.pixel_keys[kind]]
+            for sample, deferred in enumerate(pixels):
+                if hasattr(deferred, "load"):
+                    pixels[sample] = deferred.load([(units[i].first_pixel, units[i].pixels) for i in mine
+                                                    if units[i].sample == sample and units[i].kind == kind])
+        return batch
+
     def check(self, item: dict[str, Any], token_types: torch.Tensor) -> None:
         """Raise ``ValueError`` saying what the processor should have produced if the placeholders do not match
         the visual inputs; may normalise the item's visual fields in place."""
@@ -176,23 +193,29 @@ def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
                     strict=True))
 
 
-def install(model: PreTrainedModel, family: VisionFamily, split_videos: bool = True) -> None:
+def group_units(family: VisionFamily, batch: dict[str, Any], layout: ZigzagLayout) -> list[VisionUnit]:
+    """The vision units of the group's samples, in sample order."""
+    return [unit for sample in range(len(layout.seq_lens))
+            for unit in family.sample_units(batch, sample, family.split_videos)]
+
+
+def install(model: PreTrainedModel, family: VisionFamily) -> None:
     """Let ``model``'s forward take ``dhp_vision=(batch, layout)``: its base model then gets this rank's vision
     features as ``mm_encoder_outputs`` (:func:`encoder_outputs`).
 
     The vision tower and the feature exchange run inside the model's own forward, so under FSDP they see the
     root module's parameters gathered like every other call of the step.
     """
-    model.model.register_forward_pre_hook(partial(_inject, model, family, split_videos), with_kwargs=True)
+    model.model.register_forward_pre_hook(partial(_inject, model, family), with_kwargs=True)
 
 
-def _inject(model: PreTrainedModel, family: VisionFamily, split_videos: bool, base_model: torch.nn.Module,
-            args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+def _inject(model: PreTrainedModel, family: VisionFamily, base_model: torch.nn.Module, args: tuple,
+            kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
     request = kwargs.pop(VISION_KWARG, None)
     if request is None:
         return None
     batch, layout = request
-    outputs = encoder_outputs(model, family, batch, layout, split_videos)
+    outputs = encoder_outputs(model, family, batch, layout)
     if outputs:
         kwargs["mm_encoder_outputs"] = outputs
     return args, kwargs
@@ -258,8 +281,8 @@ class _GatherOverRing(torch.autograd.Function):
         return total[:sizes[rank]], None, None, None
 
 
-def encoder_outputs(model: PreTrainedModel, family: VisionFamily, batch: dict[str, Any], layout: ZigzagLayout,
-                    split_videos: bool = True) -> dict[str, Any]:
+def encoder_outputs(model: PreTrainedModel, family: VisionFamily, batch: dict[str, Any],
+                    layout: ZigzagLayout) -> dict[str, Any]:
     """This rank's ``mm_encoder_outputs``: per kind present in the group, the features of the placeholder tokens
     this rank holds, in its token order (empty when it holds none, so the exchange's backward runs everywhere).
 
@@ -269,8 +292,7 @@ def encoder_outputs(model: PreTrainedModel, family: VisionFamily, batch: dict[st
     would not be exact: HF's vision RoPE rounds q and k to float32, so the partial gradients would be rounded
     before they are summed.)
     """
-    units = [unit for sample in range(len(layout.seq_lens))
-             for unit in family.sample_units(batch, sample, split_videos)]
+    units = group_units(family, batch, layout)
     if not units:  # the same on every rank of the group: no collective
         return {}
     embedding = model.get_input_embeddings().weight

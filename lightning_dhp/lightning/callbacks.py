@@ -45,7 +45,7 @@ class DHPPlanReport(Callback):
     ``history`` holds one entry per training step: ``plan``, ``measured_s`` (wall time of the step,
     from batch start to batch end), ``tokens``, ``planner_s``, ``position`` and ``epoch``; it keeps
     the last ``max_history`` steps (all by default). At the end of training, on global rank 0,
-    ``plans.png`` (the first ``num_plotted_steps`` steps) and ``dhp_summary.json`` go to ``dirpath``
+    ``plans.png`` (the first ``num_plotted_steps`` steps; none for 0) and ``dhp_summary.json`` go to ``dirpath``
     or else the logger's directory. ``losses`` keeps the global loss of every step.
     """
 
@@ -116,6 +116,8 @@ class DHPPlanReport(Callback):
                         "pool_evictions": pool.evictions, "pool_creation_s": pool.creation_seconds}
         (directory / "dhp_summary.json").write_text(json.dumps(self.summary, indent=2))
         shown = self.history[: self.num_plotted_steps]
+        if not shown:  # num_plotted_steps=0: no plot
+            return
         self.plot_path = draw_plans([entry["plan"] for entry in shown], directory / "plans.png",
                                     measured_seconds=[entry["measured_s"] for entry in shown],
                                     titles=[f"step {entry['position']} (epoch {entry['epoch']})" for entry in shown])

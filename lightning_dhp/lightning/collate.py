@@ -31,7 +31,9 @@ class DHPPacking:
     ``input_ids``; ``position_ids`` among them replaces the in-sequence positions, otherwise an
     item's ``position_ids`` is ignored). ``item_transform``
     runs on every item right after loading, before any check (it must be picklable for
-    ``num_workers > 0``). Calling it as a plain collate function raises: only the strategy packs.
+    ``num_workers > 0``); one with a ``transform_group(batch, layout)`` method also gets each group this
+    rank packs, once planned (the Hugging Face families load there only the pixels this rank encodes).
+    Calling it as a plain collate function raises: only the strategy packs.
     """
 
     token_fields: frozenset[str] = field(default_factory=frozenset)
@@ -119,7 +121,8 @@ class DHPPacking:
                 batch[key] = [item.get(key) for item in items]
                 _warn_if_per_token(key, batch[key], items)
         batch["labels"] = layout.shard(torch.cat([shifted_labels(item) for item in items]), pad_value=IGNORE_INDEX)
-        return batch
+        transform_group = getattr(self.item_transform, "transform_group", None)
+        return batch if transform_group is None else transform_group(batch, layout)
 
     def empty_batch(self, template: dict[str, Any]) -> tuple[dict[str, Any], ZigzagLayout]:
         """A batch of zero tokens with the fields of ``template``, for a rank idle in a round.

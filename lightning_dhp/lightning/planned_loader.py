@@ -11,7 +11,7 @@ from __future__ import annotations
 import pickle
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,10 +115,14 @@ class PlannedDataset(Dataset):
             skipped: list[int] = []
             items, kept = self._load(tuple(request.sample_ids[s] for s in group.samples), skipped, errors) \
                 if group is not None else ([], ())
+            batch = None
             if items:
                 layout = ZigzagLayout([self.lengths[i] for i in kept], group.degree, group.ranks.index(config.rank))
-                batch, group_ranks = self.packing.collate_group(items, layout), group.ranks
-            else:  # idle in this round
+                try:
+                    batch, group_ranks = self.packing.collate_group(items, layout), group.ranks
+                except DHPDataError as bad:  # e.g. media that became unreadable: raised on every rank
+                    errors.append(str(bad))
+            if batch is None:  # idle in this round, or its group failed to load
                 template = template or self._template(request)
                 batch, layout = self.packing.empty_batch(template)
                 group_ranks = (config.rank,)
@@ -193,10 +197,10 @@ def _unbatched(step: PlannedStep) -> PlannedStep:
     return step
 
 
-def check_largest_samples_fit(lengths: Sequence[int], vision_patches: Sequence[int] | None,
-                              config: PlanConfig) -> None:
-    """Fail when the loader is built, naming the dataset index, if the longest sample, or the one with the
-    most vision patches, fits on no group."""
+def check_largest_samples_fit(lengths: Sequence[int], vision_patches: Sequence[int] | None, config: PlanConfig,
+                              describe: Callable[[int], str] | None = None) -> None:
+    """Fail when the loader is built, naming the dataset index (and what ``describe`` says of it, e.g. a manifest
+    line), if the longest sample, or the one with the most vision patches, fits on no group."""
     largest = {max(range(len(lengths)), key=lambda i: lengths[i])}
     if vision_patches is not None:
         largest.add(max(range(len(lengths)), key=lambda i: vision_patches[i]))
@@ -204,7 +208,8 @@ def check_largest_samples_fit(lengths: Sequence[int], vision_patches: Sequence[i
         try:
             config.plan([lengths[index]], None if vision_patches is None else [vision_patches[index]])
         except PlanError as error:
-            raise PlanError(f"dataset sample {index} cannot be trained: {error}") from None
+            where = f" ({describe(index)})" if describe is not None else ""
+            raise PlanError(f"dataset sample {index}{where} cannot be trained: {error}") from None
 
 
 class DHPDataLoader(DataLoader):
@@ -223,7 +228,8 @@ class DHPDataLoader(DataLoader):
     def __init__(self, dataset: Any, batch_sampler: DHPBatchSampler, config: PlanConfig, packing: DHPPacking,
                  trained: dict[str, StepRequest], *, data_wait_timeout: float | None = None, **loader_kwargs: Any):
         check_one_length_per_item(dataset, batch_sampler.lengths)
-        check_largest_samples_fit(batch_sampler.lengths, batch_sampler.vision_patches, config)
+        check_largest_samples_fit(batch_sampler.lengths, batch_sampler.vision_patches, config,
+                                  getattr(dataset, "describe", None))
         self.dhp_batch_sampler = batch_sampler
         self.plan_config = config
         self.loader_id = uuid.uuid4().hex
