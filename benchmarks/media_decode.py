@@ -9,7 +9,7 @@ it holds. The whole video processed at once (``ChatDataset.processed``: every sa
 reference. Degrees run interleaved, the order rotating every repeat; the table gives, per degree, the slowest
 rank's time and the largest rank's pixel memory (median over repeats, min-max), each over degree 1's.
 
-Usage: python benchmarks/media_decode.py [--seconds 60] [--degrees 1,2,4] [--repeats 5] [--json PATH]
+Usage: python benchmarks/media_decode.py [--quick] [--seconds 60] [--degrees 1,2,4] [--repeats 5] [--json PATH]
 """
 
 from __future__ import annotations
@@ -71,7 +71,10 @@ def main() -> None:
     parser.add_argument("--degrees", default="1,2,4")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--quick", action="store_true", help="a 6 s clip, degrees 1 and 2, one repeat")
     args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.degrees, args.repeats = 6, "1,2", 1
     degrees = [int(degree) for degree in args.degrees.split(",")]
     command = " ".join(["python", "benchmarks/media_decode.py", *sys.argv[1:]])
     with tempfile.TemporaryDirectory() as directory:

@@ -111,3 +111,13 @@ def test_vision_balance_quick(tmp_path):
     # the ratios themselves are timings of one step on a shared machine (1.01-1.17 for either variant across
     # quick runs): their comparison is the benchmark's, over repeats (benchmarks/README.md), not this test's
     assert all(value >= 1.0 for value in ratio.values())
+
+
+def test_media_decode_quick(tmp_path):
+    output = tmp_path / "media.json"
+    result = _run_quick("media_decode.py", output, timeout=180)
+    assert "| degree | slowest rank s" in result.stdout
+    rows = {row["degree"]: row for row in json.loads(output.read_text())["rows"]}
+    assert set(rows) == {1, 2}
+    # each rank holds only its temporal patches' rows: the largest half of the video's, at most one patch more
+    assert 0.4 < rows[2]["memory_over_degree_1"] <= 0.6
