@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from lightning_dhp import DHPDataModule, DHPPlanReport, DHPStrategy, ZigzagLayout
-from lightning_dhp.errors import DHPConfigError, DHPDataError
+from lightning_dhp.errors import DHPConfigError, DHPDataError, PlanError
 from lightning_dhp.hf import ChatDataset, HFModule
 from lightning_dhp.hf import chat as chat_module
 from lightning_dhp.hf.chat_digits import tiny_model, tiny_processor, write_chat_digits, write_video
@@ -23,7 +23,7 @@ from lightning_dhp.hf.families import family_of
 from lightning_dhp.hf.media import decode_frames, video_info
 from lightning_dhp.hf.vision import _owners, group_units
 from lightning_dhp.lightning import DHPPacking
-from lightning_dhp.lightning.planned_loader import PlanConfig, PlannedDataset, StepRequest
+from lightning_dhp.lightning.planned_loader import PlanConfig, PlannedDataset, StepRequest, check_largest_samples_fit
 from lightning_dhp.testing import run_distributed
 from tests.test_strategy import (
     STEPS,
@@ -196,6 +196,9 @@ def test_bad_records_are_listed_together_with_their_lines_and_can_be_skipped(med
     dataset = ChatDataset(manifest, processor, skip_bad_samples=True, progress=False)
     assert len(dataset) == 2 and dataset.skipped == 8
     assert [record.line for record in dataset.records] == [1, 9]
+    shutil.copy(media / "i0.png", tmp_path / "missing.png")  # fixed after counting: counted again, not cached bad
+    assert [record.line for record in ChatDataset(manifest, processor, skip_bad_samples=True,
+                                                  progress=False).records] == [1, 2, 9]
 
 
 def test_counts_are_cached_by_manifest_and_processor_settings(media, tmp_path, monkeypatch):
@@ -291,12 +294,13 @@ class Processed(torch.utils.data.Dataset):
         return self.dataset.processed(index)
 
 
-def _fit(world_size: int, dataset, lengths, patches, steps: int = STEPS) -> dict:
+def _fit(world_size: int, dataset, lengths, patches, steps: int = STEPS, **strategy_options) -> dict:
     module = HFModule(tiny_model("qwen3_vl", seed=1).double(), optimizer=_adamw)
     data = DHPDataModule(dataset, lengths, 4, vision_patches=patches, seed=0, **module.packing_options)
     with tempfile.TemporaryDirectory() as report_dir:
         plans = DHPPlanReport(dirpath=report_dir, num_plotted_steps=0, log_metrics=False)
-        _trainer(world_size, DHPStrategy(tokens_per_device=96), steps, callbacks=[plans]).fit(module, datamodule=data)
+        _trainer(world_size, DHPStrategy(tokens_per_device=96, **strategy_options), steps,
+                 callbacks=[plans]).fit(module, datamodule=data)
     degrees = {group.degree for entry in plans.history for r in entry["plan"].rounds for group in r.groups}
     return {"params": {name: value.detach().clone() for name, value in module.model.state_dict().items()},
             "degrees": degrees}
@@ -309,7 +313,10 @@ def _chat_scenarios(rank: int, world_size: int, manifest: str) -> dict:
     reports = {"deferred": _fit(world_size, dataset, lengths, patches),
                "processed": _fit(world_size, Processed(dataset), lengths, patches)}
     (Path(manifest).parent / "media" / "video_00002.mp4").unlink(missing_ok=True)  # gone after counting
-    reports["unreadable"] = error_of(lambda: _fit(world_size, dataset, lengths, patches, steps=len(dataset) // 4))
+    epoch = len(dataset) // 4  # steps
+    reports["unreadable"] = error_of(lambda: _fit(world_size, dataset, lengths, patches, steps=epoch))
+    reports["unreadable_skipped"] = error_of(lambda: _fit(world_size, dataset, lengths, patches, steps=epoch,
+                                                          skip_bad_samples=True))
     return reports
 
 
@@ -332,6 +339,15 @@ def test_dhp_training_on_deferred_pixels_equals_training_on_processed_items(chat
                            initial["model.visual.patch_embed.proj.weight"]), "the vision tower must train"
 
 
-def test_media_gone_during_training_is_the_same_data_error_on_every_rank(chat_world):
+def test_media_gone_during_training_is_the_same_data_error_on_every_rank_or_skipped(chat_world):
     kind, message = same_error_on_every_rank(chat_world, "unreadable")
     assert kind == "DHPDataError" and "video_00002.mp4" in message and "manifest line 3" in message, message
+    assert same_error_on_every_rank(chat_world, "unreadable_skipped") == ("ok", "")
+
+
+def test_a_conversation_longer_than_the_cluster_holds_is_named_by_its_manifest_line(media, tmp_path):
+    dataset = ChatDataset(media / "manifest.jsonl", tiny_processor("qwen3_vl"), cache_dir=tmp_path, progress=False)
+    longest = max(range(len(dataset)), key=lambda i: dataset.lengths[i])
+    with pytest.raises(PlanError, match=f"dataset sample {longest} \\(manifest line {longest + 1}\\) cannot be"):
+        check_largest_samples_fit(dataset.lengths, None, PlanConfig(num_devices=2, rank=0, tokens_per_device=16),
+                                  dataset.describe)

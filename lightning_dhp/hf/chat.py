@@ -364,7 +364,8 @@ class ChatDataset(Dataset):
     ``lengths`` and ``vision_patches`` (what ``DHPDataModule`` wants) are counted when the dataset is built,
     from the files' headers and the processor's own rules, without decoding a pixel; in parallel (``num_workers``
     processes, default: the CPUs, for manifests of 256 records or more) with a progress bar, and cached in
-    ``cache_dir`` (default: beside the manifest) keyed by the manifest's content and the processor's settings.
+    ``cache_dir`` (default: beside the manifest) keyed by the manifest's content and the processor's settings
+    (bad records are counted again on every build, so a fixed file is picked up).
     Records that cannot be trained (a missing or unreadable file, a video without frames, roles or content the
     template does not take, no assistant turn) are listed together, with their manifest lines, in one
     :class:`DHPDataError`; ``skip_bad_samples=True`` drops them and logs how many.
@@ -493,14 +494,22 @@ def cache_key(manifest: Path, processing: ChatProcessing) -> str:
 
 def _cached_counts(manifest: Path, records: list[Record], processing: ChatProcessing, cache_dir: str | Path | None,
                    num_workers: int | None, progress: bool) -> list[Count]:
+    """Every record's :data:`Count`, from the cache where it holds them; bad records are counted again (their
+    files may have been fixed since), and the cache is rewritten when anything was counted."""
     key = cache_key(manifest, processing)
     directory = manifest.parent if cache_dir is None else Path(cache_dir)
     path = directory / f"{manifest.name}.dhp-counts-{key[:16]}.json"
+    counts: list[Count | None] = [None] * len(records)
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("key") == key and len(cached["counts"]) == len(records):
-            return [tuple(entry) for entry in cached["counts"]]
-    counts = count_all(processing, records, num_workers, progress)
+            counts = [tuple(entry) if entry[3] is None else None for entry in cached["counts"]]
+    missing = [i for i, entry in enumerate(counts) if entry is None]
+    if not missing:
+        return counts
+    for i, entry in zip(missing, count_all(processing, [records[i] for i in missing], num_workers, progress),
+                        strict=True):
+        counts[i] = entry
     try:
         directory.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
