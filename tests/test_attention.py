@@ -371,6 +371,10 @@ A100, A10, H100, T4, B200, V100 = (8, 0), (8, 6), (9, 0), (7, 5), (10, 0), (7, 0
         (("cpu", torch.int32, 64), {}, "math"),
         (("npu", torch.bfloat16, 128), {}, "npu_fusion"),
         (("npu", torch.float64, 128), {}, "math"),
+        (("npu", torch.bfloat16, 72), {}, "math"),  # FlashAttentionScore: head sizes multiples of 16
+        (("npu", torch.float16, 512), {}, "npu_fusion"),
+        (("npu", torch.float16, 576), {}, "math"),  # ... up to 512
+        (("npu", torch.float32, None), {}, "npu_fusion"),
         (("mps", torch.float32, 64), {}, "math"),
         (("cuda", torch.bfloat16, 128), {"capability": H100}, "cuda_flash"),
         (("cuda", torch.float16, 64), {"capability": A100}, "cuda_flash"),
@@ -474,3 +478,125 @@ def test_under_autocast_cp_attention_takes_q_k_v_in_the_autocast_dtype_as_sdpa_d
     torch.testing.assert_close(out[:3].float(), sdpa[0].transpose(0, 1).float(), rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="must share dtype"):  # outside autocast the mix is still refused
         cp_attention(q, k, v, layout)
+
+
+class DocumentedTorchNPU:
+    """``torch_npu``'s FlashAttentionScore ops as documented for the varlen ``"TND"`` layout (torch_npu API
+    reference, ``npu_fusion_attention`` / ``npu_fusion_attention_grad``), computed in float64 math on CPU: the
+    stub checks what the documentation requires (cumulative host lengths ending at T, the head count, the
+    compressed 2048 x 2048 mask for sparse mode 3) and returns the documented shapes (softmax max and sum
+    ``(T, N, 8)``)."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def _check(self, query, key, head_num, input_layout, atten_mask, actual_seq_qlen, actual_seq_kvlen, sparse_mode):
+        assert input_layout == "TND" and head_num == query.shape[1] and query.shape[1] % key.shape[1] == 0
+        for lengths, rows in ((actual_seq_qlen, len(query)), (actual_seq_kvlen, len(key))):
+            assert isinstance(lengths, list) and all(type(n) is int for n in lengths), "host int lists"
+            assert lengths == sorted(lengths) and lengths[-1] == rows, "cumulative lengths ending at T"
+        assert len(actual_seq_qlen) == len(actual_seq_kvlen)
+        if sparse_mode == 3:
+            assert atten_mask.shape == (2048, 2048) and atten_mask.dtype == torch.bool
+            assert torch.equal(atten_mask, torch.ones(2048, 2048, dtype=torch.bool).triu(1))
+        else:
+            assert sparse_mode == 0 and atten_mask is None
+        self.calls.append({"sparse_mode": sparse_mode, "sequences": len(actual_seq_qlen)})
+
+    @staticmethod
+    def _scores(query, key, scale, q_rows, k_rows, sparse_mode):
+        groups = query.shape[1] // key.shape[1]
+        q, k = query[q_rows].transpose(0, 1), key[k_rows].repeat_interleave(groups, 1).transpose(0, 1)
+        scores = scale * q @ k.transpose(1, 2)
+        if sparse_mode == 3:  # bottom-right causal
+            lq, lk = scores.shape[1:]
+            allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        return scores  # (N, Lq, Lk)
+
+    @staticmethod
+    def _segments(actual_seq_qlen, actual_seq_kvlen):
+        return zip(itertools.pairwise([0, *actual_seq_qlen]), itertools.pairwise([0, *actual_seq_kvlen]), strict=True)
+
+    def npu_fusion_attention(self, query, key, value, head_num, input_layout, pse=None, padding_mask=None,
+                             atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=2147483647,
+                             next_tockens=2147483647, inner_precise=0, prefix=None, actual_seq_qlen=None,
+                             actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False):
+        self._check(query, key, head_num, input_layout, atten_mask, actual_seq_qlen, actual_seq_kvlen, sparse_mode)
+        groups = query.shape[1] // key.shape[1]
+        out = torch.empty_like(query)
+        softmax_max = query.new_empty(len(query), head_num, 8, dtype=torch.float32 if query.dtype != torch.float64
+                                      else torch.float64)
+        softmax_sum = torch.empty_like(softmax_max)
+        for (q0, q1), (k0, k1) in self._segments(actual_seq_qlen, actual_seq_kvlen):
+            scores = self._scores(query, key, scale, slice(q0, q1), slice(k0, k1), sparse_mode)
+            top = scores.amax(-1, keepdim=True)
+            weights = torch.exp(scores - top)
+            total = weights.sum(-1, keepdim=True)
+            out[q0:q1] = ((weights / total) @ value[k0:k1].repeat_interleave(groups, 1).transpose(0, 1)).transpose(0, 1)
+            softmax_max[q0:q1] = top[..., 0].t()[..., None].expand(-1, -1, 8)
+            softmax_sum[q0:q1] = total[..., 0].t()[..., None].expand(-1, -1, 8)
+        return out, softmax_max, softmax_sum, query.new_empty(0), 0, 0, 0
+
+    def npu_fusion_attention_grad(self, query, key, value, dy, head_num, input_layout, *, pse=None,
+                                  padding_mask=None, atten_mask=None, softmax_max=None, softmax_sum=None,
+                                  softmax_in=None, attention_in=None, scale_value=1.0, keep_prob=1.0,
+                                  pre_tockens=2147483647, next_tockens=2147483647, inner_precise=0, seed=0,
+                                  offset=0, numels=0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None,
+                                  sparse_mode=0, gen_mask_parallel=True, sync=False):
+        self._check(query, key, head_num, input_layout, atten_mask, actual_seq_qlen, actual_seq_kvlen, sparse_mode)
+        assert softmax_max.shape == softmax_sum.shape == (len(query), head_num, 8)
+        groups = query.shape[1] // key.shape[1]
+        dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        for (q0, q1), (k0, k1) in self._segments(actual_seq_qlen, actual_seq_kvlen):
+            scores = self._scores(query, key, scale_value, slice(q0, q1), slice(k0, k1), sparse_mode)
+            stats = (softmax_max[q0:q1, :, 0].t()[..., None], softmax_sum[q0:q1, :, 0].t()[..., None])
+            probs = torch.exp(scores - stats[0]) / stats[1]  # (N, Lq, Lk), from the given statistics
+            upstream = dy[q0:q1].transpose(0, 1)
+            values = value[k0:k1].repeat_interleave(groups, 1).transpose(0, 1)
+            keys = key[k0:k1].repeat_interleave(groups, 1).transpose(0, 1)
+            grad_probs = upstream @ values.transpose(1, 2)
+            row_dot = (upstream * attention_in[q0:q1].transpose(0, 1)).sum(-1, keepdim=True)
+            grad_scores = probs * (grad_probs - row_dot) * scale_value
+            dq[q0:q1] = (grad_scores @ keys).transpose(0, 1)
+            head_grads = {"k": grad_scores.transpose(1, 2) @ query[q0:q1].transpose(0, 1),
+                          "v": probs.transpose(1, 2) @ upstream}
+            for target, grad in ((dk, head_grads["k"]), (dv, head_grads["v"])):
+                target[k0:k1] = grad.transpose(0, 1).unflatten(1, (key.shape[1], groups)).sum(2)
+        return dq, dk, dv, None
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_npu_kernel_calls_the_documented_varlen_interface_and_matches_the_oracle(monkeypatch, causal):
+    """Every block of a degree-3 layout (square causal blocks and the rectangular ones) through the NPU kernel,
+    with torch_npu stubbed by its documented semantics, against the per-sequence math kernel; and one packed
+    forward and backward at degree 1 against the dense oracle."""
+    stub = DocumentedTorchNPU()
+    monkeypatch.setitem(sys.modules, "torch_npu", stub)
+    kernel, reference = KERNELS["npu_fusion"], LoopedMathVarlen()
+    seq_lens = [13, 0, 3, 1, 90, 2, 5, 70]
+    for rank, source in itertools.product(range(3), range(3)):
+        block = packed_block(ZigzagLayout(seq_lens, 3, rank), source, causal, torch.device("cpu"))
+        if block is None:
+            continue
+        rows, keys = block.varlen.cu_seqlens_q_host[-1], block.varlen.cu_seqlens_k_host[-1]
+        generator = torch.Generator().manual_seed(rank * 3 + source)
+        q, dout = (torch.randn(rows, 4, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+        k, v = (torch.randn(keys, 2, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+        out, lse = kernel.forward(q, k, v, block.varlen, scale=0.25)
+        expected_out, expected_lse = reference.forward(q, k, v, block.varlen, scale=0.25)
+        torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse, expected_lse, rtol=1e-12, atol=1e-12)
+        grads = kernel.backward(dout, q, k, v, out, lse, block.varlen, scale=0.25)
+        for grad, expected in zip(grads, reference.backward(dout, q, k, v, out, lse, block.varlen, scale=0.25),
+                                  strict=True):
+            torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+    assert {call["sparse_mode"] for call in stub.calls} == ({0, 3} if causal else {0})
+    assert max(call["sequences"] for call in stub.calls) > 1, "one call per block, not per sequence"
+    q, k, v, upstream = random_inputs(sum(seq_lens), (4, 2), torch.float64, seed=11)
+    local = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = cp_attention(*local, ZigzagLayout(seq_lens, 1, 0), causal=causal, kernel="npu_fusion")
+    grads = torch.autograd.grad(out, local, upstream)
+    errors = max_errors(ZigzagLayout(seq_lens, 1, 0), [out, *grads],
+                        oracle_with_grads(q, k, v, upstream, seq_lens, causal))
+    assert max(errors) < TOLERANCE[torch.float64], errors

@@ -132,10 +132,6 @@ def _packed_rows(ranges: list[tuple[int, int]], device: torch.device) -> Rows:
     return torch.cat([torch.arange(start, stop) for start, stop in ranges]).to(device)
 
 
-def _cumulative(lengths: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
-
-
 @functools.lru_cache(maxsize=256)
 def packed_block(layout: ZigzagLayout, source: int, causal: bool, device: torch.device) -> PackedBlock | None:
     """The block against ``source``'s keys as one varlen call, or None when it has no rows.
@@ -149,9 +145,12 @@ def packed_block(layout: ZigzagLayout, source: int, causal: bool, device: torch.
     key_lens = [call.k_stop - call.k_start for call in calls]
     query_sequence = torch.repeat_interleave(torch.arange(len(calls)), torch.tensor(query_lens))
     starts = torch.tensor([0, *itertools.accumulate(query_lens)])[:-1]
+    query_offsets, key_offsets = (0, *itertools.accumulate(query_lens)), (0, *itertools.accumulate(key_lens))
     varlen = VarlenBlock(
-        cu_seqlens_q=_cumulative(query_lens, device),
-        cu_seqlens_k=_cumulative(key_lens, device),
+        cu_seqlens_q=torch.tensor(query_offsets, dtype=torch.int32, device=device),
+        cu_seqlens_k=torch.tensor(key_offsets, dtype=torch.int32, device=device),
+        cu_seqlens_q_host=query_offsets,
+        cu_seqlens_k_host=key_offsets,
         max_seqlen_q=max(query_lens),
         max_seqlen_k=max(key_lens),
         causal=calls[0].causal,  # only the own block is causal, and all its calls are

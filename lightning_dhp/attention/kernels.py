@@ -17,8 +17,8 @@ packed contiguous rows and cumulative sequence lengths (:class:`VarlenBlock`): q
 k/v ``(Tk, Hkv, D)``, out ``(Tq, Hq, D)``, lse ``(Hq, Tq)`` in fp32. A pack of hundreds of short
 sequences then costs one launch per block instead of hundreds.
 
-Kernels: CPU's fused flash kernel, Ascend's ``npu_fusion_attention`` (``torch_npu`` is imported only
-for NPU tensors) and a pure-math fallback per sequence; on CUDA the flash kernel that ships with torch
+Kernels: CPU's fused flash kernel, Ascend's ``npu_fusion_attention`` in its varlen layout (``torch_npu`` is
+imported only for NPU tensors) and a pure-math fallback per sequence; on CUDA the flash kernel that ships with torch
 (``cuda_flash``), the flash-attn package when it is installed (``flash_attn``), the memory-efficient
 kernel (``cuda_efficient``: fp32, head sizes or GPUs flash does not take), all varlen, and the
 memory-efficient SDPA kernel per sequence for ROCm. :func:`choose_kernel` is the pure rule that picks
@@ -64,6 +64,8 @@ class VarlenBlock:
 
     cu_seqlens_q: torch.Tensor
     cu_seqlens_k: torch.Tensor
+    cu_seqlens_q_host: tuple[int, ...]  # the same offsets on the host, for kernels that take them there
+    cu_seqlens_k_host: tuple[int, ...]
     max_seqlen_q: int
     max_seqlen_k: int
     causal: bool
@@ -427,57 +429,47 @@ class FlashAttnKernel:
 
 
 class NPUFusionKernel:
-    """Ascend ``torch_npu.npu_fusion_attention`` (fp32/bf16/fp16, GQA native), BNSD layout.
+    """Ascend ``torch_npu.npu_fusion_attention`` in its varlen ``"TND"`` layout (fp32/bf16/fp16, GQA native):
+    every sequence of a pack in one call, sequence ends given as cumulative host lengths
+    (``actual_seq_qlen``/``actual_seq_kvlen``), causal blocks as sparse mode 3 with the operator's
+    compressed 2048 x 2048 mask (the blocks DHP asks for causally are square per sequence, where its
+    bottom-right causal equals the top-left one).
 
-    The kernel keeps the softmax max and sum (replicated over 8 lanes) instead of the lse; the backward
+    The kernel keeps the softmax max and sum (``(T, N, 8)``, 8 equal lanes) instead of the lse; the backward
     gets the final lse as the max and a sum of 1, which makes ``exp(score - max) / sum`` exact.
     """
 
     name = "npu_fusion"
-    varlen = False
+    varlen = True
 
     def __init__(self) -> None:
         self._causal_masks: dict[torch.device, torch.Tensor] = {}
 
-    def _sparse_args(self, causal: bool, device: torch.device) -> dict:
-        if not causal:
-            return {"sparse_mode": 0}
-        # Sparse mode 2 (causal from the top-left corner) takes a compressed 2048 x 2048 mask.
+    def _arguments(self, block: VarlenBlock, device: torch.device) -> dict:
+        lengths = {"actual_seq_qlen": list(block.cu_seqlens_q_host[1:]),
+                   "actual_seq_kvlen": list(block.cu_seqlens_k_host[1:])}
+        if not block.causal:
+            return {**lengths, "sparse_mode": 0}
         if device not in self._causal_masks:
             self._causal_masks[device] = torch.ones(2048, 2048, dtype=torch.bool, device=device).triu_(1)
-        return {"atten_mask": self._causal_masks[device], "sparse_mode": 2}
+        return {**lengths, "atten_mask": self._causal_masks[device], "sparse_mode": 3}
 
-    def forward(self, q, k, v, *, causal, scale):
+    def forward(self, q, k, v, block, *, scale):
         import torch_npu
 
         out, softmax_max, softmax_sum, *_ = torch_npu.npu_fusion_attention(
-            q.contiguous(),
-            k.contiguous(),
-            v.contiguous(),
-            q.shape[1],
-            "BNSD",
-            scale=scale,
-            **self._sparse_args(causal, q.device),
-        )
-        return out, softmax_max[..., 0] + torch.log(softmax_sum[..., 0])
+            q.contiguous(), k.contiguous(), v.contiguous(), q.shape[1], "TND", scale=scale,
+            **self._arguments(block, q.device))
+        return out, (softmax_max[..., 0] + torch.log(softmax_sum[..., 0])).t()
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, block, *, scale):
         import torch_npu
 
-        softmax_max = lse.float().unsqueeze(-1).expand(-1, -1, -1, 8).contiguous()
+        softmax_max = lse.to(accumulation_dtype(q.dtype)).t().unsqueeze(-1).expand(-1, -1, 8).contiguous()
         dq, dk, dv, *_ = torch_npu.npu_fusion_attention_grad(
-            q.contiguous(),
-            k.contiguous(),
-            v.contiguous(),
-            dout.to(q.dtype).contiguous(),
-            q.shape[1],
-            "BNSD",
-            softmax_max=softmax_max,
-            softmax_sum=torch.ones_like(softmax_max),
-            attention_in=out.to(q.dtype).contiguous(),
-            scale_value=scale,
-            **self._sparse_args(causal, q.device),
-        )
+            q.contiguous(), k.contiguous(), v.contiguous(), dout.to(q.dtype).contiguous(), q.shape[1], "TND",
+            softmax_max=softmax_max, softmax_sum=torch.ones_like(softmax_max),
+            attention_in=out.to(q.dtype).contiguous(), scale_value=scale, **self._arguments(block, q.device))
         return dq, dk, dv
 
 
@@ -528,6 +520,13 @@ def efficient_applies(dtype: torch.dtype, head_dim: int | None, capability: tupl
     return head_dim > 0 and head_dim % alignment == 0
 
 
+def npu_fusion_applies(dtype: torch.dtype, head_dim: int | None) -> bool:
+    """Ascend's FlashAttentionScore operator (``npu_fusion_attention``) takes fp32/bf16/fp16 and head sizes that
+    are multiples of 16 up to 512 (the operator's limits as MindSpore's wrapper of it,
+    ``mindspore.ops.speed_fusion_attention``, documents them)."""
+    return dtype in _NPU_DTYPES and (head_dim is None or (head_dim % 16 == 0 and 0 < head_dim <= 512))
+
+
 def choose_kernel(
     device_type: str,
     dtype: torch.dtype,
@@ -546,7 +545,7 @@ def choose_kernel(
     if device_type == "cpu":
         return "cpu_flash" if dtype in _CPU_DTYPES else "math"
     if device_type == "npu":
-        return "npu_fusion" if dtype in _NPU_DTYPES else "math"
+        return "npu_fusion" if npu_fusion_applies(dtype, head_dim) else "math"
     if device_type != "cuda":
         return "math"
     if rocm:
