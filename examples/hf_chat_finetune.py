@@ -8,7 +8,7 @@
 Token counts come from the files' headers (``ChatDataset``, cached beside the manifest); each rank decodes only
 the frames and images its vision units need. Configuration: lightning_dhp/conf/hf_chat_finetune.yaml. Prints
 the held-out first-answer-token accuracy before and after training and writes summary.json to Hydra's output
-directory.
+directory and prints a summary table.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch.utils.data import Subset
 
 import lightning_dhp
 from lightning_dhp import DHPDataModule, DHPPlanReport
+from lightning_dhp.app.report import format_table
 from lightning_dhp.hf import ChatDataset, HFModule
 from lightning_dhp.hf.chat_digits import answer_accuracy, write_chat_digits
 
@@ -73,7 +74,18 @@ def main(cfg: DictConfig) -> None:
                "plan": report.summary}
     path = output_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2, default=str))
-    print(json.dumps({key: value for key, value in summary.items() if key != "plan"}), f"-> {path}", flush=True)
+    plan = report.summary
+    degrees = ", ".join(f"d={degree}: {count}" for degree, count in plan.get("groups_by_degree", {}).items())
+    print(format_table([
+        ("devices, optimizer steps", f"{summary['devices']}, {summary['steps']}"),
+        ("records (skipped)", f"{summary['records']} ({summary['skipped_records']})"),
+        ("train loss first -> last step", f"{summary['loss_first']:.4f} -> {summary['loss_last']:.4f}"),
+        ("first answer token accuracy", f"{summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%} "
+                                        f"({len(held_out)} held-out records)"),
+        ("groups used, by CP degree", degrees or "-"),
+        ("planner time (median)", f"{plan.get('planner_ms_median', float('nan')):.2f} ms"),
+        ("summary", str(path)),
+    ], "hf_chat_finetune"), flush=True)
 
 
 if __name__ == "__main__":
