@@ -38,11 +38,15 @@ def manifest_path(cfg: DictConfig) -> Path:
     """The user's manifest, or the generated one (written on first use)."""
     if cfg.data.manifest is not None:
         return Path(cfg.data.manifest)
-    directory = Path(cfg.data.cache_dir) / f"seed{cfg.seed}_{cfg.data.num_videos}v{cfg.data.num_images}i"
+    sizes, durations = tuple(cfg.data.frame_sizes), tuple(cfg.data.durations_s)
+    name = f"seed{cfg.seed}_{cfg.data.num_videos}v{cfg.data.num_images}i_{'-'.join(map(str, sizes))}px_" \
+           f"{'-'.join(map(str, durations))}s"
+    directory = Path(cfg.data.cache_dir) / name
     manifest = directory / "manifest.jsonl"
     if not manifest.exists():
         print(f"writing the generated chat dataset to {directory}", flush=True)
-        write_chat_digits(directory, cfg.data.num_videos, cfg.data.num_images, seed=cfg.seed)
+        write_chat_digits(directory, cfg.data.num_videos, cfg.data.num_images, seed=cfg.seed, frame_sizes=sizes,
+                          durations_s=durations)
     return manifest
 
 

@@ -14,19 +14,18 @@ import pytest
 from lightning_dhp.testing import launch_environment
 
 REPO = Path(__file__).resolve().parents[1]
-ACCURACY_FLOOR = 0.3  # chance is 0.1
+ACCURACY_FLOOR = 0.3  # chance is 0.1; 0.43 and 0.48 in two runs of the example (60 held-out records)
 
 
-@pytest.mark.timeout(600)  # 4 processes for 120 steps: 2-4 minutes on a shared 2-core machine
+@pytest.mark.timeout(600)  # 1200 files written, 4 processes for 120 steps: about 3 minutes on 2 quiet cores
 def test_a_tiny_qwen3_vl_learns_from_a_chat_manifest_of_real_files_on_four_processes(tmp_path):
     command = [sys.executable, str(REPO / "examples" / "hf_chat_finetune.py"), "trainer.devices=4",
-               "data.num_videos=300", "data.num_images=300", f"data.cache_dir={tmp_path / 'cache'}",
-               f"hydra.run.dir={tmp_path / 'run'}"]
+               f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
     result = subprocess.run(command, cwd=tmp_path, env=launch_environment(), capture_output=True, text=True,
                             timeout=540)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["devices"] == 4 and summary["steps"] == 120 and summary["records"] == 600
+    assert summary["devices"] == 4 and summary["steps"] == 120 and summary["records"] == 1200
     assert summary["accuracy_before"] < 0.2 and summary["accuracy_after"] >= ACCURACY_FLOOR, summary
     assert summary["plan"]["groups_by_degree"].get("2", 0) > 0, "the longer clips must run context-parallel"
     counts = list((tmp_path / "cache").glob("*/manifest.jsonl.dhp-counts-*.json"))
