@@ -14,7 +14,9 @@ import pytest
 from lightning_dhp.testing import launch_environment
 
 REPO = Path(__file__).resolve().parents[1]
-ACCURACY_FLOOR = 0.3  # chance is 0.1; 0.43 and 0.48 in two runs of the example (60 held-out records)
+# chance is 0.1; runs of the example gave 0.37-0.48 on 60 held-out records (whose own spread is about 0.06),
+# so the example holds out 150
+ACCURACY_FLOOR = 0.25
 
 
 @pytest.mark.timeout(600)  # 1200 files written, 4 processes for 120 steps: about 3 minutes on 2 quiet cores
