@@ -19,15 +19,14 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 from torch.utils.data import Subset
 
 import lightning_dhp
-from lightning_dhp import DHPDataModule, DHPPlanReport
-from lightning_dhp.app.report import format_table
+from lightning_dhp import DHPDataModule
+from lightning_dhp.app.report import degrees_used, fit_with_plan_report, format_table
 from lightning_dhp.hf import ChatDataset, HFModule
 from lightning_dhp.hf.chat_digits import answer_accuracy, write_chat_digits
 
@@ -63,11 +62,7 @@ def main(cfg: DictConfig) -> None:
     data = DHPDataModule(Subset(dataset, train), [dataset.lengths[i] for i in train], cfg.data.global_batch_size,
                          vision_patches=[dataset.vision_patches[i] for i in train], num_workers=cfg.data.num_workers,
                          seed=cfg.seed, **module.packing_options)
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
-    report = DHPPlanReport(dirpath=str(output_dir), log_metrics=False)  # plans.png, dhp_summary.json
-    trainer = instantiate(cfg.trainer, strategy=instantiate(cfg.strategy), logger=False, callbacks=[report],
-                          enable_progress_bar=False)
-    trainer.fit(module, datamodule=data)
+    trainer, report, output_dir = fit_with_plan_report(cfg, module, data)
     if not trainer.is_global_zero:
         return
     untrained = HFModule(instantiate(cfg.chat_model.model).to(module.device))
@@ -79,14 +74,13 @@ def main(cfg: DictConfig) -> None:
     path = output_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2, default=str))
     plan = report.summary
-    degrees = ", ".join(f"d={degree}: {count}" for degree, count in plan.get("groups_by_degree", {}).items())
     print(format_table([
         ("devices, optimizer steps", f"{summary['devices']}, {summary['steps']}"),
         ("records (skipped)", f"{summary['records']} ({summary['skipped_records']})"),
         ("train loss first -> last step", f"{summary['loss_first']:.4f} -> {summary['loss_last']:.4f}"),
         ("first answer token accuracy", f"{summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%} "
                                         f"({len(held_out)} held-out records)"),
-        ("groups used, by CP degree", degrees or "-"),
+        ("groups used, by CP degree", degrees_used(plan)),
         ("planner time (median)", f"{plan.get('planner_ms_median', float('nan')):.2f} ms"),
         ("summary", str(path)),
     ], "hf_chat_finetune"), flush=True)

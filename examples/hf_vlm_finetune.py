@@ -17,14 +17,14 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset
 
 import lightning_dhp
-from lightning_dhp import DHPDataModule, DHPPlanReport
+from lightning_dhp import DHPDataModule
+from lightning_dhp.app.report import fit_with_plan_report
 from lightning_dhp.data.video_digits import VideoDigits
 from lightning_dhp.hf import HFModule
 from lightning_dhp.hf.video_digits import QwenVLVideoDigits, answer_accuracy
@@ -52,11 +52,7 @@ def main(cfg: DictConfig) -> None:
     data = DHPDataModule(ConcatDataset([images, videos]), [*images.lengths.tolist(), *videos.lengths.tolist()],
                          cfg.data.global_batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
                          **module.packing_options)
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
-    report = DHPPlanReport(dirpath=str(output_dir), log_metrics=False)  # plans.png, dhp_summary.json
-    trainer = instantiate(cfg.trainer, strategy=instantiate(cfg.strategy), logger=False, callbacks=[report],
-                          enable_progress_bar=False)
-    trainer.fit(module, datamodule=data)
+    trainer, report, output_dir = fit_with_plan_report(cfg, module, data)
     if not trainer.is_global_zero:
         return
     summary = {"steps": trainer.global_step, "devices": trainer.world_size,

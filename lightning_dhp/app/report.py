@@ -1,9 +1,34 @@
-"""The summary a person reads at the end of the main job."""
+"""The plan report and the summary a person reads at the end of a job (the main job and the HF examples)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from omegaconf import DictConfig
+
+from lightning_dhp.lightning.callbacks import DHPPlanReport
+
+
+def fit_with_plan_report(cfg: DictConfig, module: LightningModule,
+                         data: LightningDataModule) -> tuple[Trainer, DHPPlanReport, Path]:
+    """Fit ``module`` with ``cfg.trainer`` and ``cfg.strategy`` (no logger, no progress bar), a
+    :class:`DHPPlanReport` writing plans.png and dhp_summary.json to Hydra's output directory, which it returns."""
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    report = DHPPlanReport(dirpath=str(output_dir), log_metrics=False)
+    trainer = instantiate(cfg.trainer, strategy=instantiate(cfg.strategy), logger=False, callbacks=[report],
+                          enable_progress_bar=False)
+    trainer.fit(module, datamodule=data)
+    return trainer, report, output_dir
+
+
+def degrees_used(plan: Mapping[str, Any]) -> str:
+    """A plan summary's groups by CP degree, e.g. ``d=1: 40, d=2: 12`` (``-`` when none)."""
+    return ", ".join(f"d={degree}: {count}" for degree, count in plan.get("groups_by_degree", {}).items()) or "-"
 
 
 def format_table(rows: list[tuple[str, str]], title: str) -> str:
@@ -16,7 +41,6 @@ def format_table(rows: list[tuple[str, str]], title: str) -> str:
 
 def summary_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
     plan = result["plan"]
-    degrees = ", ".join(f"d={degree}: {count}" for degree, count in plan.get("groups_by_degree", {}).items())
     return [
         ("strategy", result["strategy"]),
         ("devices", str(result["devices"])),
@@ -27,7 +51,7 @@ def summary_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("train loss first -> last step", f"{result['loss_first']:.4f} -> {result['loss_last']:.4f}"),
         ("answer accuracy before -> after", f"{result['accuracy_before']:.1%} -> {result['accuracy_after']:.1%} "
                                             f"(chance 10%, {result['eval_samples']} held-out samples)"),
-        ("groups used, by CP degree", degrees or "-"),
+        ("groups used, by CP degree", degrees_used(plan)),
         ("rounds per step (mean)", f"{plan.get('rounds_per_step', float('nan')):.2f}"),
         ("planner time (median)", f"{plan.get('planner_ms_median', float('nan')):.2f} ms"),
         ("process-group pool", f"{plan.get('pool_misses', 0)} created, {plan.get('pool_hits', 0)} reused, "

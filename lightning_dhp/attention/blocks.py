@@ -144,8 +144,8 @@ def packed_block(layout: ZigzagLayout, source: int, causal: bool, device: torch.
     query_lens = [call.q_stop - call.q_start for call in calls]
     key_lens = [call.k_stop - call.k_start for call in calls]
     query_sequence = torch.repeat_interleave(torch.arange(len(calls)), torch.tensor(query_lens))
-    starts = torch.tensor([0, *itertools.accumulate(query_lens)])[:-1]
     query_offsets, key_offsets = (0, *itertools.accumulate(query_lens)), (0, *itertools.accumulate(key_lens))
+    starts = torch.tensor(query_offsets[:-1])
     varlen = VarlenBlock(
         cu_seqlens_q=torch.tensor(query_offsets, dtype=torch.int32, device=device),
         cu_seqlens_k=torch.tensor(key_offsets, dtype=torch.int32, device=device),

@@ -67,31 +67,28 @@ class BadRecord(Exception):
         self.path = path
 
 
-def read_manifest(path: str | Path, media_root: str | Path) -> tuple[list[Record], list[tuple[int, str, str]]]:
-    """The conversations of a JSONL (one record per line) or JSON (a list of records) manifest, and the bad ones
-    as ``(line, path, problem)``. A record is ``{"messages": [...]}`` or the list of messages itself, in the
-    chat-template format (content a string or parts ``{"type": "text" | "image" | "video", ...}``); media paths
-    are relative to ``media_root`` unless absolute."""
-    text = Path(path).read_text(encoding="utf-8")
-    if Path(path).suffix == ".json":
-        entries = [(index + 1, entry) for index, entry in enumerate(json.loads(text))]
-    else:
-        entries = []
-        for line, row in enumerate(text.splitlines(), start=1):
-            if row.strip():
-                try:
-                    entries.append((line, json.loads(row)))
-                except json.JSONDecodeError as error:
-                    entries.append((line, BadRecord(f"not JSON: {error}")))
+def parse_manifest(text: str, json_list: bool, media_root: str | Path) -> tuple[list[Record],
+                                                                                 list[tuple[int, str, str]]]:
+    """The conversations of a manifest's ``text``, JSONL (one record per line) or, with ``json_list``, a JSON list
+    of records, and the bad ones as ``(line, path, problem)``. A record is ``{"messages": [...]}`` or the list of
+    messages itself, in the chat-template format (content a string or parts ``{"type": "text" | "image" |
+    "video", ...}``); media paths are relative to ``media_root`` unless absolute."""
+    entries = enumerate(json.loads(text), start=1) if json_list else \
+        ((line, row) for line, row in enumerate(text.splitlines(), start=1) if row.strip())
     records, bad = [], []
     for line, entry in entries:
         try:
-            if isinstance(entry, BadRecord):
-                raise entry
-            records.append(_record(line, entry, Path(media_root)))
+            records.append(_record(line, entry if json_list else _json_row(entry), Path(media_root)))
         except BadRecord as problem:
             bad.append((line, str(problem.path or ""), str(problem)))
     return records, bad
+
+
+def _json_row(row: str) -> Any:
+    try:
+        return json.loads(row)
+    except json.JSONDecodeError as error:
+        raise BadRecord(f"not JSON: {error}") from None
 
 
 def _record(line: int, entry: Any, media_root: Path) -> Record:
@@ -380,8 +377,11 @@ class ChatDataset(Dataset):
                  progress: bool = True) -> None:
         self.manifest = Path(manifest)
         self.processing = ChatProcessing(processor)
-        records, bad = read_manifest(self.manifest, self.manifest.parent if media_root is None else media_root)
-        counts = _cached_counts(self.manifest, records, self.processing, cache_dir, num_workers, progress)
+        content = self.manifest.read_bytes()
+        records, bad = parse_manifest(content.decode("utf-8"), self.manifest.suffix == ".json",
+                                      self.manifest.parent if media_root is None else media_root)
+        counts = _cached_counts(self.manifest, cache_key(content, self.processing), records, self.processing,
+                                cache_dir, num_workers, progress)
         bad += [(record.line, path, problem) for record, (_, _, path, problem) in zip(records, counts, strict=True)
                 if problem is not None]
         if bad and not skip_bad_samples:
@@ -480,23 +480,22 @@ def count_all(processing: ChatProcessing, records: list[Record], num_workers: in
         bar.close()
 
 
-def cache_key(manifest: Path, processing: ChatProcessing) -> str:
+def cache_key(manifest_content: bytes, processing: ChatProcessing) -> str:
     """Hash of the manifest's bytes, the processor's settings, its tokenizer and chat template."""
     processor = processing.processor
     digest = hashlib.sha256()
     digest.update(f"v{CACHE_VERSION}\0{type(processor).__name__}\0".encode())
-    digest.update(manifest.read_bytes())
+    digest.update(manifest_content)
     for settings in (processor.image_processor.to_json_string(), processor.video_processor.to_json_string(),
                      processor.tokenizer.backend_tokenizer.to_str(), str(processor.chat_template)):
         digest.update(b"\0" + settings.encode())
     return digest.hexdigest()
 
 
-def _cached_counts(manifest: Path, records: list[Record], processing: ChatProcessing, cache_dir: str | Path | None,
-                   num_workers: int | None, progress: bool) -> list[Count]:
-    """Every record's :data:`Count`, from the cache where it holds them; bad records are counted again (their
-    files may have been fixed since), and the cache is rewritten when anything was counted."""
-    key = cache_key(manifest, processing)
+def _cached_counts(manifest: Path, key: str, records: list[Record], processing: ChatProcessing,
+                   cache_dir: str | Path | None, num_workers: int | None, progress: bool) -> list[Count]:
+    """Every record's :data:`Count`, from the cache (file named by ``key``) where it holds them; bad records are
+    counted again (their files may have been fixed since), and the cache is rewritten when anything was counted."""
     directory = manifest.parent if cache_dir is None else Path(cache_dir)
     path = directory / f"{manifest.name}.dhp-counts-{key[:16]}.json"
     counts: list[Count | None] = [None] * len(records)
