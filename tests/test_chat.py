@@ -1,6 +1,7 @@
 """ChatDataset: token counts from file headers equal what processing the decoded media gives, the pixel rows each
 rank decodes equal the rows of processing the whole video, bad records are listed together, counts are cached,
-and DHP training on deferred pixels equals training on fully processed items (float64, 2 processes)."""
+and DHP training on deferred pixels equals single-device training on fully processed items (float64, 1-3
+processes)."""
 
 from __future__ import annotations
 
@@ -294,55 +295,69 @@ class Processed(torch.utils.data.Dataset):
         return self.dataset.processed(index)
 
 
-def _fit(world_size: int, dataset, lengths, patches, steps: int = STEPS, **strategy_options) -> dict:
+def _fit(world_size: int, dataset, lengths, patches, tokens_per_device: int, steps: int = STEPS,
+         **strategy_options) -> dict:
     module = HFModule(tiny_model("qwen3_vl", seed=1).double(), optimizer=_adamw)
     data = DHPDataModule(dataset, lengths, 4, vision_patches=patches, seed=0, **module.packing_options)
     with tempfile.TemporaryDirectory() as report_dir:
         plans = DHPPlanReport(dirpath=report_dir, num_plotted_steps=0, log_metrics=False)
-        _trainer(world_size, DHPStrategy(tokens_per_device=96, **strategy_options), steps,
+        _trainer(world_size, DHPStrategy(tokens_per_device=tokens_per_device, **strategy_options), steps,
                  callbacks=[plans]).fit(module, datamodule=data)
     degrees = {group.degree for entry in plans.history for r in entry["plan"].rounds for group in r.groups}
     return {"params": {name: value.detach().clone() for name, value in module.model.state_dict().items()},
             "degrees": degrees}
 
 
+# The largest world runs last and deletes a clip, to check media gone during training.
+WORLD_SIZES = (1, 2, 3)
+TOKENS_PER_DEVICE = {1: 512, 2: 96, 3: 96}  # one process holds every record; more need CP for the long clips
+
+
 def _chat_scenarios(rank: int, world_size: int, manifest: str) -> dict:
     _as_torchrun_rank(rank)
     dataset = ChatDataset(manifest, tiny_processor("qwen3_vl"), progress=False)
-    lengths, patches = dataset.lengths, dataset.vision_patches
-    reports = {"deferred": _fit(world_size, dataset, lengths, patches),
-               "processed": _fit(world_size, Processed(dataset), lengths, patches)}
-    (Path(manifest).parent / "media" / "video_00002.mp4").unlink(missing_ok=True)  # gone after counting
-    epoch = len(dataset) // 4  # steps
-    reports["unreadable"] = error_of(lambda: _fit(world_size, dataset, lengths, patches, steps=epoch))
-    reports["unreadable_skipped"] = error_of(lambda: _fit(world_size, dataset, lengths, patches, steps=epoch,
-                                                          skip_bad_samples=True))
+    lengths, patches, tokens = dataset.lengths, dataset.vision_patches, TOKENS_PER_DEVICE[world_size]
+    reports = {"deferred": _fit(world_size, dataset, lengths, patches, tokens),
+               "processed": _fit(world_size, Processed(dataset), lengths, patches, tokens)}
+    if world_size == max(WORLD_SIZES):
+        (Path(manifest).parent / "media" / "video_00002.mp4").unlink(missing_ok=True)  # gone after counting
+        epoch = len(dataset) // 4  # steps
+        reports["unreadable"] = error_of(lambda: _fit(world_size, dataset, lengths, patches, tokens, steps=epoch))
+        reports["unreadable_skipped"] = error_of(lambda: _fit(world_size, dataset, lengths, patches, tokens,
+                                                              steps=epoch, skip_bad_samples=True))
     return reports
 
 
 @pytest.fixture(scope="module")
-def chat_world(tmp_path_factory) -> list[dict]:
+def chat_worlds(tmp_path_factory) -> dict[int, list[dict]]:
     manifest = write_chat_digits(tmp_path_factory.mktemp("chat"), num_videos=8, num_images=8, seed=3,
                                  frame_sizes=(32, 48), durations_s=(1.0, 3.0))
     ChatDataset(manifest, tiny_processor("qwen3_vl"), progress=False)  # counted once, here; the ranks read the cache
-    return run_distributed(_chat_scenarios, 2, str(manifest), timeout_s=280)
+    return {size: run_distributed(_chat_scenarios, size, str(manifest), timeout_s=280) for size in WORLD_SIZES}
 
 
-def test_dhp_training_on_deferred_pixels_equals_training_on_processed_items(chat_world):
-    for report in chat_world:
-        deferred, processed = report["deferred"]["params"], report["processed"]["params"]
-        assert deferred.keys() == processed.keys()
-        _assert_params_close(deferred, processed)
-        assert report["deferred"]["degrees"] == {1, 2}, "long records must run context-parallel"
+def test_dhp_training_on_deferred_pixels_equals_single_device_training_on_processed_items(chat_worlds):
+    """At 1, 2 and 3 processes, deferred pixels train exactly as fully processed items do, and both as one process
+    (single-device training on the same global batches) on processed items, in float64."""
+    single_device = chat_worlds[1][0]["processed"]["params"]
+    for size, reports in chat_worlds.items():
+        for report in reports:
+            deferred, processed = report["deferred"]["params"], report["processed"]["params"]
+            assert deferred.keys() == processed.keys() == single_device.keys()
+            _assert_params_close(deferred, processed)
+            _assert_params_close(deferred, single_device)
+            degrees = report["deferred"]["degrees"]
+            assert (degrees == {1}) if size == 1 else ({1, 2} <= degrees <= set(range(1, size + 1))), degrees
     initial = tiny_model("qwen3_vl", seed=1).double().state_dict()
-    assert not torch.equal(chat_world[0]["deferred"]["params"]["model.visual.patch_embed.proj.weight"],
+    assert not torch.equal(single_device["model.visual.patch_embed.proj.weight"],
                            initial["model.visual.patch_embed.proj.weight"]), "the vision tower must train"
 
 
-def test_media_gone_during_training_is_the_same_data_error_on_every_rank_or_skipped(chat_world):
-    kind, message = same_error_on_every_rank(chat_world, "unreadable")
+def test_media_gone_during_training_is_the_same_data_error_on_every_rank_or_skipped(chat_worlds):
+    world = chat_worlds[max(WORLD_SIZES)]
+    kind, message = same_error_on_every_rank(world, "unreadable")
     assert kind == "DHPDataError" and "video_00002.mp4" in message and "manifest line 3" in message, message
-    assert same_error_on_every_rank(chat_world, "unreadable_skipped") == ("ok", "")
+    assert same_error_on_every_rank(world, "unreadable_skipped") == ("ok", "")
 
 
 def test_a_conversation_longer_than_the_cluster_holds_is_named_by_its_manifest_line(media, tmp_path):
