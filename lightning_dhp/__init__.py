@@ -32,6 +32,7 @@ _LAZY = {
     "ZigzagLayout": "lightning_dhp.attention",
     "cp_attention": "lightning_dhp.attention",
     "DHPBatchSampler": "lightning_dhp.lightning",
+    "DHPConfig": "lightning_dhp.lightning",
     "DHPDataModule": "lightning_dhp.lightning",
     "DHPPacking": "lightning_dhp.lightning",
     "DHPPlanReport": "lightning_dhp.lightning",

@@ -9,6 +9,7 @@ alone through the model's own forward and attention, the same AdamW).
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import tempfile
 
@@ -420,7 +421,7 @@ def test_an_idle_rank_gets_a_zero_loss_whose_graph_reaches_the_text_model():
     task = HFModule(hf_models.qwen_vl())
     batch = _one_sample_batch(torch.zeros(0, dtype=torch.long), position_ids=torch.zeros(0, 3, dtype=torch.long),
                               vision_rows=torch.zeros(0, dtype=torch.long), image_grid_thw=[], video_grid_thw=[])
-    batch["dhp"].layout = ZigzagLayout([], 1, 0)
+    batch["dhp"] = dataclasses.replace(batch["dhp"], layout=ZigzagLayout([], 1, 0))
     loss = task.loss(batch)
     loss.backward()
     assert loss.item() == 0.0

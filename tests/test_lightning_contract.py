@@ -574,8 +574,8 @@ def test_a_profiled_cost_model_times_the_users_own_step():
 
     strategy = DHPStrategy(TOKENS_PER_DEVICE[1], cost_model="profile")
     _trainer(1, strategy, steps=1).fit(LMTask(), datamodule=_data())
-    assert isinstance(strategy.cost_model, CostModel)
-    assert strategy.cost_model != CostModel.default()
+    assert isinstance(strategy.planning_cost_model, CostModel)
+    assert strategy.planning_cost_model != CostModel.default()
 
 
 def test_an_undeclared_per_token_field_is_named_in_one_warning():

@@ -327,7 +327,7 @@ def test_training_step_returns_this_ranks_share_of_the_global_mean():
 def test_an_idle_ranks_empty_batch_gives_a_zero_loss_that_reaches_every_parameter():
     task = VLMTask(TINY)
     batch, layout = DHPPacking(VideoDigits.token_fields).empty_batch(single_process_batch(_video_items(1, seed=0), [0]))
-    batch["dhp"] = DHPBatchInfo(layout, (0,), (), 0, 1, 0, global_loss_tokens=5)
+    batch["dhp"] = DHPBatchInfo(layout, (0,), (), 0, 1, 0, global_loss_tokens=5, global_samples=0)
     with cp_context(CPContext(layout, None, (0,))):
         loss = task.training_step(batch, 0)
     loss.backward()

@@ -10,6 +10,7 @@ from lightning_dhp.errors import DHPConfigError, DHPDataError, DHPRankMismatchEr
 from lightning_dhp.lightning.batch import DHPBatchInfo, global_share, loss_share
 from lightning_dhp.lightning.callbacks import DHPPlanReport
 from lightning_dhp.lightning.collate import DHPPacking
+from lightning_dhp.lightning.config import DHPConfig
 from lightning_dhp.lightning.datamodule import DHPDataModule, dhp_dataloader
 from lightning_dhp.lightning.npu import NPUAccelerator
 from lightning_dhp.lightning.planned_loader import DHPDataLoader, PlannedStep
@@ -26,6 +27,7 @@ if "npu" not in AcceleratorRegistry:
 __all__ = [
     "DHPBatchInfo",
     "DHPBatchSampler",
+    "DHPConfig",
     "DHPConfigError",
     "DHPDataError",
     "DHPDataLoader",

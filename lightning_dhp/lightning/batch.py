@@ -8,7 +8,7 @@ and the strategy sums logged shares before Lightning sees them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -19,13 +19,11 @@ from lightning_dhp.errors import DHPConfigError
 ShareCount = Literal["loss_tokens", "samples"]
 
 
-@dataclass
-class DHPBatchInfo:
-    """This rank's micro-step: its layout and group, which samples, which round of how many.
-
-    ``global_loss_tokens`` and ``global_samples`` count the whole global batch over all ranks and
-    rounds; the strategy fills them in before the step runs.
-    """
+@dataclass(frozen=True)
+class RankRound:
+    """What the loader knows of this rank's part of one round: its layout and group, which samples,
+    which round of how many. The strategy completes it into a :class:`DHPBatchInfo` once the ranks
+    have agreed on the global batch's counts (:meth:`complete`)."""
 
     layout: ZigzagLayout
     group_ranks: tuple[int, ...]
@@ -33,8 +31,6 @@ class DHPBatchInfo:
     round_index: int
     num_rounds: int
     loss_tokens: int  # labelled tokens of this group (all its ranks together)
-    global_loss_tokens: int = 0
-    global_samples: int = 0
 
     @property
     def degree(self) -> int:
@@ -44,6 +40,19 @@ class DHPBatchInfo:
     def is_last_round(self) -> bool:
         """The round after which gradients are summed and the optimizer may step."""
         return self.round_index == self.num_rounds - 1
+
+    def complete(self, global_loss_tokens: int, global_samples: int) -> DHPBatchInfo:
+        return DHPBatchInfo(**{field.name: getattr(self, field.name) for field in fields(RankRound)},
+                            global_loss_tokens=global_loss_tokens, global_samples=global_samples)
+
+
+@dataclass(frozen=True)
+class DHPBatchInfo(RankRound):
+    """``batch["dhp"]``: this rank's micro-step, and the counts of the whole global batch over all ranks
+    and rounds (the denominators of :func:`global_share`)."""
+
+    global_loss_tokens: int
+    global_samples: int
 
 
 def loss_of(output: Any) -> torch.Tensor | None:

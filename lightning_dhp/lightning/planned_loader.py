@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_dhp.attention import ZigzagLayout
 from lightning_dhp.errors import DHPConfigError, DHPDataError, PlanError
-from lightning_dhp.lightning.batch import DHPBatchInfo
+from lightning_dhp.lightning import _lightning
+from lightning_dhp.lightning.batch import RankRound
 from lightning_dhp.lightning.collate import DHPPacking, count_loss_tokens
 from lightning_dhp.lightning.sampler import DHPBatchSampler, check_one_length_per_item
 from lightning_dhp.lightning.workers import POLL_S, WatchedIterator, WorkerInit, default_context, new_stack_dir
@@ -61,7 +62,9 @@ class PlannedStep:
     """One global batch as seen by one rank: the whole plan and this rank's collated rounds.
 
     A plain class on purpose: Lightning's device transfer leaves it alone, and the strategy moves one
-    round at a time to the device so that only one round's tensors are alive there.
+    round at a time to the device so that only one round's tensors are alive there. Each round's
+    ``batch["dhp"]`` is a :class:`RankRound`; the strategy replaces it by the complete
+    :class:`~lightning_dhp.lightning.batch.DHPBatchInfo` once the ranks agreed on the global counts.
     """
 
     def __init__(self, request: StepRequest, plan: Plan | None, rounds: list[dict[str, Any]],
@@ -130,9 +133,8 @@ class PlannedDataset(Dataset):
             if group is not None and config.rank == group.ranks[0]:  # counted once per group, by its first rank
                 leader_loss_tokens += loss_tokens
                 leader_skipped += len(skipped)
-            batch["dhp"] = DHPBatchInfo(layout=layout, group_ranks=group_ranks, sample_indices=kept,
-                                        round_index=round_index, num_rounds=len(plan.rounds),
-                                        loss_tokens=loss_tokens)
+            batch["dhp"] = RankRound(layout=layout, group_ranks=group_ranks, sample_indices=kept,
+                                     round_index=round_index, num_rounds=len(plan.rounds), loss_tokens=loss_tokens)
             rounds.append(batch)
         error = "\n".join(errors) if errors else None
         return PlannedStep(request, plan, rounds, leader_loss_tokens, leader_skipped, error, planner_seconds)
@@ -193,6 +195,17 @@ class StepRequests(Sampler[StepRequest]):
             yield self.issued[-1]
 
 
+def dhp_batch_sampler_of(dataloader: Any) -> DHPBatchSampler:
+    """The DataLoader's :class:`DHPBatchSampler`, or a clear error naming what to use instead."""
+    batch_sampler = _lightning.unwrap_batch_sampler(getattr(dataloader, "batch_sampler", None))
+    if not isinstance(batch_sampler, DHPBatchSampler):
+        raise DHPConfigError(
+            "DHPStrategy plans every global batch, so its DataLoaders need "
+            "`batch_sampler=DHPBatchSampler(lengths, global_batch_size)` (or use DHPDataModule / "
+            f"dhp_dataloader); got {type(batch_sampler).__name__}")
+    return batch_sampler
+
+
 def _unbatched(step: PlannedStep) -> PlannedStep:
     return step
 
@@ -246,6 +259,18 @@ class DHPDataLoader(DataLoader):
         super().__init__(PlannedDataset(dataset, batch_sampler.lengths, config, packing, batch_sampler.vision_patches),
                          sampler=StepRequests(batch_sampler, self.loader_id),
                          batch_size=None, collate_fn=_unbatched, **loader_kwargs)
+
+    @classmethod
+    def like(cls, dataloader: DataLoader, batch_sampler: DHPBatchSampler, config: PlanConfig, packing: DHPPacking,
+             trained: dict[str, StepRequest], *, data_wait_timeout: float | None = None) -> DHPDataLoader:
+        """A planned loader of ``dataloader``'s dataset with its worker settings."""
+        loader_kwargs = {key: getattr(dataloader, key) for key in
+                         ("num_workers", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
+                          "persistent_workers")}
+        if dataloader.num_workers > 0:
+            loader_kwargs["prefetch_factor"] = dataloader.prefetch_factor
+        return cls(dataloader.dataset, batch_sampler, config, packing, trained, data_wait_timeout=data_wait_timeout,
+                   **loader_kwargs)
 
     def __iter__(self) -> Iterator[PlannedStep]:
         try:

@@ -7,6 +7,7 @@ Tensors are per-token by definition, lists per-sample, so no shape coincidence d
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,13 @@ import torch
 from lightning_dhp.attention import ZigzagLayout
 from lightning_dhp.errors import DHPConfigError
 from lightning_dhp.lightning.batch import DHPBatchInfo
+
+# DHPBatchSampler never drops predict samples (predict loaders keep the last short batch), which
+# Lightning cannot check on a custom batch sampler and warns about.
+warnings.filterwarnings("ignore", message="You are using a custom batch sampler `DHPBatchSampler` for prediction")
+# DHPStrategy.predict_step hands prediction writers each step's indices itself.
+warnings.filterwarnings("ignore",
+                        message="Couldn't infer the batch indices fetched from your dataloader: `DHPDataLoader`")
 
 # (round index, group ranks, rank in group, sequence lengths, dataset indices, output moved to the CPU)
 Piece = tuple[int, tuple[int, ...], int, tuple[int, ...], tuple[int, ...], Any]

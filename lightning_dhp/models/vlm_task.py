@@ -136,6 +136,7 @@ def single_process_batch(
         num_rounds=1,
         loss_tokens=loss_tokens,
         global_loss_tokens=loss_tokens if global_loss_tokens is None else global_loss_tokens,
+        global_samples=len(items),
     )
     return batch
 
