@@ -23,8 +23,8 @@ collective after the step (e.g. the last round's backward) can still name its gl
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -35,7 +35,7 @@ from lightning.pytorch import LightningModule
 
 from lightning_dhp.distributed import CPContext, cp_context
 from lightning_dhp.distributed.pool import GroupPool
-from lightning_dhp.errors import DHPDataError, DHPLoaderError, DHPRankMismatchError
+from lightning_dhp.errors import DHPConfigError, DHPDataError, DHPLoaderError, DHPRankMismatchError
 from lightning_dhp.lightning.batch import DHPBatchInfo, loss_of
 from lightning_dhp.lightning.config import DHPConfig
 from lightning_dhp.lightning.gradients import GradientSync
@@ -223,6 +223,47 @@ class StepRunner:
             implementation=self.config.cp_implementation)))
         state.round = info
         return batch
+
+    @contextmanager
+    def round_backward(self, automatic: bool) -> Iterator[bool]:
+        """Around a backward in the current round; yields whether autograd should run (not in a skipped
+        step). Early rounds keep their gradients aside; the last round's backward ends with the sum over
+        ranks, and under automatic optimization (one backward per round) it ends the round."""
+        state, gradients = self.state, self.gradients
+        assert state is not None and state.round is not None and gradients is not None
+        last_round = state.round.is_last_round
+        gradients.before_backward(last_round)
+        yield not state.skipping
+        if last_round:
+            gradients.finish_backward(only_if_any=state.skipping)
+            if automatic:
+                self.close_round()
+
+    @contextmanager
+    def gradient_sum_deferred(self) -> Iterator[None]:
+        """No sum over ranks in this block (Lightning accumulating gradients over global batches)."""
+        gradients = self.gradients
+        assert gradients is not None
+        enabled, gradients.enabled = gradients.enabled, False
+        try:
+            yield
+        finally:
+            gradients.enabled = enabled
+
+    def check_optimizer_step(self) -> None:
+        """Refuse an optimizer step before the last round: the gradients are not summed yet."""
+        round_ = self.state.round if self.state is not None else None
+        if round_ is not None and not round_.is_last_round:
+            raise DHPConfigError(
+                f"the optimizer stepped in round {round_.round_index + 1} of {round_.num_rounds} of a global batch. "
+                "Under DHP manual optimization runs training_step once per round: call self.manual_backward(loss) "
+                "in every round and step (and zero_grad) only when batch['dhp'].is_last_round")
+
+    def close(self) -> None:
+        """At the run's end: no round open, the gradient hooks removed."""
+        self.close_round()
+        if isinstance(self.gradients, GradientSync):
+            self.gradients.close()
 
     def close_round(self) -> None:
         if self.state is not None:

@@ -1,18 +1,11 @@
 """DHPStrategy: every global batch planned onto context-parallel groups whose sizes change per batch.
 
-A :class:`~lightning.pytorch.strategies.ParallelStrategy` (like Lightning's ModelParallelStrategy):
-the model is never wrapped, ranks run different shapes. The strategy is Lightning's hooks; the work is in:
-
-- :mod:`.config`: the options (:class:`DHPConfig`), checked when given;
-- :mod:`.prepare`: ``setup``'s model preparation, refusals first, then ordered appliers (materialise,
-  move, checkpoint activations, broadcast, shard, gradient sync);
-- :mod:`.planning_model`: the cost model the planner uses, resolved from ``cost_model``;
-- :mod:`.planned_loader`: ``process_dataloader`` turns a DataLoader with a :class:`DHPBatchSampler` into a
-  :class:`DHPDataLoader` that plans each global batch and collates this rank's rounds;
-- :mod:`.step`: ``training_step`` / ``validation_step`` / ``test_step`` / ``predict_step``: agree on the plan,
-  run the user's step once per round in the round's CP context, the None/skip protocol, logged shares;
-- ``backward`` / ``block_backward_sync``: gradients of early rounds kept aside, one sum over the world
-  after the last round's backward (:mod:`.gradients`, :mod:`.sharding`).
+A :class:`~lightning.pytorch.strategies.ParallelStrategy` (like Lightning's ModelParallelStrategy): the model
+is never wrapped, ranks run different shapes. The strategy is Lightning's hooks; the work is in
+:mod:`.config` (the options), :mod:`.prepare` (``setup``'s model preparation), :mod:`.planning_model` (the
+cost model), :mod:`.planned_loader` (``process_dataloader``: plan each global batch, collate this rank's
+rounds), :mod:`.step` (the ``*_step`` hooks and ``backward``: agreement, rounds, None/skip, logged shares)
+and :mod:`.gradients` / :mod:`.sharding` (one gradient sum over the world after the last round's backward).
 """
 
 from __future__ import annotations
@@ -42,7 +35,6 @@ from lightning_dhp.errors import DHPConfigError
 from lightning_dhp.lightning import _lightning, planned_loader, planning_model, prepare, sharding
 from lightning_dhp.lightning.collate import DHPPacking
 from lightning_dhp.lightning.config import DHPConfig
-from lightning_dhp.lightning.gradients import GradientSync
 from lightning_dhp.lightning.materialize import has_meta_tensors
 from lightning_dhp.lightning.npu import NPUAccelerator, npu_precision
 from lightning_dhp.lightning.planned_loader import DHPDataLoader, PlanConfig, PlannedStep, StepRequest
@@ -61,19 +53,12 @@ _OPTIONS = frozenset(DHPConfig.option_names())
 class DHPStrategy(ParallelStrategy):
     """Dynamic Hybrid Parallelism: per-batch context-parallel groups of any size.
 
-    ``DHPStrategy(**options)`` takes the options of :class:`DHPConfig` (``tokens_per_device``, ``cost_model``,
-    ``pool_size`` and ``start_method`` also by position); ``DHPStrategy(config=DHPConfig(...))`` takes them
-    ready-made. They are read back as ``strategy.config`` (or ``strategy.<option>``).
-
-    Args:
-        process_group_backend, timeout: as for Lightning's DDPStrategy; ``timeout`` bounds every
-            collective, so a stalled rank stops the others with the step named.
-        parallel_kwargs: Lightning's (``accelerator``, ``parallel_devices``, ``cluster_environment``, ...).
-
-    Attributes:
-        planning_cost_model: the :class:`CostModel` the planner uses (``None``: its default), resolved from
-            ``config.cost_model`` by :mod:`.planning_model`.
-        pool: the process groups kept alive between steps. skipped_samples: bad samples dropped so far.
+    Takes the options of :class:`DHPConfig` one by one (the first four also by position), as
+    ``DHPStrategy(tokens_per_device=4096)``, or ready-made as ``DHPStrategy(config=DHPConfig(...))``; they are
+    read back as ``strategy.config`` (or ``strategy.<option>``). ``process_group_backend`` and ``timeout`` are
+    as for Lightning's DDPStrategy (``timeout`` bounds every collective, so a stalled rank stops the others
+    with the step named); Lightning's own arguments (``parallel_devices``, ...) pass through.
+    ``planning_cost_model`` is the :class:`CostModel` the planner uses (``None``: its default).
     """
 
     strategy_name = "dhp"
@@ -155,17 +140,14 @@ class DHPStrategy(ParallelStrategy):
         if not self.is_multi_process:  # one device: no process group at all
             return
         reset_seed()
-        self._process_group_backend = self._process_group_backend or self._default_backend()
+        self._process_group_backend = self._process_group_backend or (
+            "hccl" if self.root_device.type == "npu"
+            else _lightning._get_default_process_group_backend_for_device(self.root_device))
         _lightning._init_dist_connection(self.cluster_environment, self._process_group_backend,
                                          timeout=self._timeout, device_id=world_device_id(self.root_device))
         if self.config.sharding == "fsdp":  # before configure_model, which may shard with it
             self._device_mesh = init_device_mesh(self.root_device.type, (self.world_size,))
             self.lightning_module._device_mesh = self._device_mesh
-
-    def _default_backend(self) -> str:
-        if self.root_device.type == "npu":
-            return "hccl"
-        return _lightning._get_default_process_group_backend_for_device(self.root_device)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -297,9 +279,7 @@ class DHPStrategy(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
-        self._steps.close_round()
-        if isinstance(self._steps.gradients, GradientSync):
-            self._steps.gradients.close()
+        self._steps.close()
         self._scopes.close()
         self.pool.clear()
         self._restore_after_setup = None
@@ -372,20 +352,15 @@ class DHPStrategy(ParallelStrategy):
     def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Any:
         """Lightning's backward, plus: a round with nothing to differentiate runs no autograd, and the
         last round's backward ends with the gradient sum (before ``on_after_backward``, as under DDP)."""
-        state, gradients = self._steps.state, self._steps.gradients
+        state = self._steps.state
         if state is None or state.round is None:  # a backward outside a DHP step
             return super().backward(closure_loss, optimizer, *args, **kwargs)
-        assert gradients is not None
         module = self.lightning_module
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        gradients.before_backward(state.round.is_last_round)
-        if closure_loss.requires_grad and not state.skipping:
-            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
-        if state.round.is_last_round:
-            gradients.finish_backward(only_if_any=state.skipping)
-            if module.automatic_optimization:  # Lightning's one backward of the last round ends the step
-                self._steps.close_round()
+        with self._steps.round_backward(module.automatic_optimization) as differentiate:
+            if differentiate and closure_loss.requires_grad:
+                self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
         return closure_loss
@@ -394,21 +369,11 @@ class DHPStrategy(ParallelStrategy):
     @override
     def block_backward_sync(self) -> Iterator[None]:
         """While Lightning accumulates gradients over global batches, do not sum them over ranks yet."""
-        gradients = self._steps.gradients
-        assert gradients is not None
-        enabled, gradients.enabled = gradients.enabled, False
-        try:
+        with self._steps.gradient_sum_deferred():
             yield
-        finally:
-            gradients.enabled = enabled
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
                        **kwargs: Any) -> Any:
-        round_ = self._steps.state.round if self._steps.state is not None else None
-        if round_ is not None and not round_.is_last_round:
-            raise DHPConfigError(
-                f"the optimizer stepped in round {round_.round_index + 1} of {round_.num_rounds} of a global batch. "
-                "Under DHP manual optimization runs training_step once per round: call self.manual_backward(loss) "
-                "in every round and step (and zero_grad) only when batch['dhp'].is_last_round")
+        self._steps.check_optimizer_step()
         return super().optimizer_step(optimizer, closure, model, **kwargs)
