@@ -103,3 +103,16 @@ def test_the_registered_names_build_the_strategy_from_options():
 
     assert StrategyRegistry.get("dhp").config == DHPConfig()
     assert StrategyRegistry.get("dhp_spawn").config == DHPConfig(start_method="spawn")
+
+
+def test_the_planning_cost_model_is_resolved_from_what_was_passed_and_the_config_keeps_it(tmp_path):
+    from lightning_dhp.lightning.planning_model import resolve_at_setup
+
+    model = dataclasses.replace(CostModel.default(), linear_s_per_token=3e-9)
+    model.save(tmp_path / "model.json")
+    assert resolve_at_setup(None, None) is None  # the planner's default
+    assert resolve_at_setup(model, None) is model
+    assert resolve_at_setup("profile", None) is None  # until the first loader's data is timed
+    assert resolve_at_setup(str(tmp_path / "model.json"), None) == model
+    config = DHPConfig(cost_model=str(tmp_path / "model.json"))
+    assert config.cost_model == str(tmp_path / "model.json")

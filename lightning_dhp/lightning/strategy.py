@@ -67,8 +67,9 @@ class DHPStrategy(ParallelStrategy):
                  timeout: timedelta | None = default_pg_timeout, **kwargs: Any) -> None:
         named = {name: kwargs.pop(name) for name in list(kwargs) if name in _OPTIONS}
         if config is not None and (options or named):
+            given = ", ".join([*map(repr, options), *(f"{name}=" for name in named)])
             raise DHPConfigError(f"DHPStrategy takes its options either as config=DHPConfig(...) or one by one, not "
-                                 f"both; got config= and {[*map(repr, options), *named]}: move them into the config")
+                                 f"both; got config= and {given}: set them in the config (dataclasses.replace)")
         super().__init__(**kwargs)
         self.config = config = config if config is not None else DHPConfig(*options, **named)
         config.check_collective_timeout(timeout)
