@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from lightning_dhp.simulate import (
     simulate_device_count,
     ulysses_group_time,
 )
+from lightning_dhp.simulate.provenance import stamp
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
@@ -253,3 +255,13 @@ def test_a_preset_and_a_cost_model_file_conflict(capsys):
         main(["--preset", "internvl3-8b-910b", "--cost-model", "model.json", "--steps", "1"])
     assert exit_info.value.code == 2
     assert "both set the cost model; pass one" in capsys.readouterr().err
+
+
+def test_the_provenance_stamp_names_the_date_the_machine_and_this_checkouts_commit():
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                            check=True).stdout.strip()
+    stamped = stamp()
+    assert list(stamped) == ["date", "machine"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", stamped["date"])
+    assert re.search(r"\(\S+, \d+ CPUs, .*load average \d+\.\d\), commit ", stamped["machine"])
+    assert stamped["machine"].endswith(f"commit {commit}")
