@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import time
 
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_dhp.attention import ZigzagLayout, cp_attention
+from lightning_dhp.simulate.provenance import stamp
 from lightning_dhp.testing import run_distributed
 
 EFFICIENCY_TIMEOUT_S = 1800.0  # the full run on a loaded 2-core machine takes minutes; a hang fails here
@@ -186,8 +186,8 @@ def main() -> None:
         }
     if args.repeats is not None:
         config["repeats"] = args.repeats
-    print(f"config: {config}, torch {torch.__version__}, {os.cpu_count()} CPUs, 1 thread per rank")
-    results = {"config": config}
+    results = {**stamp(torch=True), "config": config}
+    print(f"config: {config}, {results['machine']}, torch {results['torch']}, 1 thread per rank")
     if args.part in ("all", "efficiency"):
         results["cp_efficiency"] = report_efficiency(config)
     if args.part in ("all", "short_pack"):

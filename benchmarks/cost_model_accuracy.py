@@ -31,7 +31,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ import torch.distributed as dist
 from lightning_dhp.attention import ZigzagLayout, cp_attention
 from lightning_dhp.lightning.profiling import fit_ring_steps, transformer_layers, transformer_weights
 from lightning_dhp.planner import CostModel
-from lightning_dhp.simulate import machine_description
+from lightning_dhp.simulate.provenance import stamp
 from lightning_dhp.testing import run_distributed
 
 CLOCKS = ("cpu", "wall")
@@ -332,9 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     groups = measure(workload)
     ring_steps = measure_ring(workload)
     result = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_description(),
-        "torch": torch.__version__,
+        **stamp(torch=True),
         "workload": dataclasses.asdict(workload),
         "accuracy": evaluate(groups, workload.degrees),
         "profiled": evaluate_profiled(groups, ring_steps, workload),

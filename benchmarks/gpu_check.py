@@ -63,6 +63,7 @@ from lightning_dhp.attention.kernels import (  # noqa: E402
     select_kernel,
 )
 from lightning_dhp.attention.ring import empty_output  # noqa: E402
+from lightning_dhp.simulate.provenance import git_commit, torch_version  # noqa: E402
 
 TOLERANCE = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2.5e-2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -303,7 +304,7 @@ def main_job(sizes: Sizes, steps: int, run: bool, timeout_s: float) -> dict:
 
 
 def environment(sizes: Sizes) -> dict:
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+    info = {"torch": torch_version(), "cuda": torch.version.cuda, "python": platform.python_version(),
             "device": sizes.device, "flash_attn": flash_attn_available()}
     if sizes.device == "cuda":
         info |= {"device_name": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
@@ -340,14 +341,6 @@ def summarize(name: str, result: list | dict) -> None:
         print(f"  main job: exit {result['returncode']} in {result['wall_s']:.1f} s", flush=True)
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, CPU kernels standing in")
@@ -365,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "benchmarks" / "results" / "gpu" / f"{stamp:%Y-%m-%d}.json"
     report = {"date": stamp.isoformat(timespec="seconds"), "mode": "dry-run" if args.dry_run else "gpu",
               "command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "commit": git_commit(), "environment": environment(sizes)}
+              "commit": git_commit(short=False), "environment": environment(sizes)}
     print(f"gpu_check ({report['mode']}): {report['environment']['device_name']}", flush=True)
     report["not_shown"] = NOT_SHOWN
     run_main_job = args.main_job if args.main_job is not None else not args.dry_run

@@ -20,7 +20,6 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from lightning_dhp.hf import ChatDataset
 from lightning_dhp.hf.chat_digits import tiny_model, tiny_processor, write_video
 from lightning_dhp.hf.families import family_of
 from lightning_dhp.lightning import DHPPacking
-from lightning_dhp.simulate import machine_description
+from lightning_dhp.simulate.provenance import stamp
 
 FPS, HEIGHT, WIDTH = 30, 240, 320
 
@@ -99,9 +98,8 @@ def main() -> None:
              "time_over_degree_1": statistics.median(timings[degree]) / statistics.median(timings[degrees[0]]),
              "memory_over_degree_1": statistics.median(memory[degree]) / statistics.median(memory[degrees[0]])}
             for degree in degrees]
-    results = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "machine": machine_description(), "video": {"seconds": args.seconds, "fps": FPS,
-                                                           "size": [WIDTH, HEIGHT], "grid_thw": grid},
+    results = {"command": command, **stamp(),
+               "video": {"seconds": args.seconds, "fps": FPS, "size": [WIDTH, HEIGHT], "grid_thw": grid},
                "whole_video_processed_s": spread(whole), "whole_video_mb": pixels.numel() * 4 / 2**20, "rows": rows}
     print(f"{command}\n{results['machine']}\nvideo: {args.seconds} s, grid (t, h, w) {grid}; whole video processed "
           f"in {statistics.median(whole):.2f} s, {results['whole_video_mb']:.1f} MB of pixel rows")

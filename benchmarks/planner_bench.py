@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from benchmarks.ilp import ILP_COST_MODELS, ilp_optimum, small_instances
 from lightning_dhp.data import DISTRIBUTIONS, sample_token_lengths, token_lengths
 from lightning_dhp.planner import CostModel, plan_batch, static_plan
-from lightning_dhp.planner.peers import megatron_dcp_plan, paper_plan, sequential_group_time
+from lightning_dhp.simulate.peers import megatron_dcp_plan, paper_plan, sequential_group_time
 
 NODE_SIZE = 8
 # distribution -> tokens_per_device: sized so the dataset's longest samples need several devices

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from benchmarks.ilp import ilp_optimum
 from lightning_dhp.data import sample_token_lengths
 from lightning_dhp.planner import CostModel, PlanError, plan_batch, static_plan
-from lightning_dhp.planner.peers import paper_plan
 from lightning_dhp.planner.rounds import minimum_rounds
+from lightning_dhp.simulate.peers import paper_plan
 
 NUM_DEVICES, CAPACITY, NODE_SIZE, SAMPLES, FILL = 8, 4096, 4, 10, 2.2
 

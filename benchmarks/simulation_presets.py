@@ -15,61 +15,60 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.* tooling
 from benchmarks import simulation_report
-from lightning_dhp import simulate
+from lightning_dhp.simulate.config import PRESETS
+from lightning_dhp.simulate.results import SimulationResult
 
 COLUMNS = (
-    ("best static", lambda row: row["speedup_over_best_static"]),
-    ("Megatron static", lambda row: row["speedup_over_megatron"]),
-    ("dhp-paper", lambda row: row["speedup_over"]["dhp-paper"]),
-    ("megatron-dcp", lambda row: row["speedup_over"]["megatron-dcp"]),
+    ("best static", lambda row: row.speedup_over_best_static),
+    ("Megatron static", lambda row: row.speedup_over_megatron),
+    ("dhp-paper", lambda row: row.speedup_over["dhp-paper"]),
+    ("megatron-dcp", lambda row: row.speedup_over["megatron-dcp"]),
 )
 
 
-def run_preset(name: str, devices: str, steps: int, out: Path) -> dict[str, Any]:
+def run_preset(name: str, devices: str, steps: int, out: Path) -> SimulationResult:
     """One preset through the benchmark report (report, plots and JSON under ``out / name``)."""
     folder = out / name
     with contextlib.redirect_stdout(io.StringIO()):
-        simulation_report.main(["--preset", name, "--devices", devices, "--steps", str(steps), "--out", str(folder),
-                                "--json", str(folder / "simulation.json")])
-    return json.loads((folder / "simulation.json").read_text())
+        return simulation_report.report(["--preset", name, "--devices", devices, "--steps", str(steps), "--out",
+                                         str(folder), "--json", str(folder / "simulation.json")])
 
 
-def summary(results: dict[str, dict[str, Any]]) -> tuple[str, list[tuple[str, list[float]]]]:
+def summary(results: dict[str, SimulationResult]) -> tuple[str, list[tuple[str, list[float]]]]:
     """Markdown table and bar values: DHP over each baseline at each run's largest device count."""
     lines = ["| preset | lengths | devices | " + " | ".join(f"DHP / {label}" for label, _ in COLUMNS)
              + " | DHP / bound | DHP rounds |", "|---|---|---:|" + "---:|" * (len(COLUMNS) + 2)]
     bars = []
     for name, result in results.items():
-        for distribution in result["distributions"]:
-            row = distribution["results"][-1]
+        for distribution in result.distributions:
+            row = distribution.results[-1]
             values = [value(row) for _, value in COLUMNS]
-            bars.append((f"{name}\n{distribution['name']}", values))
-            lines.append(f"| {name} | {distribution['name']} | {row['devices']} | "
+            bars.append((f"{name}\n{distribution.name}", values))
+            lines.append(f"| {name} | {distribution.name} | {row.devices} | "
                          + " | ".join(f"{value:.3f}" for value in values)
-                         + f" | {row['step_time_s']['dhp'] / row['lower_bound_s']:.3f} | {row['dhp_rounds']:.1f} |")
+                         + f" | {row.step_time_s['dhp'] / row.lower_bound_s:.3f} | {row.dhp_rounds:.1f} |")
     return "\n".join(lines) + "\n", bars
 
 
-def vision_summary(results: dict[str, dict[str, Any]]) -> str:
+def vision_summary(results: dict[str, SimulationResult]) -> str:
     """Markdown table of the vision presets: vision-blind over vision-aware DHP per step at the largest device
     count (empty without vision presets)."""
     lines = ["| preset | lengths | devices | steps | blind / aware median | p10 | p90 | min | max |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, result in results.items():
-        for distribution in result["distributions"]:
-            row = distribution["results"][-1]
-            if "vision_blind_over_aware" in row:
-                ratios = row["vision_blind_over_aware"]
-                lines.append(f"| {name} | {distribution['name']} | {row['devices']} | {row['steps']} | "
-                             + " | ".join(f"{ratios[key]:.3f}" for key in ("median", "p10", "p90", "min", "max"))
+        for distribution in result.distributions:
+            row = distribution.results[-1]
+            if row.vision_blind_over_aware is not None:
+                ratios = row.vision_blind_over_aware
+                lines.append(f"| {name} | {distribution.name} | {row.devices} | {row.steps} | "
+                             + " | ".join(f"{ratio:.3f}" for ratio in
+                                          (ratios.median, ratios.p10, ratios.p90, ratios.min, ratios.max))
                              + " |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
@@ -105,11 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--devices", default="16,32,64", help="device counts (default %(default)s; the paper: <= 64)")
     parser.add_argument("--steps", type=int, default=8, help="global batches per device count (default %(default)s)")
     parser.add_argument("--out", default="benchmarks/results/simulation_presets", help="output folder")
-    parser.add_argument("--preset", action="append", choices=sorted(simulate.PRESETS), help="default: all")
+    parser.add_argument("--preset", action="append", choices=sorted(PRESETS), help="default: all")
     args = parser.parse_args(argv)
     out = Path(args.out)
     results = {}
-    for name in args.preset or sorted(simulate.PRESETS):
+    for name in args.preset or sorted(PRESETS):
         print(f"{name} ...", file=sys.stderr, flush=True)
         results[name] = run_preset(name, args.devices, args.steps, out)
     table, bars = summary(results)

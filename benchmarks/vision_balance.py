@@ -34,7 +34,6 @@ import json
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from lightning_dhp.hf import HFModule
 from lightning_dhp.models import VLMTask
 from lightning_dhp.models.tiny_vlm import TinyVLMConfig
 from lightning_dhp.planner.presets import MODEL_PRESETS, VISION_PRESETS, TransformerShape, VisionShape
-from lightning_dhp.simulate import machine_description
+from lightning_dhp.simulate.provenance import stamp
 from lightning_dhp.testing import run_distributed
 
 VOCAB, IMAGE, VIDEO, START, END = 256, 250, 251, 252, 253
@@ -206,8 +205,7 @@ def main() -> None:
     ratio = tiny_work_ratio()
     command = " ".join(["python", "benchmarks/vision_balance.py", *sys.argv[1:]])
     print(f"{command}\nvision/LLM work per visual token: {ratio:.2f} (Qwen2.5-VL-7B: {SEVEN_B_RATIO:.2f})", flush=True)
-    results = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "machine": machine_description(), "work_ratio": ratio, "seven_b_ratio": SEVEN_B_RATIO, "rows": []}
+    results = {"command": command, **stamp(), "work_ratio": ratio, "seven_b_ratio": SEVEN_B_RATIO, "rows": []}
     for degree in degrees:
         per_rank = run_distributed(measure, degree, repeats, steps, variants, timeout_s=1800)
         for row in summarise(per_rank):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lightning_dhp.planner import CostModel, PlanError, plan_batch, static_plan
-from lightning_dhp.planner.peers import megatron_dcp_plan, paper_plan
+from lightning_dhp.simulate.peers import megatron_dcp_plan, paper_plan
 
 PLANNERS = {"dhp": plan_batch, "dhp-paper": paper_plan, "megatron-dcp": megatron_dcp_plan}
 # sha256 over the digests of _text_only_digests() computed with the planner before it knew about vision

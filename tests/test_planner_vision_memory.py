@@ -254,7 +254,7 @@ def test_validate_names_a_group_over_the_vision_budget_and_summary_states_the_bu
 
 
 def test_the_simulator_plans_every_policy_within_the_vision_budget(monkeypatch):
-    import lightning_dhp.simulate as simulate
+    from lightning_dhp.simulate import policies, replay
 
     budget, planned = 3000, []
 
@@ -268,8 +268,9 @@ def test_the_simulator_plans_every_policy_within_the_vision_budget(monkeypatch):
             return result
         return plan
 
-    for name in ("plan_batch", "paper_plan", "megatron_dcp_plan", "static_plan"):
-        monkeypatch.setattr(simulate, name, checked(getattr(simulate, name)))
+    for module, name in ((policies, "plan_batch"), (policies, "paper_plan"), (policies, "megatron_dcp_plan"),
+                         (replay, "static_plan")):
+        monkeypatch.setattr(module, name, checked(getattr(module, name)))
     rng = np.random.default_rng(4)
     lengths = rng.integers(100, 6000, size=64)
     source = LengthSource("mix", "test", lengths, np.where(rng.random(64) < 0.5, 4 * lengths, 0))
@@ -277,7 +278,7 @@ def test_the_simulator_plans_every_policy_within_the_vision_budget(monkeypatch):
                               vision_patches_per_device=budget, node_size=4, steps=2, pool_size=8)
     row = simulate_device_count(source, 8, config, VISION)
     # ring-8 is the only static degree that holds the sample with the most patches (4 x 5999 > 4 x 3000)
-    assert [policy for policy in row["step_time_s"] if policy.startswith("ring-")] == ["ring-8"]
+    assert [policy for policy in row.step_time_s if policy.startswith("ring-")] == ["ring-8"]
     assert len(planned) == 2 * (3 + 1)  # steps x (three dynamic policies and ring-8)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from lightning_dhp.simulate import (
     simulate_device_count,
     ulysses_group_time,
 )
+from lightning_dhp.simulate.provenance import stamp
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
@@ -143,9 +145,9 @@ def test_the_planner_lower_bound_holds_for_dhp_and_every_static_ring_policy(leng
     config = SimulationConfig(devices=(2**exponent,), samples_per_device=2, tokens_per_device=8192,
                               node_size=node_size, steps=1, pool_size=4)
     row = simulate_device_count(source, 2**exponent, config, COST)
-    for policy, seconds in row["step_time_s"].items():
+    for policy, seconds in row.step_time_s.items():
         if not policy.startswith("ulysses"):
-            assert row["lower_bound_s"] <= seconds * (1 + 1e-9), policy
+            assert row.lower_bound_s <= seconds * (1 + 1e-9), policy
 
 
 @settings(max_examples=20, deadline=None)
@@ -200,7 +202,7 @@ def test_a_multimodal_source_takes_its_patches_from_the_video_rule():
     np.testing.assert_array_equal(source.lengths, np.concatenate([videos, text]))
     # 1 fps x 64 tokens per frame + 128 text tokens: 4 patches per visual token, none for text
     np.testing.assert_array_equal(source.vision_patches, np.concatenate([4 * (videos - 128), np.zeros(len(text))]))
-    assert source.stats()["with_vision"] == pytest.approx(len(videos) / (len(videos) + len(text)))
+    assert source.stats().with_vision == pytest.approx(len(videos) / (len(videos) + len(text)))
     assert "4 vision patches per visual token" in source.rule and "Mooncake conversation trace" in source.rule
     fewer = multimodal_source("activitynet", "azure_conv", params={"tokens_per_frame": 16})
     assert fewer.vision_patches.max() == 4 * 16 * (videos.max() - 128) // 64
@@ -253,3 +255,13 @@ def test_a_preset_and_a_cost_model_file_conflict(capsys):
         main(["--preset", "internvl3-8b-910b", "--cost-model", "model.json", "--steps", "1"])
     assert exit_info.value.code == 2
     assert "both set the cost model; pass one" in capsys.readouterr().err
+
+
+def test_the_provenance_stamp_names_the_date_the_machine_and_this_checkouts_commit():
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                            check=True).stdout.strip()
+    stamped = stamp()
+    assert list(stamped) == ["date", "machine"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", stamped["date"])
+    assert re.search(r"\(\S+, \d+ CPUs, .*load average \d+\.\d\), commit ", stamped["machine"])
+    assert stamped["machine"].endswith(f"commit {commit}")

@@ -1,4 +1,4 @@
-"""Published dynamic-CP planners, rebuilt on this package's cost model so the simulator can compare.
+"""Published dynamic-CP planners, rebuilt on the planner's cost model so the simulator can compare them with DHP.
 
 - :func:`paper_plan` (``dhp-paper``): the DHP paper's algorithm as published (arXiv 2602.21788):
   per round, memory-aware best-fit-decreasing (BFD) packing into bins sized at the minimum degree of

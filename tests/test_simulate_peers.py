@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_dhp.planner import CostModel, PlanError
-from lightning_dhp.planner.peers import (
+from lightning_dhp.simulate.peers import (
     _min_max_dp,
     megatron_cp_size,
     megatron_dcp_plan,
