@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,48 @@ def test_multirun_sweeps_strategies_each_job_with_its_own_world(tmp_path):
     assert result.stdout.count("Launching 2 jobs") == 1, "ranks > 0 must not start the sweep again"
     strategies = [json.loads((tmp_path / "sweep" / job / "summary.json").read_text())["strategy"] for job in "01"]
     assert strategies[0].startswith("DHP") and strategies[1] == "static ring CP, degree 2"
+
+
+def test_progress_bar_epochs_cover_max_steps():
+    from lightning_dhp.app.main import epochs_to_cover
+    assert epochs_to_cover(200, 128) == 2 and epochs_to_cover(128, 128) == 1 and epochs_to_cover(129, 128) == 2
+    assert epochs_to_cover(200, 128, accumulate_grad_batches=2) == 4  # 64 optimizer steps per epoch
+    assert epochs_to_cover(3, 1) == 3
+
+
+def test_profiled_cost_model_is_cached_per_key_and_rank_zero_decides(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from lightning_dhp.app.cost_model_cache import CHOICE_VARIABLE, PROFILE, choose_cost_model, profile_key
+    from lightning_dhp.app.main import CONF_DIR
+    from lightning_dhp.planner import CostModel
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="vlm_finetune", overrides=[f"profile_cache_dir={tmp_path}"])
+        wider = compose(config_name="vlm_finetune", overrides=["model.config.hidden_size=128"])
+        longer = compose(config_name="vlm_finetune", overrides=["trainer.max_steps=5"])
+    assert profile_key(cfg) != profile_key(wider), "another model must be profiled again"
+    assert profile_key(cfg) == profile_key(longer), "the step count does not change the model"
+    monkeypatch.delenv(CHOICE_VARIABLE, raising=False)
+    first = choose_cost_model(cfg, tmp_path)
+    assert first.strategy_value == PROFILE and os.environ[CHOICE_VARIABLE] == PROFILE
+    profiled = CostModel(linear_s_per_token=3e-5, ring_step_latency_s=6e-3)
+    first.save(profiled)
+    assert choose_cost_model(cfg, tmp_path).strategy_value == PROFILE, "a launched rank keeps rank 0's choice"
+    monkeypatch.delenv(CHOICE_VARIABLE)
+    second = choose_cost_model(cfg, tmp_path)
+    assert second.cache_path is None and CostModel.load(second.strategy_value) == profiled
+    assert "cached" in second.name and str(first.cache_path) in second.source
+
+
+def test_only_lightnings_pytree_warning_is_silenced():
+    from lightning_dhp.app.quiet_warnings import LIGHTNING_PYTREE_WARNING, ignore_lightning_pytree_warning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ignore_lightning_pytree_warning()
+        warnings.warn(LIGHTNING_PYTREE_WARNING, FutureWarning, stacklevel=1)
+        warnings.warn(LIGHTNING_PYTREE_WARNING + " and more", FutureWarning, stacklevel=1)
+        warnings.warn(LIGHTNING_PYTREE_WARNING, DeprecationWarning, stacklevel=1)
+    assert [(type(w.message), str(w.message)) for w in caught] == [
+        (FutureWarning, LIGHTNING_PYTREE_WARNING + " and more"), (DeprecationWarning, LIGHTNING_PYTREE_WARNING)]
