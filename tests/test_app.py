@@ -82,7 +82,9 @@ def test_progress_bar_epochs_cover_max_steps():
     assert epochs_to_cover(3, 1) == 3
 
 
-def test_profiled_cost_model_is_cached_per_key_and_rank_zero_decides(tmp_path, monkeypatch):
+def test_profiled_cost_model_is_calibrated_on_the_steps_cached_per_key_and_rank_zero_decides(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
     from hydra import compose, initialize_config_dir
 
     from lightning_dhp.app.cost_model_cache import CHOICE_VARIABLE, PROFILE, choose_cost_model, profile_key
@@ -98,13 +100,21 @@ def test_profiled_cost_model_is_cached_per_key_and_rank_zero_decides(tmp_path, m
     monkeypatch.delenv(CHOICE_VARIABLE, raising=False)
     first = choose_cost_model(cfg, tmp_path)
     assert first.strategy_value == PROFILE and os.environ[CHOICE_VARIABLE] == PROFILE
-    profiled = CostModel(linear_s_per_token=3e-5, ring_step_latency_s=6e-3)
-    first.save(profiled)
+    # Steps measured at 2x the profiled prediction plus 10 ms per round (the optimizer, hooks, ...).
+    profiled = CostModel(linear_s_per_token=3e-5, attention_s_per_token2=1e-8, ring_step_latency_s=6e-3)
+    history = [{"plan": SimpleNamespace(predicted_time=0.05 * (1 + step % 7), rounds=[None] * (1 + step % 3)),
+                "measured_s": 2 * 0.05 * (1 + step % 7) + 0.01 * (1 + step % 3)} for step in range(20)]
+    calibration = first.calibrate_and_save(profiled, history)
+    assert calibration.scale == pytest.approx(2) and calibration.per_round_s == pytest.approx(0.01)
+    assert calibration.median_abs_pct_error < 1e-6 and calibration.steps == 20
     assert choose_cost_model(cfg, tmp_path).strategy_value == PROFILE, "a launched rank keeps rank 0's choice"
     monkeypatch.delenv(CHOICE_VARIABLE)
     second = choose_cost_model(cfg, tmp_path)
-    assert second.cache_path is None and CostModel.load(second.strategy_value) == profiled
-    assert "cached" in second.name and str(first.cache_path) in second.source
+    cached = CostModel.load(second.strategy_value)
+    for lengths, degree in (([300], 1), ([500, 100], 2), ([800], 3)):
+        expected = 2 * profiled.group_time(lengths, degree) + 0.01
+        assert cached.group_time(lengths, degree) == pytest.approx(expected, rel=1e-12)
+    assert second.calibration == calibration and "calibrated" in second.name
 
 
 def test_only_lightnings_pytree_warning_is_silenced():

@@ -138,14 +138,16 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         trained_state = trainer.strategy.lightning_module_state_dict()  # gathered to rank 0 when sharded
     if not trainer.is_global_zero:
         return None
-    cost_model.save(strategy.cost_model)  # the profiled CostModel, when this run profiled it
+    calibrated = cost_model.calibrate_and_save(strategy.cost_model, report.history)  # the resolved CostModel
     trained = instantiate(cfg.model, _convert_="all")
     trained.load_state_dict(trained_state)
 
     before = instantiate(cfg.model, init_checkpoint=str(checkpoint), _convert_="all")
     result = {
         "strategy": _describe(strategy),
-        "cost_model": {"name": cost_model.name, "source": cost_model.source},
+        "cost_model": {"name": cost_model.name, "source": cost_model.source,
+                       "stated_error": cost_model.calibration and cost_model.calibration.describe(),
+                       "next_run_error": calibrated and calibrated.describe()},
         "devices": trainer.world_size,
         "steps": trainer.global_step,
         "loss_first": report.losses[0] if report.losses else float("nan"),

@@ -53,11 +53,20 @@ def step_time_rows(plan: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def cost_model_rows(cost_model: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Which cost model planned the run, its stated error, and what this run taught the next one."""
+    rows = [("cost model", f"{cost_model['name']} ({cost_model['source']})"),
+            ("cost model's stated error", cost_model.get("stated_error") or "none yet (not calibrated on whole steps)")]
+    if cost_model.get("next_run_error"):
+        rows.append(("recalibrated for the next run", cost_model["next_run_error"]))
+    return rows
+
+
 def summary_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
     plan = result["plan"]
     return [
         ("strategy", result["strategy"]),
-        ("cost model", f"{result['cost_model']['name']}: {result['cost_model']['source']}"),
+        *cost_model_rows(result["cost_model"]),
         ("devices", str(result["devices"])),
         ("optimizer steps", str(result["steps"])),
         ("tokens / s", f"{plan.get('tokens_per_s', float('nan')):,.0f}"),
