@@ -50,6 +50,10 @@ def test_main_job_runs_on_two_processes_learns_and_leaves_its_results(tmp_path):
     assert any(row.get("dhp/planner_ms") for row in rows), "plan statistics must reach the logger"
     assert (run / "plans.png").stat().st_size > 10_000
     assert any((tmp_path / "cache").glob("tiny_vlm_pretrained_*.pt")), "the starting checkpoint is cached"
+    assert summary["cost_model"]["name"] == "profiled on this machine at the start of this run", summary
+    assert summary["plan"]["batch_wait_ms_p90"] >= summary["plan"]["batch_wait_ms_median"] >= 0
+    assert "Epoch 0/0" in result.stdout and "/-" not in result.stdout, "max_epochs must cover max_steps"
+    assert "LeafSpec" not in result.stdout + result.stderr, "Lightning's pytree warning must be filtered"
 
 
 @pytest.mark.parametrize(("overrides", "fragments"), [

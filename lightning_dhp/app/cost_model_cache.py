@@ -150,7 +150,8 @@ def choose_cost_model(cfg: DictConfig, cache_dir: str | os.PathLike) -> CostMode
         os.environ[CHOICE_VARIABLE] = decided
     if decided == PROFILE:
         return CostModelChoice(PROFILE, "profiled on this machine at the start of this run",
-                               f"calibrated on its steps for the next run: {cache_path}", cache_path=cache_path)
+                               f"the strategy's profile; calibrated on this run's steps into {cache_path}",
+                               cache_path=cache_path)
     calibration = StepCalibration(**json.loads(calibration_path(Path(decided)).read_text()))
     return CostModelChoice(decided, "profiled on this machine, calibrated on an earlier run's steps", decided,
                            calibration, cache_path)

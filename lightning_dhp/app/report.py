@@ -55,7 +55,7 @@ def step_time_rows(plan: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def cost_model_rows(cost_model: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Which cost model planned the run, its stated error, and what this run taught the next one."""
-    rows = [("cost model", f"{cost_model['name']} ({cost_model['source']})"),
+    rows = [("cost model", cost_model["name"]), ("cost model source", cost_model["source"]),
             ("cost model's stated error", cost_model.get("stated_error") or "none yet (not calibrated on whole steps)")]
     if cost_model.get("next_run_error"):
         rows.append(("recalibrated for the next run", cost_model["next_run_error"]))
