@@ -160,6 +160,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "tensorboard": str(loggers[1].log_dir) if len(loggers) > 1 else "-",
         "plan_plot": str(report.plot_path),
         "wall_s": time.perf_counter() - started,
+        "load_average": os.getloadavg()[0],  # step times on a shared machine move with it
     }
     (output_dir / "summary.json").write_text(json.dumps(result, indent=2, default=str))
     print("\n" + format_table(summary_rows(result), "lightning-dhp: VLM fine-tuning summary"), flush=True)

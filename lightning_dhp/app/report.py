@@ -78,7 +78,7 @@ def summary_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("rounds per step (mean)", f"{plan.get('rounds_per_step', float('nan')):.2f}"),
         ("process-group pool", f"{plan.get('pool_misses', 0)} created, {plan.get('pool_hits', 0)} reused, "
                                f"{plan.get('pool_evictions', 0)} evicted"),
-        ("wall time", f"{result['wall_s']:.0f} s"),
+        ("wall time", f"{result['wall_s']:.0f} s (load average at the end {result['load_average']:.1f})"),
         ("metrics CSV", result["metrics_csv"]),
         ("TensorBoard", result["tensorboard"]),
         ("plan plot", result["plan_plot"]),
