@@ -9,7 +9,8 @@ the exactness check); the report's files (``plans.png``, ``dhp_summary.json``) g
 
 The spec (JSON) holds ``overrides`` (Hydra overrides of ``lightning_dhp/conf/vlm_finetune.yaml``), ``devices``,
 ``steps``, ``warmup_steps`` (recorded steps left out of the throughput), ``precision``,
-``tokens_per_device``, ``static_degree`` (null for DHP) and optionally ``cost_model`` (a JSON path); the
+``tokens_per_device``, ``static_degree`` (null for DHP) and optionally ``cost_model`` (a JSON path; without
+it ``CostModel.default()``, not the example's profiled model, so every variant plans with the same one); the
 strategy's other settings come from the configuration (``strategy.cp_implementation=allgather`` works).
 """
 
@@ -48,7 +49,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any] | None:
     task = instantiate(cfg.model, _convert_="all")  # random initialisation, the same on every run (seeded)
     strategy: DHPStrategy = instantiate(cfg.strategy, tokens_per_device=spec["tokens_per_device"],
                                         static_degree=spec["static_degree"],
-                                        cost_model=spec.get("cost_model") or cfg.strategy.cost_model)
+                                        cost_model=spec.get("cost_model"))  # None: CostModel.default()
     report = DHPPlanReport(dirpath=spec["report_dir"], num_plotted_steps=1, log_metrics=False)
     trainer = instantiate(cfg.trainer, devices=spec["devices"], max_steps=spec["steps"], precision=spec["precision"],
                           strategy=strategy, callbacks=[report], logger=False, enable_progress_bar=False,

@@ -26,7 +26,8 @@ from torch.utils.data import Subset
 
 import lightning_dhp
 from lightning_dhp import DHPDataModule
-from lightning_dhp.app.report import degrees_used, fit_with_plan_report, format_table
+from lightning_dhp.app.quiet_warnings import ignore_lightning_pytree_warning
+from lightning_dhp.app.report import degrees_used, fit_with_plan_report, format_table, step_time_rows
 from lightning_dhp.hf import ChatDataset, HFModule
 from lightning_dhp.hf.chat_digits import answer_accuracy, write_chat_digits
 
@@ -51,6 +52,7 @@ def manifest_path(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="hf_chat_finetune", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    ignore_lightning_pytree_warning()
     seed_everything(cfg.seed, verbose=False)
     processor = instantiate(cfg.chat_model.processor)
     dataset = ChatDataset(manifest_path(cfg), processor, media_root=cfg.data.media_root,
@@ -81,7 +83,7 @@ def main(cfg: DictConfig) -> None:
         ("first answer token accuracy", f"{summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%} "
                                         f"({len(held_out)} held-out records)"),
         ("groups used, by CP degree", degrees_used(plan)),
-        ("planner time (median)", f"{plan.get('planner_ms_median', float('nan')):.2f} ms"),
+        *step_time_rows(plan),
         ("summary", str(path)),
     ], "hf_chat_finetune"), flush=True)
 

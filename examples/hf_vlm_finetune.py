@@ -24,6 +24,7 @@ from torch.utils.data import ConcatDataset
 
 import lightning_dhp
 from lightning_dhp import DHPDataModule
+from lightning_dhp.app.quiet_warnings import ignore_lightning_pytree_warning
 from lightning_dhp.app.report import fit_with_plan_report
 from lightning_dhp.data.video_digits import VideoDigits
 from lightning_dhp.hf import HFModule
@@ -45,6 +46,7 @@ def datasets(cfg: DictConfig, config) -> tuple[QwenVLVideoDigits, QwenVLVideoDig
 
 @hydra.main(config_path=str(CONF_DIR), config_name="hf_vlm_finetune", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    ignore_lightning_pytree_warning()
     seed_everything(cfg.seed, verbose=False)
     optimizer = partial(torch.optim.AdamW, lr=cfg.hf_model.lr, weight_decay=cfg.hf_model.weight_decay)
     module = HFModule(instantiate(cfg.hf_model.model), optimizer=optimizer)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,10 @@ def test_main_job_runs_on_two_processes_learns_and_leaves_its_results(tmp_path):
     assert any(row.get("dhp/planner_ms") for row in rows), "plan statistics must reach the logger"
     assert (run / "plans.png").stat().st_size > 10_000
     assert any((tmp_path / "cache").glob("tiny_vlm_pretrained_*.pt")), "the starting checkpoint is cached"
+    assert summary["cost_model"]["name"] == "profiled on this machine at the start of this run", summary
+    assert summary["plan"]["batch_wait_ms_p90"] >= summary["plan"]["batch_wait_ms_median"] >= 0
+    assert "Epoch 0/0" in result.stdout and "/-" not in result.stdout, "max_epochs must cover max_steps"
+    assert "LeafSpec" not in result.stdout + result.stderr, "Lightning's pytree warning must be filtered"
 
 
 @pytest.mark.parametrize(("overrides", "fragments"), [
@@ -71,3 +77,58 @@ def test_multirun_sweeps_strategies_each_job_with_its_own_world(tmp_path):
     assert result.stdout.count("Launching 2 jobs") == 1, "ranks > 0 must not start the sweep again"
     strategies = [json.loads((tmp_path / "sweep" / job / "summary.json").read_text())["strategy"] for job in "01"]
     assert strategies[0].startswith("DHP") and strategies[1] == "static ring CP, degree 2"
+
+
+def test_progress_bar_epochs_cover_max_steps():
+    from lightning_dhp.app.main import epochs_to_cover
+    assert epochs_to_cover(200, 128) == 2 and epochs_to_cover(128, 128) == 1 and epochs_to_cover(129, 128) == 2
+    assert epochs_to_cover(200, 128, accumulate_grad_batches=2) == 4  # 64 optimizer steps per epoch
+    assert epochs_to_cover(3, 1) == 3
+
+
+def test_profiled_cost_model_is_calibrated_on_the_steps_cached_per_key_and_rank_zero_decides(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+
+    from lightning_dhp.app.cost_model_cache import CHOICE_VARIABLE, PROFILE, choose_cost_model, profile_key
+    from lightning_dhp.app.main import CONF_DIR
+    from lightning_dhp.planner import CostModel
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="vlm_finetune", overrides=[f"profile_cache_dir={tmp_path}"])
+        wider = compose(config_name="vlm_finetune", overrides=["model.config.hidden_size=128"])
+        longer = compose(config_name="vlm_finetune", overrides=["trainer.max_steps=5"])
+    assert profile_key(cfg) != profile_key(wider), "another model must be profiled again"
+    assert profile_key(cfg) == profile_key(longer), "the step count does not change the model"
+    monkeypatch.delenv(CHOICE_VARIABLE, raising=False)
+    first = choose_cost_model(cfg, tmp_path)
+    assert first.strategy_value == PROFILE and os.environ[CHOICE_VARIABLE] == PROFILE
+    # Steps measured at 2x the profiled prediction plus 10 ms per round (the optimizer, hooks, ...).
+    profiled = CostModel(linear_s_per_token=3e-5, attention_s_per_token2=1e-8, ring_step_latency_s=6e-3)
+    history = [{"plan": SimpleNamespace(predicted_time=0.05 * (1 + step % 7), rounds=[None] * (1 + step % 3)),
+                "measured_s": 2 * 0.05 * (1 + step % 7) + 0.01 * (1 + step % 3)} for step in range(20)]
+    calibration = first.calibrate_and_save(profiled, history)
+    assert calibration.scale == pytest.approx(2) and calibration.per_round_s == pytest.approx(0.01)
+    assert calibration.median_abs_pct_error < 1e-6 and calibration.steps == 20
+    assert choose_cost_model(cfg, tmp_path).strategy_value == PROFILE, "a launched rank keeps rank 0's choice"
+    monkeypatch.delenv(CHOICE_VARIABLE)
+    second = choose_cost_model(cfg, tmp_path)
+    cached = CostModel.load(second.strategy_value)
+    for lengths, degree in (([300], 1), ([500, 100], 2), ([800], 3)):
+        expected = 2 * profiled.group_time(lengths, degree) + 0.01
+        assert cached.group_time(lengths, degree) == pytest.approx(expected, rel=1e-12)
+    assert second.calibration == calibration and "calibrated" in second.name
+
+
+def test_only_lightnings_pytree_warning_is_silenced():
+    from lightning_dhp.app.quiet_warnings import LIGHTNING_PYTREE_WARNING, ignore_lightning_pytree_warning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ignore_lightning_pytree_warning()
+        warnings.warn(LIGHTNING_PYTREE_WARNING, FutureWarning, stacklevel=1)
+        warnings.warn(LIGHTNING_PYTREE_WARNING + " and more", FutureWarning, stacklevel=1)
+        warnings.warn(LIGHTNING_PYTREE_WARNING, DeprecationWarning, stacklevel=1)
+    assert [(type(w.message), str(w.message)) for w in caught] == [
+        (FutureWarning, LIGHTNING_PYTREE_WARNING + " and more"), (DeprecationWarning, LIGHTNING_PYTREE_WARNING)]

@@ -8,6 +8,7 @@ summary happen on global rank 0 after training.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -24,17 +25,19 @@ from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_dhp.app.cost_model_cache import CHOICE_VARIABLE, choose_cost_model
 from lightning_dhp.app.pretrain import pretrained_checkpoint
+from lightning_dhp.app.quiet_warnings import ignore_lightning_pytree_warning
 from lightning_dhp.app.report import format_table, summary_rows
 from lightning_dhp.data.lengths import LengthFileError
 from lightning_dhp.data.video_digits import VideoDigits
-from lightning_dhp.lightning import DHPConfigError, DHPDataError, DHPDataModule, DHPStrategy
+from lightning_dhp.lightning import DHPBatchSampler, DHPConfigError, DHPDataError, DHPDataModule, DHPStrategy
 from lightning_dhp.lightning.callbacks import DHPPlanReport
 from lightning_dhp.planner import PlanError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # package data: shipped with every install
 USER_ERRORS = (PlanError, LengthFileError, DHPConfigError, DHPDataError)
-_LAUNCHER_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_LAUNCHER_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", CHOICE_VARIABLE)
 
 
 class ConfigError(ValueError):
@@ -70,6 +73,13 @@ def build_datasets(cfg: DictConfig) -> tuple[VideoDigits, VideoDigits, VideoDigi
             VideoDigits(cfg.eval.num_samples, seed=cfg.seed + 2, **common))
 
 
+def epochs_to_cover(max_steps: int, batches_per_epoch: int, accumulate_grad_batches: int = 1) -> int:
+    """Epochs that hold ``max_steps`` optimizer steps: a finite ``max_epochs`` keeps the progress bar
+    honest (Lightning shows ``max_epochs - 1``, i.e. "Epoch 1/-2" when training is bounded by steps alone)."""
+    steps_per_epoch = max(1, batches_per_epoch // accumulate_grad_batches)
+    return max(1, math.ceil(max_steps / steps_per_epoch))
+
+
 def _children_run_this_job_only() -> None:
     """Lightning's launcher starts ranks 1..N-1 by re-running ``sys.argv``; inside a multirun job that
     would start the whole sweep again, so hand them this job's own overrides instead."""
@@ -98,6 +108,7 @@ def _own_world() -> Iterator[None]:
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """The main job; returns the summary on global rank 0 (None on other ranks)."""
     started = time.perf_counter()
+    ignore_lightning_pytree_warning()
     _children_run_this_job_only()
     check_devices(cfg.trainer)
     seed_everything(cfg.seed, workers=True, verbose=False)
@@ -111,23 +122,32 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         frame_sizes=list(cfg.data.frame_sizes), cache_dir=cfg.pretrain.cache_dir)
     task = instantiate(cfg.model, init_checkpoint=str(checkpoint), _convert_="all")
 
-    strategy: DHPStrategy = instantiate(cfg.strategy)
     report = DHPPlanReport(dirpath=str(output_dir), num_plotted_steps=cfg.plot_steps)
     loggers = [instantiate(logger_cfg) for logger_cfg in cfg.logger.values()]
-    trainer = instantiate(cfg.trainer, strategy=strategy, logger=loggers, callbacks=[report])
     data = DHPDataModule(train_set, train_set.lengths.tolist(), cfg.data.global_batch_size,
                          val_dataset=val_set, num_workers=cfg.data.num_workers, seed=cfg.seed)
+    bounded = {}
+    if cfg.trainer.get("max_steps", -1) > 0 and cfg.trainer.get("max_epochs") is None:
+        batches = len(DHPBatchSampler(train_set.lengths.tolist(), cfg.data.global_batch_size))
+        bounded["max_epochs"] = epochs_to_cover(cfg.trainer.max_steps, batches, cfg.trainer.accumulate_grad_batches)
     with _own_world():
+        cost_model = choose_cost_model(cfg, cfg.profile_cache_dir)
+        strategy: DHPStrategy = instantiate(cfg.strategy, cost_model=cost_model.strategy_value)
+        trainer = instantiate(cfg.trainer, strategy=strategy, logger=loggers, callbacks=[report], **bounded)
         trainer.fit(task, datamodule=data)
         trained_state = trainer.strategy.lightning_module_state_dict()  # gathered to rank 0 when sharded
     if not trainer.is_global_zero:
         return None
+    calibrated = cost_model.calibrate_and_save(strategy.cost_model, report.history)  # the resolved CostModel
     trained = instantiate(cfg.model, _convert_="all")
     trained.load_state_dict(trained_state)
 
     before = instantiate(cfg.model, init_checkpoint=str(checkpoint), _convert_="all")
     result = {
         "strategy": _describe(strategy),
+        "cost_model": {"name": cost_model.name, "source": cost_model.source,
+                       "stated_error": cost_model.calibration and cost_model.calibration.describe(),
+                       "next_run_error": calibrated and calibrated.describe()},
         "devices": trainer.world_size,
         "steps": trainer.global_step,
         "loss_first": report.losses[0] if report.losses else float("nan"),
@@ -140,6 +160,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "tensorboard": str(loggers[1].log_dir) if len(loggers) > 1 else "-",
         "plan_plot": str(report.plot_path),
         "wall_s": time.perf_counter() - started,
+        "load_average": os.getloadavg()[0],  # step times on a shared machine move with it
     }
     (output_dir / "summary.json").write_text(json.dumps(result, indent=2, default=str))
     print("\n" + format_table(summary_rows(result), "lightning-dhp: VLM fine-tuning summary"), flush=True)

@@ -28,12 +28,17 @@ def plan_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     measured = np.array([entry["measured_s"] for entry in history])
     predicted = np.array([entry["plan"].predicted_time for entry in history])
     tokens = np.array([entry["tokens"] for entry in history])
+    planner = np.array([entry["planner_s"] for entry in history])
+    batch_wait = np.array([entry["batch_wait_s"] for entry in history])
     return {
         "steps": len(history),
         "tokens_per_s": float(tokens.sum() / measured.sum()),
         "step_s_median": float(np.median(measured)),
         "predicted_step_s_median": float(np.median(predicted)),
-        "planner_ms_median": float(np.median([entry["planner_s"] for entry in history]) * 1e3),
+        "planner_ms_median": float(np.median(planner) * 1e3),
+        "planner_share_of_predicted_step_median": float(np.median(planner / predicted)),
+        "batch_wait_ms_median": float(np.median(batch_wait) * 1e3),
+        "batch_wait_ms_p90": float(np.percentile(batch_wait, 90) * 1e3),
         "rounds_per_step": float(np.mean([len(entry["plan"].rounds) for entry in history])),
         "groups_by_degree": dict(sorted(degrees.items())),
     }
@@ -43,8 +48,10 @@ class DHPPlanReport(Callback):
     """Record every training step's plan and time, log ``dhp/*`` metrics, write files at the end.
 
     ``history`` holds one entry per training step: ``plan``, ``measured_s`` (wall time of the step,
-    from batch start to batch end), ``tokens``, ``planner_s``, ``position`` and ``epoch``; it keeps
-    the last ``max_history`` steps (all by default). At the end of training, on global rank 0,
+    from batch start to batch end), ``batch_wait_s`` (from the end of the previous batch, or the start of
+    the epoch, to this batch's start: the wait for the loader plus Lightning's bookkeeping between steps;
+    near zero when loading overlaps the step), ``tokens``, ``planner_s``, ``position`` and ``epoch``; it
+    keeps the last ``max_history`` steps (all by default). At the end of training, on global rank 0,
     ``plans.png`` (the first ``num_plotted_steps`` steps; none for 0) and ``dhp_summary.json`` go to ``dirpath``
     or else the logger's directory. ``losses`` keeps the global loss of every step.
     """
@@ -60,6 +67,11 @@ class DHPPlanReport(Callback):
         self.plot_path: Path | None = None
         self.losses: list[float] = []
         self._started: float | None = None
+        self._previous_end: float | None = None  # end of the previous batch, or start of the epoch
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._previous_end = time.perf_counter()
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -73,18 +85,22 @@ class DHPPlanReport(Callback):
             self.losses.append(float(loss))
         if not isinstance(batch, PlannedStep) or self._started is None:
             return
-        measured = time.perf_counter() - self._started
-        self.history.append({"plan": batch.plan, "measured_s": measured, "tokens": batch.num_tokens,
-                             "planner_s": batch.planner_seconds, "position": batch.request.position,
-                             "epoch": batch.request.epoch})
+        ended = time.perf_counter()
+        measured = ended - self._started
+        batch_wait = self._started - self._previous_end if self._previous_end is not None else 0.0
+        self._previous_end = ended
+        self.history.append({"plan": batch.plan, "measured_s": measured, "batch_wait_s": batch_wait,
+                             "tokens": batch.num_tokens, "planner_s": batch.planner_seconds,
+                             "position": batch.request.position, "epoch": batch.request.epoch})
         if self.max_history is not None:
             del self.history[:-self.max_history]
         if self.log_metrics:
-            pl_module.log_dict(self._metrics(trainer, batch, measured), on_step=True, on_epoch=False,
+            pl_module.log_dict(self._metrics(trainer, batch, measured, batch_wait), on_step=True, on_epoch=False,
                                batch_size=len(batch.request.sample_ids))
 
     @staticmethod
-    def _metrics(trainer: Trainer, step: PlannedStep, measured_seconds: float) -> dict[str, float]:
+    def _metrics(trainer: Trainer, step: PlannedStep, measured_seconds: float,
+                 batch_wait_seconds: float) -> dict[str, float]:
         stats = step.plan.stats()
         strategy = trainer.strategy
         metrics = {
@@ -95,6 +111,7 @@ class DHPPlanReport(Callback):
             "dhp/predicted_step_s": float(step.plan.predicted_time),
             "dhp/planner_ms": step.planner_seconds * 1e3,
             "dhp/step_s": measured_seconds,
+            "dhp/batch_wait_s": batch_wait_seconds,
             "dhp/tokens_per_s": step.num_tokens / measured_seconds,
         }
         if hasattr(strategy, "pool"):
