@@ -107,9 +107,6 @@ class _Groups:
         self.round_start = np.concatenate([[0], np.cumsum(sizes)]).tolist()  # groups of a round are contiguous
         degree = np.array([group.degree for group in groups], dtype=np.int64)
         first = np.array([group.first_rank for group in groups], dtype=np.int64)
-        crosses = np.zeros(len(groups), dtype=bool) if node_size is None else (
-            first // node_size != (first + degree - 1) // node_size
-        )
         self.members = [list(group.samples) for group in groups]
         self.group_of = np.zeros(len(lengths), dtype=np.int64)
         for index, samples in enumerate(self.members):
@@ -119,13 +116,10 @@ class _Groups:
         budget = vision_budget(patches, vision_patches_per_device)
         self.capacity = degree * tokens_per_device
         self.patch_capacity = None if budget is None else degree * budget  # None: no vision budget
-        # node_size=0 makes a group pay the inter-node bandwidth, as in build_plan
         zero, one = np.zeros(len(groups)), np.ones(len(groups))
 
         def at_degrees(sums: np.ndarray, squares: np.ndarray, patches: np.ndarray | None = None) -> np.ndarray:
-            inside = cost.times_from_sums(sums, squares, degree, sum_patches=patches)
-            return np.where(crosses, cost.times_from_sums(sums, squares, degree, node_size=0, sum_patches=patches),
-                            inside)
+            return cost.placed_times(sums, squares, degree, first, node_size, sum_patches=patches)
 
         self.fixed = at_degrees(zero, zero)
         self.per_token = at_degrees(one, zero) - self.fixed
