@@ -1,5 +1,7 @@
 """Planner ablation: every stage and tuning constant of ``plan_batch`` switched off (or moved) in turn.
 
+Each variant is ``dataclasses.replace(PlannerOptions(), ...)`` passed to ``plan_batch(options=...)``.
+
 Batch sets on 64 devices (nodes of 8), ``CostModel.default()``, seeds held out from the
 other benchmarks (500+):
 - short tails: the length distributions of ../shared/data at the planner benchmark's capacities,
@@ -16,13 +18,13 @@ Usage: python benchmarks/planner_ablation.py [--batches 2] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.* tooling
 from benchmarks.planner_bench import CAPACITY, draw
 from lightning_dhp.data import sample_token_lengths
-from lightning_dhp.planner import PlanError, dhp, plan_batch, rebalance, refine
+from lightning_dhp.planner import PlannerOptions, plan_batch
 
 SHORT_TAILS = ("activitynet", "mooncake", "vlm_mix", "azure_conv", "epic_kitchens_segments")
 SIZES = (128, 512)  # samples per batch of the short tails
@@ -39,67 +41,48 @@ MEMORY_BOUND = ("epic_kitchens_videos", "mooncake")
 MEMORY_BOUND_CAPACITY = 16384
 
 
-def _no_move(*_: object) -> tuple[float, None]:
-    return math.inf, None
-
-
-def _no_static(*_: object, **__: object) -> None:
-    raise PlanError("static fallback switched off")
-
-
-# variant -> [(object, attribute, value)]: what it changes
-VARIANTS: dict[str, list[tuple[Any, str, Any]]] = {
-    "baseline": [],
-    "no refinement": [(refine.Refiner, "run", lambda self, max_steps: 0)],
-    "refine: no move": [(refine.Refiner, "_best_move", _no_move)],
-    "refine: no swap": [(refine.Refiner, "_best_swap", _no_move)],
-    "refine: no merge": [(refine.Refiner, "_best_merge", _no_move)],
-    "refine: no split": [(refine.Refiner, "_best_split", lambda self, slowest, here: (math.inf, None))],
-    "REFINE_PASSES 8 -> 2": [(dhp, "REFINE_PASSES", 2)],
-    "REFINE_STEP_BUDGET 4096 -> 1024": [(dhp, "REFINE_STEP_BUDGET", 1024)],
-    "SWAP_PARTNER_BINS 16 -> 4": [(refine, "SWAP_PARTNER_BINS", 4)],
-    "no uniform or merge starts (EXTRA_START_SAMPLES 0)": [(dhp, "EXTRA_START_SAMPLES", 0)],
-    "no merge start": [(dhp, "MERGE_START", False)],
-    "no tight-memory starts/fallback (TIGHT_MEMORY inf)": [(dhp, "TIGHT_MEMORY", math.inf)],
-    "no static layouts (nor their extra-round re-plan)": [(dhp, "static_plan", _no_static)],
-    "no cross-round rebalancing": [(dhp, "REBALANCE", False)],
-    "rebalancing: moves only, no swaps": [(rebalance, "SWAPS", False)],
-    "rebalancing: stuck donors searched again every step": [(rebalance, "SKIP_STUCK", False)],
-    "rebalancing: full budget at any gap (FULL_BUDGET_GAP 0)": [(rebalance, "FULL_BUDGET_GAP", 0.0)],
-    "MAX_CHANGES_PER_SAMPLE 0.25 -> 0.125": [(rebalance, "MAX_CHANGES_PER_SAMPLE", 0.125)],
-    "MAX_CHANGES_PER_SAMPLE 0.25 -> 0.5": [(rebalance, "MAX_CHANGES_PER_SAMPLE", 0.5)],
-    "rebalance only the best plan (REBALANCE_MARGIN 0)": [(dhp, "REBALANCE_MARGIN", 0.0)],
-    "rebalance the static plan too": [(dhp, "SKIP_STATIC_REBALANCE", False)],
-    "no pruning of round assignments (PRUNE_MARGIN inf)": [(dhp, "PRUNE_MARGIN", math.inf)],
-    "PRUNE_MARGIN 0.02 -> 0": [(dhp, "PRUNE_MARGIN", 0.0)],
-    "extra-round re-plan whenever static has rounds (STATIC_CLOSE inf)": [(dhp, "STATIC_CLOSE", math.inf)],
-    "no polish (POLISH_STEPS 0)": [(dhp, "POLISH_STEPS", 0)],
-    "polish every round (POLISH_ROUNDS inf)": [(dhp, "POLISH_ROUNDS", 10**9)],
-    "rebalance margin and polish at any gap (HARD_GAP 0)": [(dhp, "HARD_GAP", 0.0)],
-    "POLISH_STEPS 32 -> 16": [(dhp, "POLISH_STEPS", 16)],
-    "no static assignment with one more round (STATIC_ROUNDS_EXTRA 0)": [(dhp, "STATIC_ROUNDS_EXTRA", 0)],
-    "neither (no rebalancing, no extra-round candidate)": [(dhp, "REBALANCE", False), (dhp, "STATIC_ROUNDS_EXTRA", 0)],
-    "STATIC_ROUNDS_EXTRA 1 -> 2": [(dhp, "STATIC_ROUNDS_EXTRA", 2)],
-    "CLOSE_ENOUGH 0.03 -> 0": [(dhp, "CLOSE_ENOUGH", 0.0)],
-    "CLOSE_ENOUGH 0.03 -> 0.01": [(dhp, "CLOSE_ENOUGH", 0.01)],
-    "START_MARGIN 0.1 -> inf (refine every start)": [(dhp, "START_MARGIN", math.inf)],
-    "START_MARGIN 0.1 -> 0.02": [(dhp, "START_MARGIN", 0.02)],
-    "REFINE_MAX_SAMPLES 128 -> inf (refine every batch)": [(dhp, "REFINE_MAX_SAMPLES", math.inf)],
-    "REFINE_MAX_SAMPLES 128 -> 64": [(dhp, "REFINE_MAX_SAMPLES", 64)],
-    "TIGHT_STARTS_MULTI_ROUND False -> True": [(dhp, "TIGHT_STARTS_MULTI_ROUND", True)],
+NO_REFINEMENT = {"refine_move": False, "refine_swap": False, "refine_merge": False, "refine_split": False}
+# variant -> the PlannerOptions fields it changes (dataclasses.replace of the defaults)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "no refinement": NO_REFINEMENT,
+    "refine: no move": {"refine_move": False},
+    "refine: no swap": {"refine_swap": False},
+    "refine: no merge": {"refine_merge": False},
+    "refine: no split": {"refine_split": False},
+    "refine_passes 8 -> 2": {"refine_passes": 2},
+    "refine_step_budget 4096 -> 1024": {"refine_step_budget": 1024},
+    "swap_partner_bins 16 -> 4": {"swap_partner_bins": 4},
+    "no uniform or merge starts (extra_start_samples 0)": {"extra_start_samples": 0},
+    "no merge start": {"merge_start": False},
+    "no tight-memory starts/fallback (tight_memory inf)": {"tight_memory": math.inf},
+    "no static layouts (nor their extra-round re-plan)": {"static_layouts": False},
+    "no cross-round rebalancing": {"rebalance": False},
+    "rebalancing: moves only, no swaps": {"rebalance_swaps": False},
+    "rebalancing: stuck donors searched again every step": {"rebalance_skip_stuck": False},
+    "rebalancing: full budget at any gap (rebalance_full_budget_gap 0)": {"rebalance_full_budget_gap": 0.0},
+    "rebalance_max_changes_per_sample 0.25 -> 0.125": {"rebalance_max_changes_per_sample": 0.125},
+    "rebalance_max_changes_per_sample 0.25 -> 0.5": {"rebalance_max_changes_per_sample": 0.5},
+    "rebalance only the best plan (rebalance_margin 0)": {"rebalance_margin": 0.0},
+    "rebalance the static plan too": {"skip_static_rebalance": False},
+    "no pruning of round assignments (prune_margin inf)": {"prune_margin": math.inf},
+    "prune_margin 0.02 -> 0": {"prune_margin": 0.0},
+    "extra-round re-plan whenever static has rounds (static_close inf)": {"static_close": math.inf},
+    "no polish (polish_steps 0)": {"polish_steps": 0},
+    "polish every round (polish_rounds inf)": {"polish_rounds": 10**9},
+    "rebalance margin and polish at any gap (hard_gap 0)": {"hard_gap": 0.0},
+    "polish_steps 32 -> 16": {"polish_steps": 16},
+    "no static assignment with one more round (static_rounds_extra 0)": {"static_rounds_extra": 0},
+    "neither (no rebalancing, no extra-round candidate)": {"rebalance": False, "static_rounds_extra": 0},
+    "static_rounds_extra 1 -> 2": {"static_rounds_extra": 2},
+    "close_enough 0.03 -> 0": {"close_enough": 0.0},
+    "close_enough 0.03 -> 0.01": {"close_enough": 0.01},
+    "start_margin 0.1 -> inf (refine every start)": {"start_margin": math.inf},
+    "start_margin 0.1 -> 0.02": {"start_margin": 0.02},
+    "refine_max_samples 128 -> inf (refine every batch)": {"refine_max_samples": math.inf},
+    "refine_max_samples 128 -> 64": {"refine_max_samples": 64},
 }
-
-
-@contextlib.contextmanager
-def patched(changes: list[tuple[Any, str, Any]]) -> Iterator[None]:
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in changes]
-    for owner, name, value in changes:
-        setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
+OPTIONS = {variant: dataclasses.replace(PlannerOptions(), **changes) for variant, changes in VARIANTS.items()}
 
 
 def batch_sets(batches: int) -> dict[str, list[tuple[str, np.ndarray, int]]]:
@@ -123,10 +106,9 @@ def run(batches: int, progress: Callable[[str], None]) -> dict[str, Any]:
             progress(f"{set_name}: {distribution} batch {index}")
             rotation = names[index % len(names):] + names[: index % len(names)]
             for variant in rotation:
-                with patched(VARIANTS[variant]):
-                    started = time.process_time()
-                    plan = plan_batch(lengths, 64, capacity, node_size=8)
-                    cpu = time.process_time() - started
+                started = time.process_time()
+                plan = plan_batch(lengths, 64, capacity, node_size=8, options=OPTIONS[variant])
+                cpu = time.process_time() - started
                 plan.validate()
                 row = results[set_name][variant]
                 row["time"].append(plan.predicted_time)

@@ -384,10 +384,10 @@ def test_node_aware_allocation_narrows_the_widest_group_when_nodes_fragment():
     """Degrees 2, 5, 1 leave no whole node for the third bin's minimum of 2: the widest group gives a rank up."""
     from lightning_dhp.planner.dhp import _allocate_and_place
     from lightning_dhp.planner.inputs import min_degrees
-    from lightning_dhp.planner.packing import RoundProblem
+    from lightning_dhp.planner.problem import Problem
 
     lengths = np.array([1984, 2173, 1338])
-    problem = RoundProblem(lengths, min_degrees(lengths, 1000), 8, 1000, CostModel.default(), 4, 0.0, 3)
+    problem = Problem(lengths, min_degrees(lengths, 1000), 8, 1000, CostModel.default(), 4, 0.0, 3)
     degrees, starts, _ = _allocate_and_place(problem, [[0], [1], [2]])
     assert degrees.tolist() == [2, 4, 2]
     placed = zip(degrees.tolist(), starts, strict=True)
@@ -404,12 +404,12 @@ def test_a_remembered_allocation_answers_for_the_same_bins_in_any_order(lengths,
     returns the same degree, first rank and time for every bin, mapped back to the caller's order."""
     from lightning_dhp.planner.dhp import _allocate_and_place
     from lightning_dhp.planner.inputs import min_degrees
-    from lightning_dhp.planner.packing import RoundProblem
+    from lightning_dhp.planner.problem import Problem
 
     lengths = np.array(lengths)
     rng = np.random.default_rng(seed)
     bins = [list(part) for part in np.array_split(rng.permutation(len(lengths)), min(4, len(lengths))) if len(part)]
-    problem = RoundProblem(lengths, min_degrees(lengths, 1000), 8, 1000, CostModel.default(), 4, 0.0, len(lengths))
+    problem = Problem(lengths, min_degrees(lengths, 1000), 8, 1000, CostModel.default(), 4, 0.0, len(lengths))
     first = _allocate_and_place(problem, bins)
     order = rng.permutation(len(bins)).tolist()
     again = _allocate_and_place(problem, [list(rng.permutation(bins[index])) for index in order])

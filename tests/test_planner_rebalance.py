@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_dhp.planner import CostModel, plan_batch, static_plan
-from lightning_dhp.planner import rebalance as rebalance_module
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
+from lightning_dhp.planner.options import PlannerOptions
 from lightning_dhp.planner.rebalance import rebalance, rebalance_plan
 
 COST = CostModel.default()
@@ -52,7 +52,7 @@ def test_rebalanced_plans_stay_valid_and_never_get_slower(lengths, num_devices, 
     assert [len(r.groups) for r in moved.rounds] == [len(r.groups) for r in plan.rounds]  # degrees, ranks kept
 
 
-def test_a_swap_brings_work_into_a_memory_full_round_where_no_move_fits(monkeypatch):
+def test_a_swap_brings_work_into_a_memory_full_round_where_no_move_fits():
     # attention-heavy costs: a sample's time grows with its square, so long samples are the heavy ones.
     # Round 0: one long sample on 2 devices sets the makespan; group 1 holds 900 of its 1000 tokens,
     # idle most of the round. Round 1: one group [700, 250]. No move fits any group's memory; swapping
@@ -67,5 +67,5 @@ def test_a_swap_brings_work_into_a_memory_full_round_where_no_move_fits(monkeypa
     assert after.rounds[0].predicted_time == pytest.approx(before.rounds[0].predicted_time)
     assert after.rounds[1].predicted_time == pytest.approx(cost.group_time([600, 250], 1), rel=1e-12)
     assert after.rounds[1].predicted_time < before.rounds[1].predicted_time
-    monkeypatch.setattr(rebalance_module, "SWAPS", False)
-    assert rebalance(rounds, lengths, 1000, cost, None) == rounds  # moves alone find nothing
+    moves_only = PlannerOptions(rebalance_swaps=False)
+    assert rebalance(rounds, lengths, 1000, cost, None, options=moves_only) == rounds  # moves alone find nothing

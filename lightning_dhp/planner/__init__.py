@@ -5,6 +5,7 @@ from lightning_dhp.planner.calibration import calibrate
 from lightning_dhp.planner.cost_model import CostModel, FitReport, padded_length
 from lightning_dhp.planner.dhp import plan_batch
 from lightning_dhp.planner.inputs import divisors
+from lightning_dhp.planner.options import PlannerOptions
 from lightning_dhp.planner.plan import Group, Plan, PlanError, Round
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "Group",
     "Plan",
     "PlanError",
+    "PlannerOptions",
     "Round",
     "calibrate",
     "divisors",

@@ -45,14 +45,7 @@ def build_plan(
     sum_padded = np.bincount(owner, weights=padded, minlength=len(flat))
     sum_squares = np.bincount(owner, weights=padded * padded, minlength=len(flat))
     sum_patches = None if patches is None else np.bincount(owner, weights=patches[members], minlength=len(flat))
-    if node_size is None:
-        crosses = np.zeros(len(flat), dtype=bool)
-    else:
-        crosses = first // node_size != (first + degrees - 1) // node_size
-    times = cost.times_from_sums(sum_padded, sum_squares, degrees, sum_patches=sum_patches)
-    if crosses.any():  # node_size=0 makes every group pay the inter-node bandwidth
-        crossing = cost.times_from_sums(sum_padded, sum_squares, degrees, node_size=0, sum_patches=sum_patches)
-        times = np.where(crosses, crossing, times)
+    times = cost.placed_times(sum_padded, sum_squares, degrees, first, node_size, sum_patches=sum_patches)
     groups = iter(
         Group(
             ranks=tuple(range(group.first_rank, group.first_rank + group.degree)),

@@ -6,18 +6,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lightning_dhp.planner.assemble import PlannedGroup, build_plan
+from lightning_dhp.planner.assemble import PlannedGroup
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
-from lightning_dhp.planner.inputs import (
-    check_every_sample_fits,
-    check_inputs,
-    divisors,
-    min_degrees,
-    refuse_over_degree,
-)
+from lightning_dhp.planner.inputs import check_inputs, divisors, refuse_over_degree
 from lightning_dhp.planner.memory import vision_budget
 from lightning_dhp.planner.plan import Plan, PlanError
-from lightning_dhp.planner.rounds import balanced_assignment, lower_bound, minimum_rounds
+from lightning_dhp.planner.problem import batch_problem
+from lightning_dhp.planner.rounds import balanced_assignment, minimum_rounds
 
 
 def static_slots(
@@ -79,22 +74,17 @@ def static_plan(
             f"use one of {[d for d in valid if d >= node_size or node_size % d == 0]}"
         )
     cost = cost_model or CostModel.default()
-    min_degree = min_degrees(lengths_array, tokens_per_device, patches, vision_patches_per_device)
-    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device, patches,
-                            vision_patches_per_device)
+    batch = batch_problem(lengths_array, num_devices, tokens_per_device, cost, node_size, patches,
+                          vision_patches_per_device)
     _check_degree_holds_every_sample(lengths_array, patches, degree, tokens_per_device, vision_patches_per_device,
-                                     min_degree, valid)
+                                     batch.min_degree, valid)
     rounds = [
         [PlannedGroup(tuple(sorted(members)), degree, position * degree) for position, members in enumerate(slots)
          if members]
         for slots in static_slots(lengths_array, num_devices, tokens_per_device, degree, cost, patches=patches,
                                   vision_patches_per_device=vision_patches_per_device)
     ]
-    rounds = [planned for planned in rounds if planned]
-    fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device, patches, vision_patches_per_device)
-    bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size, patches)
-    return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, node_size, bound, patches,
-                      vision_patches_per_device)
+    return batch.plan([planned for planned in rounds if planned])
 
 
 def _check_degree_holds_every_sample(

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lightning_dhp.planner.placement import crosses_node
+
 if TYPE_CHECKING:
     from lightning_dhp.planner.presets import VisionShape
 
@@ -252,6 +254,25 @@ class CostModel:
         if sum_patches is not None:
             work = work + self.vision_s_per_patch * sum_patches
         return self.overhead_s + ring_steps * self.ring_step_latency_s + work / degrees
+
+    def placed_times(
+        self,
+        sum_padded: np.ndarray,
+        sum_squares: np.ndarray,
+        degrees: np.ndarray,
+        first_ranks: np.ndarray,
+        node_size: int | None,
+        *,
+        sum_patches: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """:meth:`times_from_sums` of groups placed from ``first_ranks``: a group whose ranks span two nodes
+        (:func:`~lightning_dhp.planner.placement.crosses_node`) pays the inter-node bandwidth."""
+        times = self.times_from_sums(sum_padded, sum_squares, degrees, sum_patches=sum_patches)
+        crosses = crosses_node(first_ranks, degrees, node_size)
+        if crosses.any():  # node_size=0 makes every group pay the inter-node bandwidth
+            crossing = self.times_from_sums(sum_padded, sum_squares, degrees, node_size=0, sum_patches=sum_patches)
+            times = np.where(crosses, crossing, times)
+        return times
 
     # -- fitting ---------------------------------------------------------------------------------
 

@@ -1,16 +1,17 @@
-"""``plan_batch``: the DHP planner for one global batch.
+"""``plan_batch``: the DHP planner for one global batch, as candidates -> improve -> pick.
 
-Pipeline per batch: check inputs and minimum degrees; plan static CP's power-of-two layouts (cheap,
-and valid DHP plans: the first incumbent); then plan round assignments round by round: the fewest
-rounds balancing device-seconds (one more round at a time while a round cannot be packed), and,
-when memory binds, static CP's joint assignment with one more round of memory slack. Per round: size
-and pack bins (:mod:`.packing`), exact min-max degree allocation with leftover devices
-(:mod:`.allocation`), node-aware placement (:mod:`.placement`), then alternate refinement and
-re-allocation while the round's makespan drops. A round assignment is abandoned as soon as its
-planned rounds plus the lower bounds of the rest cannot come within :data:`PRUNE_MARGIN` of the best
-plan so far. The best plans then move and swap samples between rounds (:mod:`.rebalance`), and a plan
-still far from its lower bound has its worst rounds refined again (:func:`_polish`). Everything is
-deterministic.
+Candidates (:func:`_candidates`): static CP's power-of-two layouts (cheap, and valid DHP plans: the
+first incumbent); the fewest rounds balancing device-seconds, planned round by round (one more round at
+a time while a round cannot be packed); and, when memory binds, static CP's joint assignment with more
+rounds of memory slack, planned round by round too. Per round (:func:`_solve_round`): size and pack bins
+(:mod:`.packing`), exact min-max degree allocation with leftover devices (:mod:`.allocation`),
+node-aware placement (:mod:`.placement`), then alternate refinement (:mod:`.refine`) and re-allocation
+while the round's makespan drops. A round assignment is abandoned as soon as its planned rounds plus
+the lower bounds of the rest cannot come within :attr:`~PlannerOptions.prune_margin` of the best plan
+so far. Improve (:func:`_improved`): the best candidates move and swap samples between rounds
+(:mod:`.rebalance`). Pick (:func:`_picked`): the fastest, whose worst rounds are refined again when it
+is still far from its lower bound (:func:`_polish`). Every tuning constant is a field of
+:class:`~lightning_dhp.planner.options.PlannerOptions`. Everything is deterministic.
 """
 
 from __future__ import annotations
@@ -25,60 +26,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from lightning_dhp.planner.allocation import allocate, bin_min_degrees, spend_leftover, table_from_flat
-from lightning_dhp.planner.assemble import PlannedGroup, build_plan
+from lightning_dhp.planner.assemble import PlannedGroup
 from lightning_dhp.planner.baselines import static_plan, static_slots
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths, take
-from lightning_dhp.planner.inputs import check_every_sample_fits, check_inputs, min_degrees
-from lightning_dhp.planner.packing import RoundProblem, pack_round, size_round
+from lightning_dhp.planner.inputs import check_inputs
+from lightning_dhp.planner.options import DEFAULT_OPTIONS, PlannerOptions
+from lightning_dhp.planner.packing import pack_round, size_round
 from lightning_dhp.planner.placement import PlacementFailure, place
 from lightning_dhp.planner.plan import Plan, PlanError
+from lightning_dhp.planner.problem import Problem, batch_problem
 from lightning_dhp.planner.rebalance import rebalance_plan
 from lightning_dhp.planner.refine import Refiner
-from lightning_dhp.planner.rounds import balanced_assignment, device_seconds, lower_bound, minimum_rounds
-
-REFINE_PASSES = 8
-EXTRA_START_SAMPLES = 32  # rounds up to this many samples also try the uniform-degree starts
-EXTRA_START_DEGREES = (1, 2, 3, 4, 6, 8)
-# rounds filling more than this share of all device memory also try static CP's layouts: when bin
-# packing binds, wide groups pack better than the time-sized ones
-TIGHT_MEMORY = 0.75
-STATIC_BOUND_MARGIN = 1e-9  # relative: a static layout is only skipped when its bound is clearly slower
-# a round within this share of its lower bound is not refined further, nor are other starts tried
-CLOSE_ENOUGH = 0.03
-# in rounds of more than EXTRA_START_SAMPLES, a start whose first allocation is this much slower
-# than the best refined one is not refined
-START_MARGIN = 0.1
-REFINE_STEP_BUDGET = 4096  # refinement steps per start: this over the batch's samples, within [4, 64]
-# batches of more samples than this are not refined: their rounds' many samples leave the starts
-# within a few hundredths of a percent of what refinement reaches (memory-bound batches: not at
-# all, the static fallback wins), at 1.4-2x the time
-REFINE_MAX_SAMPLES = 128
-# the power-of-two starts of memory-tight rounds are tried in one-round batches only: with several
-# rounds, static CP's layouts are tried over the whole batch instead
-TIGHT_STARTS_MULTI_ROUND = False
-MERGE_START = True  # small rounds also start from merged single-sample bins (see _merge_start)
-REBALANCE = True  # the best plans move and swap samples between rounds (see rebalance.py)
-# plans within this share of the best one are rebalanced too (rebalancing can reorder them) when the
-# best is more than HARD_GAP above the lower bound: closer plans gain little from the costly stages
-REBALANCE_MARGIN = 0.02
-HARD_GAP = 0.03
-SKIP_STATIC_REBALANCE = True
-# when the best static layout comes within STATIC_CLOSE of per-round planning (memory binds), its
-# round assignment with STATIC_ROUNDS_EXTRA more rounds is planned round by round too, so short
-# samples can leave the wide groups (0: off)
-STATIC_ROUNDS_EXTRA = 1
-STATIC_CLOSE = 0.02
-# a round assignment is abandoned once it cannot come within this share of the best plan so far
-# (rebalancing afterwards can still reorder plans this close)
-PRUNE_MARGIN = 0.02
-# the chosen multi-round plan's rounds are refined again with this many moves each, then rebalanced
-# again (0: off)
-POLISH_STEPS = 32
-POLISH_ROUNDS = 4
-POLISH_REBALANCE_SHARE = 0.25  # ... for plans more than HARD_GAP above their lower bound
-# the extra-round candidate and cross-round rebalancing are for batches of up to this many samples:
-# at 8192 samples on 1024 devices they doubled the planner time past 100 ms
-CROSS_ROUND_MAX_SAMPLES = 2048
+from lightning_dhp.planner.rounds import balanced_assignment, device_seconds, minimum_rounds
 
 
 def plan_batch(
@@ -90,6 +49,7 @@ def plan_batch(
     node_size: int | None = None,
     vision_patches: Sequence[int] | np.ndarray | None = None,
     vision_patches_per_device: int | None = None,
+    options: PlannerOptions | None = None,
 ) -> Plan:
     """Plan one global batch: rounds of context-parallel groups of any degree.
 
@@ -99,15 +59,21 @@ def plan_batch(
     ``vision_patches`` each sample's vision-tower patches (timed with the cost model's
     ``vision_s_per_patch``; None or all zero: a text-only plan), ``vision_patches_per_device`` the
     per-device budget of vision-tower patches (a group of degree ``d`` holds at most ``d`` times it;
-    None: the tower's memory is not budgeted). Raises :class:`PlanError` on bad input or a sample that
-    fits no group.
+    None: the tower's memory is not budgeted), ``options`` the planner's tuning constants (None: the
+    defaults; see :class:`~lightning_dhp.planner.options.PlannerOptions`). Raises :class:`PlanError` on
+    bad input or a sample that fits no group.
     """
-    lengths_array, num_devices, tokens_per_device, node_size, patches, vision_patches_per_device = check_inputs(
-        lengths, num_devices, tokens_per_device, node_size, vision_patches, vision_patches_per_device
-    )
+    checked = check_inputs(lengths, num_devices, tokens_per_device, node_size, vision_patches,
+                           vision_patches_per_device)
+    cost = cost_model or CostModel.default()
+    if cost.attention_s_per_token2 <= 0 and cost.linear_s_per_token <= 0:
+        raise PlanError("the cost model charges nothing per token (attention and linear terms are 0), so no plan "
+                        "beats another; fit it on timings that grow with the tokens, or use CostModel.default()")
+    lengths_array, num_devices, tokens_per_device, node_size, patches, vision_patches_per_device = checked
     with _cyclic_gc_paused():
-        return _plan(lengths_array, num_devices, tokens_per_device, cost_model, node_size, patches,
-                     vision_patches_per_device)
+        batch = batch_problem(lengths_array, num_devices, tokens_per_device, cost, node_size, patches,
+                              vision_patches_per_device, options or DEFAULT_OPTIONS)
+        return _picked(batch, _improved(batch, _candidates(batch)))
 
 
 @contextlib.contextmanager
@@ -127,36 +93,6 @@ def _cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-@dataclass(frozen=True)
-class _Batch:
-    """One batch's checked inputs, with what every stage needs of them."""
-
-    lengths: np.ndarray
-    min_degree: np.ndarray
-    num_devices: int
-    tokens_per_device: int
-    cost: CostModel
-    node_size: int | None
-    patches: np.ndarray | None  # vision patches per sample; None: none
-    vision_patches_per_device: int | None  # the vision memory budget; None: none
-    lower_bound: float
-
-    def plan(self, rounds: list[list[PlannedGroup]]) -> Plan:
-        return build_plan(rounds, self.lengths, self.num_devices, self.tokens_per_device, self.cost, self.node_size,
-                          self.lower_bound, self.patches, self.vision_patches_per_device)
-
-    def round_bound(self, samples: np.ndarray) -> float:
-        """Lower bound on the makespan of one round holding ``samples``."""
-        return lower_bound(self.lengths[samples], self.min_degree[samples], self.num_devices, 1, self.cost,
-                           self.node_size, take(self.patches, samples))
-
-    def round_problem(self, samples: np.ndarray, bound: float) -> RoundProblem:
-        """The round of ``samples`` (whose lower bound is ``bound``) as a problem of local positions."""
-        return RoundProblem(self.lengths[samples], self.min_degree[samples], self.num_devices,
-                            self.tokens_per_device, self.cost, self.node_size, bound, len(self.lengths),
-                            take(self.patches, samples), self.vision_patches_per_device)
-
-
 class _Pruned:
     """A round assignment abandoned because it cannot beat the best plan so far."""
 
@@ -164,109 +100,152 @@ class _Pruned:
 _PRUNED = _Pruned()
 
 
-def _plan(
-    lengths_array: np.ndarray,
-    num_devices: int,
-    tokens_per_device: int,
-    cost_model: CostModel | None,
-    node_size: int | None,
-    patches: np.ndarray | None,
-    vision_patches_per_device: int | None,
-) -> Plan:
-    """:func:`plan_batch` on checked inputs."""
-    cost = cost_model or CostModel.default()
-    if cost.attention_s_per_token2 <= 0 and cost.linear_s_per_token <= 0:
-        raise PlanError("the cost model charges nothing per token (attention and linear terms are 0), so no plan "
-                        "beats another; fit it on timings that grow with the tokens, or use CostModel.default()")
-    min_degree = min_degrees(lengths_array, tokens_per_device, patches, vision_patches_per_device)
-    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device, patches,
-                            vision_patches_per_device)
-    fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device, patches, vision_patches_per_device)
-    batch = _Batch(lengths_array, min_degree, num_devices, tokens_per_device, cost, node_size, patches,
-                   vision_patches_per_device,
-                   lower_bound(lengths_array, min_degree, num_devices, fewest, cost, node_size, patches))
-    static, static_degree = _best_static(batch)
-    limit = static.predicted_time * (1 + PRUNE_MARGIN) if static is not None else math.inf
-    cross_round = len(lengths_array) <= CROSS_ROUND_MAX_SAMPLES
-    candidates: list[Plan] = []
-    extra_round: Plan | None = None
-    work = device_seconds(lengths_array, min_degree, cost, patches)
-    for num_rounds in range(fewest, len(lengths_array) + 1):
-        assignment = balanced_assignment(work, lengths_array, num_rounds, num_devices, tokens_per_device, patches,
-                                         vision_patches_per_device)
+@dataclass(frozen=True)
+class _Candidates:
+    """The plans the batch chooses from (per-round planning first, the static layout last), and which of
+    them are the static layout and its extra-round re-plan."""
+
+    plans: list[Plan]
+    static: Plan | None
+    extra_round: Plan | None
+
+
+def _candidates(batch: Problem) -> _Candidates:
+    """The best static layout, the fewest-rounds assignment planned round by round, and (when memory
+    binds) static CP's joint assignment with more rounds, planned round by round."""
+    options = batch.options
+    static, static_degree = _best_static(batch) if options.static_layouts else (None, 0)
+    limit = static.predicted_time * (1 + options.prune_margin) if static is not None else math.inf
+    plans: list[Plan] = []
+    fewest = _fewest_rounds_plan(batch, limit)
+    if fewest is not None:
+        plans.append(fewest)
+        limit = min(limit, fewest.predicted_time * (1 + options.prune_margin))
+    extra_round = None
+    if static is not None and _static_binds_memory(batch, static, plans):
+        extra_round = _extra_round_plan(batch, static_degree, limit)
+        if extra_round is not None:
+            plans.append(extra_round)
+    if static is not None:
+        plans.append(static)
+    return _Candidates(plans, static, extra_round)
+
+
+def _cross_round(batch: Problem) -> bool:
+    """Whether the batch is small enough for the cross-round stages (extra-round candidate, rebalancing,
+    polish)."""
+    return len(batch.lengths) <= batch.options.cross_round_max_samples
+
+
+def _is_hard(plan: Plan, options: PlannerOptions) -> bool:
+    """Whether ``plan`` is more than :attr:`~PlannerOptions.hard_gap` above its lower bound."""
+    return plan.predicted_time > plan.lower_bound * (1 + options.hard_gap)
+
+
+def _fewest_rounds_plan(batch: Problem, limit: float) -> Plan | None:
+    """The balanced assignment over the fewest rounds that packs, planned round by round; None when it
+    is pruned against ``limit`` (or no round count packs)."""
+    work = device_seconds(batch.lengths, batch.min_degree, batch.cost, batch.patches)
+    fewest = minimum_rounds(batch.lengths, batch.num_devices, batch.tokens_per_device, batch.patches,
+                            batch.vision_patches_per_device)
+    for num_rounds in range(fewest, len(batch.lengths) + 1):
+        assignment = balanced_assignment(work, batch.lengths, num_rounds, batch.num_devices, batch.tokens_per_device,
+                                         batch.patches, batch.vision_patches_per_device)
         if assignment is None:
             continue
-        planned = _plan_rounds(batch, assignment, limit, tight_starts=num_rounds == 1 or TIGHT_STARTS_MULTI_ROUND)
+        planned = _plan_rounds(batch, assignment, limit, tight_starts=num_rounds == 1)
         if planned is _PRUNED:
-            break
+            return None
         if isinstance(planned, Plan):
-            candidates.append(planned)
-            limit = min(limit, planned.predicted_time * (1 + PRUNE_MARGIN))
-            break
+            return planned
+    return None
+
+
+def _static_binds_memory(batch: Problem, static: Plan, plans: list[Plan]) -> bool:
+    """Whether the static layout's extra-round re-plan is worth planning: static CP needs several rounds
+    (memory binds) and comes within :attr:`~PlannerOptions.static_close` of every other candidate."""
+    options = batch.options
+    return (
+        len(static.rounds) > 1
+        and options.static_rounds_extra > 0
+        and _cross_round(batch)
+        and all(static.predicted_time <= plan.predicted_time * (1 + options.static_close) for plan in plans)
+    )
+
+
+def _extra_round_plan(batch: Problem, static_degree: int, limit: float) -> Plan | None:
+    """Static CP's joint assignment over all rounds at ``static_degree`` with
+    :attr:`~PlannerOptions.static_rounds_extra` more rounds, planned round by round: the memory slack
+    lets short samples leave the wide groups. None when pruned or unpackable."""
+    slots = static_slots(batch.lengths, batch.num_devices, batch.tokens_per_device, static_degree, batch.cost,
+                         batch.options.static_rounds_extra, batch.patches, batch.vision_patches_per_device)
+    planned = _plan_rounds(batch, [[sample for group in groups for sample in group] for groups in slots], limit)
+    return planned if isinstance(planned, Plan) else None
+
+
+def _improved(batch: Problem, candidates: _Candidates) -> list[Plan]:
+    """The candidates, those close to the fastest rebalanced across rounds (only the fastest unless the
+    batch is hard; not the static layout beside its extra-round re-plan)."""
+    options = batch.options
+    plans = candidates.plans
+    if not (options.rebalance and _cross_round(batch)):
+        return plans
+    fastest = min(plan.predicted_time for plan in plans)
+    margin = options.rebalance_margin if fastest > batch.lower_bound * (1 + options.hard_gap) else 0.0
+    skipped = candidates.static if options.skip_static_rebalance and candidates.extra_round is not None else None
+    return [
+        _rebalanced(batch, plan) if plan.predicted_time <= fastest * (1 + margin) and plan is not skipped else plan
+        for plan in plans
+    ]
+
+
+def _rebalanced(batch: Problem, plan: Plan, budget_share: float = 1.0) -> Plan:
+    return rebalance_plan(plan, batch.lengths, batch.cost, budget_share=budget_share, patches=batch.patches,
+                          options=batch.options)
+
+
+def _picked(batch: Problem, plans: list[Plan]) -> Plan:
+    """The fastest plan (the first on ties), polished and rebalanced again when it is hard and has several
+    rounds."""
+    options = batch.options
+    best = min(plans, key=lambda plan: plan.predicted_time)
     if (
-        static is not None
-        and len(static.rounds) > 1
-        and STATIC_ROUNDS_EXTRA
-        and cross_round
-        and all(static.predicted_time <= planned.predicted_time * (1 + STATIC_CLOSE) for planned in candidates)
-    ):
-        # static CP's joint assignment over all rounds, with memory slack for short samples to leave
-        # the wide groups
-        slots = static_slots(lengths_array, num_devices, tokens_per_device, static_degree, cost, STATIC_ROUNDS_EXTRA,
-                             patches, vision_patches_per_device)
-        planned = _plan_rounds(batch, [[sample for group in groups for sample in group] for groups in slots], limit)
-        if isinstance(planned, Plan):
-            candidates.append(planned)
-            extra_round = planned
-    if static is not None:
-        candidates.append(static)
-    fastest = min(candidate.predicted_time for candidate in candidates)
-    margin = REBALANCE_MARGIN if fastest > batch.lower_bound * (1 + HARD_GAP) else 0.0
-    if REBALANCE and cross_round:
-        candidates = [
-            rebalance_plan(candidate, lengths_array, cost, patches=patches)
-            if candidate.predicted_time <= fastest * (1 + margin)
-            and not (SKIP_STATIC_REBALANCE and candidate is static and extra_round is not None)
-            else candidate
-            for candidate in candidates
-        ]
-    best = min(candidates, key=lambda candidate: candidate.predicted_time)  # the first on ties
-    if (
-        POLISH_STEPS
-        and REBALANCE
-        and cross_round
+        options.polish_steps
+        and options.rebalance
+        and _cross_round(batch)
         and len(best.rounds) > 1
-        and best.predicted_time > best.lower_bound * (1 + HARD_GAP)
+        and _is_hard(best, options)
     ):
-        best = rebalance_plan(_polish(best, batch), lengths_array, cost, budget_share=POLISH_REBALANCE_SHARE,
-                              patches=patches)
+        best = _rebalanced(batch, _polish(best, batch), options.polish_rebalance_share)
     return best
 
 
-def _polish(plan: Plan, batch: _Batch) -> Plan:
-    """``plan`` with its :data:`POLISH_ROUNDS` rounds furthest above their lower bounds refined again
-    (:data:`POLISH_STEPS` moves, then exact allocation): rebalancing moved samples between rounds after
-    they were planned, and refinement is skipped in the many-sample rounds of the candidates."""
+def _polish(plan: Plan, batch: Problem) -> Plan:
+    """``plan`` with its :attr:`~PlannerOptions.polish_rounds` rounds furthest above their lower bounds
+    refined again (:attr:`~PlannerOptions.polish_steps` moves, then exact allocation): rebalancing moved
+    samples between rounds after they were planned, and refinement is skipped in the many-sample rounds of
+    the candidates."""
+    options = batch.options
     rounds = [[PlannedGroup(group.samples, group.degree, group.ranks[0]) for group in round_.groups]
               for round_ in plan.rounds]
     members = [np.array(sorted(sample for group in round_.groups for sample in group.samples), dtype=np.int64)
                for round_ in plan.rounds]
     bounds = [batch.round_bound(samples) for samples in members]
     excess = [round_.predicted_time - bound for round_, bound in zip(plan.rounds, bounds, strict=True)]
-    for index in sorted(range(len(rounds)), key=lambda position: -excess[position])[:POLISH_ROUNDS]:
+    for index in sorted(range(len(rounds)), key=lambda position: -excess[position])[:options.polish_rounds]:
         samples, round_ = members[index], plan.rounds[index]
-        if round_.predicted_time <= bounds[index] * (1 + CLOSE_ENOUGH):
+        if round_.predicted_time <= bounds[index] * (1 + options.close_enough):
             continue
-        problem = batch.round_problem(samples, bounds[index])
+        problem = batch.round(samples, bounds[index])
         position = {sample: local for local, sample in enumerate(samples.tolist())}
         layout = _improve(problem, [[position[sample] for sample in group.samples] for group in round_.groups],
-                          steps=POLISH_STEPS)
+                          steps=options.polish_steps)
         if layout is not None and layout.makespan < round_.predicted_time:
             rounds[index] = layout.groups(samples)
     return batch.plan(rounds)
 
 
-def _best_static(batch: _Batch) -> tuple[Plan | None, int]:
+def _best_static(batch: Problem) -> tuple[Plan | None, int]:
     """The fastest of static CP's power-of-two layouts that hold the longest sample, and its degree (None
     when none suits the node size). Layouts are planned in the order of their :func:`_static_bound`, and
     one whose bound is slower than the best so far is not planned."""
@@ -275,7 +254,7 @@ def _best_static(batch: _Batch) -> tuple[Plan | None, int]:
     bounds = [_static_bound(batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost,
                             batch.node_size, batch.patches, batch.vision_patches_per_device) for degree in degrees]
     for bound, degree in sorted(zip(bounds, degrees, strict=True)):
-        if best[0] is not None and bound >= best[0].predicted_time * (1 + STATIC_BOUND_MARGIN):
+        if best[0] is not None and bound >= best[0].predicted_time * (1 + batch.options.static_bound_margin):
             break  # it cannot win, nor can the ones after it
         with contextlib.suppress(PlanError):  # the degree does not suit the node size
             plan = static_plan(batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost,
@@ -287,7 +266,7 @@ def _best_static(batch: _Batch) -> tuple[Plan | None, int]:
 
 
 def _plan_rounds(
-    batch: _Batch, assignment: list[list[int]], limit: float, *, tight_starts: bool = False
+    batch: Problem, assignment: list[list[int]], limit: float, *, tight_starts: bool = False
 ) -> Plan | _Pruned | None:
     """Plan every round of ``assignment`` (sample indices per round); :data:`_PRUNED` once the planned
     rounds plus the lower bounds of the rest exceed ``limit``, None when some round cannot be packed.
@@ -336,7 +315,7 @@ def _static_bound(
     return rounds * fixed + (alone - fixed) * degree / num_devices
 
 
-def _solve_round(samples: np.ndarray, batch: _Batch, bound: float, *, tight_starts: bool = True) -> _Layout | None:
+def _solve_round(samples: np.ndarray, batch: Problem, bound: float, *, tight_starts: bool = True) -> _Layout | None:
     """The best layout of one round's ``samples`` (``bound``: the round's lower bound), or None if the
     round cannot be packed.
 
@@ -346,40 +325,40 @@ def _solve_round(samples: np.ndarray, batch: _Batch, bound: float, *, tight_star
     packing runs out of memory tries the uniform starts, small degrees first. The best refined
     start wins (the first on ties).
     """
-    problem = batch.round_problem(samples, bound)
+    problem, options = batch.round(samples, bound), batch.options
     lengths, min_degree = problem.lengths, problem.min_degree
     num_devices, tokens_per_device = batch.num_devices, batch.tokens_per_device
     sized = size_round(problem)
     main = pack_round(problem, *sized) if sized is not None else None
-    small = [d for d in EXTRA_START_DEGREES if d <= num_devices]
-    few_samples = len(samples) <= EXTRA_START_SAMPLES
+    small = [d for d in options.extra_start_degrees if d <= num_devices]
+    few_samples = len(samples) <= options.extra_start_samples
     rescue: list[int] = []  # tried only until one of them packs
     if main is not None:
         degrees = small if few_samples else []
-        if tight_starts and lengths.sum() > TIGHT_MEMORY * num_devices * tokens_per_device:
+        if tight_starts and lengths.sum() > options.tight_memory * num_devices * tokens_per_device:
             degrees = degrees + _tight_start_degrees(int(min_degree.max()), num_devices, exclude=degrees)
     else:
         degrees = small
         rescue = [d for d in range(1, num_devices + 1) if num_devices // d != num_devices // (d + 1) and d not in small]
     best = _improve(problem, main) if main is not None else None
-    if few_samples and MERGE_START:
+    if few_samples and options.merge_start:
         merged = _merge_start(problem)
         result = _improve(problem, merged) if merged is not None else None
         if result is not None and (best is None or result.makespan < best.makespan):
             best = result
     for degree in degrees + rescue:
-        if best is not None and (degree in rescue or best.makespan <= bound * (1 + CLOSE_ENOUGH)):
+        if best is not None and (degree in rescue or best.makespan <= bound * (1 + options.close_enough)):
             break
         start = _uniform_start(problem, degree)
         # small rounds refine every start: it is cheap there, and keeps their gap to the optimum
-        cutoff = best.makespan * (1 + START_MARGIN) if best is not None and not few_samples else math.inf
+        cutoff = best.makespan * (1 + options.start_margin) if best is not None and not few_samples else math.inf
         result = _improve(problem, start, cutoff) if start is not None else None
         if result is not None and (best is None or result.makespan < best.makespan):
             best = result
     return best
 
 
-def _merge_start(problem: RoundProblem) -> list[list[int]] | None:
+def _merge_start(problem: Problem) -> list[list[int]] | None:
     """Every sample alone at its minimum degree; while the bins need more devices than there are, merge
     the two bins whose union saves the most devices (the least work first among equals), or None.
 
@@ -424,7 +403,7 @@ def _tight_start_degrees(longest_min_degree: int, num_devices: int, exclude: lis
     return [degree for degree in _power_of_two_degrees(longest_min_degree, num_devices) if degree not in exclude][:2]
 
 
-def _uniform_start(problem: RoundProblem, degree: int) -> list[list[int]] | None:
+def _uniform_start(problem: Problem, degree: int) -> list[list[int]] | None:
     """Bins of one degree: ``num_devices // degree`` of them, filled heaviest sample first."""
     degrees = np.full(len(problem.lengths), degree, dtype=np.int64)
     return balanced_assignment(
@@ -456,26 +435,27 @@ class _Layout:
 
 
 def _improve(
-    problem: RoundProblem, members: list[list[int]], cutoff: float = math.inf, *, steps: int | None = None
+    problem: Problem, members: list[list[int]], cutoff: float = math.inf, *, steps: int | None = None
 ) -> _Layout | None:
     """Alternate exact allocation and refinement from one start; the best layout found.
 
-    Refinement takes at most ``steps`` moves (default: :data:`REFINE_STEP_BUDGET` over the batch's
-    samples, within [4, 64], none past :data:`REFINE_MAX_SAMPLES`), stops once the makespan is within
-    :data:`CLOSE_ENOUGH` of the round's lower bound, and does not start when the first allocation is
-    slower than ``cutoff`` (another start won).
+    Refinement takes at most ``steps`` moves (default: :attr:`~PlannerOptions.refine_step_budget` over
+    the batch's samples, within [4, 64], none past :attr:`~PlannerOptions.refine_max_samples`), stops once
+    the makespan is within :attr:`~PlannerOptions.close_enough` of the round's lower bound, and does not
+    start when the first allocation is slower than ``cutoff`` (another start won).
     """
+    options = problem.options
     start = ("start", tuple(sorted(tuple(sorted(bin_members)) for bin_members in members if bin_members)))
     if start in problem.memo:
         return None  # another start reached the same bins: its result is known
     problem.memo[start] = True
     best: _Layout | None = None
     if steps is None:
-        steps = max(4, min(64, REFINE_STEP_BUDGET // problem.batch_size))
-        if problem.batch_size > REFINE_MAX_SAMPLES:
+        steps = max(4, min(64, options.refine_step_budget // problem.batch_size))
+        if problem.batch_size > options.refine_max_samples:
             steps = 0
     steps_left = steps
-    for _ in range(REFINE_PASSES):
+    for _ in range(options.refine_passes):
         members = [bin_members for bin_members in members if bin_members]
         allocated = _allocate_and_place(problem, members)
         if allocated is None:
@@ -485,7 +465,7 @@ def _improve(
         if best is not None and makespan >= best.makespan:
             break
         best = _Layout(makespan, members, degrees.tolist(), starts)
-        if makespan <= problem.lower_bound * (1 + CLOSE_ENOUGH) or makespan > cutoff or steps_left <= 0:
+        if makespan <= problem.lower_bound * (1 + options.close_enough) or makespan > cutoff or steps_left <= 0:
             break
         refiner = Refiner(problem, members, degrees, times)
         steps = refiner.run(steps_left)
@@ -497,7 +477,7 @@ def _improve(
 
 
 def _allocate_and_place(
-    problem: RoundProblem, members: list[list[int]]
+    problem: Problem, members: list[list[int]]
 ) -> tuple[np.ndarray, list[int], np.ndarray] | None:
     """Exact degrees (plus leftover devices) and first ranks for fixed bins, or None; remembered per
     set of bins (:func:`_solve_allocation` on the bins in a canonical order)."""
@@ -516,7 +496,7 @@ def _allocate_and_place(
 
 
 def _solve_allocation(
-    problem: RoundProblem, members: list[list[int]]
+    problem: Problem, members: list[list[int]]
 ) -> tuple[np.ndarray, list[int], np.ndarray] | None:
     """Exact degrees (plus leftover devices) and first ranks for fixed bins, or None.
 

@@ -16,57 +16,16 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from lightning_dhp.planner.allocation import table_from_flat
-from lightning_dhp.planner.cost_model import CostModel, padded_lengths, take
-from lightning_dhp.planner.memory import fits_memory, vision_budget
+from lightning_dhp.planner.cost_model import take
+from lightning_dhp.planner.memory import fits_memory
+from lightning_dhp.planner.problem import Problem
 
 
-@dataclass(frozen=True)
-class RoundProblem:
-    """One round's inputs: sample lengths (local positions), their minimum degrees, the limits."""
-
-    lengths: np.ndarray
-    min_degree: np.ndarray
-    num_devices: int
-    tokens_per_device: int
-    cost: CostModel
-    node_size: int | None
-    lower_bound: float
-    batch_size: int  # samples in the whole batch (all rounds); sets the refinement budget
-    patches: np.ndarray | None = None  # vision patches per position; None: none
-    vision_patches_per_device: int | None = None  # the vision memory budget; None: none
-    # what the round's stages computed for a set of bins before (several starts and refinement
-    # passes reach the same bins)
-    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    def padded(self, lengths: np.ndarray, degrees: np.ndarray) -> np.ndarray:
-        return padded_lengths(lengths, degrees)
-
-    @property
-    def patch_budget(self) -> int | None:
-        """The vision budget the round's bins must respect (None: none, or no patches)."""
-        return vision_budget(self.patches, self.vision_patches_per_device)
-
-    def sample_costs(self, positions: Any, degrees: np.ndarray) -> np.ndarray:
-        """Additive time share of the samples at ``positions`` (an index into :attr:`lengths`) at each
-        degree (broadcasting)."""
-        padded = self.padded(self.lengths[positions], degrees).astype(np.float64)
-        with_work = self.cost.times_from_sums(padded, padded * padded, degrees, node_size=self.node_size,
-                                              sum_patches=take(self.patches, positions))
-        return with_work - self.cost.times_from_sums(0.0, 0.0, degrees, node_size=self.node_size)
-
-
-SIZING_TOLERANCE = 1e-3  # relative width at which the makespan search stops
-SIZING_POINTS = 32  # makespans the search tries side by side per pass
-SIZING_ENTRIES = 1 << 21  # ... fewer when points x table entries would exceed this
-
-
-def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def size_round(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(single positions, their degrees, pool positions) for the smallest feasible makespan.
 
     None when even minimum degrees and a memory-full pool need more devices than there are.
@@ -138,10 +97,11 @@ def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarra
         first = int(np.argmax(fits)) if fits.any() else len(tried)
         return (float(tried[first - 1]) if first else low), (float(tried[first]) if first < len(tried) else high)
 
-    # the smallest makespan the devices suffice for, to a relative SIZING_TOLERANCE, trying several
+    # the smallest makespan the devices suffice for, to a relative sizing_tolerance, trying several
     # makespans per pass: first a fine geometric grid up to twice the lower bound (where the answer
     # usually lies) with doublings beyond it and infinity, then even grids between a miss and a fit
-    points = max(2, min(SIZING_POINTS, SIZING_ENTRIES // max(1, table.size)))
+    options = problem.options
+    points = max(2, min(options.sizing_points, options.sizing_entries // max(1, table.size)))
     low = max(problem.lower_bound, table.floor_time() if len(candidates) else 0.0, 1e-9)
     first = np.concatenate([low * 2.0 ** (np.arange(points // 2) / (points // 2)), low * 2.0 ** np.arange(1, 31),
                             [math.inf]])
@@ -151,7 +111,7 @@ def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarra
     while high == math.inf:
         low, high = narrow(low * 2.0 ** np.arange(1, points + 1), low, high)
     for _ in range(100):
-        if high - low <= SIZING_TOLERANCE * high:
+        if high - low <= options.sizing_tolerance * high:
             break
         low, high = narrow(low + (high - low) * np.arange(1, points + 1) / (points + 1), low, high)
     makespan = high
@@ -164,7 +124,7 @@ def size_round(problem: RoundProblem) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def pack_round(
-    problem: RoundProblem, singles: np.ndarray, single_degrees: np.ndarray, pool: np.ndarray
+    problem: Problem, singles: np.ndarray, single_degrees: np.ndarray, pool: np.ndarray
 ) -> list[list[int]] | None:
     """Bins (lists of local positions): one per single, plus degree-1 bins for the pool.
 

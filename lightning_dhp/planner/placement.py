@@ -5,6 +5,33 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+import numpy as np
+
+
+def crosses_node(first_rank: np.ndarray | int, degree: np.ndarray | int, node_size: int | None) -> np.ndarray:
+    """Whether groups of ``degree`` contiguous ranks from ``first_rank`` span two nodes of ``node_size`` ranks
+    (broadcasting; never without nodes).
+
+    The one statement of the node rule: such a group pays the inter-node bandwidth
+    (:meth:`~lightning_dhp.planner.CostModel.placed_times`), and one that fits a node must not cross one
+    (:func:`needlessly_crosses_node`); :func:`place` keeps every group that fits a node inside one, so
+    before placement a group crosses exactly when it is wider than a node (``times_from_sums``'s
+    ``node_size``).
+    """
+    first = np.asarray(first_rank)
+    last = first + np.asarray(degree) - 1
+    if node_size is None:
+        return np.zeros(np.broadcast(first, last).shape, dtype=bool)
+    return first // node_size != last // node_size
+
+
+def needlessly_crosses_node(
+    first_rank: np.ndarray | int, degree: np.ndarray | int, node_size: int | None
+) -> np.ndarray:
+    """Whether groups that fit in one node (``degree <= node_size``) cross one anyway: what a node-aware plan
+    must never do."""
+    return crosses_node(first_rank, degree, node_size) & (np.asarray(degree) <= (node_size or 0))
+
 
 @dataclass(frozen=True)
 class PlacementFailure:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from lightning_dhp.errors import PlanError
 from lightning_dhp.planner.cost_model import padded_length
 from lightning_dhp.planner.memory import vision_budget
+from lightning_dhp.planner.placement import needlessly_crosses_node
 
 
 @dataclass(frozen=True)
@@ -78,16 +79,11 @@ class Plan:
                         f"{sorted(used.intersection(group.ranks))}"
                     )
                 used.update(group.ranks)
-                if self.node_size and group.degree <= self.node_size:
-                    first_node, last_node = (
-                        group.ranks[0] // self.node_size,
-                        group.ranks[-1] // self.node_size,
+                if self.node_size and needlessly_crosses_node(group.ranks[0], group.degree, self.node_size):
+                    raise PlanError(
+                        f"{where} fits in one node of {self.node_size} ranks but crosses "
+                        f"nodes {group.ranks[0] // self.node_size} and {group.ranks[-1] // self.node_size}"
                     )
-                    if first_node != last_node:
-                        raise PlanError(
-                            f"{where} fits in one node of {self.node_size} ranks but crosses "
-                            f"nodes {first_node} and {last_node}"
-                        )
                 if not group.samples:
                     raise PlanError(f"{where} holds no samples")
                 for sample in group.samples:

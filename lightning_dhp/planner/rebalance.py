@@ -20,35 +20,32 @@ import numpy as np
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
 from lightning_dhp.planner.memory import fits_memory, vision_budget
+from lightning_dhp.planner.options import DEFAULT_OPTIONS, PlannerOptions
 from lightning_dhp.planner.plan import Plan
-
-# at most this many changes per sample of the batch (on memory-bound 512-sample batches 0.5 gains 0.3%
-# more at 1.1x the time, 0.125 loses 1.2%)
-MAX_CHANGES_PER_SAMPLE = 0.25
-# ... in full for plans at least this far above their lower bound, proportionally fewer for closer
-# ones, which have little left to gain
-FULL_BUDGET_GAP = 0.05
-# a change must shorten the plan by more than this share of its time before rebalancing (rounding aside,
-# any gain: raising it to 1e-5 lost 0.8% on memory-bound batches, whose gains come in many small steps)
-MIN_GAIN = 1e-9
-SWAPS = True  # besides moves, swap samples between rounds (see the module docstring)
-SKIP_STUCK = True  # a donor round whose search found nothing is skipped until a change touches it
 
 
 def rebalance_plan(
-    plan: Plan, lengths: np.ndarray, cost: CostModel, *, budget_share: float = 1.0, patches: np.ndarray | None = None
+    plan: Plan,
+    lengths: np.ndarray,
+    cost: CostModel,
+    *,
+    budget_share: float = 1.0,
+    patches: np.ndarray | None = None,
+    options: PlannerOptions = DEFAULT_OPTIONS,
 ) -> Plan:
     """``plan`` after :func:`rebalance` (the same plan when it has one round or no change helps), with
-    ``budget_share`` of the change budget its gap to the lower bound allows (``patches``: the vision
-    patches the plan was timed with; the plan's vision budget holds them)."""
+    ``budget_share`` of the change budget its gap to the lower bound allows (in full from
+    :attr:`~PlannerOptions.rebalance_full_budget_gap`; ``patches``: the vision patches the plan was timed
+    with; the plan's vision budget holds them)."""
     if len(plan.rounds) < 2:
         return plan
     rounds = [[PlannedGroup(group.samples, group.degree, group.ranks[0]) for group in round_.groups]
               for round_ in plan.rounds]
     gap = plan.predicted_time / plan.lower_bound - 1 if plan.lower_bound > 0 else math.inf
-    share = budget_share * (min(1.0, gap / FULL_BUDGET_GAP) if FULL_BUDGET_GAP > 0 else 1.0)
+    full_gap = options.rebalance_full_budget_gap
+    share = budget_share * (min(1.0, gap / full_gap) if full_gap > 0 else 1.0)
     moved = rebalance(rounds, lengths, plan.tokens_per_device, cost, plan.node_size, budget_share=share,
-                      patches=patches, vision_patches_per_device=plan.vision_patches_per_device)
+                      patches=patches, vision_patches_per_device=plan.vision_patches_per_device, options=options)
     if moved == rounds:
         return plan
     return build_plan(moved, lengths, plan.num_devices, plan.tokens_per_device, cost, plan.node_size, plan.lower_bound,
@@ -65,9 +62,11 @@ def rebalance(
     budget_share: float = 1.0,
     patches: np.ndarray | None = None,
     vision_patches_per_device: int | None = None,
+    options: PlannerOptions = DEFAULT_OPTIONS,
 ) -> list[list[PlannedGroup]]:
     """``rounds`` with samples moved or swapped between rounds while that shortens the summed makespans,
-    at most ``budget_share`` of :data:`MAX_CHANGES_PER_SAMPLE` changes per sample (``patches``: each
+    at most ``budget_share`` of :attr:`~PlannerOptions.rebalance_max_changes_per_sample` changes per sample
+    (``patches``: each
     sample's vision patches, None: none; every group keeps within ``tokens_per_device`` and
     ``vision_patches_per_device`` per rank, None: no vision budget).
 
@@ -75,8 +74,8 @@ def rebalance(
     """
     if len(rounds) < 2:
         return rounds
-    state = _Groups(rounds, lengths, tokens_per_device, cost, node_size, patches, vision_patches_per_device)
-    for _ in range(max(1, int(budget_share * MAX_CHANGES_PER_SAMPLE * len(lengths)))):
+    state = _Groups(rounds, lengths, tokens_per_device, cost, node_size, patches, vision_patches_per_device, options)
+    for _ in range(max(1, int(budget_share * options.rebalance_max_changes_per_sample * len(lengths)))):
         if not state.apply_best_change():
             break
     return state.rounds(rounds)
@@ -96,8 +95,10 @@ class _Groups:
         node_size: int | None,
         patches: np.ndarray | None,
         vision_patches_per_device: int | None,
+        options: PlannerOptions,
     ) -> None:
         groups = [group for planned in rounds for group in planned]
+        self.options = options
         self.num_rounds = len(rounds)
         # donor rounds whose last search found no change; searched again once a change touches them
         self.stuck = np.zeros(len(rounds), dtype=bool)
@@ -106,9 +107,6 @@ class _Groups:
         self.round_start = np.concatenate([[0], np.cumsum(sizes)]).tolist()  # groups of a round are contiguous
         degree = np.array([group.degree for group in groups], dtype=np.int64)
         first = np.array([group.first_rank for group in groups], dtype=np.int64)
-        crosses = np.zeros(len(groups), dtype=bool) if node_size is None else (
-            first // node_size != (first + degree - 1) // node_size
-        )
         self.members = [list(group.samples) for group in groups]
         self.group_of = np.zeros(len(lengths), dtype=np.int64)
         for index, samples in enumerate(self.members):
@@ -118,13 +116,10 @@ class _Groups:
         budget = vision_budget(patches, vision_patches_per_device)
         self.capacity = degree * tokens_per_device
         self.patch_capacity = None if budget is None else degree * budget  # None: no vision budget
-        # node_size=0 makes a group pay the inter-node bandwidth, as in build_plan
         zero, one = np.zeros(len(groups)), np.ones(len(groups))
 
         def at_degrees(sums: np.ndarray, squares: np.ndarray, patches: np.ndarray | None = None) -> np.ndarray:
-            inside = cost.times_from_sums(sums, squares, degree, sum_patches=patches)
-            return np.where(crosses, cost.times_from_sums(sums, squares, degree, node_size=0, sum_patches=patches),
-                            inside)
+            return cost.placed_times(sums, squares, degree, first, node_size, sum_patches=patches)
 
         self.fixed = at_degrees(zero, zero)
         self.per_token = at_degrees(one, zero) - self.fixed
@@ -144,7 +139,7 @@ class _Groups:
         self.makespan, self.second = np.zeros(self.num_rounds), np.zeros(self.num_rounds)
         for round_index in range(self.num_rounds):
             self._update_round(round_index)
-        self.min_gain = MIN_GAIN * float(self.makespan.sum())
+        self.min_gain = options.rebalance_min_gain * float(self.makespan.sum())
 
     def fits(self, groups: np.ndarray | int | slice, sums: np.ndarray, patches: np.ndarray | None) -> np.ndarray:
         """Whether ``groups`` hold ``sums`` padded tokens and ``patches`` vision patches (checked under a
@@ -185,7 +180,7 @@ class _Groups:
         for donor in np.argsort(-(makespan - second), kind="stable").tolist():
             if makespan[donor] - second[donor] <= self.min_gain:
                 return False  # sorted: no later round can gain either
-            if SKIP_STUCK and self.stuck[donor]:
+            if self.options.rebalance_skip_stuck and self.stuck[donor]:
                 continue
             first = self.round_start[donor]
             slowest = first + int(np.argmax(time[first : self.round_start[donor + 1]]))
@@ -209,7 +204,7 @@ class _Groups:
             best_move = np.unravel_index(int(np.argmax(move_net)), move_net.shape)
             move_gain = float(move_net[best_move])
             swap_gain = -np.inf
-            if SWAPS and move_gain <= self.min_gain:
+            if self.options.rebalance_swaps and move_gain <= self.min_gain:
                 # swaps: the sample goes to a partner's group, the partner comes back to the slowest group
                 here = self.padded[:, self.degree_column[slowest]]
                 back_sums = self.sums[slowest] - own[:, None] + here

@@ -18,17 +18,16 @@ from __future__ import annotations
 import numpy as np
 
 from lightning_dhp.planner.memory import fits_memory
-from lightning_dhp.planner.packing import RoundProblem
+from lightning_dhp.planner.problem import Problem
 
-IMPROVEMENT = 1 - 1e-12
-SWAP_PARTNER_BINS = 16  # swaps look at the samples of this many fastest bins
+_NONE = (np.inf, None)  # a move kind switched off (PlannerOptions.refine_move and its siblings)
 
 
 class Refiner:
     """Mutable bins of one round: members, degree, time and padded tokens per bin (and vision patches, under
     a vision budget: every move keeps both within the bins' memory)."""
 
-    def __init__(self, problem: RoundProblem, members: list[list[int]], degrees: np.ndarray, times: np.ndarray):
+    def __init__(self, problem: Problem, members: list[list[int]], degrees: np.ndarray, times: np.ndarray):
         self.problem = problem
         self.members = [list(bin_members) for bin_members in members]
         self.degree = degrees.astype(np.int64).copy()
@@ -77,17 +76,18 @@ class Refiner:
     def _step(self) -> bool:
         alive = self.degree > 0
         slowest = int(np.argmax(np.where(alive, self.times, -np.inf)))
-        limit = self.times[slowest] * IMPROVEMENT
+        options = self.problem.options
+        limit = self.times[slowest] * options.refine_improvement
         here = np.array(self.members[slowest], dtype=np.int64)
         relieved = self.times[slowest] - self.own_cost[here]
         candidates = [
-            self._best_move(slowest, here, relieved, alive),
-            self._best_swap(slowest, here, relieved, alive),
-            self._best_merge(slowest, here, alive),
+            self._best_move(slowest, here, relieved, alive) if options.refine_move else _NONE,
+            self._best_swap(slowest, here, relieved, alive) if options.refine_swap else _NONE,
+            self._best_merge(slowest, here, alive) if options.refine_merge else _NONE,
         ]
         score, action = min(candidates, key=lambda candidate: candidate[0])
-        if not score < limit:  # splitting is the slowest to evaluate: only when nothing else helps
-            score, action = self._best_split(slowest, here)
+        if not score < limit and options.refine_split:  # splitting is the slowest to evaluate: only when
+            score, action = self._best_split(slowest, here)  # nothing else helps
         if not score < limit:
             return False
         action()
@@ -106,8 +106,9 @@ class Refiner:
     def _best_swap(self, slowest: int, here: np.ndarray, relieved: np.ndarray, alive: np.ndarray):
         partners = np.flatnonzero(alive)
         partners = partners[partners != slowest]
-        if len(partners) > SWAP_PARTNER_BINS:
-            fastest = np.argpartition(self.times[partners], SWAP_PARTNER_BINS - 1)[:SWAP_PARTNER_BINS]
+        partner_bins = self.problem.options.swap_partner_bins
+        if len(partners) > partner_bins:
+            fastest = np.argpartition(self.times[partners], partner_bins - 1)[:partner_bins]
             partners = partners[fastest]
         is_partner = np.zeros(len(self.degree), dtype=bool)
         is_partner[partners] = True

@@ -1,0 +1,126 @@
+"""``PlannerOptions``: every tuning constant of :func:`~lightning_dhp.planner.plan_batch`, with its measured reason.
+
+The figures quoted come from ``benchmarks/planner_ablation.py`` (``benchmarks/results/planner_ablation.md``:
+short-tail batches of 128 and 512 samples and memory-bound batches of 512 on 64 devices), which varies
+each option with :func:`dataclasses.replace`. The defaults are the planner's; any other value is an
+experiment (plans differ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PlannerOptions:
+    """Tuning constants of the DHP planner, passed down explicitly (no module globals are read while planning)."""
+
+    # -- candidates: round assignments and static CP's layouts --------------------------------------------------
+    static_layouts: bool = True
+    """Plan static CP's power-of-two layouts as candidates (and the first incumbent): without them plans are
+    25% slower on memory-bound batches and 1% at 512 samples."""
+    static_bound_margin: float = 1e-9
+    """Relative: a static layout is skipped only when its lower bound is clearly slower than the best so far."""
+    prune_margin: float = 0.02
+    """A round assignment is abandoned once its planned rounds plus the lower bounds of the rest cannot come
+    within this share of the best plan so far. Rebalancing can still reorder plans this close: 0 prunes the
+    assignment that wins after rebalancing (1.7% on memory-bound batches); inf costs time for nothing."""
+    static_rounds_extra: int = 1
+    """When memory binds, static CP's joint assignment with this many more rounds is planned round by round
+    too, so short samples can leave the wide groups (0: off; 0 loses 3.1% on memory-bound batches and 0.8% at
+    512; 2 gains 0.3% for 1.3x the time)."""
+    static_close: float = 0.02
+    """... only when the best static layout comes within this share of per-round planning (memory binds;
+    inf: whenever static has several rounds, which changes nothing measured)."""
+    cross_round_max_samples: int = 2048
+    """The extra-round candidate, cross-round rebalancing and polish run for batches of up to this many
+    samples: at 8192 samples on 1024 devices they doubled the planner time past 100 ms."""
+
+    # -- one round: starts ------------------------------------------------------------------------------------
+    extra_start_samples: int = 32
+    """Rounds of up to this many samples also try the merge start and the uniform-degree starts (they pay
+    0.6% on memory-bound batches, in their few-sample rounds)."""
+    extra_start_degrees: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    """The degrees of the uniform starts (and the rescue starts' first tries)."""
+    merge_start: bool = True
+    """Small rounds also start from merged single-sample bins (the merge start: two long samples sharing a
+    group)."""
+    tight_memory: float = 0.75
+    """One-round batches filling more than this share of all device memory also try static CP's two
+    smallest power-of-two layouts as starts: when bin packing binds, wide groups pack better than the
+    time-sized ones (multi-round batches get static CP's layouts over the whole batch instead)."""
+    close_enough: float = 0.03
+    """A round within this share of its lower bound is not refined further, nor are other starts tried
+    (1% gains 0.06% at 512 samples; the example's 32-sample batches plan in 0.7x the time of 1%)."""
+    start_margin: float = 0.1
+    """In rounds of more than ``extra_start_samples`` samples, a start whose first allocation is this much
+    slower than the best refined one is not refined (inf and 0.02 change nothing measured)."""
+
+    # -- one round: refinement --------------------------------------------------------------------------------
+    refine_passes: int = 8
+    """Alternations of exact allocation and refinement per start (never binds: the step budget ends first)."""
+    refine_step_budget: int = 4096
+    """Refinement steps per start: this over the batch's samples, within [4, 64] (1024 loses 1.1% at 128
+    samples, up to 4.6%)."""
+    refine_max_samples: int = 128
+    """Batches of more samples are not refined: their rounds' many samples leave the starts within a few
+    hundredths of a percent of what refinement reaches (memory-bound batches: 1.2% for 1.6x the time)."""
+    refine_move: bool = True
+    """Refinement moves a sample of the slowest bin to another bin (0.4% at 128 samples)."""
+    refine_swap: bool = True
+    """... swaps one with a sample of another bin (0.3% at 128 samples, 0.3% on memory-bound batches)."""
+    refine_merge: bool = True
+    """... merges the slowest bin with another (0.5% at 128 samples, 0.7% on memory-bound batches)."""
+    refine_split: bool = True
+    """... splits the slowest bin in two (pays on the exact ILP instances of ``tests/test_planner_quality.py``)."""
+    refine_improvement: float = 1 - 1e-12
+    """A move is taken when it brings both touched bins below this share of the slowest bin's time (rounding
+    aside: strictly faster, so the search cannot cycle)."""
+    swap_partner_bins: int = 16
+    """Swaps look at the samples of this many fastest bins (4 loses 0.15% at 128 samples, 0.2% on
+    memory-bound batches)."""
+
+    # -- improving the best plans: cross-round rebalancing and polish -----------------------------------------
+    rebalance: bool = True
+    """The best plans move and swap samples between rounds (5% on memory-bound batches, 0.6% at 512)."""
+    hard_gap: float = 0.03
+    """A plan more than this share above its lower bound is hard: the rebalance margin and polish apply only
+    then (0 gains 0.02% at 512 for 1.6x the time)."""
+    rebalance_margin: float = 0.02
+    """On hard batches, plans within this share of the best one are rebalanced too, since rebalancing can
+    reorder them (0: 2.1% worse on memory-bound batches)."""
+    skip_static_rebalance: bool = True
+    """The static plan is not rebalanced when its extra-round re-plan is a candidate (1.6x the time on
+    memory-bound batches otherwise, for no gain)."""
+    rebalance_max_changes_per_sample: float = 0.25
+    """At most this many rebalancing changes per sample of the batch (0.5 gains 0.3% on memory-bound batches
+    at 1.1x the time, 0.125 loses 1.2%)."""
+    rebalance_full_budget_gap: float = 0.05
+    """... in full for plans at least this far above their lower bound, proportionally fewer for closer
+    ones, which have little left to gain (0: full budget always, 0.1% at 512 for 1.2x the time)."""
+    rebalance_min_gain: float = 1e-9
+    """A change must shorten the plan by more than this share of its time (rounding aside, any gain: 1e-5
+    lost 0.8% on memory-bound batches, whose gains come in many small steps)."""
+    rebalance_swaps: bool = True
+    """Besides moves, rebalancing swaps samples between rounds: when memory binds, a swap is the only way to
+    bring work into a round's idle time (moves only: 1% worse on memory-bound batches, 0.2% at 512)."""
+    rebalance_skip_stuck: bool = True
+    """A donor round whose search found nothing is skipped until a change touches it (same plans, less time)."""
+    polish_steps: int = 32
+    """The chosen hard multi-round plan's worst rounds are refined again with this many moves each, then
+    rebalanced again (0: off; 0 loses 1.2% on memory-bound batches, 16 loses 0.45%)."""
+    polish_rounds: int = 4
+    """... that many rounds, those furthest above their lower bounds (all: 0.2% more for 1.6x the time)."""
+    polish_rebalance_share: float = 0.25
+    """... and the rebalancing after polish gets this share of the change budget."""
+
+    # -- sizing a round's groups (binary search over the makespan) --------------------------------------------
+    sizing_tolerance: float = 1e-3
+    """Relative width at which the makespan search stops."""
+    sizing_points: int = 32
+    """Makespans the search tries side by side per pass ..."""
+    sizing_entries: int = 1 << 21
+    """... fewer when points x degree-table entries would exceed this (bounds the search's memory)."""
+
+
+DEFAULT_OPTIONS = PlannerOptions()
