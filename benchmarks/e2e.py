@@ -41,7 +41,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +55,7 @@ from lightning_dhp.data import DISTRIBUTIONS
 from lightning_dhp.data.video_digits import TEXT_TOKENS_PER_SAMPLE
 from lightning_dhp.planner.baselines import divisors
 from lightning_dhp.planner.inputs import min_degrees
-from lightning_dhp.simulate import machine_description
+from lightning_dhp.simulate.provenance import stamp
 from lightning_dhp.testing import run_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -323,8 +322,7 @@ def main() -> None:
             "precision": "32-true", "cost_model": args.cost_model and str(Path(args.cost_model).resolve())}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dhp_e2e_") as folder:
-        result: dict[str, Any] = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                                  "machine": machine_description(), "setting": setting, "failures": []}
+        result: dict[str, Any] = {**stamp(), "setting": setting, "failures": []}
         runs = measure(found, base, repeats, Path(folder), args.timeout, args.retries, result["failures"])
         result["summary"] = summarise(found, runs)
         if check_steps:

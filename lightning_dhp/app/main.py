@@ -138,7 +138,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         trained_state = trainer.strategy.lightning_module_state_dict()  # gathered to rank 0 when sharded
     if not trainer.is_global_zero:
         return None
-    calibrated = cost_model.calibrate_and_save(strategy.cost_model, report.history)  # the resolved CostModel
+    calibrated = cost_model.calibrate_and_save(strategy.planning_cost_model, report.history)
     trained = instantiate(cfg.model, _convert_="all")
     trained.load_state_dict(trained_state)
 

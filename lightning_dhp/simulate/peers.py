@@ -37,7 +37,7 @@ from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.cost_model import CostModel, padded_length, padded_lengths, take
 from lightning_dhp.planner.inputs import check_every_sample_fits, check_inputs, min_degrees
 from lightning_dhp.planner.memory import fits_memory, vision_budget, vision_min_degrees
-from lightning_dhp.planner.placement import PlacementFailure, place
+from lightning_dhp.planner.placement import PlacementFailure, needlessly_crosses_node, place
 from lightning_dhp.planner.plan import Plan
 from lightning_dhp.planner.rounds import balanced_assignment, device_seconds, lower_bound, minimum_rounds
 
@@ -288,11 +288,8 @@ def megatron_dcp_plan(
         groups, order = scheduler.next_round(order)
         rounds.append(groups)
     fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device, patches, vision_patches_per_device)
-    in_nodes = node_size is None or all(
-        group.degree > node_size or group.first_rank // node_size == (group.first_rank + group.degree - 1) // node_size
-        for groups in rounds
-        for group in groups
-    )
+    in_nodes = not any(needlessly_crosses_node(group.first_rank, group.degree, node_size)
+                       for groups in rounds for group in groups)
     plan_nodes = node_size if in_nodes else None  # aligned blocks cross nodes only when node_size is odd-shaped
     bound = lower_bound(lengths_array, min_degree, num_devices, fewest, cost, plan_nodes, patches)  # as timed
     return build_plan(rounds, lengths_array, num_devices, tokens_per_device, cost, plan_nodes, bound, patches,

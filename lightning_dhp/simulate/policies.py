@@ -17,6 +17,7 @@ import numpy as np
 from lightning_dhp.planner import CostModel, Plan, padded_length, plan_batch
 from lightning_dhp.planner.inputs import min_degrees
 from lightning_dhp.planner.memory import vision_min_degrees
+from lightning_dhp.planner.placement import crosses_node
 from lightning_dhp.simulate.peers import megatron_dcp_plan, paper_plan, sequential_group_time
 
 PEERS = ("dhp-paper", "megatron-dcp")
@@ -86,7 +87,7 @@ def retimed(
             group_time(
                 [plan.lengths[sample] for sample in group.samples],
                 group.degree,
-                group.ranks[0] // node_size != group.ranks[-1] // node_size,
+                bool(crosses_node(group.ranks[0], group.degree, node_size)),
                 None if patches is None else [int(patches[sample]) for sample in group.samples],
             )
             for group in round_.groups
