@@ -24,16 +24,16 @@ from lightning_dhp.errors import DHPConfigError, DHPDataError
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPacking, global_share
 from lightning_dhp.models import TinyVLMConfig, VLMTask, single_process_batch
 from lightning_dhp.testing import run_distributed
-from tests.test_strategy import (
+from tests.helpers import (
     BATCHES,
     GLOBAL_BATCH,
     LENGTHS,
     STEPS,
-    _as_torchrun_rank,
-    _assert_params_close,
-    _trainer,
+    as_torchrun_rank,
     assert_bf16_mixed_runs_match_single_device,
+    assert_parameters_match,
     assert_within_bf16_rounding,
+    cpu_trainer,
     error_of,
     plan_report,
     same_error_on_every_rank,
@@ -215,14 +215,14 @@ def _params(task: LMTask) -> dict:
 
 
 def _scenarios(rank: int, world_size: int) -> dict:
-    _as_torchrun_rank(rank)
+    as_torchrun_rank(rank)
     tokens = TOKENS_PER_DEVICE[world_size]
     reports = {}
 
     def fit(task, *, steps=STEPS, num_workers=0, precision="32-true", **strategy_kwargs):
         losses, plans = StepLosses(), plan_report()
         callbacks = [plans] + ([losses] if task.automatic_optimization else [])
-        trainer = _trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), steps, callbacks=callbacks,
+        trainer = cpu_trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), steps, callbacks=callbacks,
                            precision=precision)
         trainer.fit(task, datamodule=_data(num_workers))
         plan_list = [entry["plan"] for entry in plans.history]
@@ -241,10 +241,10 @@ def _scenarios(rank: int, world_size: int) -> dict:
             reports["val_loss"] = trainer.validate(task, datamodule=_data(), verbose=False)[0]["val_loss"]
             reports["test_loss"] = trainer.test(task, datamodule=_data(), verbose=False)[0]["test_loss"]
     accuracy = AccuracyTask()
-    reports["val_accuracy"] = _trainer(world_size, DHPStrategy(tokens)).validate(
+    reports["val_accuracy"] = cpu_trainer(world_size, DHPStrategy(tokens)).validate(
         accuracy, datamodule=_data(), verbose=False)[0]["val_accuracy"]
     writer = RecordingWriter()
-    reports["predict"] = _trainer(world_size, DHPStrategy(tokens), callbacks=[writer]).predict(LMTask(),
+    reports["predict"] = cpu_trainer(world_size, DHPStrategy(tokens), callbacks=[writer]).predict(LMTask(),
                                                                                                datamodule=_data())
     reports["prediction_writer"] = {"batches": writer.batches, "epoch": writer.epoch}
     # a profiled cost model: every rank must plan with rank 0's, or the plans would differ
@@ -270,7 +270,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
     reports["bf16_mixed"] = {**fit(mixed, precision="bf16-mixed")[1], "autocast": mixed.steps_under_bf16_autocast}
     vlm = _vlm_task()
     plans = plan_report()
-    _trainer(world_size, DHPStrategy(tokens_for_full_degree(VLM_LENGTHS, world_size)), STEPS, callbacks=[plans],
+    cpu_trainer(world_size, DHPStrategy(tokens_for_full_degree(VLM_LENGTHS, world_size)), STEPS, callbacks=[plans],
              precision="bf16-mixed").fit(vlm, datamodule=DHPDataModule(VLM_DIGITS, VLM_LENGTHS, VLM_BATCH, seed=0))
     reports["vlm_bf16_mixed"] = {
         "params": {name: value.detach().clone() for name, value in vlm.model.state_dict().items()},
@@ -282,7 +282,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
     custom_collate = DataLoader(TokenDataset(LENGTHS), batch_sampler=DHPBatchSampler(LENGTHS, GLOBAL_BATCH),
                                 collate_fn=lambda items: items)
     reports["custom_collate"] = error_of(
-        lambda: _trainer(world_size, DHPStrategy(tokens)).fit(LMTask(), train_dataloaders=custom_collate))
+        lambda: cpu_trainer(world_size, DHPStrategy(tokens)).fit(LMTask(), train_dataloaders=custom_collate))
     reports["checkpoint_no_match"] = error_of(lambda: fit(LMTask(), activation_checkpointing={torch.nn.LSTM}))
     # EarlyStopping on the logged validation loss, checked after every step (Lightning would check at the
     # epoch's end, since it reads val_check_interval=1 as 1.0): the threshold lies between the single-device
@@ -290,7 +290,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
     after = _reference_validation_losses(steps=2)
     stopper = EarlyStopping(monitor="val_loss", stopping_threshold=(after[0] + after[1]) / 2,
                             check_on_train_epoch_end=False)
-    trainer = _trainer(world_size, DHPStrategy(tokens), STEPS + 1, callbacks=[stopper], val_check_interval=1)
+    trainer = cpu_trainer(world_size, DHPStrategy(tokens), STEPS + 1, callbacks=[stopper], val_check_interval=1)
     trainer.fit(LMTask(), datamodule=_data())
     reports["early_stopping"] = {"after": after, "global_step": trainer.global_step, "stopped": trainer.should_stop}
     return reports
@@ -315,7 +315,7 @@ def test_activation_checkpointing_is_exact(world, scenario):
     losses: list[float] = []
     expected = reference_training(LENGTHS, BATCHES, STEPS, losses=losses)
     for report in reports:
-        _assert_params_close(report[scenario]["params"], expected)
+        assert_parameters_match(report[scenario]["params"], expected)
     assert reports[0][scenario]["rounds"] > 1, "the test data should need several rounds"
     if world_size > 1:
         assert reports[0][scenario]["degree"] > 1, "the test data should use context parallelism"
@@ -392,14 +392,14 @@ def test_loader_workers_a_learning_rate_schedule_and_a_profiled_cost_model_stay_
     _, reports = world
     expected = reference_training(LENGTHS, BATCHES, STEPS, lr_gamma=0.5)
     for report in reports:
-        _assert_params_close(report["workers_and_scheduler"]["params"], expected)
+        assert_parameters_match(report["workers_and_scheduler"]["params"], expected)
 
 
 def test_manual_optimization_with_the_documented_pattern_is_exact(world):
     _, reports = world
     expected = reference_training(LENGTHS, BATCHES, STEPS)
     for report in reports:
-        _assert_params_close(report["manual"]["params"], expected)
+        assert_parameters_match(report["manual"]["params"], expected)
         assert report["manual"]["global_step"] == STEPS
 
 
@@ -409,7 +409,7 @@ def test_two_optimizers_each_backwarded_every_round_are_exact(world, scenario):
     world_size, reports = world
     expected = reference_two_optimizers(LENGTHS, BATCHES, STEPS)
     for report in reports:
-        _assert_params_close(report[scenario]["params"], expected)
+        assert_parameters_match(report[scenario]["params"], expected)
         assert report[scenario]["global_step"] == 2 * STEPS
     assert reports[0][scenario]["rounds"] > 1
     if world_size > 1:
@@ -420,7 +420,7 @@ def test_several_backward_calls_in_a_round_add_up_exactly(world):
     _, reports = world
     expected = reference_training(LENGTHS, BATCHES, STEPS)
     for report in reports:
-        _assert_params_close(report["two_backwards"]["params"], expected)
+        assert_parameters_match(report["two_backwards"]["params"], expected)
 
 
 def test_a_per_rank_batch_size_in_self_log_is_ignored_with_one_warning_and_values_stay_global(world):
@@ -457,7 +457,7 @@ def test_a_replicated_model_built_on_the_meta_device_trains_exactly(world):
     _, reports = world
     expected = reference_training(LENGTHS, BATCHES, STEPS)
     for report in reports:
-        _assert_params_close(report["built_on_meta"]["params"], expected)
+        assert_parameters_match(report["built_on_meta"]["params"], expected)
 
 
 def test_a_compiled_block_is_exact_and_breaks_its_graph_only_at_cp_attention(world):
@@ -465,7 +465,7 @@ def test_a_compiled_block_is_exact_and_breaks_its_graph_only_at_cp_attention(wor
     expected = reference_training(LENGTHS, BATCHES, STEPS)
     for report in reports:
         compiled = report["compiled"]
-        _assert_params_close({name.replace("._orig_mod", ""): value for name, value in compiled["params"].items()},
+        assert_parameters_match({name.replace("._orig_mod", ""): value for name, value in compiled["params"].items()},
                              expected)
         assert compiled["graphs"] >= 1
         # the plan-dependent attention stays eager (tracing it would recompile for every layout)
@@ -484,7 +484,7 @@ def test_none_from_every_rank_skips_the_global_batch(world):
     # Lightning counts the skipped batch as a step (as on one device): STEPS steps train batches 0 and 2.
     expected = reference_training(LENGTHS, [BATCHES[0], BATCHES[2]], STEPS - 1)
     for report in reports:
-        _assert_params_close(report["skip_every_rank"]["params"], expected)
+        assert_parameters_match(report["skip_every_rank"]["params"], expected)
 
 
 def test_none_from_some_ranks_only_is_the_same_clear_error_everywhere(world):
@@ -573,7 +573,7 @@ def test_a_profiled_cost_model_times_the_users_own_step():
     from lightning_dhp.planner import CostModel
 
     strategy = DHPStrategy(TOKENS_PER_DEVICE[1], cost_model="profile")
-    _trainer(1, strategy, steps=1).fit(LMTask(), datamodule=_data())
+    cpu_trainer(1, strategy, steps=1).fit(LMTask(), datamodule=_data())
     assert isinstance(strategy.cost_model, CostModel)
     assert strategy.cost_model != CostModel.default()
 

@@ -17,7 +17,7 @@ from lightning_dhp import DHPStrategy
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataLoader, DHPPacking
 from lightning_dhp.lightning.planned_loader import PlanConfig, StepRequest
 from lightning_dhp.testing import run_distributed
-from tests.test_strategy import _as_torchrun_rank, _assert_params_close, _data, _trainer, plan_report
+from tests.helpers import as_torchrun_rank, assert_parameters_match, cpu_trainer, plan_report, token_data
 from tests.tiny_lm import LMTask
 
 
@@ -94,14 +94,14 @@ def test_skipped_samples_are_counted_once_over_all_ranks(lengths, world, data):
 
 
 def _fit_with_checkpoints(rank: int, world_size: int, directory: str, steps: int, resume: bool) -> dict:
-    _as_torchrun_rank(rank)
+    as_torchrun_rank(rank)
     task = LMTask()
     strategy = DHPStrategy(20)
     checkpoints = ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_top_k=-1, filename="{step}")
     report = plan_report()
-    trainer = _trainer(world_size, strategy, steps=steps, enable_checkpointing=True, callbacks=[checkpoints, report],
+    trainer = cpu_trainer(world_size, strategy, steps=steps, enable_checkpointing=True, callbacks=[checkpoints, report],
                        limit_val_batches=0)
-    trainer.fit(task, datamodule=_data(), ckpt_path=f"{directory}/step=2.ckpt" if resume else None)
+    trainer.fit(task, datamodule=token_data(), ckpt_path=f"{directory}/step=2.ckpt" if resume else None)
     return {"params": {k: v.detach().clone() for k, v in task.model.state_dict().items()},
             "batches": [entry["plan"].lengths for entry in report.history]}
 
@@ -120,7 +120,7 @@ def test_stop_and_resume_equals_the_uninterrupted_run(stopped_run, resume_world,
     uninterrupted, checkpoints = stopped_run
     resume_from = shutil.copytree(checkpoints, tmp_path / "checkpoints")  # the resumed run writes its own
     resumed = run_distributed(_fit_with_checkpoints, resume_world, str(resume_from), 5, True, timeout_s=240)
-    _assert_params_close(resumed[0]["params"], uninterrupted["params"])
+    assert_parameters_match(resumed[0]["params"], uninterrupted["params"])
     # the strategy records a step when the next one starts: compare the batches both runs recorded
     assert resumed[0]["batches"] == uninterrupted["batches"][2:len(resumed[0]["batches"]) + 2]
 
@@ -142,12 +142,12 @@ class FailsAtStepTwo(LMTask):
 
 
 def _fit_until_a_rank_fails(rank: int, world_size: int, how: str) -> tuple[float, str] | None:
-    _as_torchrun_rank(rank)
+    as_torchrun_rank(rank)
     task = FailsAtStepTwo()
     task.how = how
     started = time.monotonic()
     try:
-        _trainer(world_size, DHPStrategy(20)).fit(task, datamodule=_data())
+        cpu_trainer(world_size, DHPStrategy(20)).fit(task, datamodule=token_data())
     except Exception as error:
         return time.monotonic() - started, f"{type(error).__name__}: {error}"
     return time.monotonic() - started, "finished"
