@@ -7,6 +7,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from lightning_dhp import DHPStrategy
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPlanReport
-from tests.tiny_lm import TokenDataset, reference_training
+from tests.tiny_lm import TokenDataset, reference_training, reference_two_optimizers
 
 REPO = Path(__file__).resolve().parents[1]
 LENGTHS = [37, 5, 9, 2, 16, 23, 4, 11, 30, 6, 3, 14, 1, 19, 8, 27, 12, 7, 21, 10, 2, 33, 5, 13]
@@ -37,6 +38,19 @@ def global_batches(epochs: int, global_batch: int = GLOBAL_BATCH) -> list[list[i
 
 
 BATCHES = global_batches(epochs=2)
+
+
+@cache
+def single_device_training(steps: int = STEPS, **options) -> dict:
+    """``reference_training`` of the tiny LM on BATCHES (``options``: its keywords), computed once per options
+    for the whole session: callers only read it."""
+    return reference_training(LENGTHS, BATCHES, steps, **options)
+
+
+@cache
+def single_device_two_optimizers() -> dict:
+    """``reference_two_optimizers`` on BATCHES for STEPS steps, computed once (callers only read it)."""
+    return reference_two_optimizers(LENGTHS, BATCHES, STEPS)
 
 
 def tokens_for_full_degree(lengths: list[int], world_size: int) -> int:
@@ -106,8 +120,8 @@ def assert_within_bf16_rounding(params: dict, expected: dict, initial: dict, sha
 def assert_bf16_mixed_runs_match_single_device(runs: list[dict]) -> None:
     """Every run (``params`` after STEPS steps, ``autocast``: whether each step ran under bf16 autocast) against
     single-device bf16-mixed training of the tiny LM (see :func:`assert_within_bf16_rounding`)."""
-    expected = reference_training(LENGTHS, BATCHES, STEPS, precision="bf16-mixed")
-    initial = reference_training(LENGTHS, BATCHES, 0, precision="bf16-mixed")
+    expected = single_device_training(precision="bf16-mixed")
+    initial = single_device_training(0, precision="bf16-mixed")
     for run in runs:
         assert run["autocast"] and all(run["autocast"])
         assert_within_bf16_rounding(run["params"], expected, initial)

@@ -71,7 +71,7 @@ CALL = re.compile(r"^(?P<name>[A-Za-z_][\w.]*)\(.*\)$")
 DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 PATH = re.compile(r"^[\w.\-]*[\w\-]+(/[\w.\-]+)*/?$")
 FILE_SUFFIXES = (".py", ".md", ".yaml", ".json", ".csv", ".png", ".txt", ".cfg", ".toml", ".jsonl")
-TEST_REFERENCE = re.compile(r"^(?:(?P<file>tests/[\w/]+\.py)::)?(?P<test>test_[\w*]+)(?:\[[^\]]+\])?$")
+TEST_REFERENCE = re.compile(r"^(?:(?P<file>tests/[\w/]+\.py)::)?(?P<test>test_[\w*]+)(?:\[(?P<id>[^\]]+)\])?$")
 
 
 def _cited_spans() -> list[tuple[str, int, str]]:
@@ -301,9 +301,11 @@ def _check_test(match: re.Match) -> str | None:
     files = [match["file"]] if match["file"] else list(tests)
     if match["file"] and match["file"] not in tests:
         return f"no test file {match['file']}"
-    if any(fnmatch.fnmatch(name, match["test"]) for file in files for name in tests[file]):
-        return None
-    return f"no test {match['test']}" + (f" in {match['file']}" if match["file"] else "")
+    if not any(fnmatch.fnmatch(name, match["test"]) for file in files for name in tests[file]):
+        return f"no test {match['test']}" + (f" in {match['file']}" if match["file"] else "")
+    if match["id"] and not any(fnmatch.fnmatch(string, match["id"]) for string in _names()[3]):
+        return f"no parameter id {match['id']} written in the tests"  # ids as the tables write them
+    return None
 
 
 def problem_of(text: str) -> str | None:
@@ -406,6 +408,8 @@ def test_the_check_finds_what_does_not_exist():
     assert problem_of("python examples/vlm_finetune.py trainer=tpu") is not None
     assert problem_of("tests/test_strategy.py::test_dhp_training_equals_single_device_training") is None
     assert problem_of("test_no_such_test") is not None
+    assert problem_of("test_dhp_training_equals_single_device_training[4-idle-rank]") is None
+    assert problem_of("test_dhp_training_equals_single_device_training[no-such-id]") is not None
     assert problem_of("is_last_round") is None and problem_of("no_such_snake_name") is not None
     assert problem_of("strategy=\"dhp\"") is None and problem_of("dhp") is None  # prose and expressions
 

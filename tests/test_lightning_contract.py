@@ -37,6 +37,8 @@ from tests.helpers import (
     error_of,
     plan_report,
     same_error_on_every_rank,
+    single_device_training,
+    single_device_two_optimizers,
     tokens_for_full_degree,
 )
 from tests.tiny_lm import (
@@ -50,7 +52,6 @@ from tests.tiny_lm import (
     dense_causal_attention,
     reference_mean_loss,
     reference_training,
-    reference_two_optimizers,
 )
 
 # On 2+ processes the longest sample (37 tokens) needs CP degree 2; batches need several rounds everywhere.
@@ -264,7 +265,9 @@ def _scenarios(rank: int, world_size: int) -> dict:
     reports["per_rank_batch_size"]["warnings"] = [str(w.message) for w in caught if "batch_size" in str(w.message)]
     reports["built_on_meta"] = fit(BuiltOnMeta())[1]
     counters.clear()
-    reports["compiled"] = {**fit(CompiledTask())[1], "graphs": counters["stats"]["unique_graphs"],
+    compiled = fit(CompiledTask())[1]
+    compiled["params"] = {name.replace("._orig_mod", ""): value for name, value in compiled["params"].items()}
+    reports["compiled"] = {**compiled, "graphs": counters["stats"]["unique_graphs"],
                            "graph_breaks": list(counters["graph_break"])}
     mixed = MixedPrecisionTask()
     reports["bf16_mixed"] = {**fit(mixed, precision="bf16-mixed")[1], "autocast": mixed.steps_under_bf16_autocast}
@@ -299,7 +302,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
 def _reference_validation_losses(steps: int) -> list[float]:
     """The single-device validation loss after each of the first ``steps`` training steps."""
     validation = DHPBatchSampler(LENGTHS, GLOBAL_BATCH, shuffle=False).batches()
-    return [reference_mean_loss(reference_training(LENGTHS, BATCHES, step), LENGTHS, validation, seed=1)
+    return [reference_mean_loss(single_device_training(step), LENGTHS, validation, seed=1)
             for step in range(1, steps + 1)]
 
 
@@ -309,13 +312,40 @@ def world(request) -> tuple[int, list[dict]]:
 
 
 
-@pytest.mark.parametrize("scenario", ["checkpoint_non_reentrant", "checkpoint_reentrant", "checkpoint_option"])
-def test_activation_checkpointing_is_exact(world, scenario):
+# Every scenario that trains: each rank's parameters equal single-device float64 training (the reference named,
+# from tests.tiny_lm), after the optimizer steps Lightning counts; the test data needs several rounds and, on 2+
+# processes, context parallelism.
+REFERENCES = {
+    "plain": single_device_training,
+    "lr_schedule": lambda: single_device_training(lr_gamma=0.5),
+    "two_optimizers": single_device_two_optimizers,
+    # Lightning counts the skipped batch as a step (as on one device): STEPS steps train batches 0 and 2
+    "without_the_second_batch": lambda: reference_training(LENGTHS, [BATCHES[0], BATCHES[2]], STEPS - 1),
+}
+EXACT_RUNS = [  # (scenario, reference, optimizer steps)
+    pytest.param("checkpoint_non_reentrant", "plain", STEPS, id="activation-checkpointing-non-reentrant"),
+    pytest.param("checkpoint_reentrant", "plain", STEPS, id="activation-checkpointing-reentrant"),
+    pytest.param("checkpoint_option", "plain", STEPS, id="activation-checkpointing-option"),
+    # loader workers, a learning rate schedule and a profiled cost model (every rank plans with rank 0's)
+    pytest.param("workers_and_scheduler", "lr_schedule", STEPS, id="workers-schedule-profiled-cost-model"),
+    pytest.param("manual", "plain", STEPS, id="manual-optimization"),  # the documented pattern
+    # a backward per optimizer in every round, steps in the last; Lightning counts every optimizer's steps
+    pytest.param("two_optimizers", "two_optimizers", 2 * STEPS, id="two-optimizers"),
+    pytest.param("two_optimizers_in_turn", "two_optimizers", 2 * STEPS, id="two-optimizers-in-turn"),
+    pytest.param("two_backwards", "plain", STEPS, id="two-backwards-per-round"),
+    pytest.param("built_on_meta", "plain", STEPS, id="replicated-built-on-meta"),
+    pytest.param("compiled", "plain", STEPS, id="compiled-block"),
+    pytest.param("skip_every_rank", "without_the_second_batch", STEPS, id="none-from-every-rank-skips"),
+]
+
+
+@pytest.mark.parametrize(("scenario", "reference", "steps"), EXACT_RUNS)
+def test_lightning_features_train_exactly(world, scenario, reference, steps):
     world_size, reports = world
-    losses: list[float] = []
-    expected = reference_training(LENGTHS, BATCHES, STEPS, losses=losses)
+    expected = REFERENCES[reference]()
     for report in reports:
         assert_parameters_match(report[scenario]["params"], expected)
+        assert report[scenario]["global_step"] == steps
     assert reports[0][scenario]["rounds"] > 1, "the test data should need several rounds"
     if world_size > 1:
         assert reports[0][scenario]["degree"] > 1, "the test data should use context parallelism"
@@ -334,7 +364,7 @@ def test_logged_training_loss_is_the_global_loss_every_step_and_epoch(world):
 
 def test_logged_validation_and_test_losses_equal_single_device_values(world):
     _, reports = world
-    trained = reference_training(LENGTHS, BATCHES, STEPS)
+    trained = single_device_training()
     expected = reference_mean_loss(trained, LENGTHS, DHPBatchSampler(LENGTHS, GLOBAL_BATCH, shuffle=False).batches(),
                                    seed=1)
     for report in reports:
@@ -388,41 +418,6 @@ def test_a_prediction_writer_gets_each_outputs_dataset_index_on_every_batch_and_
                     torch.testing.assert_close(output["logits"], expected, rtol=1e-9, atol=1e-12)
 
 
-def test_loader_workers_a_learning_rate_schedule_and_a_profiled_cost_model_stay_exact(world):
-    _, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS, lr_gamma=0.5)
-    for report in reports:
-        assert_parameters_match(report["workers_and_scheduler"]["params"], expected)
-
-
-def test_manual_optimization_with_the_documented_pattern_is_exact(world):
-    _, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS)
-    for report in reports:
-        assert_parameters_match(report["manual"]["params"], expected)
-        assert report["manual"]["global_step"] == STEPS
-
-
-@pytest.mark.parametrize("scenario", ["two_optimizers", "two_optimizers_in_turn"])
-def test_two_optimizers_each_backwarded_every_round_are_exact(world, scenario):
-    """Lightning's two-optimizer pattern: a backward per optimizer in every round, steps in the last round."""
-    world_size, reports = world
-    expected = reference_two_optimizers(LENGTHS, BATCHES, STEPS)
-    for report in reports:
-        assert_parameters_match(report[scenario]["params"], expected)
-        assert report[scenario]["global_step"] == 2 * STEPS
-    assert reports[0][scenario]["rounds"] > 1
-    if world_size > 1:
-        assert reports[0][scenario]["degree"] > 1
-
-
-def test_several_backward_calls_in_a_round_add_up_exactly(world):
-    _, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS)
-    for report in reports:
-        assert_parameters_match(report["two_backwards"]["params"], expected)
-
-
 def test_a_per_rank_batch_size_in_self_log_is_ignored_with_one_warning_and_values_stay_global(world):
     _, reports = world
     losses: list[float] = []
@@ -453,23 +448,13 @@ def test_the_main_jobs_model_trains_under_bf16_mixed_like_single_device_bf16_mix
     assert reports[0]["vlm_bf16_mixed"]["degree"] == world_size
 
 
-def test_a_replicated_model_built_on_the_meta_device_trains_exactly(world):
-    _, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS)
+def test_a_compiled_block_breaks_its_graph_only_at_cp_attention(world):
+    _, reports = world  # its training is exact: test_lightning_features_train_exactly[compiled-block]
     for report in reports:
-        assert_parameters_match(report["built_on_meta"]["params"], expected)
-
-
-def test_a_compiled_block_is_exact_and_breaks_its_graph_only_at_cp_attention(world):
-    _, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS)
-    for report in reports:
-        compiled = report["compiled"]
-        assert_parameters_match({name.replace("._orig_mod", ""): value for name, value in compiled["params"].items()},
-                             expected)
-        assert compiled["graphs"] >= 1
+        assert report["compiled"]["graphs"] >= 1
         # the plan-dependent attention stays eager (tracing it would recompile for every layout)
-        assert compiled["graph_breaks"] and all("cp_attention" in reason for reason in compiled["graph_breaks"])
+        graph_breaks = report["compiled"]["graph_breaks"]
+        assert graph_breaks and all("cp_attention" in reason for reason in graph_breaks)
 
 
 def test_manual_optimization_stepping_every_round_is_refused(world):
@@ -477,14 +462,6 @@ def test_manual_optimization_stepping_every_round_is_refused(world):
     kind, message = same_error_on_every_rank(reports, "manual_textbook")
     assert kind == "DHPConfigError", message
     assert "is_last_round" in message and "round 1 of" in message
-
-
-def test_none_from_every_rank_skips_the_global_batch(world):
-    _, reports = world
-    # Lightning counts the skipped batch as a step (as on one device): STEPS steps train batches 0 and 2.
-    expected = reference_training(LENGTHS, [BATCHES[0], BATCHES[2]], STEPS - 1)
-    for report in reports:
-        assert_parameters_match(report["skip_every_rank"]["params"], expected)
 
 
 def test_none_from_some_ranks_only_is_the_same_clear_error_everywhere(world):
