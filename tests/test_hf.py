@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import tempfile
+from functools import cache
 
 import pytest
 import torch
@@ -194,6 +195,22 @@ def _batches(lengths: list[int], global_batch: int) -> list[list[int]]:
     return sampler.batches()
 
 
+@cache
+def _plain_hf_loop(name: str) -> dict:
+    """The plain HF loop's parameters after STEPS steps of ``name`` ("llama", "qwen2_vl", "qwen2.5_vl" or a
+    MULTIMODAL name) on its test data, computed once a session (the tests only read them)."""
+    if name == "llama":
+        samples = [{"input_ids": tokens} for tokens in TokenDataset(LENGTHS).samples]
+        return hf_models.reference_training(hf_models.llama(), samples, _batches(LENGTHS, GLOBAL_BATCH), STEPS)
+    if name in ("qwen2_vl", "qwen2.5_vl"):
+        items = hf_models.vl_items()
+        return hf_models.reference_training(hf_models.qwen_vl(name.removeprefix("qwen").removesuffix("_vl")), items,
+                                            _batches(_vl_lengths(items), VL_BATCH), STEPS)
+    make, make_items, _ = MULTIMODAL[name]
+    items = make_items()
+    return hf_models.reference_training(make(), items, _batches(_vl_lengths(items), MM_BATCH), STEPS)
+
+
 def _moved(expected: dict, initial: dict, unused: tuple[str, ...] = ()) -> None:
     """Every parameter trains but those under the ``unused`` prefixes (computed, but feeding no output)."""
     moved = {name for name in expected if not torch.equal(expected[name], initial[name])}
@@ -202,8 +219,7 @@ def _moved(expected: dict, initial: dict, unused: tuple[str, ...] = ()) -> None:
 
 def test_llama_under_dhp_equals_the_plain_hf_loop(world):
     world_size, reports = world
-    samples = [{"input_ids": tokens} for tokens in TokenDataset(LENGTHS).samples]
-    expected = hf_models.reference_training(hf_models.llama(), samples, _batches(LENGTHS, GLOBAL_BATCH), STEPS)
+    expected = _plain_hf_loop("llama")
     _moved(expected, hf_models.llama().state_dict())
     for report in reports:
         assert_parameters_match(report["llama"]["params"], expected)
@@ -229,8 +245,7 @@ def test_llama_under_bf16_mixed_matches_the_plain_hf_loop_under_bf16_autocast(wo
 def test_qwen_vl_under_dhp_equals_the_plain_hf_loop(world, version):
     world_size, reports = world
     items = hf_models.vl_items()
-    expected = hf_models.reference_training(hf_models.qwen_vl(version), items, _batches(_vl_lengths(items), VL_BATCH),
-                                            STEPS)
+    expected = _plain_hf_loop(f"qwen{version}_vl")
     _moved(expected, hf_models.qwen_vl(version).state_dict())
     for report in reports:
         assert_parameters_match(report[f"qwen{version}_vl"]["params"], expected)
@@ -268,10 +283,8 @@ def test_todays_mllms_under_dhp_equal_the_plain_hf_loop(world, name, sharding):
         pytest.skip("sharding needs 2 or more processes")
     if sharding == "fsdp" and FSDP_UNSUPPORTED is not None:
         pytest.skip(FSDP_UNSUPPORTED)
-    make, make_items, _ = MULTIMODAL[name]
-    items = make_items()
-    expected = hf_models.reference_training(make(), items, _batches(_vl_lengths(items), MM_BATCH), STEPS)
-    _moved(expected, make().state_dict(), UNUSED.get(name, ()))
+    expected = _plain_hf_loop(name)
+    _moved(expected, MULTIMODAL[name][0]().state_dict(), UNUSED.get(name, ()))
     scenario = name if sharding == "replicated" else f"{name}_fsdp"
     for report in reports[:1] if sharding == "fsdp" else reports:  # FSDP gathers the full state to rank 0
         assert_parameters_match(report[scenario]["params"], expected)
@@ -300,15 +313,11 @@ def _trained(model, expected: dict):
 
 def test_validation_and_predict_of_the_trained_models_equal_their_own_forward(world):
     _, reports = world
-    samples = [{"input_ids": tokens} for tokens in TokenDataset(LENGTHS).samples]
-    llama = _trained(hf_models.llama(), hf_models.reference_training(
-        hf_models.llama(), samples, _batches(LENGTHS, GLOBAL_BATCH), STEPS))
+    llama = _trained(hf_models.llama(), _plain_hf_loop("llama"))
     items = hf_models.vl_items()
-    qwen = _trained(hf_models.qwen_vl(), hf_models.reference_training(
-        hf_models.qwen_vl(), items, _batches(_vl_lengths(items), VL_BATCH), STEPS))
+    qwen = _trained(hf_models.qwen_vl(), _plain_hf_loop("qwen2_vl"))
     qwen3_items = hf_models.qwen3_vl_items()
-    qwen3 = _trained(hf_models.qwen3_vl(), hf_models.reference_training(
-        hf_models.qwen3_vl(), qwen3_items, _batches(_vl_lengths(qwen3_items), MM_BATCH), STEPS))
+    qwen3 = _trained(hf_models.qwen3_vl(), _plain_hf_loop("qwen3_vl"))
     with torch.no_grad():
         sums, counts = zip(*(hf_models.reference_loss_sum(llama, {"input_ids": tokens})
                              for tokens in HELD_OUT.samples), strict=True)
@@ -331,13 +340,7 @@ def test_sharded_training_and_the_other_cp_modes_equal_the_plain_hf_loop(world, 
         pytest.skip("sharding and CP modes need 2 or more processes")
     if scenario.endswith("_fsdp") and FSDP_UNSUPPORTED is not None:
         pytest.skip(FSDP_UNSUPPORTED)
-    if scenario == "llama_fsdp":
-        samples = [{"input_ids": tokens} for tokens in TokenDataset(LENGTHS).samples]
-        expected = hf_models.reference_training(hf_models.llama(), samples, _batches(LENGTHS, GLOBAL_BATCH), STEPS)
-    else:
-        items = hf_models.vl_items()
-        expected = hf_models.reference_training(hf_models.qwen_vl(), items, _batches(_vl_lengths(items), VL_BATCH),
-                                                STEPS)
+    expected = _plain_hf_loop("llama" if scenario == "llama_fsdp" else "qwen2_vl")
     assert_parameters_match(reports[0][scenario]["params"], expected)  # FSDP gathers the full state to rank 0
     assert reports[0][scenario]["degree"] > 1 and reports[0][scenario]["rounds"] > 1
 

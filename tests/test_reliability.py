@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections import Counter
 
@@ -93,36 +92,46 @@ def test_skipped_samples_are_counted_once_over_all_ranks(lengths, world, data):
     assert all(step.error is None for step in steps)
 
 
-def _fit_with_checkpoints(rank: int, world_size: int, directory: str, steps: int, resume: bool) -> dict:
+def _fit_with_checkpoints(rank: int, world_size: int, directory: str, steps: int,
+                          resume_from: str | None = None) -> dict:
+    """Fit for ``steps`` steps (resuming from the checkpoint ``resume_from``), writing a checkpoint after every
+    step to ``directory``."""
     as_torchrun_rank(rank)
     task = LMTask()
     strategy = DHPStrategy(20)
     checkpoints = ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_top_k=-1, filename="{step}")
     report = plan_report()
-    trainer = cpu_trainer(world_size, strategy, steps=steps, enable_checkpointing=True, callbacks=[checkpoints, report],
-                       limit_val_batches=0)
-    trainer.fit(task, datamodule=token_data(), ckpt_path=f"{directory}/step=2.ckpt" if resume else None)
+    trainer = cpu_trainer(world_size, strategy, steps=steps, enable_checkpointing=True,
+                          callbacks=[checkpoints, report], limit_val_batches=0)
+    trainer.fit(task, datamodule=token_data(), ckpt_path=resume_from)
     return {"params": {k: v.detach().clone() for k, v in task.model.state_dict().items()},
             "batches": [entry["plan"].lengths for entry in report.history]}
 
 
+def _stop_and_resume(rank: int, world_size: int, directory: str) -> dict:
+    """In one world: an uninterrupted 5-step run, a run stopped after step 2, and that run resumed."""
+    uninterrupted = _fit_with_checkpoints(rank, world_size, f"{directory}/uninterrupted", 5)
+    _fit_with_checkpoints(rank, world_size, f"{directory}/stopped", 2)
+    resumed = _fit_with_checkpoints(rank, world_size, f"{directory}/resumed", 5, f"{directory}/stopped/step=2.ckpt")
+    return {"uninterrupted": uninterrupted, "resumed": resumed}
+
+
 @pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory) -> tuple[dict, str]:
-    """An uninterrupted 5-step run, and a run stopped after step 2 with its checkpoints."""
-    directory = tmp_path_factory.mktemp("checkpoints")
-    uninterrupted = run_distributed(_fit_with_checkpoints, 2, str(directory / "a"), 5, False, timeout_s=240)
-    run_distributed(_fit_with_checkpoints, 2, str(directory / "b"), 2, False, timeout_s=240)
-    return uninterrupted[0], str(directory / "b")
+def two_process_runs(tmp_path_factory) -> tuple[dict, str]:
+    """Rank 0's runs of :func:`_stop_and_resume` on 2 processes, and the folder of their checkpoints."""
+    directory = str(tmp_path_factory.mktemp("checkpoints"))
+    return run_distributed(_stop_and_resume, 2, directory, timeout_s=240)[0], directory
 
 
 @pytest.mark.parametrize("resume_world", [2, 3], ids=["same-world", "other-world"])
-def test_stop_and_resume_equals_the_uninterrupted_run(stopped_run, resume_world, tmp_path):
-    uninterrupted, checkpoints = stopped_run
-    resume_from = shutil.copytree(checkpoints, tmp_path / "checkpoints")  # the resumed run writes its own
-    resumed = run_distributed(_fit_with_checkpoints, resume_world, str(resume_from), 5, True, timeout_s=240)
-    assert_parameters_match(resumed[0]["params"], uninterrupted["params"])
+def test_stop_and_resume_equals_the_uninterrupted_run(two_process_runs, resume_world, tmp_path):
+    """Resumed in the world that stopped, and in a new world of 3 processes (a fresh start, as after a failure)."""
+    runs, directory = two_process_runs
+    resumed = runs["resumed"] if resume_world == 2 else run_distributed(
+        _fit_with_checkpoints, resume_world, str(tmp_path), 5, f"{directory}/stopped/step=2.ckpt", timeout_s=240)[0]
+    assert_parameters_match(resumed["params"], runs["uninterrupted"]["params"])
     # the strategy records a step when the next one starts: compare the batches both runs recorded
-    assert resumed[0]["batches"] == uninterrupted["batches"][2:len(resumed[0]["batches"]) + 2]
+    assert resumed["batches"] == runs["uninterrupted"]["batches"][2:len(resumed["batches"]) + 2]
 
 
 COLLECTIVE_TIMEOUT_S = 10
