@@ -29,6 +29,7 @@ import re
 import shlex
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -105,10 +106,16 @@ def _repo_files() -> set[str]:
             if not ignored & set(path.relative_to(REPO).parts)}
 
 
+class RepoNames(NamedTuple):
+    defined: set[str]  # names the repository's Python defines or imports
+    used: set[str]  # names it defines or uses anywhere (parameters, keywords, attributes, identifier strings)
+    instance_attributes: dict[str, set[str]]  # class name: the attributes its methods assign on self
+    strings: set[str]  # its string constants
+
+
 @cache
-def _names() -> tuple[set[str], set[str], dict[str, set[str]], set[str]]:
-    """(names the repository's Python defines or imports, names it defines or uses, {class name: its self.x
-    attributes}, its string constants)."""
+def _names() -> RepoNames:
+    """What the repository's Python (and its Hydra configs' keys and option names) defines and uses."""
     defined, used, instance_attributes, strings = set(), set(), {}, set()
     for path in _python_files():
         tree = ast.parse(path.read_text(), str(path))
@@ -140,7 +147,7 @@ def _names() -> tuple[set[str], set[str], dict[str, set[str]], set[str]]:
                         attributes.add(inner.target.id)
     for path in (REPO / "lightning_dhp" / "conf").rglob("*.yaml"):
         used |= _yaml_keys(yaml.safe_load(path.read_text())) | {path.stem}
-    return defined, used | defined, instance_attributes, strings
+    return RepoNames(defined, used | defined, instance_attributes, strings)
 
 
 def _yaml_keys(node) -> set[str]:
@@ -175,7 +182,7 @@ def _resolve(dotted: str, module_name: str) -> bool:
         return False
     for attribute in rest:
         if not hasattr(target, attribute):
-            return inspect.isclass(target) and attribute in _names()[2].get(target.__name__, set())
+            return inspect.isclass(target) and attribute in _names().instance_attributes.get(target.__name__, set())
         target = getattr(target, attribute)
     return True
 
@@ -222,7 +229,7 @@ def _check_file(path: str) -> str | None:
     stripped = path.rstrip("/")
     if "/" in stripped:
         candidates = [stripped, f"lightning_dhp/{stripped}", f"benchmarks/{stripped}", f"tests/{stripped}"]
-        if any(candidate in files for candidate in candidates) or path in _names()[3]:  # or a logged name
+        if any(candidate in files for candidate in candidates) or path in _names().strings:  # or a logged name
             return None
         return f"no file {path}"
     if any(name.rsplit("/", 1)[-1] == stripped for name in files):
@@ -303,7 +310,7 @@ def _check_test(match: re.Match) -> str | None:
         return f"no test file {match['file']}"
     if not any(fnmatch.fnmatch(name, match["test"]) for file in files for name in tests[file]):
         return f"no test {match['test']}" + (f" in {match['file']}" if match["file"] else "")
-    if match["id"] and not any(fnmatch.fnmatch(string, match["id"]) for string in _names()[3]):
+    if match["id"] and not any(fnmatch.fnmatch(string, match["id"]) for string in _names().strings):
         return f"no parameter id {match['id']} written in the tests"  # ids as the tables write them
     return None
 
@@ -315,9 +322,9 @@ def problem_of(text: str) -> str | None:
     program = re.match(r"^(\w+=\S+\s+)*(python3?|dhp-[\w-]+)(\s|$)", text)
     if program and not text.startswith("python3 -m venv"):
         if program[2].startswith("dhp-") and program[2] not in _console_scripts():  # a policy's name
-            return None if text in _names()[3] else f"{text} is no console script and no name in the repository"
+            return None if text in _names().strings else f"{text} is no console script and no name in the repository"
         return "; ".join(_check_command(text)) or None
-    if (test := TEST_REFERENCE.match(text)) and (test["file"] or text not in _names()[1]):  # not a hook's name
+    if (test := TEST_REFERENCE.match(text)) and (test["file"] or text not in _names().used):  # not a hook's name
         return _check_test(test)
     if PATH.match(text) and ("/" in text or text.endswith(FILE_SUFFIXES)):
         return _check_file(text)
@@ -330,7 +337,7 @@ def problem_of(text: str) -> str | None:
         return None  # a symbol of a formula, None, a builtin exception
     if head in IMPORTABLE_ROOTS:
         return None if _resolve(name, IMPORTABLE_ROOTS[head]) else f"{name} does not resolve"
-    defined, used, *_ = _names()
+    defined, used = _names().defined, _names().used
     if not rest and head.islower() and "_" not in head.strip("_"):
         return None  # a plain word
     if head[0].isupper():  # a class or constant: strict
@@ -381,7 +388,7 @@ def _has_path(obj, rest: str) -> bool:
 def _instance_attributes(cls: type) -> set[str]:
     attributes = set()
     for klass in cls.__mro__:
-        attributes |= _names()[2].get(klass.__name__, set())
+        attributes |= _names().instance_attributes.get(klass.__name__, set())
     return attributes
 
 
