@@ -8,12 +8,12 @@ import sys
 import torch
 
 from lightning_dhp import DHPStrategy
-from tests.test_strategy import _data, _trainer
+from tests.helpers import cpu_trainer, token_data
 from tests.tiny_lm import LMTask
 
 if __name__ == "__main__":
     task = LMTask()
-    trainer = _trainer(2, DHPStrategy(20))
-    trainer.fit(task, datamodule=_data())
+    trainer = cpu_trainer(2, DHPStrategy(20))
+    trainer.fit(task, datamodule=token_data())
     if trainer.is_global_zero:
         torch.save(task.model.state_dict(), sys.argv[1])

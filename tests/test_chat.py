@@ -26,11 +26,11 @@ from lightning_dhp.hf.vision import _owners, group_units
 from lightning_dhp.lightning import DHPPacking
 from lightning_dhp.lightning.planned_loader import PlanConfig, PlannedDataset, StepRequest, check_largest_samples_fit
 from lightning_dhp.testing import run_distributed
-from tests.test_strategy import (
+from tests.helpers import (
     STEPS,
-    _as_torchrun_rank,
-    _assert_params_close,
-    _trainer,
+    as_torchrun_rank,
+    assert_parameters_match,
+    cpu_trainer,
     error_of,
     same_error_on_every_rank,
 )
@@ -301,7 +301,7 @@ def _fit(world_size: int, dataset, lengths, patches, tokens_per_device: int, ste
     data = DHPDataModule(dataset, lengths, 4, vision_patches=patches, seed=0, **module.packing_options)
     with tempfile.TemporaryDirectory() as report_dir:
         plans = DHPPlanReport(dirpath=report_dir, num_plotted_steps=0, log_metrics=False)
-        _trainer(world_size, DHPStrategy(tokens_per_device=tokens_per_device, **strategy_options), steps,
+        cpu_trainer(world_size, DHPStrategy(tokens_per_device=tokens_per_device, **strategy_options), steps,
                  callbacks=[plans]).fit(module, datamodule=data)
     degrees = {group.degree for entry in plans.history for r in entry["plan"].rounds for group in r.groups}
     return {"params": {name: value.detach().clone() for name, value in module.model.state_dict().items()},
@@ -314,7 +314,7 @@ TOKENS_PER_DEVICE = {1: 512, 2: 96, 3: 96}  # one process holds every record; mo
 
 
 def _chat_scenarios(rank: int, world_size: int, manifest: str) -> dict:
-    _as_torchrun_rank(rank)
+    as_torchrun_rank(rank)
     dataset = ChatDataset(manifest, tiny_processor("qwen3_vl"), progress=False)
     lengths, patches, tokens = dataset.lengths, dataset.vision_patches, TOKENS_PER_DEVICE[world_size]
     reports = {"deferred": _fit(world_size, dataset, lengths, patches, tokens),
@@ -344,8 +344,8 @@ def test_dhp_training_on_deferred_pixels_equals_single_device_training_on_proces
         for report in reports:
             deferred, processed = report["deferred"]["params"], report["processed"]["params"]
             assert deferred.keys() == processed.keys() == single_device.keys()
-            _assert_params_close(deferred, processed)
-            _assert_params_close(deferred, single_device)
+            assert_parameters_match(deferred, processed)
+            assert_parameters_match(deferred, single_device)
             degrees = report["deferred"]["degrees"]
             assert (degrees == {1}) if size == 1 else ({1, 2} <= degrees <= set(range(1, size + 1))), degrees
     initial = tiny_model("qwen3_vl", seed=1).double().state_dict()

@@ -3,6 +3,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_dhp.testing import run_distributed
+from tests.helpers import assert_parameters_match
 
 
 def _sum_ranks(rank, world_size):
@@ -33,3 +34,17 @@ def test_run_distributed_turns_a_hang_into_a_timeout():
 def test_run_distributed_reports_the_failing_rank():
     with pytest.raises(RuntimeError, match="rank one says no"):
         run_distributed(_fail_on_rank_one, 2)
+
+
+def test_parameters_match_within_float64_rounding_and_a_mismatch_names_the_worst_parameter():
+    reference = {"a": torch.ones(3, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}
+    assert_parameters_match({name: value + 1e-13 for name, value in reference.items()}, reference)
+    off = {"a": reference["a"] + 1e-6, "b": reference["b"] + torch.tensor([0.0, 1e-3], dtype=torch.float64)}
+    with pytest.raises(AssertionError, match=r"2 of 2 parameters differ.*worst: b \(max abs error 0\.001\)"):
+        assert_parameters_match(off, reference)
+    with pytest.raises(AssertionError, match=r"missing parameters \['b'\]"):
+        assert_parameters_match({"a": reference["a"]}, reference)
+    with pytest.raises(AssertionError, match=r"parameter a: torch\.float32"):
+        assert_parameters_match({"a": reference["a"].float(), "b": reference["b"]}, reference)
+    with pytest.raises(AssertionError, match="worst: a"):
+        assert_parameters_match({"a": reference["a"] * float("nan"), "b": reference["b"]}, reference)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import tempfile
+from functools import cache
 
 import pytest
 import torch
@@ -32,14 +33,14 @@ from lightning_dhp.lightning.batch import DHPBatchInfo
 from lightning_dhp.lightning.sharding import fsdp_unsupported_reason
 from lightning_dhp.testing import run_distributed
 from tests import hf_models
-from tests.test_strategy import (
+from tests.helpers import (
     GLOBAL_BATCH,
     LENGTHS,
     STEPS,
-    _as_torchrun_rank,
-    _assert_params_close,
-    _trainer,
+    as_torchrun_rank,
+    assert_parameters_match,
     assert_within_bf16_rounding,
+    cpu_trainer,
     error_of,
     load_weights_from_rank_zero,
     same_error_on_every_rank,
@@ -113,7 +114,7 @@ def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int, prec
          **strategy_kwargs) -> dict:
     with tempfile.TemporaryDirectory() as report_dir:  # the report's plot and summary files, not the cwd
         plans = DHPPlanReport(dirpath=report_dir, num_plotted_steps=1, log_metrics=False)
-        _trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), STEPS, callbacks=[plans],
+        cpu_trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), STEPS, callbacks=[plans],
                  precision=precision).fit(task, datamodule=data)
     groups = [g for entry in plans.history for r in entry["plan"].rounds for g in r.groups]
     fsdp = strategy_kwargs.get("sharding") == "fsdp"
@@ -126,16 +127,16 @@ def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int, prec
 
 
 def _scenarios(rank: int, world_size: int) -> dict:
-    _as_torchrun_rank(rank)
+    as_torchrun_rank(rank)
     reports = {}
     tokens = TOKENS_PER_DEVICE[world_size]
     llama = hf_models.module(hf_models.llama())
     data = DHPDataModule(TokenDataset(LENGTHS), LENGTHS, GLOBAL_BATCH, seed=0, val_dataset=HELD_OUT,
                          val_lengths=HELD_OUT.lengths, predict_dataset=HELD_OUT, predict_lengths=HELD_OUT.lengths)
     reports["llama"] = _fit(world_size, llama, data, tokens)
-    reports["llama"]["val_loss"] = _trainer(world_size, DHPStrategy(tokens)).validate(
+    reports["llama"]["val_loss"] = cpu_trainer(world_size, DHPStrategy(tokens)).validate(
         llama, datamodule=data, verbose=False)[0]["val_loss"]
-    reports["llama"]["predict"] = _trainer(world_size, DHPStrategy(tokens)).predict(llama, datamodule=data)
+    reports["llama"]["predict"] = cpu_trainer(world_size, DHPStrategy(tokens)).predict(llama, datamodule=data)
     # bf16-mixed: float32 weights; HF's float32 RoPE makes q and k float32 while v stays bf16
     reports["llama_bf16_mixed"] = _fit(world_size, HFModule(hf_models.llama().float(), optimizer=hf_models.sgd),
                                        data, tokens, precision="bf16-mixed")
@@ -146,7 +147,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
                              predict_lengths=_vl_lengths(items), **task.packing_options)
         reports[f"qwen{version}_vl"] = _fit(world_size, task, data, VL_TOKENS_PER_DEVICE[world_size])
         if version == "2":
-            predicting = _trainer(world_size, DHPStrategy(VL_TOKENS_PER_DEVICE[world_size]))
+            predicting = cpu_trainer(world_size, DHPStrategy(VL_TOKENS_PER_DEVICE[world_size]))
             reports["qwen2_vl"]["predict"] = predicting.predict(task, datamodule=data)
     for name, (make, make_items, layer) in MULTIMODAL.items():
         own_items = make_items()
@@ -156,7 +157,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
         tokens = tokens_for_full_degree(_vl_lengths(own_items), world_size)
         reports[name] = _fit(world_size, task, data, tokens)
         if name == "qwen3_vl":
-            predicting = _trainer(world_size, DHPStrategy(tokens))
+            predicting = cpu_trainer(world_size, DHPStrategy(tokens))
             reports[name]["predict"] = predicting.predict(task, datamodule=data)
         if world_size > 1 and FSDP_UNSUPPORTED is None:
             task = RecordingModule(make())
@@ -195,6 +196,22 @@ def _batches(lengths: list[int], global_batch: int) -> list[list[int]]:
     return sampler.batches()
 
 
+@cache
+def _plain_hf_loop(name: str) -> dict:
+    """The plain HF loop's parameters after STEPS steps of ``name`` ("llama", "qwen2_vl", "qwen2.5_vl" or a
+    MULTIMODAL name) on its test data, computed once a session (the tests only read them)."""
+    if name == "llama":
+        samples = [{"input_ids": tokens} for tokens in TokenDataset(LENGTHS).samples]
+        return hf_models.reference_training(hf_models.llama(), samples, _batches(LENGTHS, GLOBAL_BATCH), STEPS)
+    if name in ("qwen2_vl", "qwen2.5_vl"):
+        items = hf_models.vl_items()
+        return hf_models.reference_training(hf_models.qwen_vl(name.removeprefix("qwen").removesuffix("_vl")), items,
+                                            _batches(_vl_lengths(items), VL_BATCH), STEPS)
+    make, make_items, _ = MULTIMODAL[name]
+    items = make_items()
+    return hf_models.reference_training(make(), items, _batches(_vl_lengths(items), MM_BATCH), STEPS)
+
+
 def _moved(expected: dict, initial: dict, unused: tuple[str, ...] = ()) -> None:
     """Every parameter trains but those under the ``unused`` prefixes (computed, but feeding no output)."""
     moved = {name for name in expected if not torch.equal(expected[name], initial[name])}
@@ -203,11 +220,10 @@ def _moved(expected: dict, initial: dict, unused: tuple[str, ...] = ()) -> None:
 
 def test_llama_under_dhp_equals_the_plain_hf_loop(world):
     world_size, reports = world
-    samples = [{"input_ids": tokens} for tokens in TokenDataset(LENGTHS).samples]
-    expected = hf_models.reference_training(hf_models.llama(), samples, _batches(LENGTHS, GLOBAL_BATCH), STEPS)
+    expected = _plain_hf_loop("llama")
     _moved(expected, hf_models.llama().state_dict())
     for report in reports:
-        _assert_params_close(report["llama"]["params"], expected)
+        assert_parameters_match(report["llama"]["params"], expected)
     assert reports[0]["llama"]["rounds"] > 1, "the test data should need several rounds"
     if world_size > 1:
         assert reports[0]["llama"]["degree"] > 1, "the test data should use context parallelism"
@@ -230,11 +246,10 @@ def test_llama_under_bf16_mixed_matches_the_plain_hf_loop_under_bf16_autocast(wo
 def test_qwen_vl_under_dhp_equals_the_plain_hf_loop(world, version):
     world_size, reports = world
     items = hf_models.vl_items()
-    expected = hf_models.reference_training(hf_models.qwen_vl(version), items, _batches(_vl_lengths(items), VL_BATCH),
-                                            STEPS)
+    expected = _plain_hf_loop(f"qwen{version}_vl")
     _moved(expected, hf_models.qwen_vl(version).state_dict())
     for report in reports:
-        _assert_params_close(report[f"qwen{version}_vl"]["params"], expected)
+        assert_parameters_match(report[f"qwen{version}_vl"]["params"], expected)
     report = reports[0][f"qwen{version}_vl"]
     assert report["rounds"] > 1, "the test data should need several rounds"
     if world_size > 1:
@@ -269,13 +284,11 @@ def test_todays_mllms_under_dhp_equal_the_plain_hf_loop(world, name, sharding):
         pytest.skip("sharding needs 2 or more processes")
     if sharding == "fsdp" and FSDP_UNSUPPORTED is not None:
         pytest.skip(FSDP_UNSUPPORTED)
-    make, make_items, _ = MULTIMODAL[name]
-    items = make_items()
-    expected = hf_models.reference_training(make(), items, _batches(_vl_lengths(items), MM_BATCH), STEPS)
-    _moved(expected, make().state_dict(), UNUSED.get(name, ()))
+    expected = _plain_hf_loop(name)
+    _moved(expected, MULTIMODAL[name][0]().state_dict(), UNUSED.get(name, ()))
     scenario = name if sharding == "replicated" else f"{name}_fsdp"
     for report in reports[:1] if sharding == "fsdp" else reports:  # FSDP gathers the full state to rank 0
-        _assert_params_close(report[scenario]["params"], expected)
+        assert_parameters_match(report[scenario]["params"], expected)
     report = reports[0][scenario]
     assert report["rounds"] > 1, "the test data should need several rounds"
     if world_size > 1:
@@ -301,15 +314,11 @@ def _trained(model, expected: dict):
 
 def test_validation_and_predict_of_the_trained_models_equal_their_own_forward(world):
     _, reports = world
-    samples = [{"input_ids": tokens} for tokens in TokenDataset(LENGTHS).samples]
-    llama = _trained(hf_models.llama(), hf_models.reference_training(
-        hf_models.llama(), samples, _batches(LENGTHS, GLOBAL_BATCH), STEPS))
+    llama = _trained(hf_models.llama(), _plain_hf_loop("llama"))
     items = hf_models.vl_items()
-    qwen = _trained(hf_models.qwen_vl(), hf_models.reference_training(
-        hf_models.qwen_vl(), items, _batches(_vl_lengths(items), VL_BATCH), STEPS))
+    qwen = _trained(hf_models.qwen_vl(), _plain_hf_loop("qwen2_vl"))
     qwen3_items = hf_models.qwen3_vl_items()
-    qwen3 = _trained(hf_models.qwen3_vl(), hf_models.reference_training(
-        hf_models.qwen3_vl(), qwen3_items, _batches(_vl_lengths(qwen3_items), MM_BATCH), STEPS))
+    qwen3 = _trained(hf_models.qwen3_vl(), _plain_hf_loop("qwen3_vl"))
     with torch.no_grad():
         sums, counts = zip(*(hf_models.reference_loss_sum(llama, {"input_ids": tokens})
                              for tokens in HELD_OUT.samples), strict=True)
@@ -332,14 +341,8 @@ def test_sharded_training_and_the_other_cp_modes_equal_the_plain_hf_loop(world, 
         pytest.skip("sharding and CP modes need 2 or more processes")
     if scenario.endswith("_fsdp") and FSDP_UNSUPPORTED is not None:
         pytest.skip(FSDP_UNSUPPORTED)
-    if scenario == "llama_fsdp":
-        samples = [{"input_ids": tokens} for tokens in TokenDataset(LENGTHS).samples]
-        expected = hf_models.reference_training(hf_models.llama(), samples, _batches(LENGTHS, GLOBAL_BATCH), STEPS)
-    else:
-        items = hf_models.vl_items()
-        expected = hf_models.reference_training(hf_models.qwen_vl(), items, _batches(_vl_lengths(items), VL_BATCH),
-                                                STEPS)
-    _assert_params_close(reports[0][scenario]["params"], expected)  # FSDP gathers the full state to rank 0
+    expected = _plain_hf_loop("llama" if scenario == "llama_fsdp" else "qwen2_vl")
+    assert_parameters_match(reports[0][scenario]["params"], expected)  # FSDP gathers the full state to rank 0
     assert reports[0][scenario]["degree"] > 1 and reports[0][scenario]["rounds"] > 1
 
 

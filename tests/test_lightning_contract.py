@@ -24,19 +24,21 @@ from lightning_dhp.errors import DHPConfigError, DHPDataError
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPacking, global_share
 from lightning_dhp.models import TinyVLMConfig, VLMTask, single_process_batch
 from lightning_dhp.testing import run_distributed
-from tests.test_strategy import (
+from tests.helpers import (
     BATCHES,
     GLOBAL_BATCH,
     LENGTHS,
     STEPS,
-    _as_torchrun_rank,
-    _assert_params_close,
-    _trainer,
+    as_torchrun_rank,
     assert_bf16_mixed_runs_match_single_device,
+    assert_parameters_match,
     assert_within_bf16_rounding,
+    cpu_trainer,
     error_of,
     plan_report,
     same_error_on_every_rank,
+    single_device_training,
+    single_device_two_optimizers,
     tokens_for_full_degree,
 )
 from tests.tiny_lm import (
@@ -50,7 +52,6 @@ from tests.tiny_lm import (
     dense_causal_attention,
     reference_mean_loss,
     reference_training,
-    reference_two_optimizers,
 )
 
 # On 2+ processes the longest sample (37 tokens) needs CP degree 2; batches need several rounds everywhere.
@@ -215,14 +216,14 @@ def _params(task: LMTask) -> dict:
 
 
 def _scenarios(rank: int, world_size: int) -> dict:
-    _as_torchrun_rank(rank)
+    as_torchrun_rank(rank)
     tokens = TOKENS_PER_DEVICE[world_size]
     reports = {}
 
     def fit(task, *, steps=STEPS, num_workers=0, precision="32-true", **strategy_kwargs):
         losses, plans = StepLosses(), plan_report()
         callbacks = [plans] + ([losses] if task.automatic_optimization else [])
-        trainer = _trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), steps, callbacks=callbacks,
+        trainer = cpu_trainer(world_size, DHPStrategy(tokens, **strategy_kwargs), steps, callbacks=callbacks,
                            precision=precision)
         trainer.fit(task, datamodule=_data(num_workers))
         plan_list = [entry["plan"] for entry in plans.history]
@@ -241,10 +242,10 @@ def _scenarios(rank: int, world_size: int) -> dict:
             reports["val_loss"] = trainer.validate(task, datamodule=_data(), verbose=False)[0]["val_loss"]
             reports["test_loss"] = trainer.test(task, datamodule=_data(), verbose=False)[0]["test_loss"]
     accuracy = AccuracyTask()
-    reports["val_accuracy"] = _trainer(world_size, DHPStrategy(tokens)).validate(
+    reports["val_accuracy"] = cpu_trainer(world_size, DHPStrategy(tokens)).validate(
         accuracy, datamodule=_data(), verbose=False)[0]["val_accuracy"]
     writer = RecordingWriter()
-    reports["predict"] = _trainer(world_size, DHPStrategy(tokens), callbacks=[writer]).predict(LMTask(),
+    reports["predict"] = cpu_trainer(world_size, DHPStrategy(tokens), callbacks=[writer]).predict(LMTask(),
                                                                                                datamodule=_data())
     reports["prediction_writer"] = {"batches": writer.batches, "epoch": writer.epoch}
     # a profiled cost model: every rank must plan with rank 0's, or the plans would differ
@@ -264,13 +265,15 @@ def _scenarios(rank: int, world_size: int) -> dict:
     reports["per_rank_batch_size"]["warnings"] = [str(w.message) for w in caught if "batch_size" in str(w.message)]
     reports["built_on_meta"] = fit(BuiltOnMeta())[1]
     counters.clear()
-    reports["compiled"] = {**fit(CompiledTask())[1], "graphs": counters["stats"]["unique_graphs"],
+    compiled = fit(CompiledTask())[1]
+    compiled["params"] = {name.replace("._orig_mod", ""): value for name, value in compiled["params"].items()}
+    reports["compiled"] = {**compiled, "graphs": counters["stats"]["unique_graphs"],
                            "graph_breaks": list(counters["graph_break"])}
     mixed = MixedPrecisionTask()
     reports["bf16_mixed"] = {**fit(mixed, precision="bf16-mixed")[1], "autocast": mixed.steps_under_bf16_autocast}
     vlm = _vlm_task()
     plans = plan_report()
-    _trainer(world_size, DHPStrategy(tokens_for_full_degree(VLM_LENGTHS, world_size)), STEPS, callbacks=[plans],
+    cpu_trainer(world_size, DHPStrategy(tokens_for_full_degree(VLM_LENGTHS, world_size)), STEPS, callbacks=[plans],
              precision="bf16-mixed").fit(vlm, datamodule=DHPDataModule(VLM_DIGITS, VLM_LENGTHS, VLM_BATCH, seed=0))
     reports["vlm_bf16_mixed"] = {
         "params": {name: value.detach().clone() for name, value in vlm.model.state_dict().items()},
@@ -282,7 +285,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
     custom_collate = DataLoader(TokenDataset(LENGTHS), batch_sampler=DHPBatchSampler(LENGTHS, GLOBAL_BATCH),
                                 collate_fn=lambda items: items)
     reports["custom_collate"] = error_of(
-        lambda: _trainer(world_size, DHPStrategy(tokens)).fit(LMTask(), train_dataloaders=custom_collate))
+        lambda: cpu_trainer(world_size, DHPStrategy(tokens)).fit(LMTask(), train_dataloaders=custom_collate))
     reports["checkpoint_no_match"] = error_of(lambda: fit(LMTask(), activation_checkpointing={torch.nn.LSTM}))
     # EarlyStopping on the logged validation loss, checked after every step (Lightning would check at the
     # epoch's end, since it reads val_check_interval=1 as 1.0): the threshold lies between the single-device
@@ -290,7 +293,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
     after = _reference_validation_losses(steps=2)
     stopper = EarlyStopping(monitor="val_loss", stopping_threshold=(after[0] + after[1]) / 2,
                             check_on_train_epoch_end=False)
-    trainer = _trainer(world_size, DHPStrategy(tokens), STEPS + 1, callbacks=[stopper], val_check_interval=1)
+    trainer = cpu_trainer(world_size, DHPStrategy(tokens), STEPS + 1, callbacks=[stopper], val_check_interval=1)
     trainer.fit(LMTask(), datamodule=_data())
     reports["early_stopping"] = {"after": after, "global_step": trainer.global_step, "stopped": trainer.should_stop}
     return reports
@@ -299,7 +302,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
 def _reference_validation_losses(steps: int) -> list[float]:
     """The single-device validation loss after each of the first ``steps`` training steps."""
     validation = DHPBatchSampler(LENGTHS, GLOBAL_BATCH, shuffle=False).batches()
-    return [reference_mean_loss(reference_training(LENGTHS, BATCHES, step), LENGTHS, validation, seed=1)
+    return [reference_mean_loss(single_device_training(step), LENGTHS, validation, seed=1)
             for step in range(1, steps + 1)]
 
 
@@ -309,13 +312,40 @@ def world(request) -> tuple[int, list[dict]]:
 
 
 
-@pytest.mark.parametrize("scenario", ["checkpoint_non_reentrant", "checkpoint_reentrant", "checkpoint_option"])
-def test_activation_checkpointing_is_exact(world, scenario):
+# Every scenario that trains: each rank's parameters equal single-device float64 training (the reference named,
+# from tests.tiny_lm), after the optimizer steps Lightning counts; the test data needs several rounds and, on 2+
+# processes, context parallelism.
+REFERENCES = {
+    "plain": single_device_training,
+    "lr_schedule": lambda: single_device_training(lr_gamma=0.5),
+    "two_optimizers": single_device_two_optimizers,
+    # Lightning counts the skipped batch as a step (as on one device): STEPS steps train batches 0 and 2
+    "without_the_second_batch": lambda: reference_training(LENGTHS, [BATCHES[0], BATCHES[2]], STEPS - 1),
+}
+EXACT_RUNS = [  # (scenario, reference, optimizer steps)
+    pytest.param("checkpoint_non_reentrant", "plain", STEPS, id="activation-checkpointing-non-reentrant"),
+    pytest.param("checkpoint_reentrant", "plain", STEPS, id="activation-checkpointing-reentrant"),
+    pytest.param("checkpoint_option", "plain", STEPS, id="activation-checkpointing-option"),
+    # loader workers, a learning rate schedule and a profiled cost model (every rank plans with rank 0's)
+    pytest.param("workers_and_scheduler", "lr_schedule", STEPS, id="workers-schedule-profiled-cost-model"),
+    pytest.param("manual", "plain", STEPS, id="manual-optimization"),  # the documented pattern
+    # a backward per optimizer in every round, steps in the last; Lightning counts every optimizer's steps
+    pytest.param("two_optimizers", "two_optimizers", 2 * STEPS, id="two-optimizers"),
+    pytest.param("two_optimizers_in_turn", "two_optimizers", 2 * STEPS, id="two-optimizers-in-turn"),
+    pytest.param("two_backwards", "plain", STEPS, id="two-backwards-per-round"),
+    pytest.param("built_on_meta", "plain", STEPS, id="replicated-built-on-meta"),
+    pytest.param("compiled", "plain", STEPS, id="compiled-block"),
+    pytest.param("skip_every_rank", "without_the_second_batch", STEPS, id="none-from-every-rank-skips"),
+]
+
+
+@pytest.mark.parametrize(("scenario", "reference", "steps"), EXACT_RUNS)
+def test_lightning_features_train_exactly(world, scenario, reference, steps):
     world_size, reports = world
-    losses: list[float] = []
-    expected = reference_training(LENGTHS, BATCHES, STEPS, losses=losses)
+    expected = REFERENCES[reference]()
     for report in reports:
-        _assert_params_close(report[scenario]["params"], expected)
+        assert_parameters_match(report[scenario]["params"], expected)
+        assert report[scenario]["global_step"] == steps
     assert reports[0][scenario]["rounds"] > 1, "the test data should need several rounds"
     if world_size > 1:
         assert reports[0][scenario]["degree"] > 1, "the test data should use context parallelism"
@@ -334,7 +364,7 @@ def test_logged_training_loss_is_the_global_loss_every_step_and_epoch(world):
 
 def test_logged_validation_and_test_losses_equal_single_device_values(world):
     _, reports = world
-    trained = reference_training(LENGTHS, BATCHES, STEPS)
+    trained = single_device_training()
     expected = reference_mean_loss(trained, LENGTHS, DHPBatchSampler(LENGTHS, GLOBAL_BATCH, shuffle=False).batches(),
                                    seed=1)
     for report in reports:
@@ -388,41 +418,6 @@ def test_a_prediction_writer_gets_each_outputs_dataset_index_on_every_batch_and_
                     torch.testing.assert_close(output["logits"], expected, rtol=1e-9, atol=1e-12)
 
 
-def test_loader_workers_a_learning_rate_schedule_and_a_profiled_cost_model_stay_exact(world):
-    _, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS, lr_gamma=0.5)
-    for report in reports:
-        _assert_params_close(report["workers_and_scheduler"]["params"], expected)
-
-
-def test_manual_optimization_with_the_documented_pattern_is_exact(world):
-    _, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS)
-    for report in reports:
-        _assert_params_close(report["manual"]["params"], expected)
-        assert report["manual"]["global_step"] == STEPS
-
-
-@pytest.mark.parametrize("scenario", ["two_optimizers", "two_optimizers_in_turn"])
-def test_two_optimizers_each_backwarded_every_round_are_exact(world, scenario):
-    """Lightning's two-optimizer pattern: a backward per optimizer in every round, steps in the last round."""
-    world_size, reports = world
-    expected = reference_two_optimizers(LENGTHS, BATCHES, STEPS)
-    for report in reports:
-        _assert_params_close(report[scenario]["params"], expected)
-        assert report[scenario]["global_step"] == 2 * STEPS
-    assert reports[0][scenario]["rounds"] > 1
-    if world_size > 1:
-        assert reports[0][scenario]["degree"] > 1
-
-
-def test_several_backward_calls_in_a_round_add_up_exactly(world):
-    _, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS)
-    for report in reports:
-        _assert_params_close(report["two_backwards"]["params"], expected)
-
-
 def test_a_per_rank_batch_size_in_self_log_is_ignored_with_one_warning_and_values_stay_global(world):
     _, reports = world
     losses: list[float] = []
@@ -453,23 +448,13 @@ def test_the_main_jobs_model_trains_under_bf16_mixed_like_single_device_bf16_mix
     assert reports[0]["vlm_bf16_mixed"]["degree"] == world_size
 
 
-def test_a_replicated_model_built_on_the_meta_device_trains_exactly(world):
-    _, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS)
+def test_a_compiled_block_breaks_its_graph_only_at_cp_attention(world):
+    _, reports = world  # its training is exact: test_lightning_features_train_exactly[compiled-block]
     for report in reports:
-        _assert_params_close(report["built_on_meta"]["params"], expected)
-
-
-def test_a_compiled_block_is_exact_and_breaks_its_graph_only_at_cp_attention(world):
-    _, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS)
-    for report in reports:
-        compiled = report["compiled"]
-        _assert_params_close({name.replace("._orig_mod", ""): value for name, value in compiled["params"].items()},
-                             expected)
-        assert compiled["graphs"] >= 1
+        assert report["compiled"]["graphs"] >= 1
         # the plan-dependent attention stays eager (tracing it would recompile for every layout)
-        assert compiled["graph_breaks"] and all("cp_attention" in reason for reason in compiled["graph_breaks"])
+        graph_breaks = report["compiled"]["graph_breaks"]
+        assert graph_breaks and all("cp_attention" in reason for reason in graph_breaks)
 
 
 def test_manual_optimization_stepping_every_round_is_refused(world):
@@ -477,14 +462,6 @@ def test_manual_optimization_stepping_every_round_is_refused(world):
     kind, message = same_error_on_every_rank(reports, "manual_textbook")
     assert kind == "DHPConfigError", message
     assert "is_last_round" in message and "round 1 of" in message
-
-
-def test_none_from_every_rank_skips_the_global_batch(world):
-    _, reports = world
-    # Lightning counts the skipped batch as a step (as on one device): STEPS steps train batches 0 and 2.
-    expected = reference_training(LENGTHS, [BATCHES[0], BATCHES[2]], STEPS - 1)
-    for report in reports:
-        _assert_params_close(report["skip_every_rank"]["params"], expected)
 
 
 def test_none_from_some_ranks_only_is_the_same_clear_error_everywhere(world):
@@ -573,7 +550,7 @@ def test_a_profiled_cost_model_times_the_users_own_step():
     from lightning_dhp.planner import CostModel
 
     strategy = DHPStrategy(TOKENS_PER_DEVICE[1], cost_model="profile")
-    _trainer(1, strategy, steps=1).fit(LMTask(), datamodule=_data())
+    cpu_trainer(1, strategy, steps=1).fit(LMTask(), datamodule=_data())
     assert isinstance(strategy.planning_cost_model, CostModel)
     assert strategy.planning_cost_model != CostModel.default()
 

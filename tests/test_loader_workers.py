@@ -16,12 +16,12 @@ from lightning_dhp.lightning import DHPBatchSampler, DHPDataLoader, DHPDataModul
 from lightning_dhp.lightning.planned_loader import PlanConfig
 from lightning_dhp.lightning.workers import POLL_S, WatchedIterator, stack_path
 from lightning_dhp.testing import run_distributed
-from tests.test_strategy import (
+from tests.helpers import (
     BATCHES,
     GLOBAL_BATCH,
     LENGTHS,
-    _as_torchrun_rank,
-    _trainer,
+    as_torchrun_rank,
+    cpu_trainer,
     error_of,
     same_error_on_every_rank,
 )
@@ -55,13 +55,13 @@ def _stalls_or_dies_here(how: str) -> None:
 
 
 def _misbehaving_fits(rank: int, world_size: int) -> dict:
-    _as_torchrun_rank(rank)
+    as_torchrun_rank(rank)
     reports = {}
     for how, sharding in SCENARIOS[world_size]:
         data = DHPDataModule(Misbehaving(rank, how), LENGTHS, GLOBAL_BATCH, seed=0, num_workers=1)
         strategy = DHPStrategy(20, sharding=sharding, data_wait_timeout=WAIT_S)
         started = time.monotonic()
-        reports[how] = error_of(lambda: _trainer(world_size, strategy).fit(LMTask(), datamodule=data))  # noqa: B023
+        reports[how] = error_of(lambda: cpu_trainer(world_size, strategy).fit(LMTask(), datamodule=data))  # noqa: B023
         reports[f"{how}_elapsed_s"] = time.monotonic() - started
     return reports
 

@@ -19,6 +19,7 @@ from lightning_dhp.models import (
     single_process_batch,
 )
 from lightning_dhp.testing import run_distributed
+from tests.helpers import assert_parameters_match
 
 TINY = TinyVLMConfig(
     hidden_size=32,
@@ -372,5 +373,4 @@ def test_init_checkpoint_restores_the_model(tmp_path):
     path = tmp_path / "pretrained.pt"
     torch.save(_tiny_model().float().state_dict(), path)
     restored = VLMTask(TINY, init_checkpoint=str(path))
-    for name, value in _tiny_model().float().state_dict().items():
-        torch.testing.assert_close(restored.model.state_dict()[name], value, rtol=0, atol=0)
+    assert_parameters_match(restored.model.state_dict(), _tiny_model().float().state_dict(), rtol=0, atol=0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections import Counter
 
@@ -17,7 +16,7 @@ from lightning_dhp import DHPStrategy
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataLoader, DHPPacking
 from lightning_dhp.lightning.planned_loader import PlanConfig, StepRequest
 from lightning_dhp.testing import run_distributed
-from tests.test_strategy import _as_torchrun_rank, _assert_params_close, _data, _trainer, plan_report
+from tests.helpers import as_torchrun_rank, assert_parameters_match, cpu_trainer, plan_report, token_data
 from tests.tiny_lm import LMTask
 
 
@@ -93,40 +92,50 @@ def test_skipped_samples_are_counted_once_over_all_ranks(lengths, world, data):
     assert all(step.error is None for step in steps)
 
 
-def _fit_with_checkpoints(rank: int, world_size: int, directory: str, steps: int, resume: bool) -> dict:
-    _as_torchrun_rank(rank)
+def _fit_with_checkpoints(rank: int, world_size: int, directory: str, steps: int,
+                          resume_from: str | None = None) -> dict:
+    """Fit for ``steps`` steps (resuming from the checkpoint ``resume_from``), writing a checkpoint after every
+    step to ``directory``."""
+    as_torchrun_rank(rank)
     task = LMTask()
     strategy = DHPStrategy(20)
     checkpoints = ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_top_k=-1, filename="{step}")
     report = plan_report()
-    trainer = _trainer(world_size, strategy, steps=steps, enable_checkpointing=True, callbacks=[checkpoints, report],
-                       limit_val_batches=0)
-    trainer.fit(task, datamodule=_data(), ckpt_path=f"{directory}/step=2.ckpt" if resume else None)
+    trainer = cpu_trainer(world_size, strategy, steps=steps, enable_checkpointing=True,
+                          callbacks=[checkpoints, report], limit_val_batches=0)
+    trainer.fit(task, datamodule=token_data(), ckpt_path=resume_from)
     return {"params": {k: v.detach().clone() for k, v in task.model.state_dict().items()},
             "batches": [entry["plan"].lengths for entry in report.history]}
 
 
+def _stop_and_resume(rank: int, world_size: int, directory: str) -> dict:
+    """In one world: an uninterrupted 5-step run, a run stopped after step 2, and that run resumed."""
+    uninterrupted = _fit_with_checkpoints(rank, world_size, f"{directory}/uninterrupted", 5)
+    _fit_with_checkpoints(rank, world_size, f"{directory}/stopped", 2)
+    resumed = _fit_with_checkpoints(rank, world_size, f"{directory}/resumed", 5, f"{directory}/stopped/step=2.ckpt")
+    return {"uninterrupted": uninterrupted, "resumed": resumed}
+
+
 @pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory) -> tuple[dict, str]:
-    """An uninterrupted 5-step run, and a run stopped after step 2 with its checkpoints."""
-    directory = tmp_path_factory.mktemp("checkpoints")
-    uninterrupted = run_distributed(_fit_with_checkpoints, 2, str(directory / "a"), 5, False, timeout_s=240)
-    run_distributed(_fit_with_checkpoints, 2, str(directory / "b"), 2, False, timeout_s=240)
-    return uninterrupted[0], str(directory / "b")
+def two_process_runs(tmp_path_factory) -> tuple[dict, str]:
+    """Rank 0's runs of :func:`_stop_and_resume` on 2 processes, and the folder of their checkpoints."""
+    directory = str(tmp_path_factory.mktemp("checkpoints"))
+    return run_distributed(_stop_and_resume, 2, directory, timeout_s=240)[0], directory
 
 
 @pytest.mark.parametrize("resume_world", [2, 3], ids=["same-world", "other-world"])
-def test_stop_and_resume_equals_the_uninterrupted_run(stopped_run, resume_world, tmp_path):
-    uninterrupted, checkpoints = stopped_run
-    resume_from = shutil.copytree(checkpoints, tmp_path / "checkpoints")  # the resumed run writes its own
-    resumed = run_distributed(_fit_with_checkpoints, resume_world, str(resume_from), 5, True, timeout_s=240)
-    _assert_params_close(resumed[0]["params"], uninterrupted["params"])
+def test_stop_and_resume_equals_the_uninterrupted_run(two_process_runs, resume_world, tmp_path):
+    """Resumed in the world that stopped, and in a new world of 3 processes (a fresh start, as after a failure)."""
+    runs, directory = two_process_runs
+    resumed = runs["resumed"] if resume_world == 2 else run_distributed(
+        _fit_with_checkpoints, resume_world, str(tmp_path), 5, f"{directory}/stopped/step=2.ckpt", timeout_s=240)[0]
+    assert_parameters_match(resumed["params"], runs["uninterrupted"]["params"])
     # the strategy records a step when the next one starts: compare the batches both runs recorded
-    assert resumed[0]["batches"] == uninterrupted["batches"][2:len(resumed[0]["batches"]) + 2]
+    assert resumed["batches"] == runs["uninterrupted"]["batches"][2:len(resumed["batches"]) + 2]
 
 
-STALL_S = 40  # longer than the collective timeout below, so only the timeout can stop the others
 COLLECTIVE_TIMEOUT_S = 10
+STALL_S = 2 * COLLECTIVE_TIMEOUT_S  # only the collective timeout can stop the others before the stalled rank wakes
 
 
 class FailsAtStepTwo(LMTask):
@@ -139,18 +148,20 @@ class FailsAtStepTwo(LMTask):
             if self.how == "dies":
                 os._exit(1)
             time.sleep(STALL_S)
+            self.woke_at = time.time()
 
 
-def _fit_until_a_rank_fails(rank: int, world_size: int, how: str) -> tuple[float, str] | None:
-    _as_torchrun_rank(rank)
+def _fit_until_a_rank_fails(rank: int, world_size: int, how: str) -> tuple[float, str]:
+    """(when this rank stopped, or the stalled rank woke up; how its fit ended)."""
+    as_torchrun_rank(rank)
     task = FailsAtStepTwo()
     task.how = how
-    started = time.monotonic()
     try:
-        _trainer(world_size, DHPStrategy(20)).fit(task, datamodule=_data())
+        cpu_trainer(world_size, DHPStrategy(20)).fit(task, datamodule=token_data())
+        outcome = "finished"
     except Exception as error:
-        return time.monotonic() - started, f"{type(error).__name__}: {error}"
-    return time.monotonic() - started, "finished"
+        outcome = f"{type(error).__name__}: {error}"
+    return getattr(task, "woke_at", time.time()), outcome
 
 
 @pytest.mark.parametrize("how", ["dies", "stalls"])
@@ -160,7 +171,7 @@ def test_a_dead_or_stalled_rank_stops_the_others_with_a_clear_message(how):
                               collective_timeout_s=COLLECTIVE_TIMEOUT_S)
     if how == "dies":
         assert results[1] is None
-    for elapsed, message in (results[0], results[2]):
+    for stopped_at, message in (results[0], results[2]):
         assert "a peer rank died or stalled" in message and "global batch 2" in message, message
         if how == "stalls":  # stopped by the collective timeout, before the stalled rank woke up
-            assert elapsed < results[1][0] - STALL_S / 2, (elapsed, results[1][0])
+            assert stopped_at < results[1][0], (stopped_at, results[1][0])

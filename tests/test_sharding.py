@@ -19,21 +19,21 @@ from lightning_dhp.lightning.materialize import has_meta_tensors, materialize
 from lightning_dhp.models import VLMTask
 from lightning_dhp.models.tiny_vlm import DecoderLayer, TinyVLM, VisionBlock
 from lightning_dhp.testing import run_distributed
-from tests.test_models import TINY as TINY_VLM
-from tests.test_strategy import (
-    BATCHES,
-    LENGTHS,
+from tests.helpers import (
     STEPS,
-    _as_torchrun_rank,
-    _assert_params_close,
-    _data,
-    _trainer,
+    as_torchrun_rank,
     assert_bf16_mixed_runs_match_single_device,
+    assert_parameters_match,
+    cpu_trainer,
     error_of,
     load_weights_from_rank_zero,
     plan_report,
     same_error_on_every_rank,
+    single_device_training,
+    single_device_two_optimizers,
+    token_data,
 )
+from tests.test_models import TINY as TINY_VLM
 from tests.tiny_lm import (
     HIDDEN,
     Block,
@@ -41,8 +41,6 @@ from tests.tiny_lm import (
     MixedPrecisionTask,
     TwoBackwardsTask,
     TwoOptimizerTask,
-    reference_training,
-    reference_two_optimizers,
 )
 
 WORLD_SIZES = (2, 3)
@@ -54,14 +52,14 @@ def _full_params(task: LMTask) -> dict:
 
 
 def _scenarios(rank: int, world_size: int, directory: str) -> dict:
-    _as_torchrun_rank(rank)
+    as_torchrun_rank(rank)
     reports = {}
 
     def fit(task, steps=STEPS, ckpt_path=None, callbacks=(), trainer_kwargs=None, **strategy_kwargs):
         plans = plan_report()
         strategy = DHPStrategy(20, sharding="fsdp", **strategy_kwargs)
-        trainer = _trainer(world_size, strategy, steps, callbacks=[plans, *callbacks], **(trainer_kwargs or {}))
-        trainer.fit(task, datamodule=_data(), ckpt_path=ckpt_path)
+        trainer = cpu_trainer(world_size, strategy, steps, callbacks=[plans, *callbacks], **(trainer_kwargs or {}))
+        trainer.fit(task, datamodule=token_data(), ckpt_path=ckpt_path)
         plan_list = [entry["plan"] for entry in plans.history]
         return trainer, {"params": _full_params(task),
                          "rounds": max(len(plan.rounds) for plan in plan_list),
@@ -93,11 +91,11 @@ def _scenarios(rank: int, world_size: int, directory: str) -> dict:
             LMTask(), ckpt_path=f"{directory}/../2/distributed/step=2.ckpt", save_distributed_checkpoint=True)[1]
     reports["vlm"] = {mode: _fit_vlm(world_size, **kwargs) for mode, kwargs in (
         ("replicate", {}), ("fsdp", {"sharding": "fsdp", "fsdp_modules": {DecoderLayer, VisionBlock}}))}
-    trainer = _trainer(world_size, DHPStrategy(20, sharding="fsdp", fsdp_modules={Block}), STEPS)
+    trainer = cpu_trainer(world_size, DHPStrategy(20, sharding="fsdp", fsdp_modules={Block}), STEPS)
     with trainer.init_module(empty_init=True):
         task = PretrainedLM()
     built_on_meta = all(parameter.is_meta for parameter in task.parameters())
-    trainer.fit(task, datamodule=_data())
+    trainer.fit(task, datamodule=token_data())
     reports["meta_init"] = {"params": _full_params(task), "built_on_meta": built_on_meta,
                             "local": sum(parameter.to_local().numel() for parameter in task.parameters()),
                             "total": sum(parameter.numel() for parameter in task.parameters())}
@@ -137,7 +135,7 @@ def _fit_vlm(world_size: int, **strategy_kwargs) -> dict:
     task = VLMTask(TINY_VLM, warmup_steps=0)
     videos = VideoDigits(12, seed=3, durations_s=[4.0, 12.0, 24.0], sample_fps=0.25, frame_sizes=(8, 16))
     data = DHPDataModule(videos, videos.lengths.tolist(), 4, seed=0)
-    trainer = _trainer(world_size, DHPStrategy(20, **strategy_kwargs), 2, precision="64-true")
+    trainer = cpu_trainer(world_size, DHPStrategy(20, **strategy_kwargs), 2, precision="64-true")
     trainer.fit(task, datamodule=data)
     return _full_params(task)
 
@@ -153,24 +151,44 @@ def world(request, saved) -> tuple[int, list[dict]]:
     return request.param, run_distributed(_scenarios, request.param, directory, timeout_s=300)
 
 
-def test_sharded_training_equals_single_device_training(world):
+# Every sharded scenario that trains: each rank's full parameters equal single-device float64 training.
+REFERENCES = {
+    "plain": single_device_training,
+    "accumulate_clip": lambda: single_device_training(accumulate=2, clip=0.05),
+    "two_optimizers": single_device_two_optimizers,
+}
+EXACT_RUNS = [  # (scenario, reference, world sizes that run it)
+    pytest.param("blocks", "plain", WORLD_SIZES, id="fsdp-modules"),
+    pytest.param("two_optimizers", "two_optimizers", WORLD_SIZES, id="manual-two-optimizers"),
+    pytest.param("two_backwards", "plain", WORLD_SIZES, id="manual-two-backwards-per-round"),
+    pytest.param("accumulate_clip_checkpointing", "accumulate_clip", WORLD_SIZES,
+                 id="accumulation-clipping-activation-checkpointing"),
+    pytest.param("meta_init", "plain", WORLD_SIZES, id="built-on-meta-pretrained-from-rank-0"),
+    pytest.param("resumed", "plain", WORLD_SIZES, id="full-checkpoint-resumed"),
+    pytest.param("resumed_distributed", "plain", WORLD_SIZES, id="distributed-checkpoint-resumed"),
+    # the 3-process world resumes the 2-process world's checkpoints
+    pytest.param("resumed_on_another_world", "plain", (3,), id="full-checkpoint-resumed-on-3-from-2"),
+    pytest.param("resumed_distributed_on_another_world", "plain", (3,),
+                 id="distributed-checkpoint-resumed-on-3-from-2"),
+]
+
+
+@pytest.mark.parametrize(("scenario", "reference", "world_sizes"), EXACT_RUNS)
+def test_sharded_training_equals_single_device_training(world, scenario, reference, world_sizes):
     world_size, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS)
+    if world_size not in world_sizes:
+        pytest.skip(f"runs on {world_sizes} processes")
+    expected = REFERENCES[reference]()
     for report in reports:
-        _assert_params_close(report["blocks"]["params"], expected)
-    assert reports[0]["blocks"]["rounds"] > 1 and reports[0]["blocks"]["degree"] > 1
+        assert_parameters_match(report[scenario]["params"], expected)
+
+
+def test_the_sharded_runs_use_several_rounds_and_context_parallelism(world):
+    world_size, reports = world
+    for scenario in ("blocks", "two_optimizers"):
+        assert reports[0][scenario]["rounds"] > 1 and reports[0][scenario]["degree"] > 1, scenario
     if world_size == 3:
         assert reports[0]["blocks"]["degree"] == 2, "degree 2 on 3 ranks: some rank is idle or alone"
-
-
-def test_sharded_manual_optimization_with_two_optimizers_or_two_backwards_per_round_is_exact(world):
-    _, reports = world
-    two_optimizers = reference_two_optimizers(LENGTHS, BATCHES, STEPS)
-    one_optimizer = reference_training(LENGTHS, BATCHES, STEPS)
-    for report in reports:
-        _assert_params_close(report["two_optimizers"]["params"], two_optimizers)
-        _assert_params_close(report["two_backwards"]["params"], one_optimizer)
-    assert reports[0]["two_optimizers"]["rounds"] > 1 and reports[0]["two_optimizers"]["degree"] > 1
 
 
 def test_sharded_bf16_mixed_training_matches_single_device_bf16_mixed(world):
@@ -178,51 +196,18 @@ def test_sharded_bf16_mixed_training_matches_single_device_bf16_mixed(world):
     assert_bf16_mixed_runs_match_single_device([report["bf16_mixed"] for report in reports])
 
 
-def test_a_model_built_on_the_meta_device_is_only_ever_allocated_in_shards_and_trains_exactly(world):
-    world_size, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS)
+def test_a_model_built_on_the_meta_device_is_only_ever_allocated_in_shards(world):
+    world_size, reports = world  # and trains exactly: test_sharded_training_equals_single_device_training
     for report in reports:
         meta_init = report["meta_init"]
         assert meta_init["built_on_meta"]
         assert meta_init["local"] <= -(-meta_init["total"] // world_size) + 64  # a shard, plus FSDP's row padding
-        _assert_params_close(meta_init["params"], expected)
 
 
 def test_the_tiny_vlm_sharded_with_its_vision_blocks_equals_its_replicated_training(world):
     _, reports = world
     for report in reports:  # replicated DHP training equals single-device training (tests/test_models.py)
-        _assert_params_close(report["vlm"]["fsdp"], report["vlm"]["replicate"])
-
-
-def test_sharded_accumulation_clipping_and_activation_checkpointing_are_exact(world):
-    _, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS, accumulate=2, clip=0.05)
-    for report in reports:
-        _assert_params_close(report["accumulate_clip_checkpointing"]["params"], expected)
-
-
-def test_a_full_checkpoint_resumes_exactly(world):
-    _, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS)
-    for report in reports:
-        _assert_params_close(report["resumed"]["params"], expected)
-
-
-def test_a_distributed_checkpoint_resumes_exactly(world):
-    _, reports = world
-    expected = reference_training(LENGTHS, BATCHES, STEPS)
-    for report in reports:
-        _assert_params_close(report["resumed_distributed"]["params"], expected)
-
-
-@pytest.mark.parametrize("scenario", ["resumed_on_another_world", "resumed_distributed_on_another_world"])
-def test_checkpoints_resume_exactly_on_another_world_size(world, scenario):
-    world_size, reports = world
-    if world_size != 3:
-        pytest.skip("the 3-process world resumes the 2-process world's checkpoints")
-    expected = reference_training(LENGTHS, BATCHES, STEPS)
-    for report in reports:
-        _assert_params_close(report[scenario]["params"], expected)
+        assert_parameters_match(report["vlm"]["fsdp"], report["vlm"]["replicate"])
 
 
 class CallsABlockOnRankZeroOnly(LMTask):
@@ -236,9 +221,10 @@ class CallsABlockOnRankZeroOnly(LMTask):
 
 
 def _some_ranks_only(rank: int, world_size: int) -> tuple[str, str]:
-    _as_torchrun_rank(rank)
+    as_torchrun_rank(rank)
     strategy = DHPStrategy(20, sharding="fsdp", fsdp_modules={Block})
-    return error_of(lambda: _trainer(world_size, strategy, STEPS).fit(CallsABlockOnRankZeroOnly(), datamodule=_data()))
+    trainer = cpu_trainer(world_size, strategy, STEPS)
+    return error_of(lambda: trainer.fit(CallsABlockOnRankZeroOnly(), datamodule=token_data()))
 
 
 def test_a_sharded_module_called_on_some_ranks_only_fails_within_the_timeout_naming_the_cause():
@@ -256,8 +242,8 @@ def test_the_full_checkpoint_loads_without_any_distributed_setup(world, saved):
     checkpoint = torch.load(f"{saved}/{world_size}/step=2.ckpt", weights_only=False)
     task = LMTask()
     task.load_state_dict(checkpoint["state_dict"])
-    _assert_params_close({name: value for name, value in task.model.state_dict().items()},
-                         reference_training(LENGTHS, BATCHES, 2))
+    assert_parameters_match({name: value for name, value in task.model.state_dict().items()},
+                         single_device_training(2))
 
 
 @pytest.mark.parametrize(("scenario", "fragments"), [
@@ -278,13 +264,13 @@ def test_fsdp_on_one_device_keeps_the_model_whole_and_resumes_exactly(tmp_path):
     """sharding="fsdp" with one process trains unsharded, and its checkpoints resume like any other, also
     into a model built on the meta device (restored after it is materialised)."""
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}")
-    _trainer(1, DHPStrategy(64, sharding="fsdp"), 2, callbacks=[checkpoints],
-             enable_checkpointing=True).fit(LMTask(), datamodule=_data())
-    trainer = _trainer(1, DHPStrategy(64, sharding="fsdp"), STEPS)
+    cpu_trainer(1, DHPStrategy(64, sharding="fsdp"), 2, callbacks=[checkpoints],
+             enable_checkpointing=True).fit(LMTask(), datamodule=token_data())
+    trainer = cpu_trainer(1, DHPStrategy(64, sharding="fsdp"), STEPS)
     with trainer.init_module(empty_init=True):
         task = LMTask()
-    trainer.fit(task, datamodule=_data(), ckpt_path=f"{tmp_path}/step=2.ckpt")
-    _assert_params_close(task.model.state_dict(), reference_training(LENGTHS, BATCHES, STEPS))
+    trainer.fit(task, datamodule=token_data(), ckpt_path=f"{tmp_path}/step=2.ckpt")
+    assert_parameters_match(task.model.state_dict(), single_device_training())
 
 
 def test_unknown_sharding_values_are_refused():

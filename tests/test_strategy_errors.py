@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from lightning_dhp import DHPStrategy, cp_attention
 from lightning_dhp.lightning import DHPDataModule, dhp_dataloader
 from lightning_dhp.testing import run_distributed
-from tests.test_strategy import GLOBAL_BATCH, LENGTHS, _as_torchrun_rank, _trainer, error_of, same_error_on_every_rank
+from tests.helpers import GLOBAL_BATCH, LENGTHS, as_torchrun_rank, cpu_trainer, error_of, same_error_on_every_rank
 from tests.tiny_lm import LMTask, TokenDataset
 
 
@@ -38,14 +38,14 @@ def _fit_and_report(task, data, strategy) -> tuple[str, str] | tuple[str, int]:
     """Fit and return ("ok", skipped samples) or (error type, message)."""
     data_kwargs = {"train_dataloaders": data} if isinstance(data, DataLoader) else {"datamodule": data}
     try:
-        _trainer(2, strategy).fit(task, **data_kwargs)
+        cpu_trainer(2, strategy).fit(task, **data_kwargs)
     except Exception as error:
         return type(error).__name__, str(error)
     return "ok", strategy.skipped_samples
 
 
 def _scenarios(rank: int, world_size: int) -> dict:
-    _as_torchrun_rank(rank)
+    as_torchrun_rank(rank)
     data = DHPDataModule(TokenDataset(LENGTHS), LENGTHS, GLOBAL_BATCH)
     broken = DHPDataModule(BrokenItems(LENGTHS), LENGTHS, GLOBAL_BATCH, shuffle=False)
     other_lengths = LENGTHS if rank == 0 else [length + 1 for length in LENGTHS]

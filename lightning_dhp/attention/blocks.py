@@ -1,7 +1,7 @@
 """Which local queries attend which keys of one visiting rank, and running those blocks.
 
 Rank ``r`` holds chunks ``r`` and ``2c-1-r`` of every sequence; the keys visiting from rank ``s`` hold
-chunks ``s`` and ``2c-1-s``. Under causal attention (DESIGN.md section 5):
+chunks ``s`` and ``2c-1-s``. Under causal attention (docs/design.md, Attention):
 
 - ``s == r``: local queries against local keys, causal (the two chunks keep their global order);
 - ``s < r``: all local queries against the head chunk of the visiting keys, no mask;
