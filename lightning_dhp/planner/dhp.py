@@ -371,24 +371,24 @@ def _merge_start(problem: Problem) -> list[list[int]] | None:
     bins = [[position] for position in order]
     degrees = problem.min_degree[order].astype(np.int64)
     work = problem.sample_costs(order, np.ones(len(order), dtype=np.int64))
-    together = np.zeros((len(bins), len(bins)), dtype=np.int64)  # [a, b], a < b: the degree of bins a and b merged
+    together = np.zeros((len(bins), len(bins)), dtype=np.int64)  # [a, b]: the degree of bins a and b merged
+    alive = np.arange(len(bins))  # the bins not merged into another, in order
     changed = _pairs(len(bins))  # the pairs whose merged degree is not known yet
-    while degrees.sum() > problem.num_devices and len(bins) > 1:
-        together[changed] = _merged_degrees(problem, bins, *changed)
-        first, second = _pairs(len(bins))
+    while degrees[alive].sum() > problem.num_devices and len(alive) > 1:
+        together[changed] = together[changed[::-1]] = _merged_degrees(problem, bins, *changed)
+        first, second = (alive[index] for index in _pairs(len(alive)))
         saving = degrees[first] + degrees[second] - together[first, second]
         if saving.max() <= 0:
             return None
         best = int(np.lexsort((work[first] + work[second], -saving))[0])
         a, b = int(first[best]), int(second[best])
-        bins[a] += bins.pop(b)
+        bins[a] += bins[b]
         work[a] += work[b]
         degrees[a] = together[a, b]
-        work, degrees = np.delete(work, b), np.delete(degrees, b)
-        together = np.delete(np.delete(together, b, axis=0), b, axis=1)
-        others = np.delete(np.arange(len(bins)), a)  # every pair with the merged bin a changed
-        changed = (np.minimum(others, a), np.maximum(others, a))
-    return bins if degrees.sum() <= problem.num_devices else None
+        alive = alive[alive != b]
+        others = alive[alive != a]  # every pair with the merged bin a changed
+        changed = (np.full(len(others), a), others)
+    return [bins[index] for index in alive.tolist()] if degrees[alive].sum() <= problem.num_devices else None
 
 
 @functools.cache
