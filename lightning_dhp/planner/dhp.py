@@ -17,6 +17,7 @@ is still far from its lower bound (:func:`_polish`). Every tuning constant is a 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import itertools
 import math
@@ -370,27 +371,44 @@ def _merge_start(problem: Problem) -> list[list[int]] | None:
     bins = [[position] for position in order]
     degrees = problem.min_degree[order].astype(np.int64)
     work = problem.sample_costs(order, np.ones(len(order), dtype=np.int64))
-    while degrees.sum() > problem.num_devices and len(bins) > 1:
-        first, second = np.triu_indices(len(bins), k=1)
-        sizes = np.array([len(bins[a]) + len(bins[b]) for a, b in zip(first.tolist(), second.tolist(), strict=True)])
-        members = np.fromiter(
-            (sample for a, b in zip(first.tolist(), second.tolist(), strict=True) for sample in bins[a] + bins[b]),
-            dtype=np.int64, count=int(sizes.sum()),
-        )
-        owner = np.repeat(np.arange(len(sizes)), sizes)
-        merged = bin_min_degrees(problem.lengths[members], owner, problem.min_degree[members], len(sizes),
-                                 problem.tokens_per_device, problem.num_devices, take(problem.patches, members),
-                                 problem.vision_patches_per_device)
-        saving = degrees[first] + degrees[second] - merged
+    together = np.zeros((len(bins), len(bins)), dtype=np.int64)  # [a, b]: the degree of bins a and b merged
+    alive = np.arange(len(bins))  # the bins not merged into another, in order
+    changed = _pairs(len(bins))  # the pairs whose merged degree is not known yet
+    while degrees[alive].sum() > problem.num_devices and len(alive) > 1:
+        together[changed] = together[changed[::-1]] = _merged_degrees(problem, bins, *changed)
+        first, second = (alive[index] for index in _pairs(len(alive)))
+        saving = degrees[first] + degrees[second] - together[first, second]
         if saving.max() <= 0:
             return None
         best = int(np.lexsort((work[first] + work[second], -saving))[0])
         a, b = int(first[best]), int(second[best])
-        bins[a] += bins.pop(b)
+        bins[a] += bins[b]
         work[a] += work[b]
-        degrees[a] = merged[best]
-        work, degrees = np.delete(work, b), np.delete(degrees, b)
-    return bins if degrees.sum() <= problem.num_devices else None
+        degrees[a] = together[a, b]
+        alive = alive[alive != b]
+        others = alive[alive != a]  # every pair with the merged bin a changed
+        changed = (np.full(len(others), a), others)
+    return [bins[index] for index in alive.tolist()] if degrees[alive].sum() <= problem.num_devices else None
+
+
+@functools.cache
+def _pairs(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs ``a < b`` of ``count`` bins in row-major order (:func:`numpy.triu_indices`, remembered)."""
+    first, second = np.triu_indices(count, k=1)
+    first.flags.writeable = second.flags.writeable = False
+    return first, second
+
+
+def _merged_degrees(problem: Problem, bins: list[list[int]], first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The minimum degree of every union ``bins[first[i]] + bins[second[i]]`` (:func:`bin_min_degrees`)."""
+    pairs = list(zip(first.tolist(), second.tolist(), strict=True))
+    sizes = np.fromiter((len(bins[a]) + len(bins[b]) for a, b in pairs), dtype=np.int64, count=len(pairs))
+    members = np.fromiter(itertools.chain.from_iterable(bins[a] + bins[b] for a, b in pairs), dtype=np.int64,
+                          count=int(sizes.sum()))
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    return bin_min_degrees(problem.lengths[members], owner, problem.min_degree[members], len(sizes),
+                           problem.tokens_per_device, problem.num_devices, take(problem.patches, members),
+                           problem.vision_patches_per_device)
 
 
 def _power_of_two_degrees(longest_min_degree: int, num_devices: int) -> list[int]:

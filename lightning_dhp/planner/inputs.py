@@ -32,8 +32,7 @@ def check_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
         raise PlanError("lengths is empty; pass the token length of at least one sample")
     for index, value in enumerate(values):
         value = _shown(value)
-        is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        if not is_number or not math.isfinite(value) or value != int(value) or value < 1:
+        if not _is_whole(value, 1, math.inf):
             raise PlanError(
                 f"sample {index} has length {value!r}; every length must be a positive integer number "
                 f"of tokens (>= 1); drop that sample or fix its length"
@@ -62,7 +61,7 @@ def check_vision_patches(patches: Sequence[int] | np.ndarray | None, num_samples
         )
     clean_array = isinstance(values, np.ndarray) and values.ndim == 1 and np.issubdtype(values.dtype, np.integer)
     if not (clean_array and (not values.size or (values.min() >= 0 and values.max() <= MAX_LENGTH))):
-        bad = [index for index, value in enumerate(values) if not _is_count(value)]
+        bad = [index for index, value in enumerate(values) if not _is_whole(value, 0)]
         if bad:
             shown = ", ".join(f"{index} ({_shown(values[index])!r})" for index in bad[:10])
             more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
@@ -79,10 +78,11 @@ def _shown(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _is_count(value: object) -> bool:
+def _is_whole(value: object, low: int, high: float = MAX_LENGTH) -> bool:
+    """Whether ``value`` is a real number (not a bool), finite and whole, in ``[low, high]``."""
     value = _shown(value)
     is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    return is_number and math.isfinite(value) and value == int(value) and 0 <= value <= MAX_LENGTH
+    return is_number and math.isfinite(value) and value == int(value) and low <= value <= high
 
 
 def min_degrees(

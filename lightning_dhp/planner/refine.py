@@ -23,6 +23,28 @@ from lightning_dhp.planner.problem import Problem
 _NONE = (np.inf, None)  # a move kind switched off (PlannerOptions.refine_move and its siblings)
 
 
+class _Columns:
+    """Every sample's cost and padded length per degree of one round, each degree's column computed the first
+    time it shows up (shared by the round's refiners through :attr:`Problem.memo`)."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self.class_of = np.full(problem.num_devices + 1, -1, dtype=np.int64)
+        self.costs = np.zeros((0, len(problem.lengths)))
+        self.padded = np.zeros((0, len(problem.lengths)), dtype=np.int64)
+
+    def at(self, samples: np.ndarray, degrees: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cost and padded length of ``samples[i]`` at ``degrees[i]`` (any broadcastable shapes)."""
+        classes = self.class_of[degrees]
+        if (classes < 0).any():
+            missing = np.unique(np.asarray(degrees)[classes < 0])
+            self.class_of[missing] = len(self.costs) + np.arange(len(missing))
+            self.costs = np.concatenate([self.costs, self.problem.sample_costs(slice(None), missing[:, None])])
+            self.padded = np.concatenate([self.padded, self.problem.padded(self.problem.lengths, missing[:, None])])
+            classes = self.class_of[degrees]
+        return self.costs[classes, samples], self.padded[classes, samples]
+
+
 class Refiner:
     """Mutable bins of one round: members, degree, time and padded tokens per bin (and vision patches, under
     a vision budget: every move keeps both within the bins' memory)."""
@@ -35,9 +57,7 @@ class Refiner:
         self.owner = np.empty(len(problem.lengths), dtype=np.int64)
         for bin_index, bin_members in enumerate(self.members):
             self.owner[bin_members] = bin_index
-        self._class_of = np.full(problem.num_devices + 1, -1, dtype=np.int64)
-        self._costs = np.zeros((0, len(problem.lengths)))
-        self._padded = np.zeros((0, len(problem.lengths)), dtype=np.int64)
+        self._columns = problem.memo.setdefault("refine columns", _Columns(problem))
         self.own_cost, self.own_padded = self._at_degrees(np.arange(len(problem.lengths)), self.degree[self.owner])
         self.tokens = np.bincount(self.owner, weights=self.own_padded, minlength=len(members)).astype(np.int64)
         # under a vision budget: each sample's patches and each bin's (None: no budget to respect)
@@ -53,18 +73,8 @@ class Refiner:
                            None if held is None else degrees * self.budget)
 
     def _at_degrees(self, samples: np.ndarray, degrees: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Cost and padded length of ``samples[i]`` at ``degrees[i]`` (any broadcastable shapes).
-
-        Every sample's column at a degree is computed once, the first time the degree shows up.
-        """
-        classes = self._class_of[degrees]
-        if (classes < 0).any():
-            missing = np.unique(np.asarray(degrees)[classes < 0])
-            self._class_of[missing] = len(self._costs) + np.arange(len(missing))
-            self._costs = np.concatenate([self._costs, self.problem.sample_costs(slice(None), missing[:, None])])
-            self._padded = np.concatenate([self._padded, self.problem.padded(self.problem.lengths, missing[:, None])])
-            classes = self._class_of[degrees]
-        return self._costs[classes, samples], self._padded[classes, samples]
+        """Cost and padded length of ``samples[i]`` at ``degrees[i]`` (any broadcastable shapes)."""
+        return self._columns.at(samples, degrees)
 
     def run(self, max_steps: int) -> int:
         """Apply improving moves until none helps or ``max_steps``; returns how many were applied."""
