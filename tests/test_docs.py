@@ -47,6 +47,7 @@ EXTERNAL_NAMESPACES = ("torch", "torch.nn", "torch.utils.data", "torch.distribut
 # cited names that exist outside anything importable here, each with where it lives
 KNOWN_EXTERNAL = {
     "PyOS_AfterFork_Child": "CPython's C API (fork handlers)",
+    "PYTHONPATH": "Python's module search path (an environment variable)",
     "QueueFeederThread": "multiprocessing.queues' feeder thread name",
     "gloo_tcp_loop": "a thread name of gloo",
     "pt_gloo_runloop": "a thread name of torch's gloo backend",
