@@ -16,6 +16,7 @@ from lightning.pytorch import Trainer
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from lightning_dhp import DHPStrategy
+from lightning_dhp.data import LengthFileError, shared_data_dir
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPlanReport
 from tests.tiny_lm import TokenDataset, reference_training, reference_two_optimizers
 
@@ -148,3 +149,12 @@ def error_of(run: Callable[[], object]) -> tuple[str, str]:
     except Exception as error:
         return type(error).__name__, str(error)
     return "ok", ""
+
+
+def shared_data_available() -> bool:
+    """Whether ``../shared/data`` (or ``$DHP_DATA_DIR``) is here: tests of the real length files skip without it."""
+    try:
+        shared_data_dir()
+    except LengthFileError:
+        return False
+    return True

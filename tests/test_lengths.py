@@ -17,17 +17,9 @@ from lightning_dhp.data import (
     shared_data_dir,
     token_lengths,
 )
+from tests.helpers import shared_data_available
 
-
-def _data_available() -> bool:
-    try:
-        shared_data_dir()
-    except LengthFileError:
-        return False
-    return True
-
-
-needs_data = pytest.mark.skipif(not _data_available(), reason="shared/data is not present")
+needs_data = pytest.mark.skipif(not shared_data_available(), reason="shared/data is not present")
 
 
 def raw_rows(name: str) -> list[dict[str, str]]:

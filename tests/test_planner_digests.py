@@ -6,20 +6,12 @@ from __future__ import annotations
 import json
 
 from benchmarks.planner_digests import DATA_PREFIX, RECORD, digests
-from lightning_dhp.data import LengthFileError, shared_data_dir
-
-
-def _data_available() -> bool:
-    try:
-        shared_data_dir()
-    except LengthFileError:
-        return False
-    return True
+from tests.helpers import shared_data_available
 
 
 def test_every_recorded_case_plans_to_its_recorded_digest():
     recorded = json.loads(RECORD.read_text())
-    with_data = _data_available()
+    with_data = shared_data_available()
     current = digests(with_data)
     expected = {case: digest for case, digest in recorded.items() if with_data or not case.startswith(DATA_PREFIX)}
     assert len(expected) >= 90 and set(current) == set(expected)
