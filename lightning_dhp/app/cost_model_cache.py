@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_dhp.lightning.planning_model import CALIBRATE, PROFILE
 from lightning_dhp.planner import CostModel
 
-PROFILE = "profile"
 CHOICE_VARIABLE = "DHP_APP_COST_MODEL"  # rank 0's choice, inherited by the ranks Lightning launches
 MIN_CALIBRATION_STEPS = 10
 _KEY_VERSION = 1
@@ -139,7 +139,7 @@ def choose_cost_model(cfg: DictConfig, cache_dir: str | os.PathLike) -> CostMode
     value = cfg.strategy.cost_model
     if value is None:
         return CostModelChoice(None, "default", "CostModel.default(), an H100-class 7B decoder")
-    if value == "auto":
+    if value == CALIBRATE:
         return CostModelChoice(value, "calibrated on this device", "a generic transformer timed at the start")
     if value != PROFILE:
         return CostModelChoice(value, "from a file", str(value))
