@@ -39,7 +39,7 @@ def write_long_video(directory: Path, seconds: int) -> Path:
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (HEIGHT, WIDTH, 3), dtype=np.uint8)
     frames = [np.roll(base, 4 * index, axis=1) for index in range(seconds * FPS)]
-    write_video(directory / "long.mp4", frames, FPS, gop_size=FPS)
+    write_video(directory / "long.mp4", frames, FPS, gop_size=FPS, lossless=False)  # decodes as real clips do
     record = {"messages": [{"role": "user", "content": [{"type": "video", "video": "long.mp4"},
                                                         {"type": "text", "text": "Which digit?"}]},
                            {"role": "assistant", "content": "7"}]}

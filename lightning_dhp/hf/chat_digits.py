@@ -143,12 +143,18 @@ def _pixels(digit: int, height: int, width: int, rng: np.random.Generator) -> np
     return np.clip((frame.transpose(1, 2, 0) + 0.5) * 255, 0, 255).astype(np.uint8)
 
 
-def write_video(path: str | Path, frames: list[np.ndarray], fps: int, gop_size: int = 12) -> None:
-    """``frames`` (H x W x 3 uint8, even sizes) as an H.264 MP4 at ``fps``, a keyframe every ``gop_size`` frames."""
+def write_video(path: str | Path, frames: list[np.ndarray], fps: int, gop_size: int = 12,
+                lossless: bool = True) -> None:
+    """``frames`` (H x W x 3 uint8, even sizes) as an H.264 MP4 at ``fps``, a keyframe every ``gop_size`` frames.
+
+    ``lossless`` (the default) makes the decoded pixels exactly the converted input on every run: lossy x264
+    encodes of the same frames differ from run to run (PyAV 18: about one clip in five re-encoded in one process),
+    and training on them is then not reproducible. Lossy (CRF 12) files are smaller and decode as real clips do.
+    """
     import av
 
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "12"})
+        stream = container.add_stream("libx264", rate=fps, options={"qp": "0"} if lossless else {"crf": "12"})
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt, stream.codec_context.gop_size = "yuv420p", gop_size
         for frame in frames:
