@@ -43,7 +43,7 @@ from lightning_dhp.lightning.planned_loader import DHPDataLoader, PlanConfig, Pl
 from lightning_dhp.lightning.shares import ALREADY_SUMMED
 from lightning_dhp.lightning.step import StepRunner, World
 from lightning_dhp.lightning.workers import refuse_training_script_rerun_in_a_worker
-from lightning_dhp.planner import CostModel, divisors
+from lightning_dhp.planner import CostModel
 
 _REMOVED_ATTRIBUTES = {
     "plan_history": "each step's plan, timings and tokens are in the DHPPlanReport callback's `history`: "
@@ -244,10 +244,7 @@ class DHPStrategy(CheckpointHooks, ParallelStrategy):
         batch_sampler = planned_loader.dhp_batch_sampler_of(dataloader)
         packing = DHPPacking.from_collate_fn(dataloader.collate_fn)
         config = self.config
-        if config.static_degree is not None and self.world_size % config.static_degree:
-            raise DHPConfigError(f"static_degree={config.static_degree} does not divide the {self.world_size} "
-                                 f"devices; use one of {divisors(self.world_size)} (or DHP, static_degree=None, "
-                                 "which takes any degree)")
+        config.check_static_degree(self.world_size)
         tokens_per_device = config.tokens_per_device or max(batch_sampler.lengths)
         if config.cost_model == planning_model.PROFILE and self.planning_cost_model is None:
             # the first loader's data profiles the module (every rank at once)
