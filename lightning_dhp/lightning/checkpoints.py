@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -81,7 +82,9 @@ class CheckpointHooks(ParallelStrategy):
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         if not self._sharded:
             return super().optimizer_state(optimizer)
-        return sharded_optimizer_state(self.lightning_module, getattr(optimizer, "_optimizer", optimizer),
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer.optimizer
+        return sharded_optimizer_state(self.lightning_module, optimizer,
                                        gather=not self.config.save_distributed_checkpoint)
 
     @override

@@ -144,7 +144,7 @@ class DHPStrategy(CheckpointHooks, ParallelStrategy):
                                          timeout=self._timeout, device_id=world_device_id(self.root_device))
         if self.config.sharding == "fsdp":  # before configure_model, which may shard with it
             self._device_mesh = init_device_mesh(self.root_device.type, (self.world_size,))
-            self.lightning_module._device_mesh = self._device_mesh
+            _lightning.set_device_mesh(self.lightning_module, self._device_mesh)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
