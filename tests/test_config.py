@@ -98,6 +98,13 @@ def test_the_strategys_own_arguments_stay_with_the_strategy_and_are_checked_agai
         DHPStrategy(no_such_option=1)
 
 
+def test_a_static_degree_must_divide_the_world_it_runs_on_and_the_error_names_the_divisors():
+    DHPConfig(static_degree=3).check_static_degree(6)
+    DHPConfig().check_static_degree(5)  # DHP takes any world size
+    with pytest.raises(DHPConfigError, match=r"static_degree=3 does not divide the 4 devices; use one of \[1, 2, 4\]"):
+        DHPConfig(static_degree=3).check_static_degree(4)
+
+
 def test_the_registered_names_build_the_strategy_from_options():
     from lightning.pytorch.strategies import StrategyRegistry
 

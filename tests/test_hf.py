@@ -28,7 +28,7 @@ from lightning_dhp.distributed import CPContext, cp_context
 from lightning_dhp.errors import DHPConfigError, DHPDataError
 from lightning_dhp.hf import ATTENTION_NAME, HFModule, dhp_attention
 from lightning_dhp.hf.families import QwenVL
-from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPacking, DHPPlanReport, sharding
+from lightning_dhp.lightning import DHPBatchSampler, DHPDataModule, DHPPacking, DHPPlanReport, checkpoints
 from lightning_dhp.lightning.batch import DHPBatchInfo
 from lightning_dhp.lightning.sharding import fsdp_unsupported_reason
 from lightning_dhp.testing import run_distributed
@@ -118,7 +118,7 @@ def _fit(world_size: int, task: HFModule, data: DHPDataModule, tokens: int, prec
                  precision=precision).fit(task, datamodule=data)
     groups = [g for entry in plans.history for r in entry["plan"].rounds for g in r.groups]
     fsdp = strategy_kwargs.get("sharding") == "fsdp"
-    state = sharding.model_state(task) if fsdp else task.state_dict()  # FSDP: gathered on rank 0 only
+    state = checkpoints.sharded_model_state(task) if fsdp else task.state_dict()  # FSDP: gathered on rank 0 only
     return {"params": {name.removeprefix("model."): value.detach().clone() for name, value in state.items()},
             "rounds": max(len(entry["plan"].rounds) for entry in plans.history),
             "degree": max(group.degree for group in groups), "held": getattr(task, "held", []),

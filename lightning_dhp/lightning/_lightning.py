@@ -39,8 +39,15 @@ __all__ = [
     "_sync_module_states",
     "disable_distributed_sampler",
     "record_prediction_indices",
+    "set_device_mesh",
     "unwrap_batch_sampler",
 ]
+
+
+def set_device_mesh(module: Any, mesh: Any) -> None:
+    """What ``LightningModule.device_mesh`` returns (``configure_model`` may shard with it); Lightning sets it
+    from its own model-parallel strategy and has no public setter."""
+    module._device_mesh = mesh
 
 
 def disable_distributed_sampler(trainer: Any) -> None:

@@ -19,7 +19,7 @@ from lightning_dhp.distributed.context import CP_IMPLEMENTATIONS
 from lightning_dhp.errors import DHPConfigError
 from lightning_dhp.lightning.sharding import SHARDINGS, fsdp_unsupported_reason
 from lightning_dhp.lightning.workers import DEFAULT_DATA_WAIT_S
-from lightning_dhp.planner import CostModel
+from lightning_dhp.planner import CostModel, divisors
 
 ModuleClasses = type[nn.Module] | str | Collection[type[nn.Module] | str]
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
@@ -132,6 +132,12 @@ class DHPConfig:
                 f"data_wait_timeout={self.data_wait_timeout:g} s is not below the collective timeout "
                 f"({timeout.total_seconds():g} s): the ranks waiting for a stalled one would time out first, "
                 "without knowing why. Lower data_wait_timeout or raise timeout")
+
+    def check_static_degree(self, world_size: int) -> None:
+        """Static CP's groups of ``static_degree`` ranks must tile the world."""
+        if self.static_degree is not None and world_size % self.static_degree:
+            raise DHPConfigError(f"static_degree={self.static_degree} does not divide the {world_size} devices; use "
+                                 f"one of {divisors(world_size)} (or DHP, static_degree=None, which takes any degree)")
 
     @property
     def gradient_bucket_bytes(self) -> int | None:

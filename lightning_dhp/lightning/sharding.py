@@ -10,24 +10,15 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import LightningModule
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.optim import Optimizer
 
 from lightning_dhp.errors import DHPConfigError
-from lightning_dhp.lightning import _lightning
 
 SHARDINGS = ("replicate", "fsdp")
 _POLICIES = {
@@ -187,39 +178,3 @@ def _sharded(fsdp_param: Any) -> nn.Parameter:
 def _unsharded(fsdp_param: Any) -> nn.Parameter | None:
     """The parameter the forward uses (and autograd accumulates into), once FSDP has first gathered it."""
     return getattr(fsdp_param, "_unsharded_param", None)
-
-
-# Checkpoints of a sharded model are full (consolidated) state dicts: loadable without any distributed
-# setup, and re-sharded on load for any world size. Gathering is a collective: every rank calls.
-# A distributed checkpoint (``torch.distributed.checkpoint``) keeps each rank's shards instead.
-_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
-_SHARDS = StateDictOptions(cpu_offload=True)
-
-
-def model_state(module: nn.Module, gather: bool = True) -> dict[str, Any]:
-    """The whole model's state dict on global rank 0 (empty elsewhere), or (``gather=False``) this rank's shards."""
-    return get_model_state_dict(module, options=_GATHER if gather else _SHARDS)
-
-
-def optimizer_state(module: nn.Module, optimizer: Optimizer, gather: bool = True) -> dict[str, Any]:
-    return get_optimizer_state_dict(module, optimizer, options=_GATHER if gather else _SHARDS)
-
-
-def save_shards(checkpoint: dict[str, Any], path: Path, global_rank: int) -> None:
-    """Every rank writes its model and optimizer shards into the folder ``path`` (rank 0's path, the same on
-    every rank); rank 0 adds the rest of Lightning's checkpoint (loops, callbacks, loader)."""
-    path.mkdir(parents=True, exist_ok=True)
-    shards = {"state_dict": checkpoint.pop("state_dict")}
-    shards.update({f"optimizer_{index}": state for index, state in enumerate(checkpoint.pop("optimizer_states"))})
-    _lightning._distributed_checkpoint_save(shards, path)
-    if global_rank == 0:
-        torch.save(checkpoint, path / _lightning._METADATA_FILENAME)
-
-
-def load_into_shards(path: Path, module: LightningModule, optimizers: list[Optimizer],
-                     weights_only: bool | None) -> dict[str, Any]:
-    """Load a full file or a folder of shards (of any world size) straight into ``module``'s shards and its
-    optimizers; returns what is left for Lightning (loops, callbacks, loader)."""
-    state = {"state_dict": module, **{f"optimizer_{index}": optimizer for index, optimizer in enumerate(optimizers)}}
-    return _lightning._load_checkpoint(path, state, strict=module.strict_loading, optimizer_states_from_list=True,
-                                       weights_only=weights_only)

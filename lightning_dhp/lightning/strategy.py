@@ -4,16 +4,17 @@ A :class:`~lightning.pytorch.strategies.ParallelStrategy` (like Lightning's Mode
 is never wrapped, ranks run different shapes. The strategy is Lightning's hooks; the work is in
 :mod:`.config` (the options), :mod:`.prepare` (``setup``'s model preparation), :mod:`.planning_model` (the
 cost model), :mod:`.planned_loader` (``process_dataloader``: plan each global batch, collate this rank's
-rounds), :mod:`.step` (the ``*_step`` hooks and ``backward``: agreement, rounds, None/skip, logged shares)
-and :mod:`.gradients` / :mod:`.sharding` (one gradient sum over the world after the last round's backward).
+rounds), :mod:`.step` (the ``*_step`` hooks and ``backward``: agreement, rounds, None/skip, logged shares),
+:mod:`.gradients` / :mod:`.sharding` (one gradient sum over the world after the last round's backward) and
+:mod:`.checkpoints` (the checkpoint hooks, inherited from :class:`~.checkpoints.CheckpointHooks`: a sharded
+model saves and loads full state dicts or folders of shards).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +33,8 @@ from lightning_dhp.distributed import require_cp_context
 from lightning_dhp.distributed.pool import GroupPool
 from lightning_dhp.distributed.world import world_device_id
 from lightning_dhp.errors import DHPConfigError
-from lightning_dhp.lightning import _lightning, planned_loader, planning_model, prepare, sharding
+from lightning_dhp.lightning import _lightning, planned_loader, planning_model, prepare
+from lightning_dhp.lightning.checkpoints import CheckpointHooks
 from lightning_dhp.lightning.collate import DHPPacking
 from lightning_dhp.lightning.config import DHPConfig
 from lightning_dhp.lightning.materialize import has_meta_tensors
@@ -41,7 +43,7 @@ from lightning_dhp.lightning.planned_loader import DHPDataLoader, PlanConfig, Pl
 from lightning_dhp.lightning.shares import ALREADY_SUMMED
 from lightning_dhp.lightning.step import StepRunner, World
 from lightning_dhp.lightning.workers import refuse_training_script_rerun_in_a_worker
-from lightning_dhp.planner import CostModel, divisors
+from lightning_dhp.planner import CostModel
 
 _REMOVED_ATTRIBUTES = {
     "plan_history": "each step's plan, timings and tokens are in the DHPPlanReport callback's `history`: "
@@ -50,7 +52,7 @@ _REMOVED_ATTRIBUTES = {
 _OPTIONS = frozenset(DHPConfig.option_names())
 
 
-class DHPStrategy(ParallelStrategy):
+class DHPStrategy(CheckpointHooks, ParallelStrategy):
     """Dynamic Hybrid Parallelism: per-batch context-parallel groups of any size.
 
     Takes the options of :class:`DHPConfig` one by one (the first four also by position), as
@@ -82,8 +84,7 @@ class DHPStrategy(ParallelStrategy):
         self._timeout = timeout
         self._trained: dict[str, StepRequest] = {}  # per loader, the last request trained (the loader's state)
         self._scopes = ExitStack()  # open for the whole run
-        self._device_mesh: DeviceMesh | None = None
-        self._restore_after_setup: bool | None = None  # see restore_checkpoint_after_setup
+        self._device_mesh: DeviceMesh | None = None  # FSDP2's, from setup_environment; None: the model is whole
         self._steps = StepRunner(self.pool, config, self.batch_to_device)
 
     def __getattr__(self, name: str) -> Any:
@@ -110,11 +111,6 @@ class DHPStrategy(ParallelStrategy):
     @property
     def is_multi_process(self) -> bool:
         return self.num_nodes * self.num_processes > 1
-
-    @property
-    def _sharded(self) -> bool:
-        """FSDP2 shards the model: ``sharding="fsdp"`` on more than one process (one device keeps it whole)."""
-        return self._device_mesh is not None
 
     @property
     def is_distributed(self) -> bool:
@@ -148,7 +144,7 @@ class DHPStrategy(ParallelStrategy):
                                          timeout=self._timeout, device_id=world_device_id(self.root_device))
         if self.config.sharding == "fsdp":  # before configure_model, which may shard with it
             self._device_mesh = init_device_mesh(self.root_device.type, (self.world_size,))
-            self.lightning_module._device_mesh = self._device_mesh
+            _lightning.set_device_mesh(self.lightning_module, self._device_mesh)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -228,62 +224,11 @@ class DHPStrategy(ParallelStrategy):
     def on_exception(self, exception: BaseException) -> None:
         self._steps.explain_peer_failure(exception, self.global_rank, self._timeout)
 
-    # -- checkpoints (sharded models save and load full state dicts, or folders of shards) ----------
-
-    @property
-    @override
-    def restore_checkpoint_after_setup(self) -> bool:
-        """After setup for a sharded model (loaded into its shards) or one built on the meta device (loading
-        into meta tensors does nothing). Lightning asks before and after setup: the first answer holds until
-        the run's teardown."""
-        if self._restore_after_setup is None:
-            self._restore_after_setup = self._sharded or has_meta_tensors(self.lightning_module)
-        return self._restore_after_setup
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        if not self._sharded:
-            return super().lightning_module_state_dict()
-        return sharding.model_state(self.lightning_module, gather=not self.config.save_distributed_checkpoint)
-
-    @property
-    @override
-    def lightning_restore_optimizer(self) -> bool:
-        return not self._sharded  # load_checkpoint restores a sharded model's optimizers itself
-
-    @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if not self._sharded:  # a sharded model was loaded in load_checkpoint
-            super().load_model_state_dict(checkpoint, strict)
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        if not self._sharded:
-            return super().optimizer_state(optimizer)
-        return sharding.optimizer_state(self.lightning_module, getattr(optimizer, "_optimizer", optimizer),
-                                        gather=not self.config.save_distributed_checkpoint)
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        """A full file, or with ``save_distributed_checkpoint`` a folder of every rank's shards."""
-        if not (self.config.save_distributed_checkpoint and self._sharded):
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
-        sharding.save_shards(checkpoint, Path(self.broadcast(filepath)), self.global_rank)
-        return None
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        if not self._sharded:
-            return super().load_checkpoint(checkpoint_path, weights_only)
-        return sharding.load_into_shards(Path(self.broadcast(checkpoint_path)), self.lightning_module,
-                                         self.optimizers, weights_only)
-
     @override
     def teardown(self) -> None:
         self._steps.close()
         self._scopes.close()
         self.pool.clear()
-        self._restore_after_setup = None
         if self.lightning_module is not None and has_meta_tensors(self.lightning_module):
             # setup refused the model before materialising it: Lightning's teardown moves it to the CPU,
             # which meta tensors cannot do (and would hide the error)
@@ -299,10 +244,7 @@ class DHPStrategy(ParallelStrategy):
         batch_sampler = planned_loader.dhp_batch_sampler_of(dataloader)
         packing = DHPPacking.from_collate_fn(dataloader.collate_fn)
         config = self.config
-        if config.static_degree is not None and self.world_size % config.static_degree:
-            raise DHPConfigError(f"static_degree={config.static_degree} does not divide the {self.world_size} "
-                                 f"devices; use one of {divisors(self.world_size)} (or DHP, static_degree=None, "
-                                 "which takes any degree)")
+        config.check_static_degree(self.world_size)
         tokens_per_device = config.tokens_per_device or max(batch_sampler.lengths)
         if config.cost_model == planning_model.PROFILE and self.planning_cost_model is None:
             # the first loader's data profiles the module (every rank at once)
