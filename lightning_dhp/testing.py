@@ -2,22 +2,28 @@
 
 A file store in a temporary folder (no ports to collide), one thread per rank, a hard timeout that
 kills every rank (a hang fails instead of blocking), and every failing rank's traceback in the error.
+Inside :func:`kept_worlds` (the test suite's session) the rank processes outlive each world, so torch and
+Lightning are imported once per rank rather than once per rank of every world.
 :func:`launch_environment` is the environment for a subprocess that launches its own ranks, and
 :func:`run_job` runs such a subprocess with a bound on its time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -53,33 +59,147 @@ def run_job(command: list[str], timeout_s: float, *, cwd: str | os.PathLike[str]
             return None, job.communicate()[1]
 
 
-def _worker(
-    rank: int,
-    world_size: int,
-    store_path: str,
-    out_dir: str,
-    collective_timeout_s: float,
-    fn: Callable[..., Any],
-    args: tuple,
-) -> None:
+class _Task(NamedTuple):
+    """One call of ``fn(rank, world_size, *args)`` on every rank of a fresh gloo world."""
+
+    world_size: int
+    store_path: str
+    out_dir: str
+    collective_timeout_s: float
+    fn: Callable[..., Any]
+    args: tuple
+
+
+def _prepare_rank_process() -> None:
     torch.set_num_threads(1)
     os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store_path}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=collective_timeout_s),
-    )
+
+
+def _run_rank(rank: int, task: _Task) -> bool:
+    """Run ``task`` as ``rank`` of a gloo world set up for it; leave its result or traceback in ``task.out_dir``.
+    Returns whether ``fn`` returned."""
+    dist.init_process_group("gloo", init_method=f"file://{task.store_path}", rank=rank,
+                            world_size=task.world_size, timeout=timedelta(seconds=task.collective_timeout_s))
     try:
-        result = fn(rank, world_size, *args)
-        torch.save(result, os.path.join(out_dir, f"result_{rank}.pt"))
+        result = task.fn(rank, task.world_size, *task.args)
+        torch.save(result, os.path.join(task.out_dir, f"result_{rank}.pt"))
+        return True
     except BaseException:
-        with open(os.path.join(out_dir, f"error_{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+        Path(task.out_dir, f"error_{rank}.txt").write_text(traceback.format_exc())
+        return False
     finally:
         dist.destroy_process_group()
+
+
+def _one_task_rank(rank: int, task: _Task) -> None:
+    _prepare_rank_process()
+    if not _run_rank(rank, task):
+        sys.exit(1)
+
+
+def _kept_rank(rank: int, tasks: Connection) -> None:
+    """A rank kept between calls: runs each task it receives in the caller's environment and working folder, then
+    restores its own, and answers whether ``fn`` returned; ends on ``None``."""
+    _prepare_rank_process()
+    own_environment, own_folder = dict(os.environ), os.getcwd()
+    while (received := _next_task(tasks)) is not None:
+        task, environment, folder = received
+        default_dtype = torch.get_default_dtype()
+        os.environ.clear()
+        os.environ.update({**environment, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"})
+        os.chdir(folder)
+        try:
+            with warnings.catch_warnings():
+                returned = _run_rank(rank, task)
+        finally:
+            os.environ.clear()
+            os.environ.update(own_environment)
+            os.chdir(own_folder)
+            torch.set_default_dtype(default_dtype)
+            if "torch._dynamo" in sys.modules:
+                torch._dynamo.reset()
+        tasks.send(returned)
+
+
+def _next_task(tasks: Connection) -> tuple[_Task, dict[str, str], str] | None:
+    try:
+        return tasks.recv()
+    except EOFError:  # the caller is gone
+        return None
+
+
+class _Rank:
+    """One rank's process: started for one task, or kept (see :func:`kept_worlds`)."""
+
+    def __init__(self, process: mp.Process, tasks: Connection | None = None) -> None:
+        self.process, self.tasks, self.returned = process, tasks, None
+
+    def finished(self) -> bool:
+        if self.tasks is None:
+            return not self.process.is_alive()
+        if self.returned is None and self.tasks.poll():
+            self.returned = self.tasks.recv()
+        return self.returned is not None or not self.process.is_alive()
+
+    def failed(self) -> bool:
+        if self.tasks is None:
+            return bool(self.process.exitcode)
+        return self.returned is False or (self.returned is None and not self.process.is_alive())
+
+
+class _KeptRanks:
+    """Rank processes kept between :func:`run_distributed` calls: rank ``r`` of every world is process ``r``, so a
+    test session imports torch and Lightning once per rank instead of once per rank of every world."""
+
+    def __init__(self) -> None:
+        self.ranks: list[_Rank] = []
+
+    def start(self, task: _Task) -> list[_Rank]:
+        if not all(rank.process.is_alive() for rank in self.ranks):
+            self.stop()
+        context = mp.get_context("spawn")
+        while len(self.ranks) < task.world_size:
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_kept_rank, args=(len(self.ranks), theirs))  # ranks start loader workers
+            process.start()
+            self.ranks.append(_Rank(process, ours))
+        ranks = self.ranks[:task.world_size]
+        for rank in ranks:
+            rank.returned = None
+            rank.tasks.send((task, dict(os.environ), os.getcwd()))
+        return ranks
+
+    def stop(self) -> None:
+        for rank in self.ranks:
+            if rank.process.is_alive():
+                rank.process.kill()
+            rank.process.join()
+        self.ranks = []
+
+
+_kept: _KeptRanks | None = None
+
+
+@contextlib.contextmanager
+def kept_worlds() -> Iterator[None]:
+    """Within it, :func:`run_distributed` keeps its rank processes for the next call (a test session: spawning and
+    importing torch and Lightning was most of a small world's time). Each call still gets a fresh process group,
+    the caller's environment variables and working folder, and its ranks' default dtype, warning filters and
+    ``torch.compile`` caches restored after; a call that fails, times out or lets ranks die discards the kept
+    processes (the next call starts new ones)."""
+    global _kept
+    _kept = _KeptRanks()
+    try:
+        yield
+    finally:
+        _kept.stop()
+        _kept = None
+
+
+def _spawned(task: _Task) -> list[_Rank]:
+    context = mp.start_processes(_one_task_rank, args=(task,), nprocs=task.world_size, join=False,
+                                 start_method="spawn")
+    return [_Rank(process) for process in context.processes]
 
 
 def run_distributed(
@@ -96,35 +216,35 @@ def run_distributed(
     traceback, or ``TimeoutError`` (after killing all ranks) when the ranks do not finish in time.
     With ``allow_dead_ranks`` the survivors run to their end and a rank that died without a result
     reports ``None``: for tests of what the others do when a rank dies. ``collective_timeout_s``
-    (default ``timeout_s``) is the process group's timeout for one collective.
+    (default ``timeout_s``) is the process group's timeout for one collective. Inside
+    :func:`kept_worlds` the rank processes are reused (not with ``allow_dead_ranks``).
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        store_path = os.path.join(out_dir, "store")
-        context = mp.start_processes(
-            _worker,
-            args=(world_size, store_path, out_dir, collective_timeout_s or timeout_s, fn, args),
-            nprocs=world_size,
-            join=False,
-            start_method="spawn",
-        )
+        task = _Task(world_size, os.path.join(out_dir, "store"), out_dir, collective_timeout_s or timeout_s, fn, args)
+        kept = _kept if _kept is not None and not allow_dead_ranks else None
+        ranks = kept.start(task) if kept is not None else _spawned(task)
         deadline = time.monotonic() + timeout_s
+        finished = False
         try:
-            while any(process.is_alive() for process in context.processes):
+            while not all(rank.finished() for rank in ranks):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{world_size} ranks did not finish within {timeout_s:.0f} s")
-                if not allow_dead_ranks and any(process.exitcode for process in context.processes):
+                if not allow_dead_ranks and any(rank.failed() for rank in ranks):
                     break
-                time.sleep(0.2)
+                time.sleep(0.02)
+            finished = not any(rank.failed() for rank in ranks)
         finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
+            if kept is not None and not finished:
+                kept.stop()
+            for rank in ranks:
+                if rank.process.is_alive() and kept is None:
+                    rank.process.kill()
         errors = [Path(out_dir, name).read_text() for name in sorted(os.listdir(out_dir)) if name.startswith("error_")]
-        dead = [rank for rank, process in enumerate(context.processes) if process.exitcode]
+        dead = [index for index, rank in enumerate(ranks) if rank.failed()]
         if errors or (dead and not allow_dead_ranks):
             raise RuntimeError(
                 "\n".join(errors)
-                or f"ranks {dead} exited with exit codes {[context.processes[rank].exitcode for rank in dead]}"
+                or f"ranks {dead} exited with exit codes {[ranks[index].process.exitcode for index in dead]}"
             )
         results = [Path(out_dir, f"result_{rank}.pt") for rank in range(world_size)]
         return [torch.load(path, weights_only=False) if path.exists() else None for path in results]

@@ -1,5 +1,6 @@
 import os
 
+import pytest
 from hypothesis import settings
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -10,3 +11,12 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 settings.register_profile("deterministic", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile("deterministic")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kept_worlds():
+    """Every run_distributed world of the session runs on the same rank processes (see kept_worlds)."""
+    from lightning_dhp.testing import kept_worlds  # after the environment above is set
+
+    with kept_worlds():
+        yield

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,6 +22,26 @@ def _hang_on_rank_zero(rank, world_size):
 def _fail_on_rank_one(rank, world_size):
     if rank == 1:
         raise ValueError("rank one says no")
+
+
+def _leave_state_behind(rank, world_size):
+    state = {"pid": os.getpid(), "variable": os.environ.get("DHP_TEST_LEFT_BEHIND"), "folder": os.getcwd(),
+             "dtype": torch.get_default_dtype(), "caller": os.environ.get("DHP_TEST_CALLER_VARIABLE")}
+    os.environ["DHP_TEST_LEFT_BEHIND"] = "yes"
+    torch.set_default_dtype(torch.float64)
+    os.chdir("/")
+    return state
+
+
+def test_kept_ranks_run_each_world_in_the_callers_environment_and_restore_their_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = run_distributed(_leave_state_behind, 2)
+    monkeypatch.setenv("DHP_TEST_CALLER_VARIABLE", "seen")
+    second = run_distributed(_leave_state_behind, 2)
+    assert [state["pid"] for state in first] == [state["pid"] for state in second], "the session keeps its ranks"
+    for state in first + second:
+        assert state["variable"] is None and state["dtype"] == torch.float32 and state["folder"] == str(tmp_path)
+    assert [state["caller"] for state in first + second] == [None, None, "seen", "seen"]
 
 
 def test_run_distributed_returns_results_by_rank():
