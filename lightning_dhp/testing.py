@@ -70,6 +70,9 @@ class _Task(NamedTuple):
     args: tuple
 
 
+_SETUP_FAILED = "the rank's gloo group could not be set up:\n"
+
+
 def _prepare_rank_process() -> None:
     torch.set_num_threads(1)
     os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
@@ -78,8 +81,12 @@ def _prepare_rank_process() -> None:
 def _run_rank(rank: int, task: _Task) -> bool:
     """Run ``task`` as ``rank`` of a gloo world set up for it; leave its result or traceback in ``task.out_dir``.
     Returns whether ``fn`` returned."""
-    dist.init_process_group("gloo", init_method=f"file://{task.store_path}", rank=rank,
-                            world_size=task.world_size, timeout=timedelta(seconds=task.collective_timeout_s))
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{task.store_path}", rank=rank,
+                                world_size=task.world_size, timeout=timedelta(seconds=task.collective_timeout_s))
+    except Exception:
+        Path(task.out_dir, f"error_{rank}.txt").write_text(_SETUP_FAILED + traceback.format_exc())
+        return False
     try:
         result = task.fn(rank, task.world_size, *task.args)
         torch.save(result, os.path.join(task.out_dir, f"result_{rank}.pt"))
@@ -138,7 +145,10 @@ class _Rank:
         if self.tasks is None:
             return not self.process.is_alive()
         if self.returned is None and self.tasks.poll():
-            self.returned = self.tasks.recv()
+            try:
+                self.returned = self.tasks.recv()
+            except EOFError:  # it died without answering
+                self.returned = False
         return self.returned is not None or not self.process.is_alive()
 
     def failed(self) -> bool:
@@ -217,34 +227,53 @@ def run_distributed(
     With ``allow_dead_ranks`` the survivors run to their end and a rank that died without a result
     reports ``None``: for tests of what the others do when a rank dies. ``collective_timeout_s``
     (default ``timeout_s``) is the process group's timeout for one collective. Inside
-    :func:`kept_worlds` the rank processes are reused (not with ``allow_dead_ranks``).
+    :func:`kept_worlds` the rank processes are reused (not with ``allow_dead_ranks``). A world whose
+    gloo group fails to connect (before ``fn`` runs: seen once, under heavy load) is started again once.
     """
+    world = (fn, world_size, args, timeout_s, allow_dead_ranks, collective_timeout_s or timeout_s)
+    try:
+        return _results(*world)
+    except _GroupNotConnected:
+        return _results(*world)
+
+
+class _GroupNotConnected(RuntimeError):
+    """Every failing rank failed to set up its gloo group: nothing of ``fn`` ran."""
+
+
+def _results(fn: Callable[..., Any], world_size: int, args: tuple, timeout_s: float, allow_dead_ranks: bool,
+             collective_timeout_s: float) -> list[Any]:
     with tempfile.TemporaryDirectory() as out_dir:
-        task = _Task(world_size, os.path.join(out_dir, "store"), out_dir, collective_timeout_s or timeout_s, fn, args)
-        kept = _kept if _kept is not None and not allow_dead_ranks else None
-        ranks = kept.start(task) if kept is not None else _spawned(task)
-        deadline = time.monotonic() + timeout_s
-        finished = False
-        try:
-            while not all(rank.finished() for rank in ranks):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{world_size} ranks did not finish within {timeout_s:.0f} s")
-                if not allow_dead_ranks and any(rank.failed() for rank in ranks):
-                    break
-                time.sleep(0.02)
-            finished = not any(rank.failed() for rank in ranks)
-        finally:
-            if kept is not None and not finished:
-                kept.stop()
-            for rank in ranks:
-                if rank.process.is_alive() and kept is None:
-                    rank.process.kill()
-        errors = [Path(out_dir, name).read_text() for name in sorted(os.listdir(out_dir)) if name.startswith("error_")]
-        dead = [index for index, rank in enumerate(ranks) if rank.failed()]
+        task = _Task(world_size, os.path.join(out_dir, "store"), out_dir, collective_timeout_s, fn, args)
+        dead, errors = _run_world(task, timeout_s, allow_dead_ranks)
+        if errors and all(error.startswith(_SETUP_FAILED) for error in errors):
+            raise _GroupNotConnected("\n".join(errors))
         if errors or (dead and not allow_dead_ranks):
-            raise RuntimeError(
-                "\n".join(errors)
-                or f"ranks {dead} exited with exit codes {[ranks[index].process.exitcode for index in dead]}"
-            )
+            raise RuntimeError("\n".join(errors) or f"ranks {list(dead)} exited with exit codes {list(dead.values())}")
         results = [Path(out_dir, f"result_{rank}.pt") for rank in range(world_size)]
         return [torch.load(path, weights_only=False) if path.exists() else None for path in results]
+
+
+def _run_world(task: _Task, timeout_s: float, allow_dead_ranks: bool) -> tuple[dict[int, int | None], list[str]]:
+    """Run ``task`` on kept or new ranks; return the failed ranks (with their exit codes) and their errors."""
+    kept = _kept if _kept is not None and not allow_dead_ranks else None
+    ranks = kept.start(task) if kept is not None else _spawned(task)
+    deadline = time.monotonic() + timeout_s
+    finished = False
+    try:
+        while not all(rank.finished() for rank in ranks):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{task.world_size} ranks did not finish within {timeout_s:.0f} s")
+            if not allow_dead_ranks and any(rank.failed() for rank in ranks):
+                break
+            time.sleep(0.02)
+        finished = not any(rank.failed() for rank in ranks)
+    finally:
+        if kept is not None and not finished:
+            kept.stop()
+        for rank in ranks:
+            if rank.process.is_alive() and kept is None:
+                rank.process.kill()
+    names = sorted(name for name in os.listdir(task.out_dir) if name.startswith("error_"))
+    dead = {index: rank.process.exitcode for index, rank in enumerate(ranks) if rank.failed()}
+    return dead, [Path(task.out_dir, name).read_text() for name in names]
