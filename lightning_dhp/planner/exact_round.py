@@ -4,9 +4,9 @@ A round of few samples on few devices has few layouts: ``sum_k S(n, k) * C(N, k)
 on ``N`` devices (Stirling numbers of the second kind times the degree vectors of ``k`` bins summing to
 at most ``N``), 6,331 for 8 samples on 4 devices. Enumerating them all, side by side in numpy, finds the
 round's optimal makespan in less time than the heuristic's starts and refinement take to approach it.
-The bins' memory limits and times are those of :mod:`.allocation` (each bin from its minimum degree
-up, padded per degree, timed by the cost model), so exact allocation of the winning bins reaches the
-same makespan. Ranks are not placed here: the caller only enumerates rounds whose groups cannot
+The bins' memory limits and times follow :mod:`.allocation` (each bin from its minimum degree up,
+padded per degree, timed by the cost model), so the makespan found is the one exact allocation reaches
+for the winning bins. Ranks are not placed here: the caller only enumerates rounds whose groups cannot
 cross a node.
 """
 
