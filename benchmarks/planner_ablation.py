@@ -67,7 +67,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rebalance the static plan too": {"skip_static_rebalance": False},
     "no pruning of round assignments (prune_margin inf)": {"prune_margin": math.inf},
     "prune_margin 0.02 -> 0": {"prune_margin": 0.0},
-    "extra-round re-plan whenever static has rounds (static_close inf)": {"static_close": math.inf},
+    "extra-round re-plan only when static comes within 2% (static_close inf -> 0.02)": {"static_close": 0.02},
     "no polish (polish_steps 0)": {"polish_steps": 0},
     "polish every round (polish_rounds inf)": {"polish_rounds": 10**9},
     "rebalance margin and polish at any gap (hard_gap 0)": {"hard_gap": 0.0},

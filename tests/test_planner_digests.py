@@ -1,5 +1,6 @@
 """Same inputs, same plans: every case of ``benchmarks/planner_digests.py`` plans to the digest recorded in
-``tests/data/planner_digests.json`` (recorded before the planner took ``PlannerOptions``)."""
+``tests/data/planner_digests.json`` (recorded before the planner took ``PlannerOptions``, re-recorded when
+small rounds became exact)."""
 
 from __future__ import annotations
 

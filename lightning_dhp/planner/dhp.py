@@ -3,7 +3,8 @@
 Candidates (:func:`_candidates`): static CP's power-of-two layouts (cheap, and valid DHP plans: the
 first incumbent); the fewest rounds balancing device-seconds, planned round by round (one more round at
 a time while a round cannot be packed); and, when memory binds, static CP's joint assignment with more
-rounds of memory slack, planned round by round too. Per round (:func:`_solve_round`): size and pack bins
+rounds of memory slack, planned round by round too. Per round (:func:`_solve_round`): a round of few
+layouts is solved exactly (:mod:`.exact_round`); any other one: size and pack bins
 (:mod:`.packing`), exact min-max degree allocation with leftover devices (:mod:`.allocation`),
 node-aware placement (:mod:`.placement`), then alternate refinement (:mod:`.refine`) and re-allocation
 while the round's makespan drops. A round assignment is abandoned as soon as its planned rounds plus
@@ -30,6 +31,7 @@ from lightning_dhp.planner.allocation import allocate, bin_min_degrees, spend_le
 from lightning_dhp.planner.assemble import PlannedGroup
 from lightning_dhp.planner.baselines import static_plan, static_slots
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths, take
+from lightning_dhp.planner.exact_round import exact_layout, layout_count
 from lightning_dhp.planner.inputs import check_inputs
 from lightning_dhp.planner.options import DEFAULT_OPTIONS, PlannerOptions
 from lightning_dhp.planner.packing import pack_round, size_round
@@ -320,13 +322,17 @@ def _solve_round(samples: np.ndarray, batch: Problem, bound: float, *, tight_sta
     """The best layout of one round's ``samples`` (``bound``: the round's lower bound), or None if the
     round cannot be packed.
 
-    The sized longest-first packing is the main start; small rounds also try the merge start
+    A round of at most :attr:`~PlannerOptions.exact_round_layouts` layouts whose groups cannot cross a
+    node is solved exactly (:func:`_exact_layout`). Otherwise the sized longest-first packing is the main
+    start; small rounds also try the merge start
     (:func:`_merge_start`) and uniform-degree starts (the static layouts), memory-tight rounds try
     the two smallest power-of-two layouts that hold their longest sample, and a round whose main
     packing runs out of memory tries the uniform starts, small degrees first. The best refined
     start wins (the first on ties).
     """
     problem, options = batch.round(samples, bound), batch.options
+    if _enumerable(problem):
+        return _exact_layout(problem)
     lengths, min_degree = problem.lengths, problem.min_degree
     num_devices, tokens_per_device = batch.num_devices, batch.tokens_per_device
     sized = size_round(problem)
@@ -357,6 +363,31 @@ def _solve_round(samples: np.ndarray, batch: Problem, bound: float, *, tight_sta
         if result is not None and (best is None or result.makespan < best.makespan):
             best = result
     return best
+
+
+def _enumerable(problem: Problem) -> bool:
+    """Whether the round is solved exactly (:mod:`.exact_round`): it has at most
+    :attr:`~PlannerOptions.exact_round_layouts` layouts, and no group can cross a node."""
+    return (
+        (problem.node_size is None or problem.num_devices <= problem.node_size)
+        and layout_count(len(problem.lengths), problem.num_devices) <= problem.options.exact_round_layouts
+    )
+
+
+def _exact_layout(problem: Problem) -> _Layout | None:
+    """The round's optimal layout (:func:`~lightning_dhp.planner.exact_round.exact_layout`), placed, or None
+    when no layout fits memory."""
+    exact = exact_layout(problem)
+    if exact is None:
+        return None
+    starts = place(exact.degrees, problem.num_devices, problem.node_size)
+    if isinstance(starts, PlacementFailure):  # not expected: the groups fit one node
+        allocated = _allocate_and_place(problem, exact.bins)
+        if allocated is None:
+            return None
+        degrees, starts, times = allocated
+        return _Layout(float(times.max()), exact.bins, degrees.tolist(), starts)
+    return _Layout(exact.makespan, exact.bins, exact.degrees, starts)
 
 
 def _merge_start(problem: Problem) -> list[list[int]] | None:

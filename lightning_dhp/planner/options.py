@@ -8,6 +8,7 @@ experiment (plans differ).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -29,12 +30,26 @@ class PlannerOptions:
     """When memory binds, static CP's joint assignment with this many more rounds is planned round by round
     too, so short samples can leave the wide groups (0: off; 0 loses 3.1% on memory-bound batches and 0.8% at
     512; 2 gains 0.3% for 1.3x the time)."""
-    static_close: float = 0.02
-    """... only when the best static layout comes within this share of per-round planning (memory binds;
-    inf: whenever static has several rounds, which changes nothing measured)."""
+    static_close: float = math.inf
+    """... only when the best static layout comes within this share of per-round planning (inf: whenever
+    static CP needs several rounds, memory binding). 0.02 changes nothing on the ablation's batches, but
+    with exact small rounds (``exact_round_layouts``) it made 32-sample ``video_digits`` batches on 4 devices
+    1.1% slower on average: a better fewest-rounds plan kept the extra-round plan, faster still, from being
+    planned."""
     cross_round_max_samples: int = 2048
     """The extra-round candidate, cross-round rebalancing and polish run for batches of up to this many
     samples: at 8192 samples on 1024 devices they doubled the planner time past 100 ms."""
+
+    # -- one round: exact enumeration, or starts --------------------------------------------------------------
+    exact_round_layouts: int = 12000
+    """Rounds with at most this many layouts (partitions of their samples into bins times degree vectors,
+    :func:`~lightning_dhp.planner.exact_round.layout_count`: 6,331 for 8 samples on 4 devices, 11,334 for 6 on
+    8) whose groups cannot cross a node are solved exactly, by enumeration, instead of from starts (0:
+    never). The enumeration costs 0.3-1.6 ms there, the starts and refinement 2-9 ms: the main job's
+    32-sample batches on 4 devices plan in 0.55-0.99x the time (their rounds of 9-16 samples still use
+    starts), longer ones (rounds of 4-8 samples) in 0.16-0.26x, and their plans are 0.3% and 0.8% faster on
+    average (with ``static_close`` inf). At 9 samples on 4 devices (21,404) it costs about 5 ms, 2-3x the
+    starts."""
 
     # -- one round: starts ------------------------------------------------------------------------------------
     extra_start_samples: int = 32
