@@ -521,7 +521,7 @@ def _improve(
         steps_left -= steps
         if steps == 0 or steps_left <= 0:
             break
-        members = refiner.members
+        members = refiner.bins.members
     return best
 
 

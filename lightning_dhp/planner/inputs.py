@@ -118,6 +118,20 @@ def divisors(number: int) -> list[int]:
     return [candidate for candidate in range(1, number + 1) if number % candidate == 0]
 
 
+def checked_min_degrees(
+    lengths: np.ndarray,
+    num_devices: int,
+    tokens_per_device: int,
+    patches: np.ndarray | None = None,
+    vision_patches_per_device: int | None = None,
+) -> np.ndarray:
+    """Each sample's minimum degree (:func:`min_degrees`) of checked inputs, or the PlanError of
+    :func:`check_every_sample_fits` when some sample fits no group of ``num_devices``."""
+    degrees = min_degrees(lengths, tokens_per_device, patches, vision_patches_per_device)
+    check_every_sample_fits(lengths, degrees, num_devices, tokens_per_device, patches, vision_patches_per_device)
+    return degrees
+
+
 def check_every_sample_fits(
     lengths: np.ndarray,
     degrees: np.ndarray,

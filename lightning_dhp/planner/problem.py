@@ -9,7 +9,7 @@ import numpy as np
 
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths, take
-from lightning_dhp.planner.inputs import check_every_sample_fits, min_degrees
+from lightning_dhp.planner.inputs import checked_min_degrees
 from lightning_dhp.planner.memory import vision_budget
 from lightning_dhp.planner.options import DEFAULT_OPTIONS, PlannerOptions
 from lightning_dhp.planner.plan import Plan
@@ -85,8 +85,7 @@ def batch_problem(
     """The batch of checked inputs (:func:`~lightning_dhp.planner.inputs.check_inputs`) as a problem: every
     sample's minimum degree (a PlanError names the first sample no group holds) and the lower bound of any
     plan, over the fewest rounds memory allows."""
-    min_degree = min_degrees(lengths, tokens_per_device, patches, vision_patches_per_device)
-    check_every_sample_fits(lengths, min_degree, num_devices, tokens_per_device, patches, vision_patches_per_device)
+    min_degree = checked_min_degrees(lengths, num_devices, tokens_per_device, patches, vision_patches_per_device)
     fewest = minimum_rounds(lengths, num_devices, tokens_per_device, patches, vision_patches_per_device)
     bound = lower_bound(lengths, min_degree, num_devices, fewest, cost, node_size, patches)
     return Problem(lengths, min_degree, num_devices, tokens_per_device, cost, node_size, bound, len(lengths), patches,

@@ -18,8 +18,9 @@ import math
 import numpy as np
 
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
+from lightning_dhp.planner.bins import Bins
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths
-from lightning_dhp.planner.memory import fits_memory, vision_budget
+from lightning_dhp.planner.memory import vision_budget
 from lightning_dhp.planner.options import DEFAULT_OPTIONS, PlannerOptions
 from lightning_dhp.planner.plan import Plan
 
@@ -82,9 +83,10 @@ def rebalance(
 
 
 class _Groups:
-    """Every group's members, padded token sums, vision patches and time, with each sample's padded
-    length at each degree the plan uses (a group's time is linear in its padded sum, sum of squares and
-    patches), and the memory budgets every change keeps to."""
+    """Every group (:class:`~.bins.Bins`: members, padded token sums and vision patches, and the memory every
+    change keeps to) with its sum of squared padded lengths and time, each sample's padded length at each
+    degree the plan uses (a group's time is linear in its padded sum, sum of squares and patches), and the
+    rounds the groups form."""
 
     def __init__(
         self,
@@ -107,15 +109,12 @@ class _Groups:
         self.round_start = np.concatenate([[0], np.cumsum(sizes)]).tolist()  # groups of a round are contiguous
         degree = np.array([group.degree for group in groups], dtype=np.int64)
         first = np.array([group.first_rank for group in groups], dtype=np.int64)
-        self.members = [list(group.samples) for group in groups]
-        self.group_of = np.zeros(len(lengths), dtype=np.int64)
-        for index, samples in enumerate(self.members):
-            self.group_of[samples] = index
-        degrees, self.degree_column = np.unique(degree, return_inverse=True)
-        self.padded = padded_lengths(lengths[:, None], degrees[None, :]).astype(np.float64)
-        budget = vision_budget(patches, vision_patches_per_device)
-        self.capacity = degree * tokens_per_device
-        self.patch_capacity = None if budget is None else degree * budget  # None: no vision budget
+        self.degrees, self.degree_column = np.unique(degree, return_inverse=True)
+        self.padded = padded_lengths(lengths[:, None], self.degrees[None, :]).astype(np.float64)
+        # token and patch sums in float64, as the times use them (vision patches: None without any)
+        self.bins = Bins([list(group.samples) for group in groups], degree, self._padded_at, tokens_per_device,
+                         None if patches is None else patches.astype(np.float64),
+                         vision_budget(patches, vision_patches_per_device))
         zero, one = np.zeros(len(groups)), np.ones(len(groups))
 
         def at_degrees(sums: np.ndarray, squares: np.ndarray, patches: np.ndarray | None = None) -> np.ndarray:
@@ -125,27 +124,18 @@ class _Groups:
         self.per_token = at_degrees(one, zero) - self.fixed
         self.per_square = at_degrees(zero, one) - self.fixed
         self.per_patch = at_degrees(zero, zero, one) - self.fixed
-        # vision patches per sample and per group (both None without patches: no patch terms anywhere)
-        self.patches = None if patches is None else patches.astype(np.float64)
-        # per sample: its padded length in its own group and its round (kept current by _transfer)
-        self.own = self.padded[np.arange(len(lengths)), self.degree_column[self.group_of]]
-        self.sample_round = self.round_of[self.group_of]
-        self.sums = np.bincount(self.group_of, weights=self.own, minlength=len(groups))
-        self.squares = np.bincount(self.group_of, weights=self.own * self.own, minlength=len(groups))
-        self.group_patches = None if patches is None else np.bincount(self.group_of, weights=self.patches,
-                                                                      minlength=len(groups))
-        self.time = self.times(self.sums, self.squares, np.arange(len(groups)), self.group_patches)
+        own = self.bins.own_padded
+        self.sample_round = self.round_of[self.bins.owner]  # kept current by _transfer
+        self.squares = np.bincount(self.bins.owner, weights=own * own, minlength=len(groups))
+        self.time = self.times(self.bins.tokens, self.squares, np.arange(len(groups)), self.bins.held)
         # per round: the slowest group's time and the second largest (0 for a round of one group)
         self.makespan, self.second = np.zeros(self.num_rounds), np.zeros(self.num_rounds)
         for round_index in range(self.num_rounds):
             self._update_round(round_index)
         self.min_gain = options.rebalance_min_gain * float(self.makespan.sum())
 
-    def fits(self, groups: np.ndarray | int | slice, sums: np.ndarray, patches: np.ndarray | None) -> np.ndarray:
-        """Whether ``groups`` hold ``sums`` padded tokens and ``patches`` vision patches (checked under a
-        vision budget only)."""
-        patch_capacity = None if self.patch_capacity is None else self.patch_capacity[groups]
-        return fits_memory(sums, self.capacity[groups], patches, patch_capacity)
+    def _padded_at(self, samples: np.ndarray, degrees: np.ndarray) -> np.ndarray:
+        return self.padded[samples, np.searchsorted(self.degrees, degrees)]
 
     def times(
         self, sums: np.ndarray, squares: np.ndarray, groups: np.ndarray | int, patches: np.ndarray | None = None
@@ -166,7 +156,7 @@ class _Groups:
         flat = [group for groups in planned for group in groups]
         for index, group in enumerate(flat):
             result[self.round_of[index]].append(
-                PlannedGroup(tuple(sorted(self.members[index])), group.degree, group.first_rank)
+                PlannedGroup(tuple(sorted(self.bins.members[index])), group.degree, group.first_rank)
             )
         return result
 
@@ -174,9 +164,9 @@ class _Groups:
         """Apply the first improving change, donor rounds by how much their slowest group stands out:
         for the samples of the donor's slowest group, the move that gains most, else the swap that gains
         most. False when none improves."""
-        round_of, time, makespan, second = self.round_of, self.time, self.makespan, self.second
-        every = np.arange(len(time))
-        partner_round, partner_own = self.sample_round, self.own
+        round_of, time, makespan, second, bins = self.round_of, self.time, self.makespan, self.second, self.bins
+        sums, group_patches, every = bins.tokens, bins.held, np.arange(len(time))
+        partner_round, partner_own = self.sample_round, bins.own_padded
         for donor in np.argsort(-(makespan - second), kind="stable").tolist():
             if makespan[donor] - second[donor] <= self.min_gain:
                 return False  # sorted: no later round can gain either
@@ -184,19 +174,19 @@ class _Groups:
                 continue
             first = self.round_start[donor]
             slowest = first + int(np.argmax(time[first : self.round_start[donor + 1]]))
-            samples = np.array(self.members[slowest], dtype=np.int64)
+            samples = np.array(bins.members[slowest], dtype=np.int64)
             own = self.padded[samples, self.degree_column[slowest]]
-            vision = self.patches is not None
-            leaving = self.patches[samples] if vision else np.zeros(0)  # the slowest group's samples' patches
+            vision = bins.patches is not None
+            leaving = bins.patches[samples] if vision else np.zeros(0)  # the slowest group's samples' patches
 
             # moves: the sample leaves, nothing comes back (emptying the group would idle its ranks for nothing)
-            left = self.times(self.sums[slowest] - own, self.squares[slowest] - own * own, slowest,
-                              self.group_patches[slowest] - leaving if vision else None)
+            left = self.times(sums[slowest] - own, self.squares[slowest] - own * own, slowest,
+                              group_patches[slowest] - leaving if vision else None)
             need = self.padded[samples[:, None], self.degree_column[None, :]]
-            arrived = self.group_patches + leaving[:, None] if vision else None
-            arrive = self.times(self.sums + need, self.squares + need * need, every, arrived)
+            arrived = group_patches + leaving[:, None] if vision else None
+            arrive = self.times(sums + need, self.squares + need * need, every, arrived)
             move_net = np.where(
-                (round_of != donor) & self.fits(slice(None), self.sums + need, arrived) & (len(samples) > 1),
+                (round_of != donor) & bins.fits(bins.degree, sums + need, arrived) & (len(samples) > 1),
                 (makespan[donor] - np.maximum(left, second[donor]))[:, None]
                 - np.maximum(0.0, arrive - makespan[round_of]),
                 -np.inf,
@@ -207,22 +197,22 @@ class _Groups:
             if self.options.rebalance_swaps and move_gain <= self.min_gain:
                 # swaps: the sample goes to a partner's group, the partner comes back to the slowest group
                 here = self.padded[:, self.degree_column[slowest]]
-                back_sums = self.sums[slowest] - own[:, None] + here
-                back_patches = self.group_patches[slowest] - leaving[:, None] + self.patches if vision else None
+                back_sums = sums[slowest] - own[:, None] + here
+                back_patches = group_patches[slowest] - leaving[:, None] + bins.patches if vision else None
                 back_time = self.times(
                     back_sums, self.squares[slowest] - (own * own)[:, None] + here * here, slowest, back_patches
                 )
-                there = self.padded[samples[:, None], self.degree_column[self.group_of]]
-                partner_group = self.group_of
-                there_sums = self.sums[partner_group] - partner_own + there
-                there_patches = self.group_patches[partner_group] - self.patches + leaving[:, None] if vision else None
+                partner_group = bins.owner
+                there = self.padded[samples[:, None], self.degree_column[partner_group]]
+                there_sums = sums[partner_group] - partner_own + there
+                there_patches = group_patches[partner_group] - bins.patches + leaving[:, None] if vision else None
                 there_time = self.times(
                     there_sums, self.squares[partner_group] - partner_own * partner_own + there * there, partner_group,
                     there_patches,
                 )
                 swap_net = np.where(
-                    (partner_round != donor) & self.fits(slowest, back_sums, back_patches)
-                    & self.fits(partner_group, there_sums, there_patches),
+                    (partner_round != donor) & bins.fits(bins.degree[slowest], back_sums, back_patches)
+                    & bins.fits(bins.degree[partner_group], there_sums, there_patches),
                     makespan[donor] - np.maximum(back_time, second[donor])
                     - np.maximum(0.0, there_time - makespan[partner_round]),
                     -np.inf,
@@ -234,32 +224,28 @@ class _Groups:
                 continue
             if move_gain >= swap_gain:  # a move on ties: it changes less
                 row, target = int(best_move[0]), int(best_move[1])
-                self._transfer(int(samples[row]), slowest, target)
+                self._transfer(int(samples[row]), target)
             else:
                 row, partner = int(best_swap[0]), int(best_swap[1])
-                target = int(self.group_of[partner])
-                self._transfer(int(samples[row]), slowest, target)
-                self._transfer(partner, target, slowest)
+                target = int(bins.owner[partner])
+                self._transfer(int(samples[row]), target)
+                self._transfer(partner, slowest)
             return True
         return False
 
-    def _transfer(self, sample: int, source: int, target: int) -> None:
-        """Move ``sample`` from group ``source`` to group ``target``, updating sums, times and makespans."""
+    def _transfer(self, sample: int, target: int) -> None:
+        """Move ``sample`` to group ``target``, updating sums, times and makespans."""
+        bins = self.bins
+        left_behind = bins.own_padded[sample]
+        source = bins.move(sample, target)
+        arrived = bins.own_padded[sample]
         touched = [int(self.round_of[source]), int(self.round_of[target])]
         self.stuck[touched] = False
-        self.members[source].remove(sample)
-        self.members[target].append(sample)
-        self.group_of[sample] = target
         self.sample_round[sample] = touched[1]
-        self.own[sample] = self.padded[sample, self.degree_column[target]]
-        for group, sign in ((source, -1.0), (target, 1.0)):
-            padded = self.padded[sample, self.degree_column[group]]
-            self.sums[group] += sign * padded
-            self.squares[group] += sign * padded * padded
-            group_patches = None
-            if self.patches is not None:
-                self.group_patches[group] += sign * self.patches[sample]
-                group_patches = self.group_patches[group]
-            self.time[group] = self.times(self.sums[group], self.squares[group], group, group_patches)
+        self.squares[source] -= left_behind * left_behind
+        self.squares[target] += arrived * arrived
+        for group in (source, target):
+            group_patches = None if bins.held is None else bins.held[group]
+            self.time[group] = self.times(bins.tokens[group], self.squares[group], group, group_patches)
         for round_index in set(touched):
             self._update_round(round_index)

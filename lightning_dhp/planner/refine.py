@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lightning_dhp.planner.memory import fits_memory
+from lightning_dhp.planner.bins import Bins
 from lightning_dhp.planner.problem import Problem
 
 _NONE = (np.inf, None)  # a move kind switched off (PlannerOptions.refine_move and its siblings)
@@ -35,6 +35,16 @@ class _Columns:
 
     def at(self, samples: np.ndarray, degrees: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cost and padded length of ``samples[i]`` at ``degrees[i]`` (any broadcastable shapes)."""
+        classes = self._classes(degrees)
+        return self.costs[classes, samples], self.padded[classes, samples]
+
+    def costs_at(self, samples: np.ndarray, degrees: np.ndarray) -> np.ndarray:
+        """Cost of ``samples[i]`` at ``degrees[i]``."""
+        classes = self._classes(degrees)  # first: it may extend the table
+        return self.costs[classes, samples]
+
+    def _classes(self, degrees: np.ndarray) -> np.ndarray:
+        """The rows of ``degrees``, computing those not seen yet."""
         classes = self.class_of[degrees]
         if (classes < 0).any():
             missing = np.unique(np.asarray(degrees)[classes < 0])
@@ -42,35 +52,28 @@ class _Columns:
             self.costs = np.concatenate([self.costs, self.problem.sample_costs(slice(None), missing[:, None])])
             self.padded = np.concatenate([self.padded, self.problem.padded(self.problem.lengths, missing[:, None])])
             classes = self.class_of[degrees]
-        return self.costs[classes, samples], self.padded[classes, samples]
+        return classes
 
 
 class Refiner:
-    """Mutable bins of one round: members, degree, time and padded tokens per bin (and vision patches, under
-    a vision budget: every move keeps both within the bins' memory)."""
+    """Mutable bins of one round (:class:`~.bins.Bins`: members, degrees, padded tokens and, under a vision
+    budget, vision patches; every move keeps both within the bins' memory) with their times."""
 
     def __init__(self, problem: Problem, members: list[list[int]], degrees: np.ndarray, times: np.ndarray):
         self.problem = problem
-        self.members = [list(bin_members) for bin_members in members]
-        self.degree = degrees.astype(np.int64).copy()
-        self.times = times.astype(np.float64).copy()
-        self.owner = np.empty(len(problem.lengths), dtype=np.int64)
-        for bin_index, bin_members in enumerate(self.members):
-            self.owner[bin_members] = bin_index
         self._columns = problem.memo.setdefault("refine columns", _Columns(problem))
-        self.own_cost, self.own_padded = self._at_degrees(np.arange(len(problem.lengths)), self.degree[self.owner])
-        self.tokens = np.bincount(self.owner, weights=self.own_padded, minlength=len(members)).astype(np.int64)
-        # under a vision budget: each sample's patches and each bin's (None: no budget to respect)
-        self.budget = problem.patch_budget
-        self.patches = None if self.budget is None else problem.patches
-        self.held = None if self.patches is None else np.bincount(
-            self.owner, weights=self.patches, minlength=len(members)).astype(np.int64)
+        budget = problem.patch_budget
+        self._looked_up = np.zeros(0)
+        self.bins = Bins(members, degrees, self._padded_at, problem.tokens_per_device,
+                         None if budget is None else problem.patches, budget)
+        self.times = times.astype(np.float64).copy()
+        self.own_cost = self._looked_up  # every sample's, at its bin's degree
 
-    def _fits(self, degrees: np.ndarray | int, tokens: np.ndarray, held: np.ndarray | None) -> np.ndarray:
-        """Whether bins of ``degrees`` hold ``tokens`` padded tokens and ``held`` vision patches (None: no
-        vision budget)."""
-        return fits_memory(tokens, degrees * self.problem.tokens_per_device, held,
-                           None if held is None else degrees * self.budget)
+    def _padded_at(self, samples: np.ndarray, degrees: np.ndarray) -> np.ndarray:
+        """Padded lengths for :class:`Bins`; the costs of the same samples and degrees stay in ``_looked_up``
+        for the refiner's own bookkeeping (one lookup for both)."""
+        self._looked_up, padded = self._columns.at(samples, degrees)
+        return padded
 
     def _at_degrees(self, samples: np.ndarray, degrees: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cost and padded length of ``samples[i]`` at ``degrees[i]`` (any broadcastable shapes)."""
@@ -84,11 +87,12 @@ class Refiner:
         return max_steps
 
     def _step(self) -> bool:
-        alive = self.degree > 0
+        bins = self.bins
+        alive = bins.degree > 0
         slowest = int(np.argmax(np.where(alive, self.times, -np.inf)))
         options = self.problem.options
         limit = self.times[slowest] * options.refine_improvement
-        here = np.array(self.members[slowest], dtype=np.int64)
+        here = np.array(bins.members[slowest], dtype=np.int64)
         relieved = self.times[slowest] - self.own_cost[here]
         candidates = [
             self._best_move(slowest, here, relieved, alive) if options.refine_move else _NONE,
@@ -104,100 +108,92 @@ class Refiner:
         return True
 
     def _best_move(self, slowest: int, here: np.ndarray, relieved: np.ndarray, alive: np.ndarray):
-        costs, padded = self._at_degrees(here[:, None], np.maximum(self.degree, 1)[None, :])
+        bins = self.bins
+        costs, padded = self._at_degrees(here[:, None], np.maximum(bins.degree, 1)[None, :])
         arrive = self.times[None, :] + costs
-        held = None if self.patches is None else self.held[None, :] + self.patches[here][:, None]
-        room = self._fits(self.degree[None, :], self.tokens[None, :] + padded, held) & alive
+        held = None if bins.held is None else bins.held[None, :] + bins.patches[here][:, None]
+        room = bins.fits(bins.degree[None, :], bins.tokens[None, :] + padded, held) & alive
         room[:, slowest] = False
         score = np.where(room, np.maximum(relieved[:, None], arrive), np.inf)
         row, target = np.unravel_index(int(np.argmin(score)), score.shape)
         return float(score[row, target]), lambda: self._transfer(int(here[row]), int(target))
 
     def _best_swap(self, slowest: int, here: np.ndarray, relieved: np.ndarray, alive: np.ndarray):
+        bins = self.bins
         partners = np.flatnonzero(alive)
         partners = partners[partners != slowest]
         partner_bins = self.problem.options.swap_partner_bins
         if len(partners) > partner_bins:
             fastest = np.argpartition(self.times[partners], partner_bins - 1)[:partner_bins]
             partners = partners[fastest]
-        is_partner = np.zeros(len(self.degree), dtype=bool)
+        is_partner = np.zeros(len(bins.degree), dtype=bool)
         is_partner[partners] = True
-        others = np.flatnonzero(is_partner[self.owner])
+        others = np.flatnonzero(is_partner[bins.owner])
         if not others.size:
             return np.inf, None
-        other_bins = self.owner[others]
-        to_slow_cost, to_slow_padded = self._at_degrees(others, self.degree[slowest])
-        to_other_cost, to_other_padded = self._at_degrees(here[:, None], self.degree[other_bins][None, :])
+        other_bins = bins.owner[others]
+        to_slow_cost, to_slow_padded = self._at_degrees(others, bins.degree[slowest])
+        to_other_cost, to_other_padded = self._at_degrees(here[:, None], bins.degree[other_bins][None, :])
         slow_after = relieved[:, None] + to_slow_cost[None, :]
         other_after = (self.times[other_bins] - self.own_cost[others])[None, :] + to_other_cost
-        slow_tokens = self.tokens[slowest] - self.own_padded[here][:, None] + to_slow_padded[None, :]
-        other_tokens = (self.tokens[other_bins] - self.own_padded[others])[None, :] + to_other_padded
+        slow_tokens = bins.tokens[slowest] - bins.own_padded[here][:, None] + to_slow_padded[None, :]
+        other_tokens = (bins.tokens[other_bins] - bins.own_padded[others])[None, :] + to_other_padded
         slow_held = other_held = None
-        if self.patches is not None:
-            exchanged = self.patches[others][None, :] - self.patches[here][:, None]  # what the slowest bin gains
-            slow_held, other_held = self.held[slowest] + exchanged, self.held[other_bins][None, :] - exchanged
-        fits = self._fits(self.degree[slowest], slow_tokens, slow_held) & self._fits(
-            self.degree[other_bins][None, :], other_tokens, other_held
+        if bins.held is not None:
+            exchanged = bins.patches[others][None, :] - bins.patches[here][:, None]  # what the slowest bin gains
+            slow_held, other_held = bins.held[slowest] + exchanged, bins.held[other_bins][None, :] - exchanged
+        fits = bins.fits(bins.degree[slowest], slow_tokens, slow_held) & bins.fits(
+            bins.degree[other_bins][None, :], other_tokens, other_held
         )
         score = np.where(fits, np.maximum(slow_after, other_after), np.inf)
         row, column = np.unravel_index(int(np.argmin(score)), score.shape)
 
         def swap() -> None:
             partner = int(others[column])
-            target = int(self.owner[partner])
+            target = int(bins.owner[partner])
             self._transfer(int(here[row]), target)
             self._transfer(partner, slowest)
 
         return float(score[row, column]), swap
 
     def _best_merge(self, slowest: int, here: np.ndarray, alive: np.ndarray):
-        problem = self.problem
-        merged_degree = self.degree[slowest] + self.degree
-        merged_degree[slowest] = self.degree[slowest]  # not a candidate; keeps the degree in range
-        others = np.flatnonzero(self.owner != slowest)
-        _, other_padded = self._at_degrees(others, merged_degree[self.owner[others]])
+        problem, bins = self.problem, self.bins
+        merged_degree = bins.degree[slowest] + bins.degree
+        merged_degree[slowest] = bins.degree[slowest]  # not a candidate; keeps the degree in range
+        others = np.flatnonzero(bins.owner != slowest)
+        _, other_padded = self._at_degrees(others, merged_degree[bins.owner[others]])
         other_padded = other_padded.astype(np.float64)
-        bins = len(self.degree)
-        sum_padded = np.bincount(self.owner[others], weights=other_padded, minlength=bins).astype(np.float64)
-        sum_squares = np.bincount(self.owner[others], weights=other_padded**2, minlength=bins).astype(np.float64)
+        count = len(bins.degree)
+        sum_padded = np.bincount(bins.owner[others], weights=other_padded, minlength=count).astype(np.float64)
+        sum_squares = np.bincount(bins.owner[others], weights=other_padded**2, minlength=count).astype(np.float64)
         _, here_padded = self._at_degrees(here[:, None], merged_degree[None, :])
         here_padded = here_padded.astype(np.float64)
         sum_padded += here_padded.sum(axis=0)
         sum_squares += (here_padded**2).sum(axis=0)
         sum_patches = None
         if problem.patches is not None:  # the two bins' patches together: they do not depend on the degree
-            sum_patches = np.bincount(self.owner, weights=problem.patches, minlength=bins)
+            sum_patches = np.bincount(bins.owner, weights=problem.patches, minlength=count)
             sum_patches += sum_patches[slowest]
         merged = problem.cost.times_from_sums(sum_padded, sum_squares, merged_degree, node_size=problem.node_size,
                                               sum_patches=sum_patches)
-        held = None if self.patches is None else self.held + self.held[slowest]
-        feasible = alive & self._fits(merged_degree, sum_padded, held)
+        held = None if bins.held is None else bins.held + bins.held[slowest]
+        feasible = alive & bins.fits(merged_degree, sum_padded, held)
         feasible[slowest] = False
         score = np.where(feasible, merged, np.inf)
         partner = int(np.argmin(score))
 
         def merge() -> None:
-            for sample in list(self.members[partner]):
-                self.owner[sample] = slowest
-            self.members[slowest].extend(self.members[partner])
-            self.members[partner] = []
-            self.degree[slowest] += self.degree[partner]
-            self.degree[partner] = 0
+            bins.merge(slowest, partner)  # looks up its members at the merged degree
             self.times[partner] = -np.inf
-            self.tokens[partner] = 0
             self.times[slowest] = float(score[partner])
-            self.tokens[slowest] = int(sum_padded[partner])
-            if self.held is not None:
-                self.held[slowest], self.held[partner] = held[partner], 0
-            self.own_cost[self.members[slowest]], self.own_padded[self.members[slowest]] = self._at_degrees(
-                np.array(self.members[slowest]), self.degree[slowest]
-            )
+            self.own_cost[bins.members[slowest]] = self._looked_up
 
         return float(score[partner]), merge
 
     def _best_split(self, slowest: int, here: np.ndarray):
         """Best two-way split of the slowest bin, all first-part degrees evaluated side by side."""
-        degree = int(self.degree[slowest])
+        bins = self.bins
+        degree = int(bins.degree[slowest])
         if degree < 2 or len(here) < 2:
             return np.inf, None
         problem = self.problem
@@ -209,16 +205,16 @@ class Refiner:
         load_second = problem.cost.times_from_sums(0.0, 0.0, second, node_size=problem.node_size)
         tokens_first = np.zeros(len(first), dtype=np.int64)
         tokens_second = np.zeros(len(first), dtype=np.int64)
-        vision = self.patches is not None
+        vision = bins.held is not None
         held_first = np.zeros(len(first), dtype=np.int64) if vision else None
         held_second = np.zeros(len(first), dtype=np.int64) if vision else None
         feasible = np.ones(len(first), dtype=bool)
         to_first = np.zeros((len(here), len(first)), dtype=bool)
         for row in np.argsort(-problem.lengths[here], kind="stable").tolist():
-            patches = self.patches[here[row]] if vision else 0
-            fits_first = self._fits(first, tokens_first + padded_first[row], held_first + patches if vision else None)
-            fits_second = self._fits(second, tokens_second + padded_second[row],
-                                     held_second + patches if vision else None)
+            patches = bins.patches[here[row]] if vision else 0
+            fits_first = bins.fits(first, tokens_first + padded_first[row], held_first + patches if vision else None)
+            fits_second = bins.fits(second, tokens_second + padded_second[row],
+                                    held_second + patches if vision else None)
             ends_first = np.maximum(load_first + cost_first[row], load_second)
             ends_second = np.maximum(load_first, load_second + cost_second[row])
             go_first = fits_first & (~fits_second | (ends_first <= ends_second))
@@ -235,40 +231,18 @@ class Refiner:
         best = int(np.argmin(score))
 
         def split() -> None:
-            new_bin = len(self.members)
-            kept = here[to_first[:, best]].tolist()
-            leaving = here[~to_first[:, best]].tolist()
-            self.members[slowest] = kept
-            self.members.append(leaving)
-            self.owner[leaving] = new_bin
-            self.degree = np.append(self.degree, second[best])
-            self.degree[slowest] = first[best]
+            kept, leaving = here[to_first[:, best]].tolist(), here[~to_first[:, best]].tolist()
+            new_bin = bins.split(slowest, kept, leaving, int(first[best]), int(second[best]))
             self.times = np.append(self.times, load_second[best])
             self.times[slowest] = load_first[best]
-            self.tokens = np.append(self.tokens, tokens_second[best])
-            self.tokens[slowest] = tokens_first[best]
-            if self.held is not None:
-                self.held = np.append(self.held, held_second[best])
-                self.held[slowest] = held_first[best]
             for bin_index, bin_members in ((slowest, kept), (new_bin, leaving)):
                 if bin_members:
-                    self.own_cost[bin_members], self.own_padded[bin_members] = self._at_degrees(
-                        np.array(bin_members), self.degree[bin_index]
-                    )
+                    self.own_cost[bin_members] = self._columns.costs_at(np.array(bin_members), bins.degree[bin_index])
 
         return float(score[best]), split
 
     def _transfer(self, sample: int, target: int) -> None:
-        source = int(self.owner[sample])
-        self.members[source].remove(sample)
-        self.members[target].append(sample)
+        source = self.bins.move(sample, target)  # looks the sample up at the target's degree
         self.times[source] -= self.own_cost[sample]
-        self.tokens[source] -= self.own_padded[sample]
-        if self.held is not None:
-            self.held[source] -= self.patches[sample]
-            self.held[target] += self.patches[sample]
-        self.owner[sample] = target
-        cost, padded = self._at_degrees(np.array([sample]), self.degree[target])
-        self.own_cost[sample], self.own_padded[sample] = cost[0], padded[0]
+        self.own_cost[sample] = self._looked_up[0]
         self.times[target] += self.own_cost[sample]
-        self.tokens[target] += self.own_padded[sample]

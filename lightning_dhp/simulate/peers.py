@@ -35,7 +35,7 @@ import numpy as np
 
 from lightning_dhp.planner.assemble import PlannedGroup, build_plan
 from lightning_dhp.planner.cost_model import CostModel, padded_length, padded_lengths, take
-from lightning_dhp.planner.inputs import check_every_sample_fits, check_inputs, min_degrees
+from lightning_dhp.planner.inputs import check_every_sample_fits, check_inputs, checked_min_degrees
 from lightning_dhp.planner.memory import fits_memory, vision_budget, vision_min_degrees
 from lightning_dhp.planner.placement import PlacementFailure, needlessly_crosses_node, place
 from lightning_dhp.planner.plan import Plan
@@ -76,9 +76,7 @@ def paper_plan(
         lengths, num_devices, tokens_per_device, node_size, vision_patches, vision_patches_per_device
     )
     cost = cost_model or CostModel.default()
-    min_degree = min_degrees(lengths_array, tokens_per_device, patches, vision_patches_per_device)
-    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device, patches,
-                            vision_patches_per_device)
+    min_degree = checked_min_degrees(lengths_array, num_devices, tokens_per_device, patches, vision_patches_per_device)
     work = device_seconds(lengths_array, min_degree, cost, patches)
     fewest = minimum_rounds(lengths_array, num_devices, tokens_per_device, patches, vision_patches_per_device)
     rounds: list[list[PlannedGroup]] = []
@@ -267,9 +265,7 @@ def megatron_dcp_plan(
         lengths, num_devices, tokens_per_device, node_size, vision_patches, vision_patches_per_device
     )
     cost = cost_model or CostModel.default()
-    min_degree = min_degrees(lengths_array, tokens_per_device, patches, vision_patches_per_device)
-    check_every_sample_fits(lengths_array, min_degree, num_devices, tokens_per_device, patches,
-                            vision_patches_per_device)
+    min_degree = checked_min_degrees(lengths_array, num_devices, tokens_per_device, patches, vision_patches_per_device)
     budget = vision_budget(patches, vision_patches_per_device)
     vision_degrees = [1] * len(lengths_array) if budget is None else vision_min_degrees(patches, budget).tolist()
     sizes = [
