@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -132,8 +133,9 @@ def bin_min_degrees(
 
 
 def _per_device(lengths: np.ndarray, owner: np.ndarray, degrees: np.ndarray, num_bins: int) -> np.ndarray:
-    """Padded tokens per device of every bin at ``degrees[bin]`` (the formula for degrees >= 2)."""
-    return np.bincount(owner, weights=2 * -(-lengths // (2 * degrees[owner])), minlength=num_bins)
+    """Padded tokens per device of every bin at ``degrees[bin]``."""
+    member_degrees = degrees[owner]
+    return np.bincount(owner, weights=padded_lengths(lengths, member_degrees) // member_degrees, minlength=num_bins)
 
 
 def build_table(
@@ -255,7 +257,13 @@ def allocate(table: DegreeTable, num_devices: int) -> tuple[np.ndarray, float] |
     return table.degrees_at(makespan), makespan
 
 
-def spend_leftover(table: DegreeTable, degrees: np.ndarray, num_devices: int) -> np.ndarray:
+class TimesByDegree(Protocol):
+    """Each bin's time at a degree (inf where it has none): a :class:`DegreeTable`, or enumerated times."""
+
+    def time_at(self, bin_index: int, degree: int) -> float: ...
+
+
+def spend_leftover(table: TimesByDegree, degrees: np.ndarray, num_devices: int) -> np.ndarray:
     """Give unused devices, one at a time, to the slowest bin that gets strictly faster with one more."""
     degrees = degrees.copy()
     leftover = num_devices - int(degrees.sum())

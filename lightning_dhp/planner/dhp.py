@@ -381,12 +381,8 @@ def _exact_layout(problem: Problem) -> _Layout | None:
     if exact is None:
         return None
     starts = place(exact.degrees, problem.num_devices, problem.node_size)
-    if isinstance(starts, PlacementFailure):  # not expected: the groups fit one node
-        allocated = _allocate_and_place(problem, exact.bins)
-        if allocated is None:
-            return None
-        degrees, starts, times = allocated
-        return _Layout(float(times.max()), exact.bins, degrees.tolist(), starts)
+    # the degrees sum to at most the devices, all in one node (_enumerable): they always fit, side by side
+    assert not isinstance(starts, PlacementFailure), starts
     return _Layout(exact.makespan, exact.bins, exact.degrees, starts)
 
 

@@ -13,13 +13,13 @@ cross a node.
 from __future__ import annotations
 
 import functools
-import heapq
 import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from lightning_dhp.planner.allocation import spend_leftover
 from lightning_dhp.planner.cost_model import padded_lengths
 from lightning_dhp.planner.memory import vision_min_degrees
 from lightning_dhp.planner.problem import Problem
@@ -93,7 +93,7 @@ class ExactLayout:
 def exact_layout(problem: Problem) -> ExactLayout | None:
     """The round's fastest layout, or None when no layout fits memory. Among equally fast layouts: the
     fewest bins, then the first partition in lexicographic order; each bin at the smallest degree that
-    reaches the makespan, then unused devices given as :func:`~.allocation.spend_leftover` gives them.
+    reaches the makespan, then unused devices given by :func:`~.allocation.spend_leftover`.
 
     The caller keeps :func:`layout_count` small: the work is that many layouts times their bins.
     """
@@ -101,10 +101,11 @@ def exact_layout(problem: Problem) -> ExactLayout | None:
     partitions = _partitions(len(lengths), min(len(lengths), num_devices))
     member, max_bins = partitions.member, partitions.max_bins
     degrees = np.arange(1, num_devices + 1)
-    # degree x sample: padded tokens, and per-device tokens as bin_min_degrees counts them (the length at
-    # degree 1, 2 ceil(L / 2d) above); products with member give degree x (partition, bin) sums
-    padded = padded_lengths(lengths[None, :], degrees[:, None]).astype(np.float64)
-    per_device = np.where(degrees[:, None] == 1, lengths[None, :], 2 * -(-lengths[None, :] // (2 * degrees[:, None])))
+    # degree x sample: padded tokens, and per-device tokens (as bin_min_degrees counts them); products with
+    # member give degree x (partition, bin) sums
+    padded_tokens = padded_lengths(lengths[None, :], degrees[:, None])
+    per_device = padded_tokens // degrees[:, None]
+    padded = padded_tokens.astype(np.float64)
     sum_padded = padded @ member
     sum_squares = (padded * padded) @ member
     fits = per_device.astype(np.float64) @ member <= problem.tokens_per_device
@@ -145,19 +146,17 @@ def exact_layout(problem: Problem) -> ExactLayout | None:
     bin_times = times[:, best_partition, :len(bins)].T.tolist()  # bin x degree
     degrees = [next(degree for degree, time in enumerate(row_times, start=1) if time <= best_time)
                for row_times in bin_times]
-    return ExactLayout(bins, _spend_leftover(bin_times, degrees, num_devices), best_time)
+    spent = spend_leftover(_EnumeratedTimes(bin_times), np.array(degrees), num_devices)
+    return ExactLayout(bins, spent.tolist(), best_time)
 
 
-def _spend_leftover(bin_times: list[list[float]], degrees: list[int], num_devices: int) -> list[int]:
-    """Unused devices, one at a time, to the slowest bin that gets strictly faster with one more (the rule
-    of :func:`~.allocation.spend_leftover`, on the enumerated times: ``bin_times[b][d - 1]``)."""
-    leftover = num_devices - sum(degrees)
-    heap = [(-bin_times[b][degree - 1], b) for b, degree in enumerate(degrees)]
-    heapq.heapify(heap)
-    while leftover > 0 and heap:
-        negative_time, b = heapq.heappop(heap)
-        if degrees[b] < num_devices and (faster := bin_times[b][degrees[b]]) < -negative_time:
-            degrees[b] += 1
-            leftover -= 1
-            heapq.heappush(heap, (-faster, b))
-    return degrees
+@dataclass(frozen=True)
+class _EnumeratedTimes:
+    """Each bin's enumerated time by degree (``times[b][d - 1]``, inf past the devices), as
+    :func:`~.allocation.spend_leftover` reads a table."""
+
+    times: list[list[float]]
+
+    def time_at(self, bin_index: int, degree: int) -> float:
+        row = self.times[bin_index]
+        return row[degree - 1] if degree <= len(row) else math.inf
