@@ -14,6 +14,7 @@ directory and prints a summary table.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -26,14 +27,9 @@ from torch.utils.data import Subset
 
 import lightning_dhp
 from lightning_dhp import DHPDataModule
+from lightning_dhp.app.cost_model_cache import uncached_choice
 from lightning_dhp.app.quiet_warnings import ignore_lightning_pytree_warning
-from lightning_dhp.app.report import (
-    degrees_used,
-    fit_with_plan_report,
-    format_table,
-    predicted_by_row,
-    step_time_rows,
-)
+from lightning_dhp.app.report import cost_model_rows, degrees_used, fit_with_plan_report, format_table, step_time_rows
 from lightning_dhp.hf import ChatDataset, HFModule
 from lightning_dhp.hf.chat_digits import answer_accuracy, write_chat_digits
 
@@ -90,7 +86,7 @@ def main(cfg: DictConfig) -> None:
                                         f"({len(held_out)} held-out records)"),
         ("groups used, by CP degree", degrees_used(plan)),
         *step_time_rows(plan),
-        predicted_by_row(cfg.strategy.cost_model),
+        *cost_model_rows(asdict(uncached_choice(cfg.strategy.cost_model))),
         ("summary", str(path)),
     ], "hf_chat_finetune"), flush=True)
 

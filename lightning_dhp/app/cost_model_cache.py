@@ -37,6 +37,7 @@ from lightning_dhp.planner import CostModel
 
 CHOICE_VARIABLE = "DHP_APP_COST_MODEL"  # rank 0's choice, inherited by the ranks Lightning launches
 MIN_CALIBRATION_STEPS = 10
+PROFILED_AT_START = "profiled on this machine at the start of this run"
 _KEY_VERSION = 1
 
 
@@ -133,23 +134,31 @@ def profile_key(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def choose_cost_model(cfg: DictConfig, cache_dir: str | os.PathLike) -> CostModelChoice:
-    """The cost model for this run. Ranks Lightning launches take rank 0's choice (from the environment), so
-    a cache file appearing mid-launch cannot make some ranks profile and others not."""
-    value = cfg.strategy.cost_model
+def uncached_choice(value: Any) -> CostModelChoice:
+    """The strategy's own reading of a ``cost_model`` value, described: the default model, a calibration at the
+    start, a file, or a profile at the start of the run (not cached: that is :func:`choose_cost_model`'s)."""
     if value is None:
         return CostModelChoice(None, "default", "CostModel.default(), an H100-class 7B decoder")
     if value == CALIBRATE:
         return CostModelChoice(value, "calibrated on this device", "a generic transformer timed at the start")
+    if value == PROFILE:
+        return CostModelChoice(PROFILE, PROFILED_AT_START, "the strategy's profile of this model")
+    return CostModelChoice(value, "from a file", str(value))
+
+
+def choose_cost_model(cfg: DictConfig, cache_dir: str | os.PathLike) -> CostModelChoice:
+    """The cost model for this run. Ranks Lightning launches take rank 0's choice (from the environment), so
+    a cache file appearing mid-launch cannot make some ranks profile and others not."""
+    value = cfg.strategy.cost_model
     if value != PROFILE:
-        return CostModelChoice(value, "from a file", str(value))
+        return uncached_choice(value)
     cache_path = Path(cache_dir) / f"cost_model_{profile_key(cfg)}.json"
     decided = os.environ.get(CHOICE_VARIABLE)
     if decided is None:  # global rank 0, before it launches the others
         decided = str(cache_path) if cache_path.exists() and calibration_path(cache_path).exists() else PROFILE
         os.environ[CHOICE_VARIABLE] = decided
     if decided == PROFILE:
-        return CostModelChoice(PROFILE, "profiled on this machine at the start of this run",
+        return CostModelChoice(PROFILE, PROFILED_AT_START,
                                f"the strategy's profile; calibrated on this run's steps into {cache_path}",
                                cache_path=cache_path)
     calibration = StepCalibration(**json.loads(calibration_path(Path(decided)).read_text()))

@@ -53,15 +53,6 @@ def step_time_rows(plan: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def predicted_by_row(cost_model: object) -> tuple[str, str]:
-    """What the strategy's ``cost_model`` option planned and predicted with, so a prediction far from the
-    measured step is read as what it is."""
-    if cost_model is None:
-        return ("step time predicted by", "the planner's default cost model (a 7B decoder on an H100-class GPU), "
-                                          "not this model on this machine")
-    return ("step time predicted by", f"cost_model={cost_model!r}")
-
-
 def cost_model_rows(cost_model: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Which cost model planned the run, its stated error, and what this run taught the next one."""
     rows = [("cost model", cost_model["name"]), ("cost model source", cost_model["source"]),
