@@ -73,9 +73,13 @@ class _Task(NamedTuple):
 _SETUP_FAILED = "the rank's gloo group could not be set up:\n"
 
 
+# rank processes skip loading out-of-tree device backends (torch-npu and the like): the worlds here are gloo on CPU
+_RANK_ENVIRONMENT = {"TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
+
+
 def _prepare_rank_process() -> None:
     torch.set_num_threads(1)
-    os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
+    os.environ.update(_RANK_ENVIRONMENT)
 
 
 def _run_rank(rank: int, task: _Task) -> bool:
@@ -113,7 +117,7 @@ def _kept_rank(rank: int, tasks: Connection) -> None:
         task, environment, folder = received
         default_dtype = torch.get_default_dtype()
         os.environ.clear()
-        os.environ.update({**environment, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"})
+        os.environ.update({**environment, **_RANK_ENVIRONMENT})
         os.chdir(folder)
         try:
             with warnings.catch_warnings():
