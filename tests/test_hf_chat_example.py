@@ -14,8 +14,9 @@ import pytest
 from lightning_dhp.testing import launch_environment
 
 REPO = Path(__file__).resolve().parents[1]
-# chance is 0.1; the run is reproducible (lossless clips: see test_chat's same-pixels test) and gives 0.39 on 150
-# held-out records; before the clips were lossless, runs gave 0.17-0.57
+# chance is 0.1; the run is reproducible (lossless clips: see test_chat's same-pixels test) and gives 0.47 on 150
+# held-out records; float rounding moves it (tokens_per_device 128, whose plans differ, gave 0.39 and 0.47 at two
+# commits); before the clips were lossless, runs gave 0.17-0.57
 ACCURACY_FLOOR = 0.25
 
 
