@@ -51,6 +51,15 @@ class PlannerOptions:
     average (with ``static_close`` inf). At 9 samples on 4 devices (21,404) it costs about 5 ms, 2-3x the
     starts."""
 
+    exact_search_samples: int = 12
+    """Rounds of more layouts but at most this many samples, on at most ``exact_search_devices`` devices in
+    one node, are solved exactly by branch and bound over bins (:mod:`~lightning_dhp.planner.exact_search`)."""
+    exact_search_devices: int = 8
+    """... on at most this many devices."""
+    exact_search_pairs: int = 1 << 16
+    """... unless one level of the search needs more than this many (partial layout, bin) pairs: then the
+    round is planned from starts."""
+
     # -- one round: starts ------------------------------------------------------------------------------------
     extra_start_samples: int = 32
     """Rounds of up to this many samples also try the merge start and the uniform-degree starts (they pay
