@@ -1,4 +1,4 @@
-"""Exact layout of a round of up to about 16 samples on few devices: branch and bound over bins.
+"""Exact layout of a round of up to about 12 samples on few devices: branch and bound over bins.
 
 What: the round's optimal makespan over every partition of its samples into bins and every degree
 vector (as :mod:`.exact_round`, whose enumeration stops at about 8 samples on 4 devices: 9 samples have
@@ -11,14 +11,16 @@ product over the subsets' membership bits. Then bins are chosen one at a time, e
 sample not yet placed (so every partition is reached once), level by level for all partial layouts
 side by side: a partial layout is its remaining samples, remaining devices and slowest bin so far. It is
 dropped when that bin, or a lower bound on the rest (their device-seconds spread over the remaining
-devices, their tokens over the remaining memory), is no faster than the best complete layout so far
-(first: longest-processing-time packings at each uniform degree); of equal remaining samples and
-devices only the fastest is kept (a dynamic program over subsets, restricted to what can still win).
+devices, their tokens and vision patches over the remaining memory), is no faster than the best complete
+layout so far (first: a greedy layout at each uniform degree of three or more bins); of equal remaining
+samples and devices only the fastest is kept (a dynamic program over subsets, restricted to what can
+still win).
 
-Complexity: the tables cost ``O(2^n (n + N))`` for ``n`` samples on ``N`` devices; the search at most
-``N - 1`` levels of at most ``pair_budget`` (partial layout, bin) pairs times ``N`` degrees each: past
-the budget it gives up (None), and the caller plans the round from starts instead. Without the bounds
-the pairs would number ``O(3^n)``.
+Complexity: the tables cost ``O(2^n (n + N))`` time for ``n`` samples on ``N`` devices, and every mask's
+bins (:func:`_submasks`, built once per ``n``) ``O(3^n)`` memory (2 MB at 12 samples); the search at most
+``min(n, N) - 1`` levels of at most ``pair_budget`` (partial layout, bin) pairs times ``N - 1`` degrees
+each: past the budget it gives up (None), and the caller plans the round from starts instead. Without
+the bounds the pairs would number ``O(3^n)``.
 """
 
 from __future__ import annotations
