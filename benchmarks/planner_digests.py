@@ -6,7 +6,9 @@ multi-round batches, vision patches with and without a vision budget, ``static_p
 default, preset and committed CPU cost models. ``tests/test_planner_digests.py`` recomputes them and
 compares with ``tests/data/planner_digests.json``, recorded on the planner before it took
 ``PlannerOptions`` (commit b903618) and re-recorded when small rounds became exact (issue 23:
-``PlannerOptions.exact_round_layouts``, 10 of the 152 plans changed); a change that alters a plan fails it.
+``PlannerOptions.exact_round_layouts``, 10 of the 152 plans changed) and again when rounds of up to 12 samples
+were searched exactly (``PlannerOptions.exact_search_samples``: 1 plan changed, 0.02% faster); a change that
+alters a plan fails it.
 
 Usage: python benchmarks/planner_digests.py [--write] [--check]
 """

@@ -1,15 +1,21 @@
-"""Exact enumeration of small rounds (``lightning_dhp.planner.exact_round``) against a brute-force oracle."""
+"""Exact small rounds against independent oracles: the enumeration (``lightning_dhp.planner.exact_round``) and
+the branch and bound (``lightning_dhp.planner.exact_search``) against brute force over every layout, the search
+also against a dynamic program over subsets on rounds of 9-10 samples."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lightning_dhp.planner import CostModel, PlannerOptions, plan_batch
 from lightning_dhp.planner.exact_round import exact_layout, layout_count
+from lightning_dhp.planner.exact_search import search_layout
 from lightning_dhp.planner.problem import batch_problem
 
 
@@ -87,3 +93,115 @@ def test_enumerated_one_round_batches_are_never_slower_than_the_starts():
             compared += 1
             assert exact.predicted_time <= heuristic.predicted_time * (1 + 1e-12)
     assert compared >= 10
+
+
+CPU_MODEL = CostModel.load(Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu_cost_model.json")
+
+
+def _check_layout(layout, lengths: list[int], num_devices: int, capacity: int, cost: CostModel, expected: float):
+    """``layout`` reaches ``expected`` (the oracle's optimum) with a valid partition and degrees."""
+    if math.isinf(expected):
+        assert layout is None
+        return
+    assert layout is not None
+    assert layout.makespan == pytest.approx(expected, rel=1e-12)
+    assert sorted(itertools.chain.from_iterable(layout.bins)) == list(range(len(lengths)))
+    assert sum(layout.degrees) <= num_devices
+    timed = [_group_time(cost, [lengths[i] for i in group], degree, capacity)
+             for group, degree in zip(layout.bins, layout.degrees, strict=True)]
+    assert max(timed) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_search_layout_matches_brute_force(seed):
+    rng = np.random.default_rng(100 + seed)
+    num_samples, num_devices = int(rng.integers(1, 8)), int(rng.integers(1, 6))
+    capacity = 512
+    lengths = rng.integers(10, capacity * num_devices // 2, num_samples).tolist()
+    cost = CostModel.default() if seed % 2 else CPU_MODEL
+    problem = batch_problem(np.array(lengths, dtype=np.int64), num_devices, capacity, cost, None, None, None)
+    expected = _brute_force(lengths, num_devices, capacity, cost)
+    _check_layout(search_layout(problem, 1 << 20), lengths, num_devices, capacity, cost, expected)
+
+
+def _subset_optimum(lengths: list[int], num_devices: int, capacity: int, cost: CostModel) -> float:
+    """The optimal makespan by a dynamic program over subsets (every subset's best layout on each number of
+    devices, from the subset's bin holding its lowest sample): ``O(3^n N^2)``, in plain Python."""
+    count = len(lengths)
+    group = [[math.inf] * (num_devices + 1) for _ in range(1 << count)]
+    for mask in range(1, 1 << count):
+        members = [lengths[i] for i in range(count) if mask >> i & 1]
+        for degree in range(1, num_devices + 1):
+            group[mask][degree] = _group_time(cost, members, degree, capacity)
+
+    @functools.cache
+    def best(mask: int, devices: int) -> float:
+        if mask == 0:
+            return -math.inf
+        lowest, fastest = mask & -mask, math.inf
+        free = mask ^ lowest
+        subset = free
+        while True:  # every subset of the free members, with the lowest one: the bin holding it
+            chosen = subset | lowest
+            for degree in range(1, devices + 1):
+                if group[chosen][degree] < fastest:
+                    fastest = min(fastest, max(group[chosen][degree], best(mask ^ chosen, devices - degree)))
+            if subset == 0:
+                return fastest
+            subset = (subset - 1) & free
+
+    return best((1 << count) - 1, num_devices)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_search_layout_matches_a_subset_program_on_rounds_of_9_to_11_samples(seed):
+    # the main job's shape: 4 devices, memory nearly full (a sample longer than one device's in every third
+    # round); both of its cost models
+    rng = np.random.default_rng(200 + seed)
+    num_samples, num_devices, capacity = 9 + seed % 3, 4, int(rng.choice([384, 448]))
+    lengths = rng.integers(10, capacity, num_samples)
+    lengths = np.maximum(10, lengths * (0.9 * num_devices * capacity / lengths.sum())).astype(np.int64)
+    if seed % 3 == 2:
+        lengths[0] = capacity + capacity // 2
+    lengths = lengths.tolist()
+    cost = CostModel.default() if seed % 4 < 2 else CPU_MODEL
+    problem = batch_problem(np.array(lengths, dtype=np.int64), num_devices, capacity, cost, None, None, None)
+    assert seed % 3 != 2 or problem.min_degree.max() == 2
+    expected = _subset_optimum(lengths, num_devices, capacity, cost)
+    _check_layout(search_layout(problem, 1 << 20), lengths, num_devices, capacity, cost, expected)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_search_layout_matches_the_enumeration_with_vision_patches(seed):
+    rng = np.random.default_rng(300 + seed)
+    num_samples, num_devices, capacity = int(rng.integers(2, 8)), int(rng.integers(2, 5)), 1024
+    lengths = rng.integers(10, capacity, num_samples)
+    patches = np.where(rng.random(num_samples) < 0.6, rng.integers(0, 2 * capacity, num_samples), 0)
+    budget = None if seed % 2 else capacity
+    cost = dataclasses.replace(CostModel.default(), vision_s_per_patch=1e-5)
+    problem = batch_problem(lengths, num_devices, capacity, cost, None, patches, budget)
+    enumerated, searched = exact_layout(problem), search_layout(problem, 1 << 20)
+    assert (enumerated is None) == (searched is None)
+    if enumerated is not None:
+        assert searched.makespan == enumerated.makespan
+
+
+def test_searched_one_round_batches_are_never_slower_than_the_starts():
+    rng = np.random.default_rng(11)
+    starts_only = PlannerOptions(exact_search_samples=0)
+    compared = 0
+    for _ in range(12):
+        lengths = rng.integers(20, 600, int(rng.integers(9, 13))).tolist()
+        searched, heuristic = plan_batch(lengths, 4, 1024), plan_batch(lengths, 4, 1024, options=starts_only)
+        if len(searched.rounds) == len(heuristic.rounds) == 1:
+            compared += 1
+            assert searched.predicted_time <= heuristic.predicted_time * (1 + 1e-12)
+    assert compared >= 8
+
+
+def test_a_search_past_its_pair_budget_leaves_the_round_to_the_starts():
+    lengths = np.random.default_rng(12).integers(20, 600, 11)
+    problem = batch_problem(lengths, 4, 1024, CostModel.default(), None, None, None)
+    assert search_layout(problem, 1) is None
+    no_budget = plan_batch(lengths, 4, 1024, options=PlannerOptions(exact_search_pairs=1))
+    assert no_budget.digest() == plan_batch(lengths, 4, 1024, options=PlannerOptions(exact_search_samples=0)).digest()

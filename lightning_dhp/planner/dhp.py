@@ -4,7 +4,8 @@ Candidates (:func:`_candidates`): static CP's power-of-two layouts (cheap, and v
 first incumbent); the fewest rounds balancing device-seconds, planned round by round (one more round at
 a time while a round cannot be packed); and, when memory binds, static CP's joint assignment with more
 rounds of memory slack, planned round by round too. Per round (:func:`_solve_round`): a round of few
-layouts is solved exactly (:mod:`.exact_round`); any other one: size and pack bins
+layouts is solved exactly by enumeration (:mod:`.exact_round`), one of few samples on few devices by
+branch and bound (:mod:`.exact_search`); any other one: size and pack bins
 (:mod:`.packing`), exact min-max degree allocation with leftover devices (:mod:`.allocation`),
 node-aware placement (:mod:`.placement`), then alternate refinement (:mod:`.refine`) and re-allocation
 while the round's makespan drops. A round assignment is abandoned as soon as its planned rounds plus
@@ -31,7 +32,8 @@ from lightning_dhp.planner.allocation import allocate, bin_min_degrees, spend_le
 from lightning_dhp.planner.assemble import PlannedGroup
 from lightning_dhp.planner.baselines import static_plan, static_slots
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths, take
-from lightning_dhp.planner.exact_round import exact_layout, layout_count
+from lightning_dhp.planner.exact_round import ExactLayout, exact_layout, layout_count
+from lightning_dhp.planner.exact_search import search_layout
 from lightning_dhp.planner.inputs import check_inputs
 from lightning_dhp.planner.options import DEFAULT_OPTIONS, PlannerOptions
 from lightning_dhp.planner.packing import pack_round, size_round
@@ -322,9 +324,12 @@ def _solve_round(samples: np.ndarray, batch: Problem, bound: float, *, tight_sta
     """The best layout of one round's ``samples`` (``bound``: the round's lower bound), or None if the
     round cannot be packed.
 
-    A round of at most :attr:`~PlannerOptions.exact_round_layouts` layouts whose groups cannot cross a
-    node is solved exactly (:func:`_exact_layout`). Otherwise the sized longest-first packing is the main
-    start; small rounds also try the merge start
+    A round whose groups cannot cross a node is solved exactly when it has at most
+    :attr:`~PlannerOptions.exact_round_layouts` layouts (enumerated) or at most
+    :attr:`~PlannerOptions.exact_search_samples` samples on at most
+    :attr:`~PlannerOptions.exact_search_devices` devices (searched, unless the search passes its pair
+    budget). Otherwise the sized longest-first packing is the main start; small rounds also try the merge
+    start
     (:func:`_merge_start`) and uniform-degree starts (the static layouts), memory-tight rounds try
     the two smallest power-of-two layouts that hold their longest sample, and a round whose main
     packing runs out of memory tries the uniform starts, small degrees first. The best refined
@@ -332,7 +337,11 @@ def _solve_round(samples: np.ndarray, batch: Problem, bound: float, *, tight_sta
     """
     problem, options = batch.round(samples, bound), batch.options
     if _enumerable(problem):
-        return _exact_layout(problem)
+        return _placed(exact_layout(problem), problem)
+    if _searchable(problem):
+        searched = search_layout(problem, options.exact_search_pairs)
+        if searched is not None:
+            return _placed(searched, problem)
     lengths, min_degree = problem.lengths, problem.min_degree
     num_devices, tokens_per_device = batch.num_devices, batch.tokens_per_device
     sized = size_round(problem)
@@ -365,23 +374,34 @@ def _solve_round(samples: np.ndarray, batch: Problem, bound: float, *, tight_sta
     return best
 
 
+def _within_node(problem: Problem) -> bool:
+    """Whether no group of the round can cross a node (any degrees summing to the devices place side by side)."""
+    return problem.node_size is None or problem.num_devices <= problem.node_size
+
+
 def _enumerable(problem: Problem) -> bool:
-    """Whether the round is solved exactly (:mod:`.exact_round`): it has at most
+    """Whether the round is solved exactly by enumeration (:mod:`.exact_round`): it has at most
     :attr:`~PlannerOptions.exact_round_layouts` layouts, and no group can cross a node."""
-    return (
-        (problem.node_size is None or problem.num_devices <= problem.node_size)
-        and layout_count(len(problem.lengths), problem.num_devices) <= problem.options.exact_round_layouts
-    )
+    return _within_node(problem) and (
+        layout_count(len(problem.lengths), problem.num_devices) <= problem.options.exact_round_layouts)
 
 
-def _exact_layout(problem: Problem) -> _Layout | None:
-    """The round's optimal layout (:func:`~lightning_dhp.planner.exact_round.exact_layout`), placed, or None
+def _searchable(problem: Problem) -> bool:
+    """Whether the round is solved exactly by search (:mod:`.exact_search`): at most
+    :attr:`~PlannerOptions.exact_search_samples` samples on at most
+    :attr:`~PlannerOptions.exact_search_devices` devices, and no group can cross a node."""
+    options = problem.options
+    return (_within_node(problem) and len(problem.lengths) <= options.exact_search_samples
+            and problem.num_devices <= options.exact_search_devices)
+
+
+def _placed(exact: ExactLayout | None, problem: Problem) -> _Layout | None:
+    """An optimal layout (:mod:`.exact_round`, :mod:`.exact_search`) with its groups' first ranks, or None
     when no layout fits memory."""
-    exact = exact_layout(problem)
     if exact is None:
         return None
     starts = place(exact.degrees, problem.num_devices, problem.node_size)
-    # the degrees sum to at most the devices, all in one node (_enumerable): they always fit, side by side
+    # the degrees sum to at most the devices, all in one node (_within_node): they always fit, side by side
     assert not isinstance(starts, PlacementFailure), starts
     return _Layout(exact.makespan, exact.bins, exact.degrees, starts)
 

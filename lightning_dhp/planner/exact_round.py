@@ -143,11 +143,18 @@ def exact_layout(problem: Problem) -> ExactLayout | None:
         return None
     row = partitions.labels[best_partition].tolist()
     bins = [[position for position, label in enumerate(row) if label == bin_index] for bin_index in range(max(row) + 1)]
-    bin_times = times[:, best_partition, :len(bins)].T.tolist()  # bin x degree
-    degrees = [next(degree for degree, time in enumerate(row_times, start=1) if time <= best_time)
+    return finished_layout(bins, times[:, best_partition, :len(bins)].T.tolist(), best_time, num_devices)
+
+
+def finished_layout(bins: list[list[int]], bin_times: list[list[float]], makespan: float,
+                    num_devices: int) -> ExactLayout:
+    """The optimal ``bins`` (``bin_times[b][d - 1]``: bin ``b``'s time at degree ``d``, inf where it does not
+    fit) as a layout: each bin at the smallest degree that reaches ``makespan``, then unused devices given by
+    :func:`~.allocation.spend_leftover`."""
+    degrees = [next(degree for degree, time in enumerate(row_times, start=1) if time <= makespan)
                for row_times in bin_times]
     spent = spend_leftover(_EnumeratedTimes(bin_times), np.array(degrees), num_devices)
-    return ExactLayout(bins, spent.tolist(), best_time)
+    return ExactLayout(bins, spent.tolist(), makespan)
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,25 @@ class PlannerOptions:
     :func:`~lightning_dhp.planner.exact_round.layout_count`: 6,331 for 8 samples on 4 devices, 11,334 for 6 on
     8) whose groups cannot cross a node are solved exactly, by enumeration, instead of from starts (0:
     never). The enumeration costs 0.3-1.6 ms there, the starts and refinement 2-9 ms: the main job's
-    32-sample batches on 4 devices plan in 0.55-0.99x the time (their rounds of 9-16 samples still use
+    32-sample batches on 4 devices plan in 0.55-0.99x the time (their rounds of 9-16 samples then still used
     starts), longer ones (rounds of 4-8 samples) in 0.16-0.26x, and their plans are 0.3% and 0.8% faster on
     average (with ``static_close`` inf). At 9 samples on 4 devices (21,404) it costs about 5 ms, 2-3x the
-    starts."""
+    starts. The search (``exact_search_samples``) would take 8 samples on 4 devices in 0.4 ms instead of 1.1
+    ms, but it breaks ties between equally fast layouts differently: at 2,500 one recorded plan of
+    ``benchmarks/planner_digests.py`` came out 0.002% slower, so the enumeration keeps them."""
+
+    exact_search_samples: int = 12
+    """Rounds of more layouts but at most this many samples, on at most ``exact_search_devices`` devices in
+    one node, are solved exactly by branch and bound over bins (:mod:`~lightning_dhp.planner.exact_search`;
+    0: never). On the main job's rounds of 9-11 samples on 4 devices it takes a median 0.7-1.1 ms (12 samples:
+    1.8 ms) where the starts took 3.3-3.9 ms (5.5) and were up to 2% slower; its tables grow as ``2^n``, and at
+    16 samples it took 30-100 ms (the starts 3.5 ms)."""
+    exact_search_devices: int = 8
+    """... on at most this many devices (the search has at most this many levels of bins)."""
+    exact_search_pairs: int = 1 << 16
+    """... unless one level of the search needs more than this many (partial layout, bin) pairs: then the
+    round is planned from starts (the main job's rounds need at most a few thousand: a guard against
+    inputs whose bounds prune little, where the pairs grow towards ``3^n / 2``)."""
 
     # -- one round: starts ------------------------------------------------------------------------------------
     extra_start_samples: int = 32
