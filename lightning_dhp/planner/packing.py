@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import heapq
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from lightning_dhp.planner.allocation import table_from_flat
 from lightning_dhp.planner.cost_model import take
+from lightning_dhp.planner.lpt import WAVE_MIN_BINS, WAVE_MIN_ITEMS, next_wave
 from lightning_dhp.planner.memory import fits_memory
 from lightning_dhp.planner.problem import Problem
 
@@ -146,29 +148,37 @@ def pack_round(
         + np.concatenate([problem.sample_costs(singles, single_degrees), np.zeros(pool_bins)])
     ).tolist()
     classes = np.unique(degrees).tolist()
-    heaps: dict[int, list[tuple[float, int]]] = {degree: [] for degree in classes}
-    for bin_index, degree in enumerate(degrees.tolist()):
-        heaps[degree].append((times[bin_index], bin_index))
-    for heap in heaps.values():
-        heapq.heapify(heap)
     pool_costs = problem.sample_costs(pool[:, None], np.array(classes)[None, :])
     pool_padded = problem.padded(problem.lengths[pool][:, None], np.array(classes)[None, :])
     order = np.lexsort((pool, -pool_costs[:, 0]))
-    smallest_left = np.minimum.accumulate(problem.lengths[pool][order][::-1])[::-1].tolist()
+    smallest_lengths = np.minimum.accumulate(problem.lengths[pool][order][::-1])[::-1]
     times_array, tokens_array = np.array(times), np.array(tokens, dtype=np.int64)
     class_bins = [np.flatnonzero(degrees == degree) for degree in classes]
-    class_heaps = [heaps[degree] for degree in classes]
+    # a class's bins as a slice where they are contiguous (the pool's): reading a slice copies nothing
+    class_views = [slice(bins[0], bins[-1] + 1) if bins[-1] - bins[0] + 1 == len(bins) else bins for bins in class_bins]
     limits = [degree * capacity for degree in classes]
-    cost_rows, need_rows, pool_list = pool_costs.tolist(), pool_padded.tolist(), pool.tolist()
     vision = patch_budget is not None
     patch_limits = [degree * patch_budget if vision else None for degree in classes]
+    held_array = np.array(problem.patches[singles].tolist() + [0] * pool_bins, dtype=np.int64) if vision else None
+    ordered_patches = problem.patches[pool][order] if vision else None
+    fewest_patches = np.minimum.accumulate(ordered_patches[::-1])[::-1] if vision else None
+    start = _pack_in_waves(
+        _PackState(times_array, tokens_array, held_array, members, class_bins, limits, patch_limits),
+        pool_costs[order], pool_padded[order], ordered_patches, pool[order], smallest_lengths, fewest_patches,
+    )
+    times, tokens = times_array.tolist(), tokens_array.tolist()
+    class_heaps = []
+    for bins in class_bins:
+        heap = [(times[bin_index], bin_index) for bin_index in bins.tolist()]
+        heapq.heapify(heap)
+        class_heaps.append(heap)
+    smallest_left = smallest_lengths.tolist()
+    cost_rows, need_rows, pool_list = pool_costs.tolist(), pool_padded.tolist(), pool.tolist()
     if vision:  # the same bookkeeping for the vision patches
-        held = problem.patches[singles].tolist() + [0] * pool_bins
-        held_array = np.array(held, dtype=np.int64)
-        pool_patches = problem.patches[pool]
-        patch_rows = pool_patches.tolist()
-        fewest_patches_left = np.minimum.accumulate(pool_patches[order][::-1])[::-1].tolist()
-    for rank_in_order, item in enumerate(order.tolist()):
+        held = held_array.tolist()
+        patch_rows = problem.patches[pool].tolist()
+        fewest_patches_left = fewest_patches.tolist()
+    for rank_in_order, item in enumerate(order.tolist()[start:], start):
         item_costs, item_needs, smallest = cost_rows[item], need_rows[item], smallest_left[rank_in_order]
         best_finish, best_class, best_bin = math.inf, -1, -1
         for class_position, heap in enumerate(class_heaps):
@@ -189,12 +199,14 @@ def pack_round(
             if tokens[candidate] + need > limit or (
                 vision and held[candidate] + patch_rows[item] > patch_limits[class_position]
             ):  # earliest bin too full: earliest one with room
-                bins = class_bins[class_position]
-                held_after = held_array[bins] + patch_rows[item] if vision else None
-                room = fits_memory(tokens_array[bins] + need, limit, held_after, patch_limits[class_position])
-                if not room.any():
+                view = class_views[class_position]
+                held_after = held_array[view] + patch_rows[item] if vision else None
+                room = fits_memory(tokens_array[view], limit - need, held_after, patch_limits[class_position])
+                room_times = np.where(room, times_array[view], np.inf)
+                position = int(room_times.argmin())
+                if room_times[position] == math.inf:  # no bin of the class has room
                     continue
-                candidate = int(bins[np.argmin(np.where(room, times_array[bins], np.inf))])
+                candidate = int(class_bins[class_position][position])
             finish = times[candidate] + item_costs[class_position]
             if finish < best_finish:
                 best_finish, best_class, best_bin = finish, class_position, candidate
@@ -209,3 +221,72 @@ def pack_round(
         members[best_bin].append(pool_list[item])
         heapq.heappush(class_heaps[best_class], (best_finish, best_bin))
     return [bin_members for bin_members in members if bin_members]
+
+
+@dataclass(frozen=True)
+class _PackState:
+    """What :func:`pack_round` keeps per bin (times, padded tokens, vision patches or None, members) and per
+    degree class (its bins, token and patch limits); the arrays and lists change in place."""
+
+    times: np.ndarray
+    tokens: np.ndarray
+    held: np.ndarray | None
+    members: list[list[int]]
+    class_bins: list[np.ndarray]
+    limits: list[int]
+    patch_limits: list[int | None]
+
+
+def _pack_in_waves(
+    state: _PackState,
+    costs: np.ndarray,
+    needs: np.ndarray,
+    patches: np.ndarray | None,
+    samples: np.ndarray,
+    smallest_lengths: np.ndarray,
+    fewest_patches: np.ndarray | None,
+) -> int:
+    """Pack the first pool samples in waves (:mod:`.lpt`) into the degree class of the most bins, as
+    :func:`pack_round`'s loop would; returns how many it packed (the loop takes the rest).
+
+    ``costs`` and ``needs``: each sample's time and padded tokens per class, ``patches`` its vision patches
+    (None: no vision budget), ``samples`` its local position, all in packing order; ``smallest_lengths`` and
+    ``fewest_patches``: the least of each from a sample on. A wave's sample also has to finish no later in
+    the wave's class than at the least-loaded open bin of any other class (strictly earlier than in a class
+    of smaller degree, which wins ties)."""
+    counts = [len(bins) for bins in state.class_bins]
+    wave_class = int(np.argmax(counts))
+    if counts[wave_class] < WAVE_MIN_BINS:
+        return 0
+    start = 0
+    while start < len(samples):
+        ahead = slice(start, start + counts[wave_class])
+        fewest = int(fewest_patches[start]) if patches is not None else 0
+        wave = next_wave(state.times, state.tokens, state.held, state.class_bins[wave_class], state.limits[wave_class],
+                         state.patch_limits[wave_class], costs[ahead, wave_class], needs[ahead, wave_class],
+                         take(patches, ahead), int(smallest_lengths[start]), fewest)
+        finishes = wave.loads_after
+        ahead = slice(start, start + len(finishes))
+        elsewhere = np.ones(len(finishes), dtype=bool)
+        for class_position, bins in enumerate(state.class_bins):
+            if class_position == wave_class:
+                continue
+            open_mask = state.limits[class_position] - state.tokens[bins] >= smallest_lengths[start]
+            if patches is not None:
+                open_mask &= state.patch_limits[class_position] - state.held[bins] >= fewest
+            if not open_mask.any():
+                continue
+            other = state.times[bins[open_mask]].min() + costs[ahead, class_position]
+            elsewhere &= other > finishes if class_position < wave_class else other >= finishes
+        kept = wave.kept(elsewhere)
+        targets, taken = wave.bins[:kept], slice(start, start + kept)
+        state.times[targets] = finishes[:kept]
+        state.tokens[targets] += needs[taken, wave_class]
+        if patches is not None:
+            state.held[targets] += patches[taken]
+        for bin_index, sample in zip(targets.tolist(), samples[taken].tolist(), strict=True):
+            state.members[bin_index].append(sample)
+        start += kept
+        if kept < WAVE_MIN_ITEMS:
+            break
+    return start
