@@ -134,7 +134,10 @@ def pack_round(
     memory left (tokens, and vision patches under a vision budget). None when some sample fits no bin.
     This LPT is not :func:`~lightning_dhp.planner.rounds.balanced_assignment`'s: its bins have several
     degrees, each with its own padding, time and memory per sample; one loop serving both (tried in issue
-    23) made the many calls of ``balanced_assignment``, whose bins are identical, 1.3-2x slower.
+    23) made the many calls of ``balanced_assignment``, whose bins are identical, 1.3-2x slower. It shares
+    the ways of going faster with the same result: the first samples go in waves (:func:`_pack_in_waves`),
+    then one at a time, each class's bins in a heap by time, a bin too full for the sample at hand set aside
+    (most room first) until a sample it has room for comes.
     """
     capacity, patch_budget = problem.tokens_per_device, problem.patch_budget
     pool_bins = min(problem.num_devices - int(single_degrees.sum()), len(pool))
@@ -168,6 +171,9 @@ def pack_round(
     )
     times, tokens = times_array.tolist(), tokens_array.tolist()
     class_heaps = []
+    # without a vision budget, a bin too full for the sample at hand waits beside its class's heap, most room
+    # first, until a sample it has room for comes (then the heap's first bin with room is the class's choice)
+    class_aside: list[list[tuple[int, int]]] = [[] for _ in classes]
     for bins in class_bins:
         heap = [(times[bin_index], bin_index) for bin_index in bins.tolist()]
         heapq.heapify(heap)
@@ -182,26 +188,34 @@ def pack_round(
         item_costs, item_needs, smallest = cost_rows[item], need_rows[item], smallest_left[rank_in_order]
         best_finish, best_class, best_bin = math.inf, -1, -1
         for class_position, heap in enumerate(class_heaps):
-            # the heap's first time is at most that of any bin of the class: skip classes that cannot win
+            limit, need, aside = limits[class_position], item_needs[class_position], class_aside[class_position]
+            while aside and -aside[0][0] >= need:  # set-aside bins with room for this sample return
+                bin_index = heapq.heappop(aside)[1]
+                heapq.heappush(heap, (times[bin_index], bin_index))
+            # the heap's first time is at most that of any bin of the class with room: skip classes that cannot win
             if not heap or heap[0][0] + item_costs[class_position] >= best_finish:
                 continue
-            limit = limits[class_position]
-            while heap and (
-                heap[0][0] != times[heap[0][1]]  # stale: the bin has grown since this entry
-                or limit - tokens[heap[0][1]] < smallest  # full for good
-                or (vision and patch_limits[class_position] - held[heap[0][1]] < fewest_patches_left[rank_in_order])
-            ):
-                heapq.heappop(heap)
+            while heap:
+                bin_index = heap[0][1]
+                if (
+                    heap[0][0] != times[bin_index]  # stale: the bin has grown since this entry
+                    or limit - tokens[bin_index] < smallest  # full for good
+                    or (vision and patch_limits[class_position] - held[bin_index] < fewest_patches_left[rank_in_order])
+                ):
+                    heapq.heappop(heap)
+                elif not vision and limit - tokens[bin_index] < need:  # too full for this sample: set aside
+                    heapq.heappush(aside, (tokens[bin_index] - limit, heapq.heappop(heap)[1]))
+                else:
+                    break
             if not heap:
                 continue
-            need = item_needs[class_position]
             candidate = heap[0][1]
-            if tokens[candidate] + need > limit or (
-                vision and held[candidate] + patch_rows[item] > patch_limits[class_position]
+            if vision and (
+                tokens[candidate] + need > limit or held[candidate] + patch_rows[item] > patch_limits[class_position]
             ):  # earliest bin too full: earliest one with room
                 view = class_views[class_position]
-                held_after = held_array[view] + patch_rows[item] if vision else None
-                room = fits_memory(tokens_array[view], limit - need, held_after, patch_limits[class_position])
+                room = fits_memory(tokens_array[view], limit - need, held_array[view] + patch_rows[item],
+                                   patch_limits[class_position])
                 room_times = np.where(room, times_array[view], np.inf)
                 position = int(room_times.argmin())
                 if room_times[position] == math.inf:  # no bin of the class has room
@@ -212,10 +226,10 @@ def pack_round(
                 best_finish, best_class, best_bin = finish, class_position, candidate
         if best_bin < 0:
             return None
-        times[best_bin] = times_array[best_bin] = best_finish
+        times[best_bin] = best_finish
         tokens[best_bin] += item_needs[best_class]
-        tokens_array[best_bin] = tokens[best_bin]
-        if vision:
+        if vision:  # the arrays serve the vision budget's search for a bin with room
+            times_array[best_bin], tokens_array[best_bin] = best_finish, tokens[best_bin]
             held[best_bin] += patch_rows[item]
             held_array[best_bin] = held[best_bin]
         members[best_bin].append(pool_list[item])
