@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -40,13 +41,14 @@ def build_plan(
     first = np.array([group.first_rank for group in flat], dtype=np.int64)
     counts = [len(group.samples) for group in flat]
     owner = np.repeat(np.arange(len(flat)), counts)
-    members = np.fromiter((sample for group in flat for sample in group.samples), dtype=np.int64, count=sum(counts))
+    members = np.fromiter(itertools.chain.from_iterable(group.samples for group in flat), dtype=np.int64,
+                          count=sum(counts))
     padded = padded_lengths(lengths[members], degrees[owner]).astype(np.float64)
     sum_padded = np.bincount(owner, weights=padded, minlength=len(flat))
     sum_squares = np.bincount(owner, weights=padded * padded, minlength=len(flat))
     sum_patches = None if patches is None else np.bincount(owner, weights=patches[members], minlength=len(flat))
     times = cost.placed_times(sum_padded, sum_squares, degrees, first, node_size, sum_patches=sum_patches)
-    groups = iter(
+    groups = [
         Group(
             ranks=tuple(range(group.first_rank, group.first_rank + group.degree)),
             samples=group.samples,
@@ -54,12 +56,14 @@ def build_plan(
             tokens_per_rank=int(tokens) // group.degree,
         )
         for group, time, tokens in zip(flat, times.tolist(), sum_padded.tolist(), strict=True)
-    )
-    plan_rounds = [Round(groups=tuple(next(groups) for _ in planned)) for planned in ordered]
+    ]
+    ends = list(itertools.accumulate(map(len, ordered)))
+    plan_rounds = [Round(groups=tuple(groups[end - len(planned) : end]))
+                   for planned, end in zip(ordered, ends, strict=True)]
     predicted = math.fsum(round_.predicted_time for round_ in plan_rounds)
     return Plan(
         rounds=tuple(plan_rounds),
-        lengths=tuple(int(length) for length in lengths.tolist()),
+        lengths=tuple(lengths.astype(np.int64, copy=False).tolist()),
         num_devices=num_devices,
         tokens_per_device=tokens_per_device,
         predicted_time=predicted,
