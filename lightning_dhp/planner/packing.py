@@ -157,19 +157,23 @@ def pack_round(
     smallest_lengths = np.minimum.accumulate(problem.lengths[pool][order][::-1])[::-1]
     times_array, tokens_array = np.array(times), np.array(tokens, dtype=np.int64)
     class_bins = [np.flatnonzero(degrees == degree) for degree in classes]
-    # a class's bins as a slice where they are contiguous (the pool's): reading a slice copies nothing
-    class_views = [slice(bins[0], bins[-1] + 1) if bins[-1] - bins[0] + 1 == len(bins) else bins for bins in class_bins]
-    limits = [degree * capacity for degree in classes]
     vision = patch_budget is not None
+    # under a vision budget, a class's bins as a slice where they are contiguous (the pool's): it copies nothing
+    class_views = [slice(bins[0], bins[-1] + 1) if bins[-1] - bins[0] + 1 == len(bins) else bins
+                   for bins in class_bins] if vision else []
+    limits = [degree * capacity for degree in classes]
     patch_limits = [degree * patch_budget if vision else None for degree in classes]
     held_array = np.array(problem.patches[singles].tolist() + [0] * pool_bins, dtype=np.int64) if vision else None
     ordered_patches = problem.patches[pool][order] if vision else None
     fewest_patches = np.minimum.accumulate(ordered_patches[::-1])[::-1] if vision else None
-    start = _pack_in_waves(
-        _PackState(times_array, tokens_array, held_array, members, class_bins, limits, patch_limits),
-        pool_costs[order], pool_padded[order], ordered_patches, pool[order], smallest_lengths, fewest_patches,
-    )
-    times, tokens = times_array.tolist(), tokens_array.tolist()
+    start = 0
+    if max(map(len, class_bins)) >= WAVE_MIN_BINS:
+        start = _pack_in_waves(
+            _PackState(times_array, tokens_array, held_array, members, class_bins, limits, patch_limits),
+            pool_costs[order], pool_padded[order], ordered_patches, pool[order], smallest_lengths, fewest_patches,
+        )
+    if start:  # the waves changed the arrays
+        times, tokens = times_array.tolist(), tokens_array.tolist()
     class_heaps = []
     # without a vision budget, a bin too full for the sample at hand waits beside its class's heap, most room
     # first, until a sample it has room for comes (then the heap's first bin with room is the class's choice)
@@ -260,8 +264,9 @@ def _pack_in_waves(
     smallest_lengths: np.ndarray,
     fewest_patches: np.ndarray | None,
 ) -> int:
-    """Pack the first pool samples in waves (:mod:`.lpt`) into the degree class of the most bins, as
-    :func:`pack_round`'s loop would; returns how many it packed (the loop takes the rest).
+    """Pack the first pool samples in waves (:mod:`.lpt`) into the degree class of the most bins (at least
+    :data:`~.lpt.WAVE_MIN_BINS`), as :func:`pack_round`'s loop would; returns how many it packed (the loop
+    takes the rest).
 
     ``costs`` and ``needs``: each sample's time and padded tokens per class, ``patches`` its vision patches
     (None: no vision budget), ``samples`` its local position, all in packing order; ``smallest_lengths`` and
@@ -269,9 +274,7 @@ def _pack_in_waves(
     the wave's class than at the least-loaded open bin of any other class (strictly earlier than in a class
     of smaller degree, which wins ties)."""
     counts = [len(bins) for bins in state.class_bins]
-    wave_class = int(np.argmax(counts))
-    if counts[wave_class] < WAVE_MIN_BINS:
-        return 0
+    wave_class = counts.index(max(counts))
     start = 0
     while start < len(samples):
         ahead = slice(start, start + counts[wave_class])
