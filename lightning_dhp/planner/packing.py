@@ -237,7 +237,11 @@ def pack_round(
             held[best_bin] += patch_rows[item]
             held_array[best_bin] = held[best_bin]
         members[best_bin].append(pool_list[item])
-        heapq.heappush(class_heaps[best_class], (best_finish, best_bin))
+        heap = class_heaps[best_class]
+        if heap[0][1] == best_bin:  # its entry is first (always without a vision budget): replace it in one step
+            heapq.heapreplace(heap, (best_finish, best_bin))
+        else:  # its old entry goes stale
+            heapq.heappush(heap, (best_finish, best_bin))
     return [bin_members for bin_members in members if bin_members]
 
 
