@@ -48,14 +48,17 @@ def build_plan(
     sum_squares = np.bincount(owner, weights=padded * padded, minlength=len(flat))
     sum_patches = None if patches is None else np.bincount(owner, weights=patches[members], minlength=len(flat))
     times = cost.placed_times(sum_padded, sum_squares, degrees, first, node_size, sum_patches=sum_patches)
+    # thousands of groups at scale: their ranks are slices of one tuple, their numbers one list each
+    every_rank = tuple(range(num_devices))
+    tokens_per_rank = (sum_padded.astype(np.int64) // degrees).tolist()
     groups = [
         Group(
-            ranks=tuple(range(group.first_rank, group.first_rank + group.degree)),
-            samples=group.samples,
-            predicted_time=float(time),
-            tokens_per_rank=int(tokens) // group.degree,
+            every_rank[start:end] if (end := start + group.degree) <= num_devices else tuple(range(start, end)),
+            group.samples,
+            time,
+            tokens,
         )
-        for group, time, tokens in zip(flat, times.tolist(), sum_padded.tolist(), strict=True)
+        for group, start, time, tokens in zip(flat, first.tolist(), times.tolist(), tokens_per_rank, strict=True)
     ]
     ends = list(itertools.accumulate(map(len, ordered)))
     plan_rounds = [Round(groups=tuple(groups[end - len(planned) : end]))
