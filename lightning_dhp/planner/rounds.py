@@ -44,9 +44,8 @@ def balanced_assignment(
     Ties break on the lower item and bin index, so the result is deterministic. Over many bins the items
     go in waves first (:mod:`.lpt`: the same result, many items per numpy pass), then one at a time: the
     heap holds (load, bin) entries, stale ones (the bin has grown since) and bins too full for any item
-    left are dropped lazily. A bin too full for the item at hand waits aside, most room first, until an
-    item it has room for comes, so the heap's first bin is the least-loaded one with room; under a vision
-    budget (two memories, no one order of room) one vectorised pass finds it instead.
+    left are dropped lazily; when the least-loaded bin lacks room for an item, one vectorised pass finds
+    the least-loaded bin that has it (or that none has: memory-bound layouts often try too few rounds).
     """
     capacity = bin_degree * tokens_per_device
     order = np.lexsort((np.arange(len(work)), -work))
@@ -87,38 +86,28 @@ def balanced_assignment(
         item_patches = ordered_patches.tolist()
         fewest_patches_left = fewest_patches.tolist()
         held = held_array.tolist()
-    aside: list[tuple[int, int]] = []  # without a vision budget: bins too full for an earlier item, most room first
     for position, item in enumerate(order.tolist()[start:], start):
         need = item_sizes[position]
-        while aside and -aside[0][0] >= need:  # set-aside bins with room for this item return
-            bin_index = heapq.heappop(aside)[1]
-            heapq.heappush(heap, (load[bin_index], bin_index))
-        while heap:
-            bin_index = heap[0][1]
-            if (
-                heap[0][0] != load[bin_index]  # stale: the bin has grown since this entry
-                or capacity - used[bin_index] < smallest_left[position]  # full for good
-                or (vision and patch_capacity - held[bin_index] < fewest_patches_left[position])
-            ):
-                heapq.heappop(heap)
-            elif not vision and capacity - used[bin_index] < need:  # too full for this item: set aside
-                heapq.heappush(aside, (used[bin_index] - capacity, heapq.heappop(heap)[1]))
-            else:
-                break
+        while heap and (
+            heap[0][0] != load[heap[0][1]]  # stale: the bin has grown since this entry
+            or capacity - used[heap[0][1]] < smallest_left[position]  # full for good
+            or (vision and patch_capacity - held[heap[0][1]] < fewest_patches_left[position])
+        ):
+            heapq.heappop(heap)
         if not heap:
             return None
         bin_index = heap[0][1]
-        if vision and (used[bin_index] + need > capacity or held[bin_index] + item_patches[position] > patch_capacity):
-            room = fits_memory(used_array + need, capacity, held_array + item_patches[position], patch_capacity)
+        if used[bin_index] + need > capacity or (vision and held[bin_index] + item_patches[position] > patch_capacity):
+            # rare here (unlike in pack_round): the bins' arrays are made for the search, not kept in step
+            room = fits_memory(np.array(used) + need, capacity,
+                               np.array(held) + item_patches[position] if vision else None, patch_capacity)
             if not room.any():
                 return None
-            bin_index = int(np.argmin(np.where(room, load_array, np.inf)))
+            bin_index = int(np.argmin(np.where(room, load, np.inf)))
         load[bin_index] += item_work[position]
         used[bin_index] += need
-        if vision:  # the arrays serve the vision budget's search for a bin with room
-            load_array[bin_index], used_array[bin_index] = load[bin_index], used[bin_index]
+        if vision:
             held[bin_index] += item_patches[position]
-            held_array[bin_index] = held[bin_index]
         members[bin_index].append(item)
         if heap[0][1] == bin_index:  # its entry is first: replace it in one step
             heapq.heapreplace(heap, (load[bin_index], bin_index))
