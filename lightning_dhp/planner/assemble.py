@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -40,26 +41,32 @@ def build_plan(
     first = np.array([group.first_rank for group in flat], dtype=np.int64)
     counts = [len(group.samples) for group in flat]
     owner = np.repeat(np.arange(len(flat)), counts)
-    members = np.fromiter((sample for group in flat for sample in group.samples), dtype=np.int64, count=sum(counts))
+    members = np.fromiter(itertools.chain.from_iterable(group.samples for group in flat), dtype=np.int64,
+                          count=sum(counts))
     padded = padded_lengths(lengths[members], degrees[owner]).astype(np.float64)
     sum_padded = np.bincount(owner, weights=padded, minlength=len(flat))
     sum_squares = np.bincount(owner, weights=padded * padded, minlength=len(flat))
     sum_patches = None if patches is None else np.bincount(owner, weights=patches[members], minlength=len(flat))
     times = cost.placed_times(sum_padded, sum_squares, degrees, first, node_size, sum_patches=sum_patches)
-    groups = iter(
+    # thousands of groups at scale: their ranks are slices of one tuple, their numbers one list each
+    every_rank = tuple(range(num_devices))
+    tokens_per_rank = (sum_padded.astype(np.int64) // degrees).tolist()
+    groups = [
         Group(
-            ranks=tuple(range(group.first_rank, group.first_rank + group.degree)),
-            samples=group.samples,
-            predicted_time=float(time),
-            tokens_per_rank=int(tokens) // group.degree,
+            every_rank[start:end] if (end := start + group.degree) <= num_devices else tuple(range(start, end)),
+            group.samples,
+            time,
+            tokens,
         )
-        for group, time, tokens in zip(flat, times.tolist(), sum_padded.tolist(), strict=True)
-    )
-    plan_rounds = [Round(groups=tuple(next(groups) for _ in planned)) for planned in ordered]
+        for group, start, time, tokens in zip(flat, first.tolist(), times.tolist(), tokens_per_rank, strict=True)
+    ]
+    ends = list(itertools.accumulate(map(len, ordered)))
+    plan_rounds = [Round(groups=tuple(groups[end - len(planned) : end]))
+                   for planned, end in zip(ordered, ends, strict=True)]
     predicted = math.fsum(round_.predicted_time for round_ in plan_rounds)
     return Plan(
         rounds=tuple(plan_rounds),
-        lengths=tuple(int(length) for length in lengths.tolist()),
+        lengths=tuple(lengths.astype(np.int64, copy=False).tolist()),
         num_devices=num_devices,
         tokens_per_device=tokens_per_device,
         predicted_time=predicted,

@@ -493,8 +493,9 @@ class _Layout:
 
     def groups(self, samples: np.ndarray) -> list[PlannedGroup]:
         """The bins as planned groups of global sample indices."""
+        global_index = samples.tolist()  # a list reads one item faster than an array (1000s of bins at scale)
         return [
-            PlannedGroup(tuple(sorted(samples[bin_members].tolist())), degree, start)
+            PlannedGroup(tuple(sorted(map(global_index.__getitem__, bin_members))), degree, start)
             for bin_members, degree, start in zip(self.members, self.degrees, self.starts, strict=True)
         ]
 

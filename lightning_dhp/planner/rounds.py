@@ -7,6 +7,7 @@ import heapq
 import numpy as np
 
 from lightning_dhp.planner.cost_model import CostModel, take
+from lightning_dhp.planner.lpt import WAVE_MIN_BINS, WAVE_MIN_ITEMS, next_wave
 from lightning_dhp.planner.memory import fits_memory, vision_budget
 
 
@@ -40,33 +41,56 @@ def balanced_assignment(
     A bin spans ``bin_degree`` devices: it holds ``size`` (padded tokens) up to ``bin_degree x
     tokens_per_device`` and, under a vision budget (``patches``: each item's vision patches, and
     ``vision_patches_per_device``, None: none), patches up to ``bin_degree x vision_patches_per_device``.
-    Ties break on the lower item and bin index, so the result is deterministic. The heap holds (load,
-    bin) entries, stale ones (the bin has grown since) and bins too full for any item left are dropped
-    lazily; when the least-loaded bin lacks room for an item, one vectorised pass finds the least-loaded
-    bin that has it.
+    Ties break on the lower item and bin index, so the result is deterministic. Over many bins the items
+    go in waves first (:mod:`.lpt`: the same result, many items per numpy pass), then one at a time: the
+    heap holds (load, bin) entries, stale ones (the bin has grown since) and bins too full for any item
+    left are dropped lazily; when the least-loaded bin lacks room for an item, one vectorised pass finds
+    the least-loaded bin that has it (or that none has: memory-bound layouts often try too few rounds).
     """
     capacity = bin_degree * tokens_per_device
     order = np.lexsort((np.arange(len(work)), -work))
     ordered_size = np.asarray(size)[order]
-    item_sizes, item_work = ordered_size.tolist(), np.asarray(work, dtype=np.float64)[order].tolist()
-    smallest_left = np.minimum.accumulate(ordered_size[::-1])[::-1].tolist()
-    heap = [(0.0, bin_index) for bin_index in range(num_bins)]
-    load, used = [0.0] * num_bins, [0] * num_bins
+    ordered_work = np.asarray(work, dtype=np.float64)[order]
+    smallest_sizes = np.minimum.accumulate(ordered_size[::-1])[::-1]
     load_array, used_array = np.zeros(num_bins), np.zeros(num_bins, dtype=np.int64)
     members: list[list[int]] = [[] for _ in range(num_bins)]
     budget = vision_budget(patches, vision_patches_per_device)
     vision = budget is not None
     patch_capacity = None if budget is None else bin_degree * budget
+    ordered_patches = np.asarray(patches)[order] if vision else None
+    held_array = np.zeros(num_bins, dtype=np.int64) if vision else None
+    fewest_patches = np.minimum.accumulate(ordered_patches[::-1])[::-1] if vision else None
+    start, every_bin = 0, np.arange(num_bins)
+    while num_bins >= WAVE_MIN_BINS and start < len(order):
+        wave = next_wave(load_array, used_array, held_array, every_bin, capacity, patch_capacity,
+                         ordered_work[start : start + num_bins], ordered_size[start : start + num_bins],
+                         take(ordered_patches, slice(start, start + num_bins)), int(smallest_sizes[start]),
+                         int(fewest_patches[start]) if vision else 0)
+        kept = wave.kept()
+        targets, taken = wave.bins[:kept], slice(start, start + kept)
+        load_array[targets] = wave.loads_after[:kept]
+        used_array[targets] += ordered_size[taken]
+        if vision:
+            held_array[targets] += ordered_patches[taken]
+        for bin_index, item in zip(targets.tolist(), order[taken].tolist(), strict=True):
+            members[bin_index].append(item)
+        start += kept
+        if kept < WAVE_MIN_ITEMS:
+            break
+    item_sizes, item_work = ordered_size.tolist(), ordered_work.tolist()
+    smallest_left = smallest_sizes.tolist()
+    heap = [(load, bin_index) for bin_index, load in enumerate(load_array.tolist())]
+    heapq.heapify(heap)
+    load, used = load_array.tolist(), used_array.tolist()
     if vision:  # the same bookkeeping for the vision patches
-        ordered_patches = np.asarray(patches)[order]
         item_patches = ordered_patches.tolist()
-        fewest_patches_left = np.minimum.accumulate(ordered_patches[::-1])[::-1].tolist()
-        held, held_array = [0] * num_bins, np.zeros(num_bins, dtype=np.int64)
-    for position, item in enumerate(order.tolist()):
+        fewest_patches_left = fewest_patches.tolist()
+        held = held_array.tolist()
+    for position, item in enumerate(order.tolist()[start:], start):
         need = item_sizes[position]
         while heap and (
-            heap[0][0] != load[heap[0][1]]
-            or capacity - used[heap[0][1]] < smallest_left[position]
+            heap[0][0] != load[heap[0][1]]  # stale: the bin has grown since this entry
+            or capacity - used[heap[0][1]] < smallest_left[position]  # full for good
             or (vision and patch_capacity - held[heap[0][1]] < fewest_patches_left[position])
         ):
             heapq.heappop(heap)
@@ -74,17 +98,16 @@ def balanced_assignment(
             return None
         bin_index = heap[0][1]
         if used[bin_index] + need > capacity or (vision and held[bin_index] + item_patches[position] > patch_capacity):
-            room = fits_memory(used_array + need, capacity, held_array + item_patches[position] if vision else None,
-                               patch_capacity)
+            # rare here (unlike in pack_round): the bins' arrays are made for the search, not kept in step
+            room = fits_memory(np.array(used) + need, capacity,
+                               np.array(held) + item_patches[position] if vision else None, patch_capacity)
             if not room.any():
                 return None
-            bin_index = int(np.argmin(np.where(room, load_array, np.inf)))
+            bin_index = int(np.argmin(np.where(room, load, np.inf)))
         load[bin_index] += item_work[position]
         used[bin_index] += need
-        load_array[bin_index], used_array[bin_index] = load[bin_index], used[bin_index]
         if vision:
             held[bin_index] += item_patches[position]
-            held_array[bin_index] = held[bin_index]
         members[bin_index].append(item)
         if heap[0][1] == bin_index:  # its entry is first: replace it in one step
             heapq.heapreplace(heap, (load[bin_index], bin_index))
