@@ -21,12 +21,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from checkouts import alternation_order, run_worker  # beside this script
+
 SMALL_BATCHES, SMALL_SAMPLES, SMALL_DEVICES, SMALL_CAPACITY = 8, 32, 4, 448
 
 
@@ -86,12 +85,8 @@ def main() -> None:
     trees = [str(Path(tree).resolve()) for tree in args.trees]
     runs: list[list[dict]] = [[], []]
     for alternation in range(args.alternations):
-        for version in (0, 1) if alternation % 2 == 0 else (1, 0):
-            # the data beside this checkout, wherever the trees are
-            env = {"DHP_DATA_DIR": str(ROOT.parent / "shared" / "data"), **os.environ, "PYTHONPATH": trees[version]}
-            output = subprocess.run([sys.executable, __file__, "--worker", "--repeats", str(args.repeats)], env=env,
-                                    cwd=trees[version], check=True, capture_output=True, text=True).stdout
-            runs[version].append(json.loads(output.splitlines()[-1]))
+        for version in alternation_order(alternation):
+            runs[version].append(run_worker(Path(trees[version]), __file__, "--worker", "--repeats", str(args.repeats)))
     load = os.getloadavg()[0]
     print(f"{args.alternations} alternations x {args.repeats} repeats, load average {load:.1f}")
     print("| case | before ms | after ms | after / before [min, max] | predicted step s | CPU / step | same plans |")

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from checkouts import alternation_order, run_worker  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_MODEL = ROOT / "benchmarks" / "results" / "cpu_cost_model.json"
@@ -77,10 +77,7 @@ def child(path: str, repeats: int) -> None:
 
 
 def _run(checkout: Path, path: str, repeats: int) -> dict:
-    environment = {**os.environ, "PYTHONPATH": str(checkout)}
-    output = subprocess.run([sys.executable, __file__, "--child", path, "--repeats", str(repeats)], check=True,
-                            capture_output=True, text=True, env=environment).stdout
-    result = json.loads(output)
+    result = run_worker(checkout, __file__, "--child", path, "--repeats", str(repeats))
     assert result["package"].startswith(str(checkout)), (result["package"], checkout)
     return {case["name"]: case for case in result["cases"]}
 
@@ -122,7 +119,7 @@ def main() -> None:
                                                  + _cases(_batches(LONGER, args.quality_batches), "longer")))
         runs: dict[str, list[dict]] = {"base": [], "new": []}
         for alternation in range(args.alternations):
-            for which in ("base", "new") if alternation % 2 == 0 else ("new", "base"):
+            for which in (("base", "new")[index] for index in alternation_order(alternation)):
                 runs[which].append(_run(checkouts[which], timing_path, args.repeats))
         planned = {which: _run(checkout, quality_path, 1) for which, checkout in checkouts.items()}
     timing = {}
