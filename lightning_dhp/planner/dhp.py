@@ -528,22 +528,27 @@ def _improve(
     Refinement takes at most ``steps`` moves (default: :attr:`~PlannerOptions.refine_step_budget` over
     the batch's samples, within [4, 64], none past :attr:`~PlannerOptions.refine_max_samples`), stops once
     the makespan is within :attr:`~PlannerOptions.close_enough` of the round's lower bound, and does not
-    start when the first allocation is slower than ``cutoff`` (another start won).
+    start when the first allocation is slower than ``cutoff`` (another start won). Starts and allocations
+    are remembered only where refinement runs: without it, a start that reaches another's bins gets the same
+    layout again, which never beats it, and the keys of a round's thousand bins cost more than the rare
+    repeated allocation.
     """
     options = problem.options
-    start = ("start", tuple(sorted(tuple(sorted(bin_members)) for bin_members in members if bin_members)))
-    if start in problem.memo:
-        return None  # another start reached the same bins: its result is known
-    problem.memo[start] = True
-    best: _Layout | None = None
     if steps is None:
         steps = max(4, min(64, options.refine_step_budget // problem.batch_size))
         if problem.batch_size > options.refine_max_samples:
             steps = 0
+    remember = steps > 0
+    if remember:
+        start = ("start", tuple(sorted(tuple(sorted(bin_members)) for bin_members in members if bin_members)))
+        if start in problem.memo:
+            return None  # another start reached the same bins: its result is known
+        problem.memo[start] = True
+    best: _Layout | None = None
     steps_left = steps
     for _ in range(options.refine_passes):
         members = [bin_members for bin_members in members if bin_members]
-        allocated = _allocate_and_place(problem, members)
+        allocated = _allocate_and_place(problem, members, remember=remember)
         if allocated is None:
             break
         degrees, starts, times = allocated
@@ -563,16 +568,21 @@ def _improve(
 
 
 def _allocate_and_place(
-    problem: Problem, members: list[list[int]]
+    problem: Problem, members: list[list[int]], *, remember: bool = True
 ) -> tuple[np.ndarray, list[int], np.ndarray] | None:
-    """Exact degrees (plus leftover devices) and first ranks for fixed bins, or None; remembered per
-    set of bins (:func:`_solve_allocation` on the bins in a canonical order)."""
-    keys = [tuple(sorted(bin_members)) for bin_members in members]
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    key = ("allocation", tuple(keys[index] for index in order))
-    if key not in problem.memo:
-        problem.memo[key] = _solve_allocation(problem, [members[index] for index in order])
-    solved = problem.memo[key]
+    """Exact degrees (plus leftover devices) and first ranks for fixed (disjoint, non-empty) bins, or None:
+    :func:`_solve_allocation` on the bins in a canonical order (by their sorted members), remembered per
+    set of bins unless ``remember`` is False."""
+    if remember:
+        keys = [tuple(sorted(bin_members)) for bin_members in members]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        key = ("allocation", tuple(keys[index] for index in order))
+        if key not in problem.memo:
+            problem.memo[key] = _solve_allocation(problem, [members[index] for index in order])
+        solved = problem.memo[key]
+    else:  # disjoint bins: their least members order them as their sorted members do
+        order = sorted(range(len(members)), key=lambda index: min(members[index]))
+        solved = _solve_allocation(problem, [members[index] for index in order])
     if solved is None:
         return None
     degrees, starts, times = solved
