@@ -528,27 +528,24 @@ def _improve(
     Refinement takes at most ``steps`` moves (default: :attr:`~PlannerOptions.refine_step_budget` over
     the batch's samples, within [4, 64], none past :attr:`~PlannerOptions.refine_max_samples`), stops once
     the makespan is within :attr:`~PlannerOptions.close_enough` of the round's lower bound, and does not
-    start when the first allocation is slower than ``cutoff`` (another start won). Starts and allocations
-    are remembered only where refinement runs: without it, a start that reaches another's bins gets the same
-    layout again, which never beats it, and the keys of a round's thousand bins cost more than the rare
-    repeated allocation.
+    start when the first allocation is slower than ``cutoff`` (another start won). Allocations are
+    remembered only where refinement runs: without it each start is allocated once, on its own bins, which
+    the start's key already tells apart (and the keys of a round's thousand bins cost as much as the start's).
     """
     options = problem.options
+    start = ("start", tuple(sorted(tuple(sorted(bin_members)) for bin_members in members if bin_members)))
+    if start in problem.memo:
+        return None  # another start reached the same bins: its result is known
+    problem.memo[start] = True
     if steps is None:
         steps = max(4, min(64, options.refine_step_budget // problem.batch_size))
         if problem.batch_size > options.refine_max_samples:
             steps = 0
-    remember = steps > 0
-    if remember:
-        start = ("start", tuple(sorted(tuple(sorted(bin_members)) for bin_members in members if bin_members)))
-        if start in problem.memo:
-            return None  # another start reached the same bins: its result is known
-        problem.memo[start] = True
     best: _Layout | None = None
     steps_left = steps
     for _ in range(options.refine_passes):
         members = [bin_members for bin_members in members if bin_members]
-        allocated = _allocate_and_place(problem, members, remember=remember)
+        allocated = _allocate_and_place(problem, members, remember=steps > 0)
         if allocated is None:
             break
         degrees, starts, times = allocated
