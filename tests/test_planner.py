@@ -16,7 +16,10 @@ from hypothesis import strategies as st
 
 from lightning_dhp.planner import CostModel, Group, Plan, PlanError, Round, plan_batch, static_plan
 from lightning_dhp.planner.allocation import bin_min_degrees
+from lightning_dhp.planner.baselines import checked_static_slots, static_time
 from lightning_dhp.planner.dhp import _static_bound
+from lightning_dhp.planner.inputs import check_inputs
+from lightning_dhp.planner.problem import batch_problem
 
 COST = CostModel.default()
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -348,6 +351,29 @@ def test_the_static_bound_that_skips_static_candidates_never_exceeds_their_time(
         return  # some sample does not fit at this degree
     bound = _static_bound(np.array(lengths, dtype=np.int64), num_devices, capacity, degree, COST, node_size)
     assert bound <= static.predicted_time * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("vision", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_static_time_is_the_static_plans_predicted_time(seed, vision):
+    """The planner times static CP's layouts from their slots (static_time) and builds only the fastest one's
+    plan: the time must be the plan's, to the last bit, or the static candidate could win or lose wrongly."""
+    rng = np.random.default_rng(seed)
+    num_devices, node_size = int(rng.choice([8, 16, 64])), [None, 4, 8][seed % 3]
+    lengths = (rng.pareto(1.2, int(rng.integers(20, 400))) * 300 + 16).astype(np.int64)
+    capacity = int(rng.choice([2048, 8192]))
+    lengths = np.minimum(lengths, capacity * num_devices // 2)
+    patches = rng.integers(0, 400, len(lengths)) if vision else None
+    budget = int(rng.integers(400, 900)) if vision else None
+    checked = check_inputs(lengths, num_devices, capacity, node_size, patches, budget)
+    batch = batch_problem(*checked[:3], COST, *checked[3:])
+    for degree in [2**k for k in range(num_devices.bit_length()) if 2**k >= int(batch.min_degree.max())]:
+        try:
+            expected = static_plan(lengths, num_devices, capacity, degree, COST, node_size=node_size,
+                                   vision_patches=patches, vision_patches_per_device=budget).predicted_time
+        except PlanError:
+            continue  # the degree does not suit the node size
+        assert static_time(batch, checked_static_slots(batch, degree), degree) == expected
 
 
 def test_bin_minimum_degrees_match_a_scan_over_degrees():

@@ -12,12 +12,12 @@ import math
 import numpy as np
 import pytest
 
-from lightning_dhp.planner import CostModel
+from lightning_dhp.planner import CostModel, rounds
 from lightning_dhp.planner.inputs import check_inputs
 from lightning_dhp.planner.lpt import WAVE_MIN_BINS
 from lightning_dhp.planner.packing import pack_round, size_round
 from lightning_dhp.planner.problem import batch_problem
-from lightning_dhp.planner.rounds import balanced_assignment
+from lightning_dhp.planner.rounds import SCAN_MAX_BINS, balanced_assignment
 
 
 def lpt_oracle(work, size, num_bins, degree, tokens_per_device, patches=None, patches_per_device=None):
@@ -52,6 +52,27 @@ def test_balanced_assignment_matches_one_item_at_a_time(seed):
     if seed % 3 == 0:
         patches = rng.integers(0, 50, items)
         patches_per_device = int(patches.sum() / num_bins * rng.uniform(0.9, 2.0))
+    expected = lpt_oracle(work, size, num_bins, 1, tokens_per_device, patches, patches_per_device)
+    assert balanced_assignment(work, size, num_bins, 1, tokens_per_device, patches, patches_per_device) == expected
+
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("seed", range(8))
+def test_balanced_assignment_over_few_bins_matches_one_item_at_a_time(seed, scan, monkeypatch):
+    """Over few bins the scan (``scan``) and the heap (the scan turned off) both choose as the oracle does."""
+    if not scan:
+        monkeypatch.setattr(rounds, "SCAN_MAX_BINS", 0)
+    rng = np.random.default_rng(100 + seed)
+    items = int(rng.integers(50, 400))
+    num_bins = int(rng.integers(1, SCAN_MAX_BINS + 1))
+    work = [rng.pareto(1.5, items) + 0.01, rng.integers(1, 4, items).astype(float)][seed % 2]  # spread, ties
+    size = rng.integers(1, 1000, items)
+    tokens_per_device = int(size.sum() / num_bins * rng.uniform(1.01, 1.3))  # memory binds, or nearly
+    patches = patches_per_device = None
+    if seed % 4 >= 2:
+        patches = rng.integers(0, 50, items)
+        patches_per_device = int(patches.sum() / num_bins * rng.uniform(1.01, 1.3))
     expected = lpt_oracle(work, size, num_bins, 1, tokens_per_device, patches, patches_per_device)
     assert balanced_assignment(work, size, num_bins, 1, tokens_per_device, patches, patches_per_device) == expected
 

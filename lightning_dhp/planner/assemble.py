@@ -43,11 +43,7 @@ def build_plan(
     owner = np.repeat(np.arange(len(flat)), counts)
     members = np.fromiter(itertools.chain.from_iterable(group.samples for group in flat), dtype=np.int64,
                           count=sum(counts))
-    padded = padded_lengths(lengths[members], degrees[owner]).astype(np.float64)
-    sum_padded = np.bincount(owner, weights=padded, minlength=len(flat))
-    sum_squares = np.bincount(owner, weights=padded * padded, minlength=len(flat))
-    sum_patches = None if patches is None else np.bincount(owner, weights=patches[members], minlength=len(flat))
-    times = cost.placed_times(sum_padded, sum_squares, degrees, first, node_size, sum_patches=sum_patches)
+    times, sum_padded = group_times(members, owner, degrees, first, lengths, cost, node_size, patches)
     # thousands of groups at scale: their ranks are slices of one tuple, their numbers one list each
     every_rank = tuple(range(num_devices))
     tokens_per_rank = (sum_padded.astype(np.int64) // degrees).tolist()
@@ -75,3 +71,26 @@ def build_plan(
         vision_patches=None if patches is None else tuple(patches.tolist()),
         vision_patches_per_device=vision_patches_per_device,
     )
+
+
+def group_times(
+    members: np.ndarray,
+    owner: np.ndarray,
+    degrees: np.ndarray,
+    first: np.ndarray,
+    lengths: np.ndarray,
+    cost: CostModel,
+    node_size: int | None,
+    patches: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every group's predicted time and summed padded tokens: ``members`` (sample indices, each group's
+    together, in the plan's order) of group ``owner``, of ``degrees`` and ``first`` ranks (placed, so a group
+    that crosses a node pays the inter-node bandwidth). The one computation of a plan's times:
+    :func:`build_plan` and static CP's layouts timed without their plans
+    (:func:`~lightning_dhp.planner.baselines.static_time`) give the same floats."""
+    padded = padded_lengths(lengths[members], degrees[owner]).astype(np.float64)
+    sum_padded = np.bincount(owner, weights=padded, minlength=len(degrees))
+    sum_squares = np.bincount(owner, weights=padded * padded, minlength=len(degrees))
+    sum_patches = None if patches is None else np.bincount(owner, weights=patches[members], minlength=len(degrees))
+    times = cost.placed_times(sum_padded, sum_squares, degrees, first, node_size, sum_patches=sum_patches)
+    return times, sum_padded

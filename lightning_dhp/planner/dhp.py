@@ -30,7 +30,7 @@ import numpy as np
 
 from lightning_dhp.planner.allocation import allocate, bin_min_degrees, spend_leftover, table_from_flat
 from lightning_dhp.planner.assemble import PlannedGroup
-from lightning_dhp.planner.baselines import static_plan, static_slots
+from lightning_dhp.planner.baselines import checked_static_slots, static_groups, static_slots, static_time
 from lightning_dhp.planner.cost_model import CostModel, padded_lengths, take
 from lightning_dhp.planner.exact_round import ExactLayout, exact_layout, layout_count
 from lightning_dhp.planner.exact_search import search_layout
@@ -106,12 +106,31 @@ _PRUNED = _Pruned()
 
 
 @dataclass(frozen=True)
+class _StaticLayout:
+    """Static CP's fastest layout: its degree, slots (:func:`~.baselines.static_slots`) and predicted time,
+    made a :class:`Plan` (:meth:`plan`) only where it is rebalanced or picked (at 8192 samples it rarely
+    wins, and its groups and plan cost as much as laying it out)."""
+
+    degree: int
+    slots: list[list[list[int]]]
+    predicted_time: float
+
+    def plan(self, batch: Problem) -> Plan:
+        return batch.plan(static_groups(self.slots, self.degree))
+
+
+def _as_plan(batch: Problem, candidate: Plan | _StaticLayout) -> Plan:
+    """The candidate as a plan (the static layout built)."""
+    return candidate.plan(batch) if isinstance(candidate, _StaticLayout) else candidate
+
+
+@dataclass(frozen=True)
 class _Candidates:
     """The plans the batch chooses from (per-round planning first, the static layout last), and which of
     them are the static layout and its extra-round re-plan."""
 
-    plans: list[Plan]
-    static: Plan | None
+    plans: list[Plan | _StaticLayout]
+    static: _StaticLayout | None
     extra_round: Plan | None
 
 
@@ -119,16 +138,16 @@ def _candidates(batch: Problem) -> _Candidates:
     """The best static layout, the fewest-rounds assignment planned round by round, and (when memory
     binds) static CP's joint assignment with more rounds, planned round by round."""
     options = batch.options
-    static, static_degree = _best_static(batch) if options.static_layouts else (None, 0)
+    static = _best_static(batch) if options.static_layouts else None
     limit = static.predicted_time * (1 + options.prune_margin) if static is not None else math.inf
-    plans: list[Plan] = []
+    plans: list[Plan | _StaticLayout] = []
     fewest = _fewest_rounds_plan(batch, limit)
     if fewest is not None:
         plans.append(fewest)
         limit = min(limit, fewest.predicted_time * (1 + options.prune_margin))
     extra_round = None
     if static is not None and _static_binds_memory(batch, static, plans):
-        extra_round = _extra_round_plan(batch, static_degree, limit)
+        extra_round = _extra_round_plan(batch, static.degree, limit)
         if extra_round is not None:
             plans.append(extra_round)
     if static is not None:
@@ -166,12 +185,12 @@ def _fewest_rounds_plan(batch: Problem, limit: float) -> Plan | None:
     return None
 
 
-def _static_binds_memory(batch: Problem, static: Plan, plans: list[Plan]) -> bool:
+def _static_binds_memory(batch: Problem, static: _StaticLayout, plans: list[Plan | _StaticLayout]) -> bool:
     """Whether the static layout's extra-round re-plan is worth planning: static CP needs several rounds
     (memory binds) and comes within :attr:`~PlannerOptions.static_close` of every other candidate."""
     options = batch.options
     return (
-        len(static.rounds) > 1
+        sum(1 for groups in static.slots if any(groups)) > 1
         and options.static_rounds_extra > 0
         and _cross_round(batch)
         and all(static.predicted_time <= plan.predicted_time * (1 + options.static_close) for plan in plans)
@@ -188,7 +207,7 @@ def _extra_round_plan(batch: Problem, static_degree: int, limit: float) -> Plan 
     return planned if isinstance(planned, Plan) else None
 
 
-def _improved(batch: Problem, candidates: _Candidates) -> list[Plan]:
+def _improved(batch: Problem, candidates: _Candidates) -> list[Plan | _StaticLayout]:
     """The candidates, those close to the fastest rebalanced across rounds (only the fastest unless the
     batch is hard; not the static layout beside its extra-round re-plan)."""
     options = batch.options
@@ -199,7 +218,9 @@ def _improved(batch: Problem, candidates: _Candidates) -> list[Plan]:
     margin = options.rebalance_margin if fastest > batch.lower_bound * (1 + options.hard_gap) else 0.0
     skipped = candidates.static if options.skip_static_rebalance and candidates.extra_round is not None else None
     return [
-        _rebalanced(batch, plan) if plan.predicted_time <= fastest * (1 + margin) and plan is not skipped else plan
+        _rebalanced(batch, _as_plan(batch, plan))
+        if plan.predicted_time <= fastest * (1 + margin) and plan is not skipped
+        else plan
         for plan in plans
     ]
 
@@ -209,11 +230,11 @@ def _rebalanced(batch: Problem, plan: Plan, budget_share: float = 1.0) -> Plan:
                           options=batch.options)
 
 
-def _picked(batch: Problem, plans: list[Plan]) -> Plan:
+def _picked(batch: Problem, plans: list[Plan | _StaticLayout]) -> Plan:
     """The fastest plan (the first on ties), polished and rebalanced again when it is hard and has several
     rounds."""
     options = batch.options
-    best = min(plans, key=lambda plan: plan.predicted_time)
+    best = _as_plan(batch, min(plans, key=lambda plan: plan.predicted_time))
     if (
         options.polish_steps
         and options.rebalance
@@ -250,23 +271,22 @@ def _polish(plan: Plan, batch: Problem) -> Plan:
     return batch.plan(rounds)
 
 
-def _best_static(batch: Problem) -> tuple[Plan | None, int]:
-    """The fastest of static CP's power-of-two layouts that hold the longest sample, and its degree (None
-    when none suits the node size). Layouts are planned in the order of their :func:`_static_bound`, and
-    one whose bound is slower than the best so far is not planned."""
-    best: tuple[Plan | None, int] = (None, 0)
+def _best_static(batch: Problem) -> _StaticLayout | None:
+    """The fastest of static CP's power-of-two layouts that hold the longest sample (None when none suits
+    the node size). Layouts are timed in the order of their :func:`_static_bound`, and one whose bound is
+    slower than the best so far is not laid out."""
+    best: _StaticLayout | None = None
     degrees = _power_of_two_degrees(int(batch.min_degree.max()), batch.num_devices)
     bounds = [_static_bound(batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost,
                             batch.node_size, batch.patches, batch.vision_patches_per_device) for degree in degrees]
     for bound, degree in sorted(zip(bounds, degrees, strict=True)):
-        if best[0] is not None and bound >= best[0].predicted_time * (1 + batch.options.static_bound_margin):
+        if best is not None and bound >= best.predicted_time * (1 + batch.options.static_bound_margin):
             break  # it cannot win, nor can the ones after it
         with contextlib.suppress(PlanError):  # the degree does not suit the node size
-            plan = static_plan(batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost,
-                               node_size=batch.node_size, vision_patches=batch.patches,
-                               vision_patches_per_device=batch.vision_patches_per_device)
-            if best[0] is None or plan.predicted_time < best[0].predicted_time:
-                best = (plan, degree)
+            slots = checked_static_slots(batch, degree)
+            time = static_time(batch, slots, degree)
+            if best is None or time < best.predicted_time:
+                best = _StaticLayout(degree, slots, time)
     return best
 
 
@@ -508,22 +528,24 @@ def _improve(
     Refinement takes at most ``steps`` moves (default: :attr:`~PlannerOptions.refine_step_budget` over
     the batch's samples, within [4, 64], none past :attr:`~PlannerOptions.refine_max_samples`), stops once
     the makespan is within :attr:`~PlannerOptions.close_enough` of the round's lower bound, and does not
-    start when the first allocation is slower than ``cutoff`` (another start won).
+    start when the first allocation is slower than ``cutoff`` (another start won). Allocations are
+    remembered only where refinement runs: without it each start is allocated once, on its own bins, which
+    the start's key already tells apart (and the keys of a round's thousand bins cost as much as the start's).
     """
     options = problem.options
     start = ("start", tuple(sorted(tuple(sorted(bin_members)) for bin_members in members if bin_members)))
     if start in problem.memo:
         return None  # another start reached the same bins: its result is known
     problem.memo[start] = True
-    best: _Layout | None = None
     if steps is None:
         steps = max(4, min(64, options.refine_step_budget // problem.batch_size))
         if problem.batch_size > options.refine_max_samples:
             steps = 0
+    best: _Layout | None = None
     steps_left = steps
     for _ in range(options.refine_passes):
         members = [bin_members for bin_members in members if bin_members]
-        allocated = _allocate_and_place(problem, members)
+        allocated = _allocate_and_place(problem, members, remember=steps > 0)
         if allocated is None:
             break
         degrees, starts, times = allocated
@@ -543,16 +565,21 @@ def _improve(
 
 
 def _allocate_and_place(
-    problem: Problem, members: list[list[int]]
+    problem: Problem, members: list[list[int]], *, remember: bool = True
 ) -> tuple[np.ndarray, list[int], np.ndarray] | None:
-    """Exact degrees (plus leftover devices) and first ranks for fixed bins, or None; remembered per
-    set of bins (:func:`_solve_allocation` on the bins in a canonical order)."""
-    keys = [tuple(sorted(bin_members)) for bin_members in members]
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    key = ("allocation", tuple(keys[index] for index in order))
-    if key not in problem.memo:
-        problem.memo[key] = _solve_allocation(problem, [members[index] for index in order])
-    solved = problem.memo[key]
+    """Exact degrees (plus leftover devices) and first ranks for fixed (disjoint, non-empty) bins, or None:
+    :func:`_solve_allocation` on the bins in a canonical order (by their sorted members), remembered per
+    set of bins unless ``remember`` is False."""
+    if remember:
+        keys = [tuple(sorted(bin_members)) for bin_members in members]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        key = ("allocation", tuple(keys[index] for index in order))
+        if key not in problem.memo:
+            problem.memo[key] = _solve_allocation(problem, [members[index] for index in order])
+        solved = problem.memo[key]
+    else:  # disjoint bins: their least members order them as their sorted members do
+        order = sorted(range(len(members)), key=lambda index: min(members[index]))
+        solved = _solve_allocation(problem, [members[index] for index in order])
     if solved is None:
         return None
     degrees, starts, times = solved
