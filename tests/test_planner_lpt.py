@@ -17,7 +17,7 @@ from lightning_dhp.planner.inputs import check_inputs
 from lightning_dhp.planner.lpt import WAVE_MIN_BINS
 from lightning_dhp.planner.packing import pack_round, size_round
 from lightning_dhp.planner.problem import batch_problem
-from lightning_dhp.planner.rounds import SCAN_MAX_BINS, balanced_assignment
+from lightning_dhp.planner.rounds import SCAN_MAX_BINS, SORT_KEYS_MIN_ITEMS, balanced_assignment, heaviest_first
 
 
 def lpt_oracle(work, size, num_bins, degree, tokens_per_device, patches=None, patches_per_device=None):
@@ -55,6 +55,15 @@ def test_balanced_assignment_matches_one_item_at_a_time(seed):
     expected = lpt_oracle(work, size, num_bins, 1, tokens_per_device, patches, patches_per_device)
     assert balanced_assignment(work, size, num_bins, 1, tokens_per_device, patches, patches_per_device) == expected
 
+
+
+@pytest.mark.parametrize("count", [SORT_KEYS_MIN_ITEMS - 1, SORT_KEYS_MIN_ITEMS, 5000])
+def test_heaviest_first_orders_by_work_then_index(count):
+    """Both ways (``np.lexsort`` below ``SORT_KEYS_MIN_ITEMS`` items, integer keys from it on), with many ties."""
+    rng = np.random.default_rng(count)
+    for work in (rng.pareto(1.5, count), rng.integers(1, 6, count).astype(float), np.zeros(count)):
+        expected = sorted(range(count), key=lambda index: (-work[index], index))
+        assert heaviest_first(work).tolist() == expected
 
 
 @pytest.mark.parametrize("scan", [True, False])

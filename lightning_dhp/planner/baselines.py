@@ -109,7 +109,9 @@ def static_time(batch: Problem, slots: list[list[list[int]]], degree: int) -> fl
     owner = np.repeat(np.arange(len(sizes)), sizes)
     members = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(slots)), dtype=np.int64,
                           count=len(owner))
-    members = members[np.lexsort((members, owner))]  # each group's samples ascending, as its plan lists them
+    # each group's samples ascending, as its plan lists them: one sort of (group, sample) keys (owner ascends)
+    group_base = owner * len(batch.lengths)
+    members = np.sort(group_base + members) - group_base
     times = group_times(members, owner, np.full(len(sizes), degree, dtype=np.int64), np.array(first, dtype=np.int64),
                         batch.lengths, batch.cost, batch.node_size, batch.patches)[0].tolist()
     ends = itertools.accumulate(groups_per_round)

@@ -533,7 +533,8 @@ def _improve(
     the start's key already tells apart (and the keys of a round's thousand bins cost as much as the start's).
     """
     options = problem.options
-    start = ("start", tuple(sorted(tuple(sorted(bin_members)) for bin_members in members if bin_members)))
+    # the set of bins, as sets: a frozenset keeps its hash, and needs no sorting (1000s of bins at scale)
+    start = ("start", frozenset(frozenset(bin_members) for bin_members in members if bin_members))
     if start in problem.memo:
         return None  # another start reached the same bins: its result is known
     problem.memo[start] = True
@@ -577,8 +578,8 @@ def _allocate_and_place(
         if key not in problem.memo:
             problem.memo[key] = _solve_allocation(problem, [members[index] for index in order])
         solved = problem.memo[key]
-    else:  # disjoint bins: their least members order them as their sorted members do
-        order = sorted(range(len(members)), key=lambda index: min(members[index]))
+    else:  # disjoint bins: their least members (all different) order them as their sorted members do
+        order = np.argsort(np.fromiter(map(min, members), dtype=np.int64, count=len(members))).tolist()
         solved = _solve_allocation(problem, [members[index] for index in order])
     if solved is None:
         return None

@@ -183,13 +183,16 @@ def pack_round(
         heapq.heapify(heap)
         class_heaps.append(heap)
     smallest_left = smallest_lengths.tolist()
-    cost_rows, need_rows, pool_list = pool_costs.tolist(), pool_padded.tolist(), pool.tolist()
+    rest = order[start:]  # the samples left to the loop, in packing order (lists read one item faster)
+    cost_rows, need_rows, rest_samples = pool_costs[rest].tolist(), pool_padded[rest].tolist(), pool[rest].tolist()
     if vision:  # the same bookkeeping for the vision patches
         held = held_array.tolist()
         patch_rows = problem.patches[pool].tolist()
         fewest_patches_left = fewest_patches.tolist()
-    for rank_in_order, item in enumerate(order.tolist()[start:], start):
-        item_costs, item_needs, smallest = cost_rows[item], need_rows[item], smallest_left[rank_in_order]
+    for rank_in_order, item, item_costs, item_needs, sample in zip(
+        range(start, len(order)), rest.tolist(), cost_rows, need_rows, rest_samples, strict=True
+    ):
+        smallest = smallest_left[rank_in_order]
         best_finish, best_class, best_bin = math.inf, -1, -1
         for class_position, heap in enumerate(class_heaps):
             limit, need, aside = limits[class_position], item_needs[class_position], class_aside[class_position]
@@ -236,7 +239,7 @@ def pack_round(
             times_array[best_bin], tokens_array[best_bin] = best_finish, tokens[best_bin]
             held[best_bin] += patch_rows[item]
             held_array[best_bin] = held[best_bin]
-        members[best_bin].append(pool_list[item])
+        members[best_bin].append(sample)
         heap = class_heaps[best_class]
         if heap[0][1] == best_bin:  # its entry is first (always without a vision budget): replace it in one step
             heapq.heapreplace(heap, (best_finish, best_bin))

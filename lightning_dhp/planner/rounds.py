@@ -15,6 +15,11 @@ SCAN_MAX_BINS = 4
 heap (half the time of splitting 8,192 samples into their 2-4 rounds)."""
 
 
+SORT_KEYS_MIN_ITEMS = 1024
+"""From this many items on, :func:`heaviest_first` sorts integer keys instead of calling ``np.lexsort`` (below
+it, the keys' set-up costs more than they save)."""
+
+
 def minimum_rounds(
     lengths: np.ndarray,
     num_devices: int,
@@ -53,7 +58,7 @@ def balanced_assignment(
     Over at most :data:`SCAN_MAX_BINS` bins, a scan of them all replaces the heap (:func:`_scan_assignment`).
     """
     capacity = bin_degree * tokens_per_device
-    order = np.lexsort((np.arange(len(work)), -work))
+    order = heaviest_first(work)
     ordered_size = np.asarray(size)[order]
     ordered_work = np.asarray(work, dtype=np.float64)[order]
     smallest_sizes = np.minimum.accumulate(ordered_size[::-1])[::-1]
@@ -122,6 +127,17 @@ def balanced_assignment(
         else:  # its old entry goes stale
             heapq.heappush(heap, (load[bin_index], bin_index))
     return members
+
+
+def heaviest_first(work: np.ndarray) -> np.ndarray:
+    """Item indices by descending (finite) ``work``, the lower index first on ties: ``np.lexsort((arange,
+    -work))``. From :data:`SORT_KEYS_MIN_ITEMS` items on, one sort of integer keys (each item's rank among the
+    distinct works, then its index) gives the same order in half the time."""
+    count = len(work)
+    if count < SORT_KEYS_MIN_ITEMS:
+        return np.lexsort((np.arange(count), -work))
+    distinct, rank = np.unique(work, return_inverse=True)
+    return np.sort((len(distinct) - 1 - rank) * count + np.arange(count)) % count
 
 
 def _scan_assignment(
