@@ -82,17 +82,23 @@ def test_exact_layout_matches_brute_force(seed):
     assert max(timed) == pytest.approx(expected, rel=1e-12)
 
 
-def test_enumerated_one_round_batches_are_never_slower_than_the_starts():
-    rng = np.random.default_rng(7)
-    starts_only = PlannerOptions(exact_round_layouts=0)
+@pytest.mark.parametrize(("starts_only", "seed", "samples", "longest", "batches", "least_compared"), [
+    pytest.param(PlannerOptions(exact_round_layouts=0), 7, (2, 7), 1200, 20, 10, id="enumerated"),
+    pytest.param(PlannerOptions(exact_search_samples=0), 11, (9, 13), 600, 12, 8, id="searched"),
+])
+def test_exact_one_round_batches_are_never_slower_than_the_starts(starts_only, seed, samples, longest, batches,
+                                                                  least_compared):
+    """One-round batches solved exactly (enumerated: 2-6 samples; searched: 9-12) against the same batches
+    planned from starts (``starts_only`` turns the exact method off)."""
+    rng = np.random.default_rng(seed)
     compared = 0
-    for _ in range(20):
-        lengths = rng.integers(20, 1200, int(rng.integers(2, 7))).tolist()
+    for _ in range(batches):
+        lengths = rng.integers(20, longest, int(rng.integers(*samples))).tolist()
         exact, heuristic = plan_batch(lengths, 4, 1024), plan_batch(lengths, 4, 1024, options=starts_only)
         if len(exact.rounds) == len(heuristic.rounds) == 1:
             compared += 1
             assert exact.predicted_time <= heuristic.predicted_time * (1 + 1e-12)
-    assert compared >= 10
+    assert compared >= least_compared
 
 
 CPU_MODEL = CostModel.load(Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu_cost_model.json")
@@ -184,19 +190,6 @@ def test_search_layout_matches_the_enumeration_with_vision_patches(seed):
     assert (enumerated is None) == (searched is None)
     if enumerated is not None:
         assert searched.makespan == enumerated.makespan
-
-
-def test_searched_one_round_batches_are_never_slower_than_the_starts():
-    rng = np.random.default_rng(11)
-    starts_only = PlannerOptions(exact_search_samples=0)
-    compared = 0
-    for _ in range(12):
-        lengths = rng.integers(20, 600, int(rng.integers(9, 13))).tolist()
-        searched, heuristic = plan_batch(lengths, 4, 1024), plan_batch(lengths, 4, 1024, options=starts_only)
-        if len(searched.rounds) == len(heuristic.rounds) == 1:
-            compared += 1
-            assert searched.predicted_time <= heuristic.predicted_time * (1 + 1e-12)
-    assert compared >= 8
 
 
 def test_a_search_past_its_pair_budget_leaves_the_round_to_the_starts():
