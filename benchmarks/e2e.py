@@ -19,7 +19,7 @@ step), leaving out the first ``--warmup-steps`` steps. The table gives the media
 the min-max; the ratio lines give DHP over the best static CP variant per repeat (median, min-max),
 steady state and whole run (the wall time of ``trainer.fit``: setup, pool misses, warm-up and every
 step). Beside them: the predicted step time, the wait for each batch (end of one step to the start of the
-next, median and p90 over the timed steps; near zero when the loader workers keep up) and the planner's time
+next, median and p90 over the timed steps; near zero when the loader workers keep up) and the planner's CPU time
 in the workers, absolute and as a share of the predicted step (the target: under 1%).
 Exactness: the float32 global loss of every step must agree across variants to float32 rounding, and
 a separate float64 run of every variant (``--check-steps``) must agree to ~1e-9 relative in the
@@ -176,7 +176,7 @@ def summarise(found: list[Variant], runs: dict[str, list[dict[str, Any]]]) -> di
             "step_s_median": statistics.median(result["steady"]["step_s_median"] for result in results),
             **{key: statistics.median(result["steady"][key] for result in results)
                for key in ("predicted_step_s_median", "batch_wait_ms_median", "batch_wait_ms_p90",
-                           "planner_ms_median", "planner_share_of_predicted_step_median")},
+                           "planner_cpu_ms_median", "planner_share_of_predicted_step_median")},
             "rounds_per_step": results[0]["steady"]["rounds_per_step"],
             "groups_by_degree": results[0]["steady"]["groups_by_degree"],
             "final_loss": results[0]["losses"][-1],
@@ -237,7 +237,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"{stats['p50']:.0f}, p90 {stats['p90']:.0f}, p99 {stats['p99']:.0f}, max {stats['max']} tokens",
         "",
         "| strategy | tokens/s median | min-max | step s (median) | rounds/step | groups by degree | fit s median "
-        "| final loss | predicted step s | batch wait ms median / p90 | planner ms (% of predicted step) |",
+        "| final loss | predicted step s | batch wait ms median / p90 | planner CPU ms (% of predicted step) |",
         "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in summary["variants"].items():
@@ -247,7 +247,7 @@ def format_report(result: dict[str, Any]) -> str:
                      f"{row['step_s_median']:.3f} | {row['rounds_per_step']:.2f} | {degrees} | "
                      f"{row['fit_s']['median']:.1f} | {row['final_loss']:.6f} | "
                      f"{row['predicted_step_s_median']:.3f} | {row['batch_wait_ms_median']:.1f} / "
-                     f"{row['batch_wait_ms_p90']:.1f} | {row['planner_ms_median']:.1f} "
+                     f"{row['batch_wait_ms_p90']:.1f} | {row['planner_cpu_ms_median']:.1f} "
                      f"({row['planner_share_of_predicted_step_median']:.1%}) |")
     ratio, whole = summary["dhp_over_best_static"], summary["dhp_over_best_static_whole_run"]
     lines += [

@@ -47,7 +47,7 @@ def step_time_rows(plan: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("median step time", f"{measured:.3f} s (predicted {predicted:.3f} s, {measured / predicted - 1:+.0%})"),
         ("batch wait (median / p90)", f"{plan.get('batch_wait_ms_median', nan):.1f} / "
                                       f"{plan.get('batch_wait_ms_p90', nan):.1f} ms"),
-        ("planner time (median)", f"{plan.get('planner_ms_median', nan):.2f} ms "
+        ("planner CPU time (median)", f"{plan.get('planner_cpu_ms_median', nan):.2f} ms "
                                   f"({plan.get('planner_share_of_predicted_step_median', nan):.1%} of the predicted "
                                   "step)"),
     ]

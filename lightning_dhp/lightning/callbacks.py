@@ -28,14 +28,14 @@ def plan_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     measured = np.array([entry["measured_s"] for entry in history])
     predicted = np.array([entry["plan"].predicted_time for entry in history])
     tokens = np.array([entry["tokens"] for entry in history])
-    planner = np.array([entry["planner_s"] for entry in history])
+    planner = np.array([entry["planner_cpu_s"] for entry in history])
     batch_wait = np.array([entry["batch_wait_s"] for entry in history])
     return {
         "steps": len(history),
         "tokens_per_s": float(tokens.sum() / measured.sum()),
         "step_s_median": float(np.median(measured)),
         "predicted_step_s_median": float(np.median(predicted)),
-        "planner_ms_median": float(np.median(planner) * 1e3),
+        "planner_cpu_ms_median": float(np.median(planner) * 1e3),
         "planner_share_of_predicted_step_median": float(np.median(planner / predicted)),
         "batch_wait_ms_median": float(np.median(batch_wait) * 1e3),
         "batch_wait_ms_p90": float(np.percentile(batch_wait, 90) * 1e3),
@@ -90,7 +90,7 @@ class DHPPlanReport(Callback):
         batch_wait = self._started - self._previous_end if self._previous_end is not None else 0.0
         self._previous_end = ended
         self.history.append({"plan": batch.plan, "measured_s": measured, "batch_wait_s": batch_wait,
-                             "tokens": batch.num_tokens, "planner_s": batch.planner_seconds,
+                             "tokens": batch.num_tokens, "planner_cpu_s": batch.planner_cpu_seconds,
                              "position": batch.request.position, "epoch": batch.request.epoch})
         if self.max_history is not None:
             del self.history[:-self.max_history]
@@ -109,7 +109,7 @@ class DHPPlanReport(Callback):
             "dhp/max_degree": float(stats["max_degree"]),
             "dhp/mean_degree": float(stats["mean_degree"]),
             "dhp/predicted_step_s": float(step.plan.predicted_time),
-            "dhp/planner_ms": step.planner_seconds * 1e3,
+            "dhp/planner_cpu_ms": step.planner_cpu_seconds * 1e3,
             "dhp/step_s": measured_seconds,
             "dhp/batch_wait_s": batch_wait_seconds,
             "dhp/tokens_per_s": step.num_tokens / measured_seconds,

@@ -69,14 +69,14 @@ class PlannedStep:
 
     def __init__(self, request: StepRequest, plan: Plan | None, rounds: list[dict[str, Any]],
                  leader_loss_tokens: int, leader_skipped: int, error: str | None,
-                 planner_seconds: float, loader_failure: str | None = None) -> None:
+                 planner_cpu_seconds: float, loader_failure: str | None = None) -> None:
         self.request = request
         self.plan = plan
         self.rounds = rounds
         self.leader_loss_tokens = leader_loss_tokens  # loss tokens of the groups this rank leads
         self.leader_skipped = leader_skipped  # bad samples dropped from those groups (skip_bad_samples=True)
         self.error = error  # a bad sample in this rank's groups; raised on every rank by the strategy
-        self.planner_seconds = planner_seconds
+        self.planner_cpu_seconds = planner_cpu_seconds  # CPU time of planning this batch in its loader
         self.loader_failure = loader_failure  # this rank's loader worker stalled or died: no plan, no rounds
 
     @classmethod
@@ -106,10 +106,10 @@ class PlannedDataset(Dataset):
 
     def __getitem__(self, request: StepRequest) -> PlannedStep:
         config = self.config
-        started = time.perf_counter()
+        started = time.thread_time()  # the planner's own CPU, not the scheduler's: ranks share the cores
         patches = None if self.vision_patches is None else [self.vision_patches[i] for i in request.sample_ids]
         plan = config.plan([self.lengths[i] for i in request.sample_ids], patches)
-        planner_seconds = time.perf_counter() - started
+        planner_cpu_seconds = time.thread_time() - started
         rounds: list[dict[str, Any]] = []
         leader_loss_tokens, leader_skipped, errors = 0, 0, []
         template: dict[str, Any] | None = None
@@ -137,7 +137,7 @@ class PlannedDataset(Dataset):
                                      round_index=round_index, num_rounds=len(plan.rounds), loss_tokens=loss_tokens)
             rounds.append(batch)
         error = "\n".join(errors) if errors else None
-        return PlannedStep(request, plan, rounds, leader_loss_tokens, leader_skipped, error, planner_seconds)
+        return PlannedStep(request, plan, rounds, leader_loss_tokens, leader_skipped, error, planner_cpu_seconds)
 
     def _template(self, request: StepRequest) -> dict[str, Any]:
         """The shortest trainable sample of the batch: its fields shape the empty batch of an idle round.
