@@ -14,11 +14,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_dhp.planner import CostModel, Group, Plan, PlanError, Round, plan_batch, static_plan
+from lightning_dhp.planner import CostModel, Group, Plan, PlanError, Round, dhp, plan_batch, static_plan
 from lightning_dhp.planner.allocation import bin_min_degrees
 from lightning_dhp.planner.baselines import checked_static_slots, static_time
 from lightning_dhp.planner.dhp import _static_bound
 from lightning_dhp.planner.inputs import check_inputs
+from lightning_dhp.planner.options import DEFAULT_OPTIONS
 from lightning_dhp.planner.problem import batch_problem
 
 COST = CostModel.default()
@@ -445,3 +446,72 @@ def test_a_remembered_allocation_answers_for_the_same_bins_in_any_order(lengths,
             assert again[0][position] == first[0][index]
             assert again[1][position] == first[1][index]
             assert again[2][position] == first[2][index]
+
+
+def _large_batch(kind: str, seed: int) -> tuple[np.ndarray, int, int]:
+    """(lengths, devices, tokens per device) of a batch past ``cross_round_max_samples``: memory-full (static CP
+    packs full rounds best) or a few long samples among short ones."""
+    rng = np.random.default_rng(seed)
+    samples, num_devices, capacity = int(rng.integers(2049, 2400)), int(rng.choice([16, 32, 64])), 4096
+    assert samples > DEFAULT_OPTIONS.cross_round_max_samples
+    if kind == "memory-full":
+        return rng.integers(capacity // 2, capacity + 1, samples), num_devices, capacity
+    lengths = rng.integers(1, capacity // 4 + 2, samples)
+    lengths[: samples // 8] = rng.integers(capacity, 3 * capacity, samples // 8)
+    return lengths, num_devices, capacity
+
+
+def _large_problem(kind: str, seed: int):
+    lengths, num_devices, capacity = _large_batch(kind, seed)
+    checked = check_inputs(lengths, num_devices, capacity, 8, None, None)
+    return batch_problem(*checked[:3], COST, *checked[3:])
+
+
+def _static_first_plan(kind: str, seed: int) -> tuple[Plan, bool]:
+    """What plan_batch picked past cross_round_max_samples when static CP was laid out first (the pruning
+    incumbent of the fewest-rounds assignment), and whether that assignment was pruned."""
+    batch = _large_problem(kind, seed)
+    static = dhp._best_static(batch, dhp._static_bounds(batch))
+    limit = static.predicted_time * (1 + batch.options.prune_margin) if static is not None else math.inf
+    fewest = dhp._fewest_rounds_plan(batch, lambda time: time > limit)
+    candidates = [candidate for candidate in (fewest, static) if candidate is not None]
+    return dhp._as_plan(batch, min(candidates, key=lambda candidate: candidate.predicted_time)), fewest is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "seed", "static_laid_out"),
+    [("memory-full", 1, "to prune"), ("few long", 1, "after the plan"), ("few long", 2, "never")],
+)
+def test_large_batches_lay_out_static_cp_only_when_it_could_matter_and_pick_the_same_plan(
+    kind, seed, static_laid_out, monkeypatch
+):
+    """Past ``cross_round_max_samples`` static CP's layouts wait until the fewest-rounds assignment could be
+    pruned by them, or until it is planned and some layout's bound beats it: same plan as laying them out
+    first, whether static CP prunes the assignment, wins after it or cannot win."""
+    expected, pruned = _static_first_plan(kind, seed)
+    incumbents, fewest_plans = [], []
+    best_static, fewest_rounds_plan = dhp._best_static, dhp._fewest_rounds_plan
+    monkeypatch.setattr(dhp, "_best_static", lambda batch, bounds, incumbent=math.inf: (
+        incumbents.append(incumbent), best_static(batch, bounds, incumbent))[1])
+    monkeypatch.setattr(dhp, "_fewest_rounds_plan", lambda batch, prunes: (
+        fewest_plans.append(fewest_rounds_plan(batch, prunes)), fewest_plans[-1])[1])
+    lengths, num_devices, capacity = _large_batch(kind, seed)
+    plan = plan_batch(lengths, num_devices, capacity, node_size=8)
+    assert plan.digest() == expected.digest()
+    assert pruned == (fewest_plans == [None]) == (static_laid_out == "to prune")  # pruned where it was
+    assert (incumbents == [math.inf]) == (static_laid_out == "to prune")
+    if static_laid_out != "to prune":  # laid out after the plan, with its time to beat: used or not
+        static_won = plan.predicted_time < incumbents[0]
+        assert static_won == (static_laid_out == "after the plan")
+
+
+def test_pending_static_prunes_as_the_best_layout_would_and_lays_it_out_only_past_the_least_bound():
+    batch = _large_problem("few long", 1)
+    pending = dhp._PendingStatic(batch)
+    static = dhp._best_static(batch, dhp._static_bounds(batch))
+    margin = 1 + batch.options.prune_margin
+    least, limit = pending.least_bound * margin, static.predicted_time * margin
+    assert least < limit  # the layout is slower than its bound: the times between tell a bound from a layout
+    assert not pending.prunes(least * (1 - 1e-6)) and not pending.laid_out
+    assert not pending.prunes((least + limit) / 2) and pending.laid_out
+    assert pending.prunes(limit * (1 + 1e-6)) and not pending.prunes(limit)

@@ -1,18 +1,19 @@
 """``plan_batch``: the DHP planner for one global batch, as candidates -> improve -> pick.
 
-Candidates (:func:`_candidates`): static CP's power-of-two layouts (cheap, and valid DHP plans: the
-first incumbent); the fewest rounds balancing device-seconds, planned round by round (one more round at
-a time while a round cannot be packed); and, when memory binds, static CP's joint assignment with more
-rounds of memory slack, planned round by round too. Per round (:func:`_solve_round`): a round of few
-layouts is solved exactly by enumeration (:mod:`.exact_round`), one of few samples on few devices by
-branch and bound (:mod:`.exact_search`); any other one: size and pack bins
-(:mod:`.packing`), exact min-max degree allocation with leftover devices (:mod:`.allocation`),
+Candidates (:func:`_candidates`): static CP's power-of-two layouts (cheap, and valid DHP plans: the first
+incumbent; past :attr:`~PlannerOptions.cross_round_max_samples` laid out only once they could prune or
+beat the next candidate, :class:`_PendingStatic`); the fewest rounds balancing device-seconds, planned
+round by round (one more round at a time while a round cannot be packed); and, when memory binds, static
+CP's joint assignment with more rounds of memory slack, planned round by round too. Per round
+(:func:`_solve_round`): a round of few layouts is solved exactly by enumeration (:mod:`.exact_round`),
+one of few samples on few devices by branch and bound (:mod:`.exact_search`); any other one: size and
+pack bins (:mod:`.packing`), exact min-max degree allocation with leftover devices (:mod:`.allocation`),
 node-aware placement (:mod:`.placement`), then alternate refinement (:mod:`.refine`) and re-allocation
-while the round's makespan drops. A round assignment is abandoned as soon as its planned rounds plus
-the lower bounds of the rest cannot come within :attr:`~PlannerOptions.prune_margin` of the best plan
-so far. Improve (:func:`_improved`): the best candidates move and swap samples between rounds
-(:mod:`.rebalance`). Pick (:func:`_picked`): the fastest, whose worst rounds are refined again when it
-is still far from its lower bound (:func:`_polish`). Every tuning constant is a field of
+while the round's makespan drops. A round assignment is abandoned as soon as its planned rounds plus the
+lower bounds of the rest cannot come within :attr:`~PlannerOptions.prune_margin` of the best plan so far.
+Improve (:func:`_improved`): the best candidates move and swap samples between rounds
+(:mod:`.rebalance`). Pick (:func:`_picked`): the fastest, whose worst rounds are refined again when it is
+still far from its lower bound (:func:`_polish`). Every tuning constant is a field of
 :class:`~lightning_dhp.planner.options.PlannerOptions`. Everything is deterministic.
 """
 
@@ -23,7 +24,7 @@ import functools
 import gc
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,21 +139,68 @@ def _candidates(batch: Problem) -> _Candidates:
     """The best static layout, the fewest-rounds assignment planned round by round, and (when memory
     binds) static CP's joint assignment with more rounds, planned round by round."""
     options = batch.options
-    static = _best_static(batch) if options.static_layouts else None
+    if options.static_layouts and not _cross_round(batch):
+        return _large_batch_candidates(batch)
+    static = _best_static(batch, _static_bounds(batch)) if options.static_layouts else None
     limit = static.predicted_time * (1 + options.prune_margin) if static is not None else math.inf
     plans: list[Plan | _StaticLayout] = []
-    fewest = _fewest_rounds_plan(batch, limit)
+    fewest = _fewest_rounds_plan(batch, _over(limit))
     if fewest is not None:
         plans.append(fewest)
         limit = min(limit, fewest.predicted_time * (1 + options.prune_margin))
     extra_round = None
     if static is not None and _static_binds_memory(batch, static, plans):
-        extra_round = _extra_round_plan(batch, static.degree, limit)
+        extra_round = _extra_round_plan(batch, static.degree, _over(limit))
         if extra_round is not None:
             plans.append(extra_round)
     if static is not None:
         plans.append(static)
     return _Candidates(plans, static, extra_round)
+
+
+def _large_batch_candidates(batch: Problem) -> _Candidates:
+    """:func:`_candidates` past :attr:`~PlannerOptions.cross_round_max_samples`, where static CP's layout is only
+    a candidate (no extra round, rebalancing nor polish): the layouts are laid out only when they could matter
+    (:class:`_PendingStatic`). The plan picked is the same as with the layouts first: the pruning is the same,
+    and a layout whose bound is slower than the fewest-rounds plan cannot win (that plan comes first on ties)."""
+    static = _PendingStatic(batch)
+    fewest = _fewest_rounds_plan(batch, static.prunes)
+    best = static.layout(fewest.predicted_time if fewest is not None else math.inf)
+    return _Candidates([plan for plan in (fewest, best) if plan is not None], best, None)
+
+
+class _PendingStatic:
+    """Static CP's best layout, laid out when first needed: as the incumbent that prunes a round assignment,
+    once the assignment's planned rounds and bounds are :attr:`~PlannerOptions.prune_margin` slower than the
+    layouts' least bound (before that nothing can prune it), or after the assignment, with its plan's time to
+    beat (at 8192 samples the plan usually beats every bound, and no layout is laid out)."""
+
+    def __init__(self, batch: Problem) -> None:
+        self.batch = batch
+        self.bounds = _static_bounds(batch)
+        self.least_bound = self.bounds[0][0] if self.bounds else math.inf
+        self.laid_out = False
+        self.best: _StaticLayout | None = None
+
+    def layout(self, incumbent: float = math.inf) -> _StaticLayout | None:
+        """The best layout (laid out once, skipping those whose bound is slower than ``incumbent``)."""
+        if not self.laid_out:
+            self.best, self.laid_out = _best_static(self.batch, self.bounds, incumbent), True
+        return self.best
+
+    def prunes(self, time: float) -> bool:
+        """Whether a round assignment whose planned rounds and bounds take ``time`` is abandoned."""
+        options = self.batch.options
+        margin = 1 + options.prune_margin
+        if time * (1 + options.static_bound_margin) <= self.least_bound * margin:  # no layout is that fast
+            return False
+        best = self.layout()
+        return best is not None and time > best.predicted_time * margin
+
+
+def _over(limit: float) -> Callable[[float], bool]:
+    """Whether a round assignment is abandoned, against a known ``limit``."""
+    return lambda time: time > limit
 
 
 def _cross_round(batch: Problem) -> bool:
@@ -166,9 +214,9 @@ def _is_hard(plan: Plan, options: PlannerOptions) -> bool:
     return plan.predicted_time > plan.lower_bound * (1 + options.hard_gap)
 
 
-def _fewest_rounds_plan(batch: Problem, limit: float) -> Plan | None:
+def _fewest_rounds_plan(batch: Problem, prunes: Callable[[float], bool]) -> Plan | None:
     """The balanced assignment over the fewest rounds that packs, planned round by round; None when it
-    is pruned against ``limit`` (or no round count packs)."""
+    is pruned (``prunes``: :func:`_plan_rounds`'s) or no round count packs."""
     work = device_seconds(batch.lengths, batch.min_degree, batch.cost, batch.patches)
     fewest = minimum_rounds(batch.lengths, batch.num_devices, batch.tokens_per_device, batch.patches,
                             batch.vision_patches_per_device)
@@ -177,7 +225,7 @@ def _fewest_rounds_plan(batch: Problem, limit: float) -> Plan | None:
                                          batch.patches, batch.vision_patches_per_device)
         if assignment is None:
             continue
-        planned = _plan_rounds(batch, assignment, limit, tight_starts=num_rounds == 1)
+        planned = _plan_rounds(batch, assignment, prunes, tight_starts=num_rounds == 1)
         if planned is _PRUNED:
             return None
         if isinstance(planned, Plan):
@@ -197,13 +245,13 @@ def _static_binds_memory(batch: Problem, static: _StaticLayout, plans: list[Plan
     )
 
 
-def _extra_round_plan(batch: Problem, static_degree: int, limit: float) -> Plan | None:
+def _extra_round_plan(batch: Problem, static_degree: int, prunes: Callable[[float], bool]) -> Plan | None:
     """Static CP's joint assignment over all rounds at ``static_degree`` with
     :attr:`~PlannerOptions.static_rounds_extra` more rounds, planned round by round: the memory slack
     lets short samples leave the wide groups. None when pruned or unpackable."""
     slots = static_slots(batch.lengths, batch.num_devices, batch.tokens_per_device, static_degree, batch.cost,
                          batch.options.static_rounds_extra, batch.patches, batch.vision_patches_per_device)
-    planned = _plan_rounds(batch, [[sample for group in groups for sample in group] for groups in slots], limit)
+    planned = _plan_rounds(batch, [[sample for group in groups for sample in group] for groups in slots], prunes)
     return planned if isinstance(planned, Plan) else None
 
 
@@ -271,16 +319,25 @@ def _polish(plan: Plan, batch: Problem) -> Plan:
     return batch.plan(rounds)
 
 
-def _best_static(batch: Problem) -> _StaticLayout | None:
-    """The fastest of static CP's power-of-two layouts that hold the longest sample (None when none suits
-    the node size). Layouts are timed in the order of their :func:`_static_bound`, and one whose bound is
-    slower than the best so far is not laid out."""
-    best: _StaticLayout | None = None
+def _static_bounds(batch: Problem) -> list[tuple[float, int]]:
+    """(:func:`_static_bound`, degree) of static CP's power-of-two layouts that hold the longest sample,
+    fastest bound first."""
     degrees = _power_of_two_degrees(int(batch.min_degree.max()), batch.num_devices)
     bounds = [_static_bound(batch.lengths, batch.num_devices, batch.tokens_per_device, degree, batch.cost,
                             batch.node_size, batch.patches, batch.vision_patches_per_device) for degree in degrees]
-    for bound, degree in sorted(zip(bounds, degrees, strict=True)):
-        if best is not None and bound >= best.predicted_time * (1 + batch.options.static_bound_margin):
+    return sorted(zip(bounds, degrees, strict=True))
+
+
+def _best_static(
+    batch: Problem, bounds: list[tuple[float, int]], incumbent: float = math.inf
+) -> _StaticLayout | None:
+    """The fastest of static CP's layouts (``bounds``: :func:`_static_bounds`), None when none suits the node
+    size. Layouts are timed in the order of their bounds, and one whose bound is slower than the best so far,
+    or than ``incumbent`` (a plan's time), is not laid out."""
+    best: _StaticLayout | None = None
+    for bound, degree in bounds:
+        to_beat = incumbent if best is None else min(incumbent, best.predicted_time)
+        if bound >= to_beat * (1 + batch.options.static_bound_margin):
             break  # it cannot win, nor can the ones after it
         with contextlib.suppress(PlanError):  # the degree does not suit the node size
             slots = checked_static_slots(batch, degree)
@@ -291,10 +348,10 @@ def _best_static(batch: Problem) -> _StaticLayout | None:
 
 
 def _plan_rounds(
-    batch: Problem, assignment: list[list[int]], limit: float, *, tight_starts: bool = False
+    batch: Problem, assignment: list[list[int]], prunes: Callable[[float], bool], *, tight_starts: bool = False
 ) -> Plan | _Pruned | None:
-    """Plan every round of ``assignment`` (sample indices per round); :data:`_PRUNED` once the planned
-    rounds plus the lower bounds of the rest exceed ``limit``, None when some round cannot be packed.
+    """Plan every round of ``assignment`` (sample indices per round); :data:`_PRUNED` once ``prunes`` the
+    planned rounds plus the lower bounds of the rest, None when some round cannot be packed.
 
     Rounds whose longest sample is slowest at its minimum degree go first: when memory binds, that
     is about their makespan, so a losing assignment is abandoned after few rounds.
@@ -314,7 +371,7 @@ def _plan_rounds(
             return None
         planned[index] = layout.groups(rounds[index])
         spent += layout.makespan
-        if spent + remaining > limit:
+        if prunes(spent + remaining):
             return _PRUNED
     return batch.plan(planned)
 

@@ -189,46 +189,49 @@ def pack_round(
         held = held_array.tolist()
         patch_rows = problem.patches[pool].tolist()
         fewest_patches_left = fewest_patches.tolist()
+    class_rows = list(zip(range(len(classes)), class_heaps, class_aside, limits, patch_limits, strict=True))
     for rank_in_order, item, item_costs, item_needs, sample in zip(
         range(start, len(order)), rest.tolist(), cost_rows, need_rows, rest_samples, strict=True
     ):
         smallest = smallest_left[rank_in_order]
         best_finish, best_class, best_bin = math.inf, -1, -1
-        for class_position, heap in enumerate(class_heaps):
-            limit, need, aside = limits[class_position], item_needs[class_position], class_aside[class_position]
+        for class_position, heap, aside, limit, patch_limit in class_rows:
+            need = item_needs[class_position]
             while aside and -aside[0][0] >= need:  # set-aside bins with room for this sample return
                 bin_index = heapq.heappop(aside)[1]
                 heapq.heappush(heap, (times[bin_index], bin_index))
             # the heap's first time is at most that of any bin of the class with room: skip classes that cannot win
-            if not heap or heap[0][0] + item_costs[class_position] >= best_finish:
+            cost = item_costs[class_position]
+            if not heap or heap[0][0] + cost >= best_finish:
                 continue
             while heap:
-                bin_index = heap[0][1]
+                first_time, bin_index = heap[0]
+                room = limit - tokens[bin_index]
                 if (
-                    heap[0][0] != times[bin_index]  # stale: the bin has grown since this entry
-                    or limit - tokens[bin_index] < smallest  # full for good
-                    or (vision and patch_limits[class_position] - held[bin_index] < fewest_patches_left[rank_in_order])
+                    room < smallest  # full for good
+                    or first_time != times[bin_index]  # stale: the bin has grown since this entry
+                    or (vision and patch_limit - held[bin_index] < fewest_patches_left[rank_in_order])
                 ):
                     heapq.heappop(heap)
-                elif not vision and limit - tokens[bin_index] < need:  # too full for this sample: set aside
-                    heapq.heappush(aside, (tokens[bin_index] - limit, heapq.heappop(heap)[1]))
+                elif not vision and room < need:  # too full for this sample: set aside
+                    heapq.heappush(aside, (-room, heapq.heappop(heap)[1]))
                 else:
                     break
             if not heap:
                 continue
             candidate = heap[0][1]
             if vision and (
-                tokens[candidate] + need > limit or held[candidate] + patch_rows[item] > patch_limits[class_position]
+                tokens[candidate] + need > limit or held[candidate] + patch_rows[item] > patch_limit
             ):  # earliest bin too full: earliest one with room
                 view = class_views[class_position]
-                room = fits_memory(tokens_array[view], limit - need, held_array[view] + patch_rows[item],
-                                   patch_limits[class_position])
-                room_times = np.where(room, times_array[view], np.inf)
+                room_mask = fits_memory(tokens_array[view], limit - need, held_array[view] + patch_rows[item],
+                                        patch_limit)
+                room_times = np.where(room_mask, times_array[view], np.inf)
                 position = int(room_times.argmin())
                 if room_times[position] == math.inf:  # no bin of the class has room
                     continue
                 candidate = int(class_bins[class_position][position])
-            finish = times[candidate] + item_costs[class_position]
+            finish = times[candidate] + cost
             if finish < best_finish:
                 best_finish, best_class, best_bin = finish, class_position, candidate
         if best_bin < 0:

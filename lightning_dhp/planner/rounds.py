@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 
 import numpy as np
 
@@ -151,24 +152,24 @@ def _scan_assignment(
 ) -> list[list[int]] | None:
     """:func:`balanced_assignment` over few bins: each item (in the order given) to the bin of least load, the
     lowest index on ties, among those with room for it (what the heap and its search choose), or None."""
-    load, used, held = [0.0] * num_bins, [0] * num_bins, [0] * num_bins
+    load, room = [0.0] * num_bins, [capacity] * num_bins
+    patch_room = [patch_capacity] * num_bins if patches is not None else None
     members: list[list[int]] = [[] for _ in range(num_bins)]
     bins = range(num_bins)
     every_patches = patches if patches is not None else [0] * len(items)
     for item, need, item_work, item_patches in zip(items, sizes, work, every_patches, strict=True):
-        chosen = -1
-        for bin_index in bins:
-            if (
-                used[bin_index] + need <= capacity
-                and (patches is None or held[bin_index] + item_patches <= patch_capacity)
-                and (chosen < 0 or load[bin_index] < load[chosen])
+        chosen, least = -1, math.inf
+        for bin_index in bins:  # the load first: over two bins it rules one out half the time
+            if load[bin_index] < least and need <= room[bin_index] and (
+                patch_room is None or item_patches <= patch_room[bin_index]
             ):
-                chosen = bin_index
+                chosen, least = bin_index, load[bin_index]
         if chosen < 0:
             return None
-        load[chosen] += item_work
-        used[chosen] += need
-        held[chosen] += item_patches
+        load[chosen] = least + item_work
+        room[chosen] -= need
+        if patch_room is not None:
+            patch_room[chosen] -= item_patches
         members[chosen].append(item)
     return members
 
