@@ -42,7 +42,7 @@ from lightning_dhp.planner.plan import Plan, PlanError
 from lightning_dhp.planner.problem import Problem, batch_problem
 from lightning_dhp.planner.rebalance import rebalance_plan
 from lightning_dhp.planner.refine import Refiner
-from lightning_dhp.planner.rounds import balanced_assignment, device_seconds, minimum_rounds
+from lightning_dhp.planner.rounds import balanced_assignment, minimum_rounds
 
 
 def plan_batch(
@@ -169,12 +169,11 @@ def _is_hard(plan: Plan, options: PlannerOptions) -> bool:
 def _fewest_rounds_plan(batch: Problem, limit: float) -> Plan | None:
     """The balanced assignment over the fewest rounds that packs, planned round by round; None when it
     is pruned against ``limit`` (or no round count packs)."""
-    work = device_seconds(batch.lengths, batch.min_degree, batch.cost, batch.patches)
     fewest = minimum_rounds(batch.lengths, batch.num_devices, batch.tokens_per_device, batch.patches,
                             batch.vision_patches_per_device)
     for num_rounds in range(fewest, len(batch.lengths) + 1):
-        assignment = balanced_assignment(work, batch.lengths, num_rounds, batch.num_devices, batch.tokens_per_device,
-                                         batch.patches, batch.vision_patches_per_device)
+        assignment = balanced_assignment(batch.sample_work, batch.lengths, num_rounds, batch.num_devices,
+                                         batch.tokens_per_device, batch.patches, batch.vision_patches_per_device)
         if assignment is None:
             continue
         planned = _plan_rounds(batch, assignment, limit, tight_starts=num_rounds == 1)
@@ -256,7 +255,7 @@ def _polish(plan: Plan, batch: Problem) -> Plan:
               for round_ in plan.rounds]
     members = [np.array(sorted(sample for group in round_.groups for sample in group.samples), dtype=np.int64)
                for round_ in plan.rounds]
-    bounds = [batch.round_bound(samples) for samples in members]
+    bounds = batch.round_bounds(members)
     excess = [round_.predicted_time - bound for round_, bound in zip(plan.rounds, bounds, strict=True)]
     for index in sorted(range(len(rounds)), key=lambda position: -excess[position])[:options.polish_rounds]:
         samples, round_ = members[index], plan.rounds[index]
@@ -300,7 +299,7 @@ def _plan_rounds(
     is about their makespan, so a losing assignment is abandoned after few rounds.
     """
     rounds = [np.array(sorted(members), dtype=np.int64) for members in assignment if len(members)]
-    bounds = [batch.round_bound(samples) for samples in rounds]
+    bounds = batch.round_bounds(rounds)
     longest = np.array([samples[np.argmax(batch.lengths[samples])] for samples in rounds])
     padded = padded_lengths(batch.lengths[longest], batch.min_degree[longest]).astype(np.float64)
     at_minimum = batch.cost.times_from_sums(padded, padded * padded, batch.min_degree[longest],

@@ -33,7 +33,6 @@ import numpy as np
 
 from lightning_dhp.planner.exact_round import ExactLayout, finished_layout, membership, subset_times
 from lightning_dhp.planner.problem import Problem
-from lightning_dhp.planner.rounds import device_seconds
 
 
 @dataclass(frozen=True)
@@ -82,8 +81,7 @@ def _subset_tables(problem: Problem) -> _SubsetTables:
     """The round's subset tables: :func:`~.exact_round.subset_times` with the members' tokens and device-seconds
     for the bound."""
     num_devices = problem.num_devices
-    work = device_seconds(problem.lengths, problem.min_degree, problem.cost, problem.patches)
-    subsets = subset_times(problem, (problem.lengths, work))
+    subsets = subset_times(problem, (problem.lengths, problem.sample_work))
     times, (tokens, device_work), held = subsets.times, subsets.extra_sums, subsets.patches
     fastest_within = np.empty_like(times)
     fastest_within[0] = times[0]
