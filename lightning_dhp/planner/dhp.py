@@ -104,6 +104,10 @@ class _Pruned:
 
 _PRUNED = _Pruned()
 
+# relative slack when lower bounds alone decide a pruning: a round's makespan and its bound come from different
+# sums, so where they are equal they may differ in the last bits
+_BOUND_SLACK = 1e-9
+
 
 @dataclass(frozen=True)
 class _StaticLayout:
@@ -202,7 +206,8 @@ def _extra_round_plan(batch: Problem, static_degree: int, limit: float) -> Plan 
     lets short samples leave the wide groups. None when pruned or unpackable."""
     slots = static_slots(batch.lengths, batch.num_devices, batch.tokens_per_device, static_degree, batch.cost,
                          batch.options.static_rounds_extra, batch.patches, batch.vision_patches_per_device)
-    planned = _plan_rounds(batch, [[sample for group in groups for sample in group] for groups in slots], limit)
+    planned = _plan_rounds(batch, [[sample for group in groups for sample in group] for groups in slots], limit,
+                           prune_unsolved=True)
     return planned if isinstance(planned, Plan) else None
 
 
@@ -290,13 +295,17 @@ def _best_static(batch: Problem) -> _StaticLayout | None:
 
 
 def _plan_rounds(
-    batch: Problem, assignment: list[list[int]], limit: float, *, tight_starts: bool = False
+    batch: Problem, assignment: list[list[int]], limit: float, *, tight_starts: bool = False,
+    prune_unsolved: bool = False,
 ) -> Plan | _Pruned | None:
     """Plan every round of ``assignment`` (sample indices per round); :data:`_PRUNED` once the planned
     rounds plus the lower bounds of the rest exceed ``limit``, None when some round cannot be packed.
 
     Rounds whose longest sample is slowest at its minimum degree go first: when memory binds, that
-    is about their makespan, so a losing assignment is abandoned after few rounds.
+    is about their makespan, so a losing assignment is abandoned after few rounds. With ``prune_unsolved``
+    (for a caller to whom an unpackable assignment is as good as a pruned one) it is abandoned before any
+    round is solved when the lower bounds alone exceed ``limit``: the first round solved would prune it
+    (its makespan is at least its bound; :data:`_BOUND_SLACK` covers the rounding of the sums).
     """
     rounds = [np.array(sorted(members), dtype=np.int64) for members in assignment if len(members)]
     bounds = batch.round_bounds(rounds)
@@ -306,6 +315,8 @@ def _plan_rounds(
                                             node_size=batch.node_size, sum_patches=take(batch.patches, longest))
     planned: list[list[PlannedGroup]] = [[] for _ in rounds]
     spent, remaining = 0.0, math.fsum(bounds)
+    if prune_unsolved and remaining > limit * (1 + _BOUND_SLACK):
+        return _PRUNED
     for index in np.lexsort((np.arange(len(rounds)), -np.maximum(bounds, at_minimum))).tolist():
         remaining -= bounds[index]
         layout = _solve_round(rounds[index], batch, bounds[index], tight_starts=tight_starts)
