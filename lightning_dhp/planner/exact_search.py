@@ -133,9 +133,11 @@ def search_layout(problem: Problem, pair_budget: int) -> ExactLayout | None:
         all_but_one = np.repeat((devices_left - 2) * subsets, counts)  # that row of the tables
         hopeful = np.flatnonzero((fastest_flat[all_but_one + bins] < best) & (bound_flat[all_but_one + rest] < best))
         pair_parent, bins, rest = pair_parent[hopeful], bins[hopeful], rest[hopeful]
-        # degree of the bin - 1 x pair: the rest's devices, the slowest bin with it, a bound on the rest
-        rest_devices = devices_left[pair_parent] - degree_steps
-        with_bin = np.maximum(slowest[pair_parent], tables.times[:num_devices - 1, bins])
+        # degree of the bin - 1 (up to all but one of the most devices left) x pair: the rest's devices, the
+        # slowest bin with it, a bound on the rest
+        steps = int(devices_left.max()) - 1
+        rest_devices = devices_left[pair_parent] - degree_steps[:steps]
+        with_bin = np.maximum(slowest[pair_parent], tables.times[:steps, bins])
         rest_row = (np.maximum(rest_devices, 1) - 1) * subsets + rest  # the rest on its devices (at least one)
         bound = bound_flat[rest_row]
         alive = (rest_devices >= 1) & (with_bin < best) & (bound < best)
@@ -145,6 +147,8 @@ def search_layout(problem: Problem, pair_budget: int) -> ExactLayout | None:
             if finished[step, pair] < best:
                 best, found = float(finished[step, pair]), (level, int(pair_parent[pair]), int(bins[pair]))
                 best_layout = None
+        if level == num_devices - 2:
+            break  # every partial layout is down to two devices: none can hold two bins more
         # the partial layouts that can still win and still hold two bins; of equal rest and devices the fastest
         step, pair = np.nonzero((rest_devices >= 2) & (with_bin < best) & (bound < best))
         key = rest[pair] * (num_devices + 1) + rest_devices[step, pair]
@@ -195,7 +199,7 @@ def _greedy_start(tables: _SubsetTables, num_samples: int, num_devices: int) -> 
         times = tables.times[degree - 1]
         masks = [0] * (num_devices // degree)
         for sample in np.argsort(-singles[degree - 1], kind="stable").tolist():
-            options = [float(times[mask | 1 << sample]) for mask in masks]
+            options = [times.item(mask | 1 << sample) for mask in masks]
             chosen = min(range(len(masks)), key=options.__getitem__)
             if math.isinf(options[chosen]):
                 break

@@ -138,7 +138,7 @@ class _Groups:
         return self.padded[samples, np.searchsorted(self.degrees, degrees)]
 
     def times(
-        self, sums: np.ndarray, squares: np.ndarray, groups: np.ndarray | int, patches: np.ndarray | None = None
+        self, sums: np.ndarray, squares: np.ndarray, groups: np.ndarray | int | slice, patches: np.ndarray | None = None
     ) -> np.ndarray:
         time = self.fixed[groups] + self.per_square[groups] * squares + self.per_token[groups] * sums
         return time if patches is None else time + self.per_patch[groups] * patches
@@ -165,8 +165,9 @@ class _Groups:
         for the samples of the donor's slowest group, the move that gains most, else the swap that gains
         most. False when none improves."""
         round_of, time, makespan, second, bins = self.round_of, self.time, self.makespan, self.second, self.bins
-        sums, group_patches, every = bins.tokens, bins.held, np.arange(len(time))
+        sums, group_patches, every = bins.tokens, bins.held, slice(None)
         partner_round, partner_own = self.sample_round, bins.own_padded
+        round_makespan = makespan[round_of]  # each group's round's
         for donor in np.argsort(-(makespan - second), kind="stable").tolist():
             if makespan[donor] - second[donor] <= self.min_gain:
                 return False  # sorted: no later round can gain either
@@ -184,14 +185,14 @@ class _Groups:
                               group_patches[slowest] - leaving if vision else None)
             need = self.padded[samples[:, None], self.degree_column[None, :]]
             arrived = group_patches + leaving[:, None] if vision else None
-            arrive = self.times(sums + need, self.squares + need * need, every, arrived)
+            need_sums = sums + need
+            arrive = self.times(need_sums, self.squares + need * need, every, arrived)
             move_net = np.where(
-                (round_of != donor) & bins.fits(bins.degree, sums + need, arrived) & (len(samples) > 1),
-                (makespan[donor] - np.maximum(left, second[donor]))[:, None]
-                - np.maximum(0.0, arrive - makespan[round_of]),
+                (round_of != donor) & bins.fits(bins.degree, need_sums, arrived) & (len(samples) > 1),
+                (makespan[donor] - np.maximum(left, second[donor]))[:, None] - np.maximum(0.0, arrive - round_makespan),
                 -np.inf,
             )
-            best_move = np.unravel_index(int(np.argmax(move_net)), move_net.shape)
+            best_move = divmod(int(np.argmax(move_net)), move_net.shape[1])
             move_gain = float(move_net[best_move])
             swap_gain = -np.inf
             if self.options.rebalance_swaps and move_gain <= self.min_gain:
@@ -217,7 +218,7 @@ class _Groups:
                     - np.maximum(0.0, there_time - makespan[partner_round]),
                     -np.inf,
                 )
-                best_swap = np.unravel_index(int(np.argmax(swap_net)), swap_net.shape)
+                best_swap = divmod(int(np.argmax(swap_net)), swap_net.shape[1])
                 swap_gain = float(swap_net[best_swap])
             if max(move_gain, swap_gain) <= self.min_gain:
                 self.stuck[donor] = True
