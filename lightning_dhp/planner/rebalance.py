@@ -115,15 +115,11 @@ class _Groups:
         self.bins = Bins([list(group.samples) for group in groups], degree, self._padded_at, tokens_per_device,
                          None if patches is None else patches.astype(np.float64),
                          vision_budget(patches, vision_patches_per_device))
-        zero, one = np.zeros(len(groups)), np.ones(len(groups))
-
-        def at_degrees(sums: np.ndarray, squares: np.ndarray, patches: np.ndarray | None = None) -> np.ndarray:
-            return cost.placed_times(sums, squares, degree, first, node_size, sum_patches=patches)
-
-        self.fixed = at_degrees(zero, zero)
-        self.per_token = at_degrees(one, zero) - self.fixed
-        self.per_square = at_degrees(zero, one) - self.fixed
-        self.per_patch = at_degrees(zero, zero, one) - self.fixed
+        # every group's time holding nothing, one padded token, one squared token, one vision patch (one call)
+        unit = np.eye(4)[:, :, None]
+        self.fixed, token, square, patch = cost.placed_times(unit[:, 1], unit[:, 2], degree, first, node_size,
+                                                             sum_patches=unit[:, 3])
+        self.per_token, self.per_square, self.per_patch = token - self.fixed, square - self.fixed, patch - self.fixed
         own = self.bins.own_padded
         self.sample_round = self.round_of[self.bins.owner]  # kept current by _transfer
         self.squares = np.bincount(self.bins.owner, weights=own * own, minlength=len(groups))
@@ -144,11 +140,8 @@ class _Groups:
         return time if patches is None else time + self.per_patch[groups] * patches
 
     def _update_round(self, round_index: int) -> None:
-        times = self.time[self.round_start[round_index] : self.round_start[round_index + 1]]
-        if len(times) == 1:
-            self.makespan[round_index], self.second[round_index] = times[0], 0.0
-        else:
-            self.second[round_index], self.makespan[round_index] = np.partition(times, len(times) - 2)[-2:]
+        times = sorted(self.time[self.round_start[round_index] : self.round_start[round_index + 1]].tolist())
+        self.makespan[round_index], self.second[round_index] = times[-1], times[-2] if len(times) > 1 else 0.0
 
     def rounds(self, planned: list[list[PlannedGroup]]) -> list[list[PlannedGroup]]:
         """``planned`` with the current members."""
