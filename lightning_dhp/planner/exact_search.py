@@ -126,9 +126,14 @@ def search_layout(problem: Problem, pair_budget: int) -> ExactLayout | None:
         total = int(counts.sum())
         if total > pair_budget:
             return None
-        pair_parent = np.repeat(np.arange(remaining.size), counts)
-        entry = np.repeat(submasks.first[remaining] - (np.cumsum(counts) - counts), counts) + np.arange(total)
-        bins, rest = submasks.bins[entry], submasks.rests[entry]
+        if remaining.size == 1:  # one partial layout (the first level): its bins are one run of the table
+            start = int(submasks.first[remaining[0]])
+            pair_parent = np.zeros(total, dtype=np.int64)
+            bins, rest = submasks.bins[start:start + total], submasks.rests[start:start + total]
+        else:
+            pair_parent = np.repeat(np.arange(remaining.size), counts)
+            entry = np.repeat(submasks.first[remaining] - (np.cumsum(counts) - counts), counts) + np.arange(total)
+            bins, rest = submasks.bins[entry], submasks.rests[entry]
         # first with one degree each: the bin at its fastest on all but one device, the rest on all but one
         all_but_one = np.repeat((devices_left - 2) * subsets, counts)  # that row of the tables
         hopeful = np.flatnonzero((fastest_flat[all_but_one + bins] < best) & (bound_flat[all_but_one + rest] < best))
