@@ -13,6 +13,7 @@ keeps within its memory (padded tokens and, under a vision budget, vision patche
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -106,10 +107,12 @@ class _Groups:
         self.stuck = np.zeros(len(rounds), dtype=bool)
         sizes = [len(planned) for planned in rounds]
         self.round_of = np.repeat(np.arange(len(rounds)), sizes)
-        self.round_start = np.concatenate([[0], np.cumsum(sizes)]).tolist()  # groups of a round are contiguous
+        self.round_start = [0, *itertools.accumulate(sizes)]  # groups of a round are contiguous
         degree = np.array([group.degree for group in groups], dtype=np.int64)
         first = np.array([group.first_rank for group in groups], dtype=np.int64)
-        self.degrees, self.degree_column = np.unique(degree, return_inverse=True)
+        distinct = sorted({group.degree for group in groups})  # the degrees in use, and each group's column
+        self.degrees = np.array(distinct, dtype=np.int64)
+        self.degree_column = np.array([distinct.index(group.degree) for group in groups], dtype=np.int64)
         self.padded = padded_lengths(lengths[:, None], self.degrees[None, :]).astype(np.float64)
         # a row of zeros per group on top: the partner of a move (none) in apply_best_change's columns
         self.padded_or_none = np.vstack([np.zeros((len(groups), len(self.degrees))), self.padded])
