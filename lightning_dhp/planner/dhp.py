@@ -309,14 +309,14 @@ def _plan_rounds(
     """
     rounds = [np.array(sorted(members), dtype=np.int64) for members in assignment if len(members)]
     bounds = batch.round_bounds(rounds)
+    spent, remaining = 0.0, math.fsum(bounds)
+    if prune_unsolved and remaining > limit * (1 + _BOUND_SLACK):
+        return _PRUNED
     longest = np.array([samples[np.argmax(batch.lengths[samples])] for samples in rounds])
     padded = padded_lengths(batch.lengths[longest], batch.min_degree[longest]).astype(np.float64)
     at_minimum = batch.cost.times_from_sums(padded, padded * padded, batch.min_degree[longest],
                                             node_size=batch.node_size, sum_patches=take(batch.patches, longest))
     planned: list[list[PlannedGroup]] = [[] for _ in rounds]
-    spent, remaining = 0.0, math.fsum(bounds)
-    if prune_unsolved and remaining > limit * (1 + _BOUND_SLACK):
-        return _PRUNED
     for index in np.lexsort((np.arange(len(rounds)), -np.maximum(bounds, at_minimum))).tolist():
         remaining -= bounds[index]
         layout = _solve_round(rounds[index], batch, bounds[index], tight_starts=tight_starts)

@@ -205,10 +205,10 @@ def _greedy_start(tables: _SubsetTables, num_samples: int, num_devices: int) -> 
         masks = [0] * (num_devices // degree)
         for sample in np.argsort(-singles[degree - 1], kind="stable").tolist():
             options = [times.item(mask | 1 << sample) for mask in masks]
-            chosen = min(range(len(masks)), key=options.__getitem__)
-            if math.isinf(options[chosen]):
+            fastest = min(options)
+            if math.isinf(fastest):
                 break
-            masks[chosen] |= 1 << sample
+            masks[options.index(fastest)] |= 1 << sample
         else:
             masks = [mask for mask in masks if mask]
             makespan = float(times[masks].max())
