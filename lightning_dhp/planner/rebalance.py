@@ -114,8 +114,6 @@ class _Groups:
         self.degrees = np.array(distinct, dtype=np.int64)
         self.degree_column = np.array([distinct.index(group.degree) for group in groups], dtype=np.int64)
         self.padded = padded_lengths(lengths[:, None], self.degrees[None, :]).astype(np.float64)
-        # a row of zeros per group on top: the partner of a move (none) in apply_best_change's columns
-        self.padded_or_none = np.vstack([np.zeros((len(groups), len(self.degrees))), self.padded])
         # token and patch sums in float64, as the times use them (vision patches: None without any)
         self.bins = Bins([list(group.samples) for group in groups], degree, self._padded_at, tokens_per_device,
                          None if patches is None else patches.astype(np.float64),
@@ -126,6 +124,7 @@ class _Groups:
                                                              sum_patches=unit[:, 3])
         self.per_token, self.per_square, self.per_patch = token - self.fixed, square - self.fixed, patch - self.fixed
         own = self.bins.own_padded
+        self.sample_round = self.round_of[self.bins.owner]  # kept current by _transfer
         self.squares = np.bincount(self.bins.owner, weights=own * own, minlength=len(groups))
         self.time = self.times(self.bins.tokens, self.squares, np.arange(len(groups)), self.bins.held)
         # per round: the slowest group's time and the second largest (0 for a round of one group)
@@ -160,20 +159,11 @@ class _Groups:
     def apply_best_change(self) -> bool:
         """Apply the first improving change, donor rounds by how much their slowest group stands out:
         for the samples of the donor's slowest group, the move that gains most, else the swap that gains
-        most. False when none improves.
-
-        Moves and swaps are timed side by side, one column per target: each group (a move: a partner of no
-        tokens, so the same sums give the same floats) and each sample (a swap with it)."""
+        most. False when none improves."""
         round_of, time, makespan, second, bins = self.round_of, self.time, self.makespan, self.second, self.bins
-        sums, group_patches, num_groups = bins.tokens, bins.held, len(self.time)
-        vision = bins.patches is not None
-        target = np.concatenate([np.arange(num_groups), bins.owner])  # each column's group
-        partner_own = np.concatenate([np.zeros(num_groups), bins.own_padded])  # and what leaves it for the donor
-        partner_patches = np.concatenate([np.zeros(num_groups), bins.patches]) if vision else None
-        target_round = round_of[target]
-        target_rest_sums = sums[target] - partner_own
-        target_rest_squares = self.squares[target] - partner_own * partner_own
-        target_column = self.degree_column[target]
+        sums, group_patches, every = bins.tokens, bins.held, slice(None)
+        partner_round, partner_own = self.sample_round, bins.own_padded
+        round_makespan = makespan[round_of]  # each group's round's
         for donor in np.argsort(-(makespan - second), kind="stable").tolist():
             if makespan[donor] - second[donor] <= self.min_gain:
                 return False  # sorted: no later round can gain either
@@ -183,43 +173,59 @@ class _Groups:
             slowest = first + int(np.argmax(time[first : self.round_start[donor + 1]]))
             samples = np.array(bins.members[slowest], dtype=np.int64)
             own = self.padded[samples, self.degree_column[slowest]]
+            vision = bins.patches is not None
             leaving = bins.patches[samples] if vision else np.zeros(0)  # the slowest group's samples' patches
-            # the slowest group without the sample, with the partner (none for a move) at its degree
-            here = self.padded_or_none[:, self.degree_column[slowest]]
-            back_sums = sums[slowest] - own[:, None] + here
-            back_patches = group_patches[slowest] - leaving[:, None] + partner_patches if vision else None
-            back_time = self.times(
-                back_sums, self.squares[slowest] - (own * own)[:, None] + here * here, slowest, back_patches
-            )
-            # the target group without the partner, with the sample at its degree
-            there = self.padded[samples[:, None], target_column]
-            there_sums = target_rest_sums + there
-            there_patches = group_patches[target] - partner_patches + leaving[:, None] if vision else None
-            there_time = self.times(there_sums, target_rest_squares + there * there, target, there_patches)
-            net = np.where(
-                (target_round != donor) & bins.fits(bins.degree[slowest], back_sums, back_patches)
-                & bins.fits(bins.degree[target], there_sums, there_patches),
-                makespan[donor] - np.maximum(back_time, second[donor])
-                - np.maximum(0.0, there_time - makespan[target_round]),
+
+            # moves: the sample leaves, nothing comes back (emptying the group would idle its ranks for nothing)
+            left = self.times(sums[slowest] - own, self.squares[slowest] - own * own, slowest,
+                              group_patches[slowest] - leaving if vision else None)
+            need = self.padded[samples[:, None], self.degree_column[None, :]]
+            arrived = group_patches + leaving[:, None] if vision else None
+            need_sums = sums + need
+            arrive = self.times(need_sums, self.squares + need * need, every, arrived)
+            move_net = np.where(
+                (round_of != donor) & bins.fits(bins.degree, need_sums, arrived) & (len(samples) > 1),
+                (makespan[donor] - np.maximum(left, second[donor]))[:, None] - np.maximum(0.0, arrive - round_makespan),
                 -np.inf,
             )
-            moves, swaps = net[:, :num_groups], net[:, num_groups:]
-            if len(samples) == 1:
-                moves = np.full_like(moves, -np.inf)  # emptying the group would idle its ranks for nothing
-            best_move = divmod(int(np.argmax(moves)), num_groups)
-            move_gain, swap_gain = float(moves[best_move]), -np.inf
+            best_move = divmod(int(np.argmax(move_net)), move_net.shape[1])
+            move_gain = float(move_net[best_move])
+            swap_gain = -np.inf
             if self.options.rebalance_swaps and move_gain <= self.min_gain:
-                best_swap = divmod(int(np.argmax(swaps)), swaps.shape[1])
-                swap_gain = float(swaps[best_swap])
+                # swaps: the sample goes to a partner's group, the partner comes back to the slowest group
+                here = self.padded[:, self.degree_column[slowest]]
+                back_sums = sums[slowest] - own[:, None] + here
+                back_patches = group_patches[slowest] - leaving[:, None] + bins.patches if vision else None
+                back_time = self.times(
+                    back_sums, self.squares[slowest] - (own * own)[:, None] + here * here, slowest, back_patches
+                )
+                partner_group = bins.owner
+                there = self.padded[samples[:, None], self.degree_column[partner_group]]
+                there_sums = sums[partner_group] - partner_own + there
+                there_patches = group_patches[partner_group] - bins.patches + leaving[:, None] if vision else None
+                there_time = self.times(
+                    there_sums, self.squares[partner_group] - partner_own * partner_own + there * there, partner_group,
+                    there_patches,
+                )
+                swap_net = np.where(
+                    (partner_round != donor) & bins.fits(bins.degree[slowest], back_sums, back_patches)
+                    & bins.fits(bins.degree[partner_group], there_sums, there_patches),
+                    makespan[donor] - np.maximum(back_time, second[donor])
+                    - np.maximum(0.0, there_time - makespan[partner_round]),
+                    -np.inf,
+                )
+                best_swap = divmod(int(np.argmax(swap_net)), swap_net.shape[1])
+                swap_gain = float(swap_net[best_swap])
             if max(move_gain, swap_gain) <= self.min_gain:
                 self.stuck[donor] = True
                 continue
             if move_gain >= swap_gain:  # a move on ties: it changes less
-                row, group = best_move
-                self._transfer(int(samples[row]), group)
+                row, target = int(best_move[0]), int(best_move[1])
+                self._transfer(int(samples[row]), target)
             else:
-                row, partner = best_swap
-                self._transfer(int(samples[row]), int(bins.owner[partner]))
+                row, partner = int(best_swap[0]), int(best_swap[1])
+                target = int(bins.owner[partner])
+                self._transfer(int(samples[row]), target)
                 self._transfer(partner, slowest)
             return True
         return False
@@ -232,6 +238,7 @@ class _Groups:
         arrived = bins.own_padded[sample]
         touched = [int(self.round_of[source]), int(self.round_of[target])]
         self.stuck[touched] = False
+        self.sample_round[sample] = touched[1]
         self.squares[source] -= left_behind * left_behind
         self.squares[target] += arrived * arrived
         for group in (source, target):
