@@ -10,9 +10,8 @@ for the winning bins. Ranks are not placed here: the caller only enumerates roun
 cross a node.
 
 Both exact methods (this one and :mod:`.exact_search`) time bins from one table of every subset of the
-round's samples at every degree (:func:`subset_times`): ``2^n`` subsets, where the enumeration has about
-``1.4 * 3^n`` (partition, bin) pairs (11,184 at 8 samples on 4 devices, 256 subsets), so each bin's time is
-looked up, not computed again.
+round's samples at every degree (:func:`subset_times`): 256 subsets of 8 samples, where their layouts on 4
+devices have 11,180 (partition, bin) pairs, so each bin's time is looked up, not computed again.
 """
 
 from __future__ import annotations
