@@ -43,7 +43,7 @@ from lightning_dhp.planner.plan import Plan, PlanError
 from lightning_dhp.planner.problem import Problem, batch_problem
 from lightning_dhp.planner.rebalance import rebalance_plan
 from lightning_dhp.planner.refine import Refiner
-from lightning_dhp.planner.rounds import balanced_assignment, device_seconds, minimum_rounds
+from lightning_dhp.planner.rounds import balanced_assignment, minimum_rounds
 
 
 def plan_batch(
@@ -104,6 +104,10 @@ class _Pruned:
 
 
 _PRUNED = _Pruned()
+
+# relative slack when lower bounds alone decide a pruning: a round's makespan and its bound come from different
+# sums, so where they are equal they may differ in the last bits
+_BOUND_SLACK = 1e-9
 
 
 @dataclass(frozen=True)
@@ -217,12 +221,11 @@ def _is_hard(plan: Plan, options: PlannerOptions) -> bool:
 def _fewest_rounds_plan(batch: Problem, prunes: Callable[[float], bool]) -> Plan | None:
     """The balanced assignment over the fewest rounds that packs, planned round by round; None when it
     is pruned (``prunes``: :func:`_plan_rounds`'s) or no round count packs."""
-    work = device_seconds(batch.lengths, batch.min_degree, batch.cost, batch.patches)
     fewest = minimum_rounds(batch.lengths, batch.num_devices, batch.tokens_per_device, batch.patches,
                             batch.vision_patches_per_device)
     for num_rounds in range(fewest, len(batch.lengths) + 1):
-        assignment = balanced_assignment(work, batch.lengths, num_rounds, batch.num_devices, batch.tokens_per_device,
-                                         batch.patches, batch.vision_patches_per_device)
+        assignment = balanced_assignment(batch.sample_work, batch.lengths, num_rounds, batch.num_devices,
+                                         batch.tokens_per_device, batch.patches, batch.vision_patches_per_device)
         if assignment is None:
             continue
         planned = _plan_rounds(batch, assignment, prunes, tight_starts=num_rounds == 1)
@@ -251,7 +254,8 @@ def _extra_round_plan(batch: Problem, static_degree: int, prunes: Callable[[floa
     lets short samples leave the wide groups. None when pruned or unpackable."""
     slots = static_slots(batch.lengths, batch.num_devices, batch.tokens_per_device, static_degree, batch.cost,
                          batch.options.static_rounds_extra, batch.patches, batch.vision_patches_per_device)
-    planned = _plan_rounds(batch, [[sample for group in groups for sample in group] for groups in slots], prunes)
+    planned = _plan_rounds(batch, [[sample for group in groups for sample in group] for groups in slots], prunes,
+                           prune_unsolved=True)
     return planned if isinstance(planned, Plan) else None
 
 
@@ -304,7 +308,7 @@ def _polish(plan: Plan, batch: Problem) -> Plan:
               for round_ in plan.rounds]
     members = [np.array(sorted(sample for group in round_.groups for sample in group.samples), dtype=np.int64)
                for round_ in plan.rounds]
-    bounds = [batch.round_bound(samples) for samples in members]
+    bounds = batch.round_bounds(members)
     excess = [round_.predicted_time - bound for round_, bound in zip(plan.rounds, bounds, strict=True)]
     for index in sorted(range(len(rounds)), key=lambda position: -excess[position])[:options.polish_rounds]:
         samples, round_ = members[index], plan.rounds[index]
@@ -348,22 +352,28 @@ def _best_static(
 
 
 def _plan_rounds(
-    batch: Problem, assignment: list[list[int]], prunes: Callable[[float], bool], *, tight_starts: bool = False
+    batch: Problem, assignment: list[list[int]], prunes: Callable[[float], bool], *, tight_starts: bool = False,
+    prune_unsolved: bool = False,
 ) -> Plan | _Pruned | None:
     """Plan every round of ``assignment`` (sample indices per round); :data:`_PRUNED` once ``prunes`` the
     planned rounds plus the lower bounds of the rest, None when some round cannot be packed.
 
     Rounds whose longest sample is slowest at its minimum degree go first: when memory binds, that
-    is about their makespan, so a losing assignment is abandoned after few rounds.
+    is about their makespan, so a losing assignment is abandoned after few rounds. With ``prune_unsolved``
+    (for a caller to whom an unpackable assignment is as good as a pruned one) it is abandoned before any
+    round is solved when ``prunes`` the lower bounds alone: the first round solved would prune it
+    (its makespan is at least its bound; :data:`_BOUND_SLACK` covers the rounding of the sums).
     """
     rounds = [np.array(sorted(members), dtype=np.int64) for members in assignment if len(members)]
-    bounds = [batch.round_bound(samples) for samples in rounds]
+    bounds = batch.round_bounds(rounds)
+    spent, remaining = 0.0, math.fsum(bounds)
+    if prune_unsolved and prunes(remaining / (1 + _BOUND_SLACK)):
+        return _PRUNED
     longest = np.array([samples[np.argmax(batch.lengths[samples])] for samples in rounds])
     padded = padded_lengths(batch.lengths[longest], batch.min_degree[longest]).astype(np.float64)
     at_minimum = batch.cost.times_from_sums(padded, padded * padded, batch.min_degree[longest],
                                             node_size=batch.node_size, sum_patches=take(batch.patches, longest))
     planned: list[list[PlannedGroup]] = [[] for _ in rounds]
-    spent, remaining = 0.0, math.fsum(bounds)
     for index in np.lexsort((np.arange(len(rounds)), -np.maximum(bounds, at_minimum))).tolist():
         remaining -= bounds[index]
         layout = _solve_round(rounds[index], batch, bounds[index], tight_starts=tight_starts)

@@ -8,6 +8,10 @@ The bins' memory limits and times follow :mod:`.allocation` (each bin from its m
 padded per degree, timed by the cost model), so the makespan found is the one exact allocation reaches
 for the winning bins. Ranks are not placed here: the caller only enumerates rounds whose groups cannot
 cross a node.
+
+Both exact methods (this one and :mod:`.exact_search`) time bins from one table of every subset of the
+round's samples at every degree (:func:`subset_times`): 256 subsets of 8 samples, where their layouts on 4
+devices have 11,180 (partition, bin) pairs, so each bin's time is looked up, not computed again.
 """
 
 from __future__ import annotations
@@ -43,32 +47,70 @@ def _stirling(n: int, k: int) -> int:
     return k * _stirling(n - 1, k) + _stirling(n - 1, k - 1)
 
 
-@dataclass(frozen=True)
-class _Partitions:
-    """Every partition of ``n`` samples into at most ``max_bins`` bins, laid out for matrix products."""
-
-    labels: np.ndarray  # partition x sample: each sample's bin, bins numbered in order of first appearance
-    member: np.ndarray  # sample x (partition * max_bins + bin): 1.0 where the sample is in the bin
-    by_bins: tuple[np.ndarray, ...]  # [k - 1]: the partitions of exactly k bins, ascending
-    max_bins: int
-
-
 @functools.cache
-def _partitions(num_samples: int, max_bins: int) -> _Partitions:
-    """The partitions of ``num_samples`` samples into at most ``max_bins`` bins (restricted growth strings,
-    in lexicographic order), remembered."""
+def _partition_masks(num_samples: int, max_bins: int) -> tuple[np.ndarray, ...]:
+    """The partitions of ``num_samples`` samples into at most ``max_bins`` bins (restricted growth strings, in
+    lexicographic order), ``[k - 1]``: those of exactly ``k`` bins x ``k``, each bin's subset mask (bit ``s``:
+    sample ``s``; bins in order of their lowest member), remembered."""
     rows: list[tuple[int, ...]] = [()]
     for _ in range(num_samples):
         rows = [(*row, label) for row in rows for label in range(min(max(row, default=-1) + 2, max_bins))]
     labels = np.array(rows, dtype=np.int64).reshape(len(rows), num_samples)
-    columns = np.arange(len(rows))[:, None] * max_bins + labels
-    member = np.zeros((num_samples, len(rows) * max_bins))
-    member[np.arange(num_samples)[None, :], columns] = 1.0
+    in_bin = labels[:, :, None] == np.arange(max_bins)  # partition x sample x bin
+    masks = (in_bin * (1 << np.arange(num_samples))[None, :, None]).sum(axis=1)  # partition x bin
     bins_used = labels.max(axis=1, initial=0) + 1
-    by_bins = tuple(np.flatnonzero(bins_used == k) for k in range(1, max_bins + 1))
-    for array in (labels, member, *by_bins):
+    by_bins = tuple(masks[bins_used == k, :k] for k in range(1, max_bins + 1))
+    for array in by_bins:
         array.flags.writeable = False
-    return _Partitions(labels, member, by_bins, max_bins)
+    return by_bins
+
+
+@functools.cache
+def membership(num_samples: int) -> np.ndarray:
+    """Sample x subset: 1.0 where the sample (bit) is in the subset (mask), read-only."""
+    masks = np.arange(1 << num_samples)
+    bits = ((masks[None, :] >> np.arange(num_samples)[:, None]) & 1).astype(np.float64)
+    bits.flags.writeable = False
+    return bits
+
+
+@dataclass(frozen=True)
+class SubsetTimes:
+    """Every subset's (mask's) time as one bin at each degree, and the sums of the caller's extra rows."""
+
+    times: np.ndarray  # degree - 1 x subset: the bin's time, inf where it does not fit (and for the empty set)
+    extra_sums: np.ndarray  # extra row x subset: each extra row summed over the subset's members
+    patches: np.ndarray | None  # subset: its vision patches (None: no patches)
+
+
+def subset_times(problem: Problem, extra_rows: tuple[np.ndarray, ...] = ()) -> SubsetTimes:
+    """The round's :class:`SubsetTimes`, from one product of per-sample rows (``extra_rows`` last but the
+    patches) with the membership matrix. A bin is allowed from its largest member's minimum degree (and its
+    patches' vision minimum) up, padded per degree: :mod:`.allocation`'s rules."""
+    lengths, num_devices = problem.lengths, problem.num_devices
+    degrees = np.arange(1, num_devices + 1)
+    padded = padded_lengths(lengths[None, :], degrees[:, None])  # degree x sample
+    thresholds = np.arange(2, int(problem.min_degree.max()) + 1)
+    rows = [padded, padded * padded, padded // degrees[:, None], problem.min_degree[None, :] >= thresholds[:, None],
+            *(row[None, :] for row in extra_rows)]
+    if problem.patches is not None:
+        rows.append(problem.patches[None, :])
+    # the sums that decide a bin (tokens, squares, patches, minimum degrees) are of integers: exact in float64
+    sums = np.vstack([row.astype(np.float64) for row in rows]) @ membership(len(lengths))
+    sum_padded, sum_squares, per_device = (sums[k * num_devices:(k + 1) * num_devices] for k in range(3))
+    position = 3 * num_devices + len(thresholds)
+    start = 1 + (sums[3 * num_devices:position] > 0).sum(axis=0)  # the largest member minimum degree
+    held = None if problem.patches is None else sums[-1]
+    if problem.patch_budget is not None:
+        start = np.maximum(start, vision_min_degrees(held.astype(np.int64), problem.patch_budget))
+    times = problem.cost.times_from_sums(sum_padded, sum_squares, degrees[:, None], node_size=problem.node_size,
+                                         sum_patches=held)
+    # bin_min_degrees: the smallest degree from the start that fits; every degree above it is allowed
+    allowed = (per_device <= problem.tokens_per_device) & (start <= degrees[:, None])
+    allowed[:, 0] = False  # the empty set is no bin
+    for index in range(1, num_devices):  # (row by row: numpy's accumulate along the short axis is slower)
+        allowed[index] |= allowed[index - 1]
+    return SubsetTimes(np.where(allowed, times, np.inf), sums[position:position + len(extra_rows)], held)
 
 
 @functools.cache
@@ -97,53 +139,26 @@ def exact_layout(problem: Problem) -> ExactLayout | None:
 
     The caller keeps :func:`layout_count` small: the work is that many layouts times their bins.
     """
-    lengths, num_devices = problem.lengths, problem.num_devices
-    partitions = _partitions(len(lengths), min(len(lengths), num_devices))
-    member, max_bins = partitions.member, partitions.max_bins
-    degrees = np.arange(1, num_devices + 1)
-    # degree x sample: padded tokens, and per-device tokens (as bin_min_degrees counts them); products with
-    # member give degree x (partition, bin) sums
-    padded_tokens = padded_lengths(lengths[None, :], degrees[:, None])
-    per_device = padded_tokens // degrees[:, None]
-    padded = padded_tokens.astype(np.float64)
-    sum_padded = padded @ member
-    sum_squares = (padded * padded) @ member
-    fits = per_device.astype(np.float64) @ member <= problem.tokens_per_device
-    start = np.ones(member.shape[1])  # each bin's largest member minimum degree (and vision minimum)
-    for threshold in range(2, int(problem.min_degree.max()) + 1):
-        start += (problem.min_degree >= threshold).astype(np.float64) @ member > 0
-    sum_patches = None
-    if problem.patches is not None:
-        held = problem.patches.astype(np.float64) @ member
-        sum_patches = held
-        if problem.patch_budget is not None:
-            start = np.maximum(start, vision_min_degrees(held.astype(np.int64), problem.patch_budget))
-    times = problem.cost.times_from_sums(sum_padded, sum_squares, degrees[:, None], node_size=problem.node_size,
-                                         sum_patches=sum_patches)
-    # bin_min_degrees: the smallest degree from the start that fits; every degree above it is allowed
-    allowed = fits[0] & (start <= 1)
-    for index in range(num_devices):
-        allowed = allowed | (fits[index] & (start <= index + 1))
-        times[index] = np.where(allowed, times[index], np.inf)
-    times = times.reshape(num_devices, -1, max_bins)  # degree x partition x bin
-    best_time, best_partition = math.inf, -1
-    for num_bins, chosen in enumerate(partitions.by_bins, start=1):
-        if chosen.size == 0:
+    num_devices = problem.num_devices
+    times = subset_times(problem).times  # degree x subset
+    best_time, best_masks = math.inf, None
+    for num_bins, masks in enumerate(_partition_masks(len(problem.lengths), min(len(problem.lengths), num_devices)),
+                                     start=1):
+        if masks.size == 0:
             continue
         vectors = _degree_vectors(num_bins, num_devices)  # layout x bin
-        chosen_times = times[:, chosen, :num_bins]  # degree x partition x bin
+        chosen_times = times[:, masks]  # degree x partition x bin
         makespans = chosen_times[vectors[:, 0] - 1, :, 0]  # degree vector x partition
         for bin_index in range(1, num_bins):
             makespans = np.maximum(makespans, chosen_times[vectors[:, bin_index] - 1, :, bin_index])
         fastest = makespans.min(axis=0)
         index = int(np.argmin(fastest))
         if fastest[index] < best_time:
-            best_time, best_partition = float(fastest[index]), int(chosen[index])
-    if best_partition < 0:
+            best_time, best_masks = float(fastest[index]), masks[index].tolist()
+    if best_masks is None:
         return None
-    row = partitions.labels[best_partition].tolist()
-    bins = [[position for position, label in enumerate(row) if label == bin_index] for bin_index in range(max(row) + 1)]
-    return finished_layout(bins, times[:, best_partition, :len(bins)].T.tolist(), best_time, num_devices)
+    bins = [[position for position in range(mask.bit_length()) if mask >> position & 1] for mask in best_masks]
+    return finished_layout(bins, times[:, best_masks].T.tolist(), best_time, num_devices)
 
 
 def finished_layout(bins: list[list[int]], bin_times: list[list[float]], makespan: float,

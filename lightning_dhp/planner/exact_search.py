@@ -31,20 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lightning_dhp.planner.cost_model import padded_lengths
-from lightning_dhp.planner.exact_round import ExactLayout, finished_layout
-from lightning_dhp.planner.memory import vision_min_degrees
+from lightning_dhp.planner.exact_round import ExactLayout, finished_layout, membership, subset_times
 from lightning_dhp.planner.problem import Problem
-from lightning_dhp.planner.rounds import device_seconds
-
-
-@functools.cache
-def _membership(num_samples: int) -> np.ndarray:
-    """Sample x subset: 1.0 where the sample (bit) is in the subset (mask), read-only."""
-    masks = np.arange(1 << num_samples)
-    bits = ((masks[None, :] >> np.arange(num_samples)[:, None]) & 1).astype(np.float64)
-    bits.flags.writeable = False
-    return bits
 
 
 @dataclass(frozen=True)
@@ -62,7 +50,7 @@ class _Submasks:
 def _submasks(num_samples: int) -> _Submasks:
     """The :class:`_Submasks` of ``num_samples`` bits (``3^n / 2`` entries), built once per size."""
     masks = np.arange(1 << num_samples)
-    members = _membership(num_samples).sum(axis=0).astype(np.int64)
+    members = membership(num_samples).sum(axis=0).astype(np.int64)
     count = np.where(masks > 0, (1 << np.maximum(members - 1, 0)) - 1, 0)
     first = np.cumsum(count) - count
     owner = np.repeat(masks, count)
@@ -90,39 +78,21 @@ class _SubsetTables:
 
 
 def _subset_tables(problem: Problem) -> _SubsetTables:
-    """The round's subset tables, from one product of per-sample rows with the membership matrix."""
-    lengths, num_devices = problem.lengths, problem.num_devices
-    degrees = np.arange(1, num_devices + 1)
-    padded = padded_lengths(lengths[None, :], degrees[:, None])  # degree x sample
-    budget = problem.patch_budget
-    thresholds = np.arange(2, int(problem.min_degree.max()) + 1)
-    rows = [padded, padded * padded, padded // degrees[:, None], problem.min_degree[None, :] >= thresholds[:, None],
-            lengths[None, :], device_seconds(lengths, problem.min_degree, problem.cost, problem.patches)[None, :]]
-    if problem.patches is not None:
-        rows.append(problem.patches[None, :])
-    sums = np.vstack([row.astype(np.float64) for row in rows]) @ _membership(len(lengths))
-    sum_padded, sum_squares, per_device = (sums[k * num_devices:(k + 1) * num_devices] for k in range(3))
-    position = 3 * num_devices + len(thresholds)
-    start = 1 + (sums[3 * num_devices:position] > 0).sum(axis=0)  # the largest member minimum degree
-    held = None if problem.patches is None else sums[position + 2]
-    if budget is not None:
-        start = np.maximum(start, vision_min_degrees(held.astype(np.int64), budget))
-    times = problem.cost.times_from_sums(sum_padded, sum_squares, degrees[:, None], node_size=problem.node_size,
-                                         sum_patches=held)
-    # bin_min_degrees: the smallest degree from the start that fits; every degree above it is allowed
-    allowed = (per_device <= problem.tokens_per_device) & (start <= degrees[:, None])
-    allowed[:, 0] = False  # the empty set is no bin
+    """The round's subset tables: :func:`~.exact_round.subset_times` with the members' tokens and device-seconds
+    for the bound."""
+    num_devices = problem.num_devices
+    subsets = subset_times(problem, (problem.lengths, problem.sample_work))
+    times, (tokens, device_work), held = subsets.times, subsets.extra_sums, subsets.patches
     fastest_within = np.empty_like(times)
-    for index in range(num_devices):  # (row by row: numpy's accumulate along the short axis is slower)
-        if index:
-            allowed[index] |= allowed[index - 1]
-        times[index] = np.where(allowed[index], times[index], np.inf)
-        fastest_within[index] = np.minimum(times[index], fastest_within[index - 1]) if index else times[index]
+    fastest_within[0] = times[0]
+    for index in range(1, num_devices):  # (row by row: numpy's accumulate along the short axis is slower)
+        fastest_within[index] = np.minimum(times[index], fastest_within[index - 1])
     # any layout: its device-seconds spread over the devices, if its tokens (and patches) fit their memory
-    bound = problem.cost.overhead_s + sums[position + 1] / degrees[:, None]
-    fits = sums[position] <= degrees[:, None] * problem.tokens_per_device
-    if budget is not None:
-        fits &= held <= degrees[:, None] * budget
+    degrees = np.arange(1, num_devices + 1)[:, None]
+    bound = problem.cost.overhead_s + device_work / degrees
+    fits = tokens <= degrees * problem.tokens_per_device
+    if problem.patch_budget is not None:
+        fits &= held <= degrees * problem.patch_budget
     return _SubsetTables(times, fastest_within, np.where(fits, bound, np.inf))
 
 
@@ -140,8 +110,11 @@ def search_layout(problem: Problem, pair_budget: int) -> ExactLayout | None:
     one_bin = tables.fastest_within[num_devices - 1, everyone]
     if one_bin <= best:  # ties: the fewest bins
         best, best_layout = float(one_bin), [everyone]
-    degree_steps = np.arange(1, num_devices)
+    degree_steps = np.arange(1, num_devices)[:, None]
     submasks = _submasks(num_samples)
+    # the tables flat: row r of a table starts at r * subsets (one index array per lookup, not two)
+    subsets = 1 << num_samples
+    fastest_flat, bound_flat = tables.fastest_within.ravel(), tables.bound.ravel()
     # one level's partial layouts (the rest of the samples, their devices, the slowest bin so far), expandable ones
     remaining, devices_left, slowest = np.array([everyone]), np.array([num_devices]), np.array([-np.inf])
     history: list[tuple[np.ndarray, np.ndarray]] = []  # per level: (parent index, bin mask) of each kept entry
@@ -153,25 +126,34 @@ def search_layout(problem: Problem, pair_budget: int) -> ExactLayout | None:
         total = int(counts.sum())
         if total > pair_budget:
             return None
-        pair_parent = np.repeat(np.arange(remaining.size), counts)
-        entry = np.repeat(submasks.first[remaining] - (np.cumsum(counts) - counts), counts) + np.arange(total)
-        bins, rest = submasks.bins[entry], submasks.rests[entry]
+        if remaining.size == 1:  # one partial layout (the first level): its bins are one run of the table
+            start = int(submasks.first[remaining[0]])
+            pair_parent = np.zeros(total, dtype=np.int64)
+            bins, rest = submasks.bins[start:start + total], submasks.rests[start:start + total]
+        else:
+            pair_parent = np.repeat(np.arange(remaining.size), counts)
+            entry = np.repeat(submasks.first[remaining] - (np.cumsum(counts) - counts), counts) + np.arange(total)
+            bins, rest = submasks.bins[entry], submasks.rests[entry]
         # first with one degree each: the bin at its fastest on all but one device, the rest on all but one
-        most = devices_left[pair_parent] - 1
-        hopeful = (tables.fastest_within[most - 1, bins] < best) & (tables.bound[most - 1, rest] < best)
+        all_but_one = np.repeat((devices_left - 2) * subsets, counts)  # that row of the tables
+        hopeful = np.flatnonzero((fastest_flat[all_but_one + bins] < best) & (bound_flat[all_but_one + rest] < best))
         pair_parent, bins, rest = pair_parent[hopeful], bins[hopeful], rest[hopeful]
-        # degree of the bin - 1 x pair: the rest's devices, the slowest bin with it, a bound on the rest
-        rest_devices = devices_left[pair_parent][None, :] - degree_steps[:, None]
-        with_bin = np.maximum(slowest[pair_parent][None, :], tables.times[:num_devices - 1, bins])
-        usable = np.maximum(rest_devices, 1)
-        bound = tables.bound[usable - 1, rest[None, :]]
+        # degree of the bin - 1 (up to all but one of the most devices left) x pair: the rest's devices, the
+        # slowest bin with it, a bound on the rest
+        steps = int(devices_left.max()) - 1
+        rest_devices = devices_left[pair_parent] - degree_steps[:steps]
+        with_bin = np.maximum(slowest[pair_parent], tables.times[:steps, bins])
+        rest_row = (np.maximum(rest_devices, 1) - 1) * subsets + rest  # the rest on its devices (at least one)
+        bound = bound_flat[rest_row]
         alive = (rest_devices >= 1) & (with_bin < best) & (bound < best)
-        finished = np.where(alive, np.maximum(with_bin, tables.fastest_within[usable - 1, rest[None, :]]), np.inf)
+        finished = np.where(alive, np.maximum(with_bin, fastest_flat[rest_row]), np.inf)
         if finished.size:
-            step, pair = np.unravel_index(int(np.argmin(finished)), finished.shape)
+            step, pair = divmod(int(np.argmin(finished)), finished.shape[1])
             if finished[step, pair] < best:
                 best, found = float(finished[step, pair]), (level, int(pair_parent[pair]), int(bins[pair]))
                 best_layout = None
+        if level == num_devices - 2:
+            break  # every partial layout is down to two devices: none can hold two bins more
         # the partial layouts that can still win and still hold two bins; of equal rest and devices the fastest
         step, pair = np.nonzero((rest_devices >= 2) & (with_bin < best) & (bound < best))
         key = rest[pair] * (num_devices + 1) + rest_devices[step, pair]
@@ -222,11 +204,11 @@ def _greedy_start(tables: _SubsetTables, num_samples: int, num_devices: int) -> 
         times = tables.times[degree - 1]
         masks = [0] * (num_devices // degree)
         for sample in np.argsort(-singles[degree - 1], kind="stable").tolist():
-            options = [float(times[mask | 1 << sample]) for mask in masks]
-            chosen = min(range(len(masks)), key=options.__getitem__)
-            if math.isinf(options[chosen]):
+            options = [times.item(mask | 1 << sample) for mask in masks]
+            fastest = min(options)
+            if math.isinf(fastest):
                 break
-            masks[chosen] |= 1 << sample
+            masks[options.index(fastest)] |= 1 << sample
         else:
             masks = [mask for mask in masks if mask]
             makespan = float(times[masks].max())

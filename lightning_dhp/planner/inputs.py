@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Sequence
@@ -24,6 +25,9 @@ def check_count(value: object, name: str, fix: str) -> int:
 
 def check_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
     """Lengths as an int64 array; each must be a positive integer (integral floats are accepted)."""
+    if isinstance(lengths, list) and all(type(value) is int for value in lengths):  # (not bools)
+        with contextlib.suppress(OverflowError):  # past int64: the checks below name the sample
+            lengths = np.array(lengths, dtype=np.int64)
     clean_array = isinstance(lengths, np.ndarray) and lengths.ndim == 1 and np.issubdtype(lengths.dtype, np.integer)
     if clean_array and lengths.size and lengths.min() >= 1 and lengths.max() <= MAX_LENGTH:
         return lengths.astype(np.int64)  # the common case, checked in one pass

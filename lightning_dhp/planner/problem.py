@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ from lightning_dhp.planner.inputs import checked_min_degrees
 from lightning_dhp.planner.memory import vision_budget
 from lightning_dhp.planner.options import DEFAULT_OPTIONS, PlannerOptions
 from lightning_dhp.planner.plan import Plan
-from lightning_dhp.planner.rounds import lower_bound, minimum_rounds
+from lightning_dhp.planner.rounds import bound_from_parts, device_seconds, fastest_alone, lower_bound, minimum_rounds
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,25 @@ class Problem:
                                               sum_patches=take(self.patches, positions))
         return with_work - self.cost.times_from_sums(0.0, 0.0, degrees, node_size=self.node_size)
 
+    @functools.cached_property
+    def sample_work(self) -> np.ndarray:
+        """Each sample's device-seconds at the least (:func:`~.rounds.device_seconds`), computed once (read-only)."""
+        work = device_seconds(self.lengths, self.min_degree, self.cost, self.patches)
+        work.flags.writeable = False
+        return work
+
     def round_bound(self, samples: np.ndarray) -> float:
         """Lower bound on the makespan of one round holding ``samples``."""
-        return lower_bound(self.lengths[samples], self.min_degree[samples], self.num_devices, 1, self.cost,
-                           self.node_size, take(self.patches, samples))
+        return self.round_bounds([samples])[0]
+
+    def round_bounds(self, rounds: list[np.ndarray]) -> list[float]:
+        """Lower bound on the makespan of each round (its samples), as :func:`~.rounds.lower_bound` of the round
+        alone: the longest samples' fastest times in one call, the device-seconds from :attr:`sample_work`."""
+        longest = np.array([samples[np.argmax(self.lengths[samples])] for samples in rounds], dtype=np.int64)
+        alone = fastest_alone(self.lengths[longest], self.min_degree[longest], self.num_devices, self.cost,
+                              self.node_size, take(self.patches, longest)).tolist()
+        return [bound_from_parts(float(self.sample_work[samples].sum()), fastest, self.num_devices, 1, self.cost)
+                for samples, fastest in zip(rounds, alone, strict=True)]
 
     def round(self, samples: np.ndarray, bound: float) -> Problem:
         """The round of ``samples`` (whose lower bound is ``bound``) as a problem of local positions."""

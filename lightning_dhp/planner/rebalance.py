@@ -13,6 +13,7 @@ keeps within its memory (padded tokens and, under a vision budget, vision patche
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -106,24 +107,22 @@ class _Groups:
         self.stuck = np.zeros(len(rounds), dtype=bool)
         sizes = [len(planned) for planned in rounds]
         self.round_of = np.repeat(np.arange(len(rounds)), sizes)
-        self.round_start = np.concatenate([[0], np.cumsum(sizes)]).tolist()  # groups of a round are contiguous
+        self.round_start = [0, *itertools.accumulate(sizes)]  # groups of a round are contiguous
         degree = np.array([group.degree for group in groups], dtype=np.int64)
         first = np.array([group.first_rank for group in groups], dtype=np.int64)
-        self.degrees, self.degree_column = np.unique(degree, return_inverse=True)
+        distinct = sorted({group.degree for group in groups})  # the degrees in use, and each group's column
+        self.degrees = np.array(distinct, dtype=np.int64)
+        self.degree_column = np.array([distinct.index(group.degree) for group in groups], dtype=np.int64)
         self.padded = padded_lengths(lengths[:, None], self.degrees[None, :]).astype(np.float64)
         # token and patch sums in float64, as the times use them (vision patches: None without any)
         self.bins = Bins([list(group.samples) for group in groups], degree, self._padded_at, tokens_per_device,
                          None if patches is None else patches.astype(np.float64),
                          vision_budget(patches, vision_patches_per_device))
-        zero, one = np.zeros(len(groups)), np.ones(len(groups))
-
-        def at_degrees(sums: np.ndarray, squares: np.ndarray, patches: np.ndarray | None = None) -> np.ndarray:
-            return cost.placed_times(sums, squares, degree, first, node_size, sum_patches=patches)
-
-        self.fixed = at_degrees(zero, zero)
-        self.per_token = at_degrees(one, zero) - self.fixed
-        self.per_square = at_degrees(zero, one) - self.fixed
-        self.per_patch = at_degrees(zero, zero, one) - self.fixed
+        # every group's time holding nothing, one padded token, one squared token, one vision patch (one call)
+        unit = np.eye(4)[:, :, None]
+        self.fixed, token, square, patch = cost.placed_times(unit[:, 1], unit[:, 2], degree, first, node_size,
+                                                             sum_patches=unit[:, 3])
+        self.per_token, self.per_square, self.per_patch = token - self.fixed, square - self.fixed, patch - self.fixed
         own = self.bins.own_padded
         self.sample_round = self.round_of[self.bins.owner]  # kept current by _transfer
         self.squares = np.bincount(self.bins.owner, weights=own * own, minlength=len(groups))
@@ -138,17 +137,14 @@ class _Groups:
         return self.padded[samples, np.searchsorted(self.degrees, degrees)]
 
     def times(
-        self, sums: np.ndarray, squares: np.ndarray, groups: np.ndarray | int, patches: np.ndarray | None = None
+        self, sums: np.ndarray, squares: np.ndarray, groups: np.ndarray | int | slice, patches: np.ndarray | None = None
     ) -> np.ndarray:
         time = self.fixed[groups] + self.per_square[groups] * squares + self.per_token[groups] * sums
         return time if patches is None else time + self.per_patch[groups] * patches
 
     def _update_round(self, round_index: int) -> None:
-        times = self.time[self.round_start[round_index] : self.round_start[round_index + 1]]
-        if len(times) == 1:
-            self.makespan[round_index], self.second[round_index] = times[0], 0.0
-        else:
-            self.second[round_index], self.makespan[round_index] = np.partition(times, len(times) - 2)[-2:]
+        times = sorted(self.time[self.round_start[round_index] : self.round_start[round_index + 1]].tolist())
+        self.makespan[round_index], self.second[round_index] = times[-1], times[-2] if len(times) > 1 else 0.0
 
     def rounds(self, planned: list[list[PlannedGroup]]) -> list[list[PlannedGroup]]:
         """``planned`` with the current members."""
@@ -165,8 +161,9 @@ class _Groups:
         for the samples of the donor's slowest group, the move that gains most, else the swap that gains
         most. False when none improves."""
         round_of, time, makespan, second, bins = self.round_of, self.time, self.makespan, self.second, self.bins
-        sums, group_patches, every = bins.tokens, bins.held, np.arange(len(time))
+        sums, group_patches, every = bins.tokens, bins.held, slice(None)
         partner_round, partner_own = self.sample_round, bins.own_padded
+        round_makespan = makespan[round_of]  # each group's round's
         for donor in np.argsort(-(makespan - second), kind="stable").tolist():
             if makespan[donor] - second[donor] <= self.min_gain:
                 return False  # sorted: no later round can gain either
@@ -184,14 +181,14 @@ class _Groups:
                               group_patches[slowest] - leaving if vision else None)
             need = self.padded[samples[:, None], self.degree_column[None, :]]
             arrived = group_patches + leaving[:, None] if vision else None
-            arrive = self.times(sums + need, self.squares + need * need, every, arrived)
+            need_sums = sums + need
+            arrive = self.times(need_sums, self.squares + need * need, every, arrived)
             move_net = np.where(
-                (round_of != donor) & bins.fits(bins.degree, sums + need, arrived) & (len(samples) > 1),
-                (makespan[donor] - np.maximum(left, second[donor]))[:, None]
-                - np.maximum(0.0, arrive - makespan[round_of]),
+                (round_of != donor) & bins.fits(bins.degree, need_sums, arrived) & (len(samples) > 1),
+                (makespan[donor] - np.maximum(left, second[donor]))[:, None] - np.maximum(0.0, arrive - round_makespan),
                 -np.inf,
             )
-            best_move = np.unravel_index(int(np.argmax(move_net)), move_net.shape)
+            best_move = divmod(int(np.argmax(move_net)), move_net.shape[1])
             move_gain = float(move_net[best_move])
             swap_gain = -np.inf
             if self.options.rebalance_swaps and move_gain <= self.min_gain:
@@ -217,7 +214,7 @@ class _Groups:
                     - np.maximum(0.0, there_time - makespan[partner_round]),
                     -np.inf,
                 )
-                best_swap = np.unravel_index(int(np.argmax(swap_net)), swap_net.shape)
+                best_swap = divmod(int(np.argmax(swap_net)), swap_net.shape[1])
                 swap_gain = float(swap_net[best_swap])
             if max(move_gain, swap_gain) <= self.min_gain:
                 self.stuck[donor] = True

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from lightning_dhp.planner.cost_model import CostModel, take
+from lightning_dhp.planner.cost_model import CostModel, padded_lengths, take
 from lightning_dhp.planner.lpt import WAVE_MIN_BINS, WAVE_MIN_ITEMS, next_wave
 from lightning_dhp.planner.memory import fits_memory, vision_budget
 
@@ -200,16 +200,36 @@ def lower_bound(
     patches: np.ndarray | None = None,
 ) -> float:
     """Lower bound on the summed round makespans of any plan with at least ``num_rounds`` rounds
-    (``patches``: each sample's vision patches, None: none).
-
-    ``max(rounds * overhead + total device-seconds / devices, best time of the longest sample
-    + (rounds - 1) * overhead)``: every round pays the overhead, the work has to be spread over at
-    most ``num_devices``, and the longest sample runs somewhere at its fastest degree at best.
-    """
+    (``patches``: each sample's vision patches, None: none): :func:`bound_from_parts` of the samples'
+    :func:`device_seconds` and the longest sample's :func:`fastest_alone`."""
     work = device_seconds(lengths, min_degree, cost, patches)
-    spread = num_rounds * cost.overhead_s + float(work.sum()) / num_devices
-    longest = int(np.argmax(lengths))
-    degrees = np.arange(int(min_degree[longest]), num_devices + 1)
-    fastest = float(cost.times_over_degrees(lengths[longest : longest + 1], degrees, node_size=node_size,
-                                            patches=take(patches, slice(longest, longest + 1))).min())
-    return max(spread, fastest + (num_rounds - 1) * cost.overhead_s)
+    index = int(np.argmax(lengths))
+    longest = slice(index, index + 1)
+    fastest = fastest_alone(lengths[longest], min_degree[longest], num_devices, cost, node_size, take(patches, longest))
+    return bound_from_parts(float(work.sum()), float(fastest[0]), num_devices, num_rounds, cost)
+
+
+def bound_from_parts(work: float, longest_alone: float, num_devices: int, num_rounds: int, cost: CostModel) -> float:
+    """``max(rounds * overhead + total device-seconds / devices, best time of the longest sample
+    + (rounds - 1) * overhead)``: every round pays the overhead, the work (``work``, in device-seconds) has
+    to be spread over at most ``num_devices``, and the longest sample runs somewhere at its fastest degree
+    (``longest_alone``) at best."""
+    spread = num_rounds * cost.overhead_s + work / num_devices
+    return max(spread, longest_alone + (num_rounds - 1) * cost.overhead_s)
+
+
+def fastest_alone(
+    lengths: np.ndarray,
+    min_degree: np.ndarray,
+    num_devices: int,
+    cost: CostModel,
+    node_size: int | None,
+    patches: np.ndarray | None = None,
+) -> np.ndarray:
+    """Each sample's fastest time alone in a group of any degree from its minimum up to ``num_devices``
+    (``patches``: each sample's vision patches, None: none)."""
+    degrees = np.arange(1, num_devices + 1)
+    padded = padded_lengths(lengths[:, None], degrees).astype(np.float64)
+    sum_patches = None if patches is None else patches.astype(np.float64)[:, None]
+    times = cost.times_from_sums(padded, padded * padded, degrees, node_size=node_size, sum_patches=sum_patches)
+    return np.where(degrees >= min_degree[:, None], times, np.inf).min(axis=1)
