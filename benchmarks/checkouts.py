@@ -1,5 +1,7 @@
 """Run a benchmark's worker mode under another checkout of the code: the harness of the before/after planner
-benchmarks (``planner_compare.py``, ``small_batches.py``), which alternate two checkouts in one session."""
+benchmarks (``planner_compare.py``, ``small_batches.py``), which alternate two checkouts in one session, either
+one fresh process per run (:func:`run_worker`) or two long-lived processes asked in turn (:class:`Worker`), so
+that the two versions alternate every few milliseconds and a shared machine's changes of speed hit both."""
 
 from __future__ import annotations
 
@@ -13,14 +15,49 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_worker(checkout: Path, script: str, *args: str) -> Any:
-    """``python script *args`` in a fresh process whose ``lightning_dhp`` (and ``benchmarks``) come from
-    ``checkout``; returns the JSON its last line of output prints. The length metadata stays this checkout's
+def _environment(checkout: Path) -> dict[str, str]:
+    """``lightning_dhp`` (and ``benchmarks``) from ``checkout``; the length metadata stays this checkout's
     (``DHP_DATA_DIR``), wherever ``checkout`` is."""
-    environment = {"DHP_DATA_DIR": str(ROOT.parent / "shared" / "data"), **os.environ, "PYTHONPATH": str(checkout)}
-    output = subprocess.run([sys.executable, script, *args], env=environment, cwd=checkout, check=True,
+    return {"DHP_DATA_DIR": str(ROOT.parent / "shared" / "data"), **os.environ, "PYTHONPATH": str(checkout)}
+
+
+def run_worker(checkout: Path, script: str, *args: str) -> Any:
+    """``python script *args`` in a fresh process under ``checkout``; returns the JSON its last line of output
+    prints."""
+    output = subprocess.run([sys.executable, script, *args], env=_environment(checkout), cwd=checkout, check=True,
                             capture_output=True, text=True).stdout
     return json.loads(output.splitlines()[-1])
+
+
+class Worker:
+    """``python script *args`` kept running under ``checkout``: each :meth:`ask` writes one JSON request line
+    to its input and reads one JSON reply line from its output. Its first reply (``ready``) comes unasked."""
+
+    def __init__(self, checkout: Path, script: str, *args: str) -> None:
+        self.process = subprocess.Popen([sys.executable, script, *args], env=_environment(checkout), cwd=checkout,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self._reply()
+
+    def ask(self, request: Any) -> Any:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self._reply()
+
+    def _reply(self) -> Any:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the worker {self.process.args} exited with {self.process.wait()}")
+        return json.loads(line)
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
 
 
 def alternation_order(alternation: int) -> tuple[int, int]:

@@ -1,9 +1,10 @@
 """Planner CPU time of two versions of the code, interleaved: the regimes of ``planner_bench.py`` and the main job.
 
-Each alternation runs one worker process per version (the order rotates between alternations), with
-``PYTHONPATH`` at that version's tree; a worker plans every case ``--repeats`` times and reports, per
-case, the fastest process-CPU time of ``plan_batch`` (the least disturbed by other load on a shared
-machine), the plan's predicted step and its digest. Cases: the timing regimes of ``planner_bench.py``
+One long-lived worker process per version, with ``PYTHONPATH`` at that version's tree, plans one case at a
+time when asked; the two are asked in turn, case by case and repeat by repeat (which one goes first rotates),
+so that the versions alternate every few milliseconds and a shared machine's changes of speed hit both alike.
+Per alternation, each version's time of a case is the fastest of its ``--repeats`` process-CPU times of
+``plan_batch`` (the least disturbed by other load). Cases: the timing regimes of ``planner_bench.py``
 (activitynet, mooncake and vlm_mix at 128 and 512 samples on 64 devices and 8192 on 1024, seed 0, nodes
 of 8), its memory-bound batches (512 EPIC-KITCHENS videos or Mooncake conversations on 64 devices at
 16384 tokens per device, seed 2000), and the main job's small batches (32 ``video_digits`` samples on 4
@@ -21,10 +22,11 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from checkouts import alternation_order, run_worker  # beside this script
+from checkouts import Worker, alternation_order  # beside this script
 
 SMALL_BATCHES, SMALL_SAMPLES, SMALL_DEVICES, SMALL_CAPACITY = 8, 32, 4, 448
 
@@ -49,24 +51,35 @@ def cases() -> list[tuple[str, object, int, int]]:
     return result
 
 
-def worker(repeats: int) -> None:
-    """Plan every case ``repeats`` times with the planner on ``sys.path``; print one JSON object."""
+def serve() -> None:
+    """Plan the case named on each line of input once with the planner on ``sys.path``; reply with one JSON line
+    of its process-CPU milliseconds, predicted step and digest."""
     from lightning_dhp.planner import plan_batch
 
     plan_batch([1, 2, 3], 2, 8)  # first-call imports out of the timings
-    report = {}
-    for name, lengths, devices, capacity in cases():
-        batches = lengths if isinstance(lengths, list) else [lengths]
+    inputs = {name: (lengths if isinstance(lengths, list) else [lengths], devices, capacity)
+              for name, lengths, devices, capacity in cases()}
+    print(json.dumps(list(inputs)), flush=True)
+    for line in sys.stdin:
+        batches, devices, capacity = inputs[json.loads(line)]
         node_size = None if devices == SMALL_DEVICES else 8
-        times = []
-        for _ in range(repeats):
-            started = time.process_time()
-            plans = [plan_batch(batch, devices, capacity, node_size=node_size) for batch in batches]
-            times.append(time.process_time() - started)
-        report[name] = {"cpu_ms": min(times) * 1e3,
-                        "step_s": sum(plan.predicted_time for plan in plans),
-                        "digest": "".join(plan.digest() for plan in plans)}
-    print(json.dumps(report))
+        started = time.process_time()
+        plans = [plan_batch(batch, devices, capacity, node_size=node_size) for batch in batches]
+        print(json.dumps({"cpu_ms": (time.process_time() - started) * 1e3,
+                          "step_s": sum(plan.predicted_time for plan in plans),
+                          "digest": "".join(plan.digest() for plan in plans)}), flush=True)
+
+
+def _alternation(workers: list[Worker], names: list[str], repeats: int, alternation: int) -> list[dict]:
+    """Each version's fastest of ``repeats`` runs per case, the versions asked in turn, first one rotating."""
+    fastest: list[dict] = [{}, {}]
+    for name in names:
+        for repeat in range(repeats):
+            for version in alternation_order(alternation + repeat):
+                result = workers[version].ask(name)
+                if name not in fastest[version] or result["cpu_ms"] < fastest[version][name]["cpu_ms"]:
+                    fastest[version][name] = result
+    return fastest
 
 
 def main() -> None:
@@ -75,18 +88,19 @@ def main() -> None:
     parser.add_argument("--alternations", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the per-alternation results to this path")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker(args.repeats)
+    if args.serve:
+        serve()
         return
     if len(args.trees) != 2:
         parser.error("give the BEFORE and AFTER repository roots")
     trees = [str(Path(tree).resolve()) for tree in args.trees]
     runs: list[list[dict]] = [[], []]
-    for alternation in range(args.alternations):
-        for version in alternation_order(alternation):
-            runs[version].append(run_worker(Path(trees[version]), __file__, "--worker", "--repeats", str(args.repeats)))
+    with Worker(Path(trees[0]), __file__, "--serve") as before, Worker(Path(trees[1]), __file__, "--serve") as after:
+        for alternation in range(args.alternations):
+            for version, fastest in enumerate(_alternation([before, after], before.ready, args.repeats, alternation)):
+                runs[version].append(fastest)
     load = os.getloadavg()[0]
     print(f"{args.alternations} alternations x {args.repeats} repeats, load average {load:.1f}")
     print("| case | before ms | after ms | after / before [min, max] | predicted step s | CPU / step | same plans |")
