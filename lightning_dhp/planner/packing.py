@@ -27,6 +27,7 @@ from lightning_dhp.planner.cost_model import take
 from lightning_dhp.planner.lpt import WAVE_MIN_BINS, WAVE_MIN_ITEMS, next_wave
 from lightning_dhp.planner.memory import fits_memory
 from lightning_dhp.planner.problem import Problem
+from lightning_dhp.planner.rounds import heaviest_first
 
 
 def size_round(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -157,7 +158,7 @@ def pack_round(
     classes = np.unique(degrees).tolist()
     pool_costs = problem.sample_costs(pool[:, None], np.array(classes)[None, :])
     pool_padded = problem.padded(problem.lengths[pool][:, None], np.array(classes)[None, :])
-    order = np.lexsort((pool, -pool_costs[:, 0]))
+    order = heaviest_first(pool_costs[:, 0])  # the pool's positions ascend: ties go to the lower position
     smallest_lengths = np.minimum.accumulate(problem.lengths[pool][order][::-1])[::-1]
     times_array, tokens_array = np.array(times), np.array(tokens, dtype=np.int64)
     class_bins = [np.flatnonzero(degrees == degree) for degree in classes]
