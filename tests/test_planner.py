@@ -20,6 +20,7 @@ from lightning_dhp.planner.baselines import checked_static_slots, static_time
 from lightning_dhp.planner.dhp import _static_bound
 from lightning_dhp.planner.inputs import check_inputs
 from lightning_dhp.planner.options import DEFAULT_OPTIONS
+from lightning_dhp.planner.placement import PlacementFailure, place
 from lightning_dhp.planner.problem import batch_problem
 
 COST = CostModel.default()
@@ -515,3 +516,41 @@ def test_pending_static_prunes_as_the_best_layout_would_and_lays_it_out_only_pas
     assert not pending.prunes(least * (1 - 1e-6)) and not pending.laid_out
     assert not pending.prunes((least + limit) / 2) and pending.laid_out
     assert pending.prunes(limit * (1 + 1e-6)) and not pending.prunes(limit)
+
+
+def place_oracle(degrees, num_devices, node_size):
+    """Groups widest first (the lower index on ties): those wider than a node side by side from rank 0, then each
+    other one at the first rank of the narrowest free range inside a node that holds it (the lowest on ties)."""
+    order = sorted(range(len(degrees)), key=lambda index: (-degrees[index], index))
+    starts, cursor = [0] * len(degrees), 0
+    wide = [index for index in order if degrees[index] > node_size]
+    for index in wide:
+        starts[index], cursor = cursor, cursor + degrees[index]
+    if cursor > num_devices:
+        return PlacementFailure(wide[-1], 0)
+    ranges = [(max(node, cursor), min(node + node_size, num_devices)) for node in range(0, num_devices, node_size)]
+    ranges = [(start, end) for start, end in ranges if start < end]
+    for index in order[len(wide):]:
+        fitting = [(end - start, start, end) for start, end in ranges if end - start >= degrees[index]]
+        if not fitting:
+            return PlacementFailure(index, max((end - start for start, end in ranges), default=0))
+        _, start, end = min(fitting)
+        ranges.remove((start, end))
+        ranges.append((start + degrees[index], end))
+        starts[index] = start
+    return starts
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_place_matches_best_fit_one_group_at_a_time(seed):
+    """Placement (groups of one rank laid out range by range) as best fit decreasing places them one at a time,
+    failures included, over node sizes that do and do not divide the devices."""
+    rng = np.random.default_rng(seed)
+    node_size = int(rng.choice([2, 4, 8]))
+    num_devices = int(rng.integers(1, 80))
+    count = int(rng.integers(1, 60))
+    degrees = np.where(rng.random(count) < 0.6, 1, rng.integers(1, 2 * node_size + 2, count)).tolist()
+    while sum(degrees) > num_devices:  # they fit in total (placement may still fail) ...
+        degrees.pop()
+    degrees += [1] * (seed % 4 == 0) * int(rng.integers(1, 4))  # ... or a few ranks too many
+    assert place(degrees, num_devices, node_size) == place_oracle(degrees, num_devices, node_size)

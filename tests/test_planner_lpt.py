@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from lightning_dhp.planner import CostModel, rounds
+from lightning_dhp.planner import CostModel, packing, rounds
 from lightning_dhp.planner.inputs import check_inputs
 from lightning_dhp.planner.lpt import WAVE_MIN_BINS
 from lightning_dhp.planner.packing import pack_round, size_round
@@ -143,4 +143,35 @@ def test_pack_round_matches_one_sample_at_a_time(seed):
     problem = batch.round(positions, batch.round_bound(positions))
     singles, single_degrees, pool = size_round(problem)
     assert devices - single_degrees.sum() >= WAVE_MIN_BINS  # the pool's bins go in waves
+    assert pack_round(problem, singles, single_degrees, pool) == pack_oracle(problem, singles, single_degrees, pool)
+
+
+# every sample costs its padded tokens / degree seconds: sums of small multiples of 1/2 and 1/4, so bins of
+# different degrees often finish at exactly the same time (the smaller degree must win such ties)
+EXACT_COST = CostModel(attention_s_per_token2=0.0, linear_s_per_token=1.0, overhead_s=0.0, ring_step_latency_s=0.0,
+                       comm_overlap=1.0)
+
+
+@pytest.mark.parametrize("descending", [True, False])
+@pytest.mark.parametrize("seed", range(12))
+def test_pack_round_without_vision_matches_one_sample_at_a_time(seed, descending, monkeypatch):
+    """Without a vision budget each class's first bin is kept one with room (``descending``) or, the needs' order
+    check turned off, bins too full are set aside: both choose as the oracle does, over many or few pool bins,
+    with tied lengths and finishing times, and memory that binds (bins leave and return)."""
+    if not descending:
+        monkeypatch.setattr(packing, "_needs_descend", lambda needs: False)
+    rng = np.random.default_rng(200 + seed)
+    devices, capacity = [(400, 4096), (40, 2048), (24, 1024)][seed % 3]
+    cost = [CostModel.default(), EXACT_COST][seed // 3 % 2]
+    long = rng.random(1000) < 0.1
+    lengths = np.where(long, rng.integers(capacity, 3 * capacity, 1000), rng.integers(50, capacity // 2, 1000))
+    if seed // 6:  # few distinct lengths: many ties
+        lengths = np.where(long, lengths, rng.choice([64, 100, 101, 200, capacity // 4], 1000))
+    lengths = lengths[np.cumsum(lengths) <= rng.uniform(0.85, 0.97) * devices * capacity]  # one round, nearly full
+    checked = check_inputs(lengths, devices, capacity, 8, None, None)
+    batch = batch_problem(*checked[:3], cost, *checked[3:])
+    positions = np.arange(len(lengths))
+    problem = batch.round(positions, batch.round_bound(positions))
+    singles, single_degrees, pool = size_round(problem)
+    assert len(set(single_degrees.tolist())) >= 2  # several degree classes compete
     assert pack_round(problem, singles, single_degrees, pool) == pack_oracle(problem, singles, single_degrees, pool)

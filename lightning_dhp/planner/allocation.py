@@ -105,8 +105,9 @@ def bin_min_degrees(
     ``owner[i]`` is the bin of sample ``i``.
 
     Most bins fit at their start degree. Per-device tokens ``sum_i 2 * ceil(L_i / 2d)`` never grow
-    with ``d`` (d >= 2), so the others bisect, all of them side by side. Patches do not depend on the
-    degree: they only raise the start.
+    with ``d`` (d >= 2), so the others bisect, all of them side by side, up to a degree where they surely fit
+    (below ``L_i / d + 2`` each, so from ``sum_i L_i / (capacity - 2 n)`` devices on for ``n`` members). Patches
+    do not depend on the degree: they only raise the start.
     """
     start = np.zeros(num_bins, dtype=np.int64)
     np.maximum.at(start, owner, member_min_degree)
@@ -121,7 +122,10 @@ def bin_min_degrees(
         return degrees
     selected = hard[owner]
     hard_lengths, hard_owner = lengths[selected], owner[selected]
-    low, high = np.maximum(start, 2), np.full(num_bins, limit, dtype=np.int64)
+    low = np.maximum(start, 2)
+    slack = capacity - 2 * np.bincount(owner, minlength=num_bins)
+    surely = np.where(slack > 0, -(-total.astype(np.int64) // np.maximum(slack, 1)), limit)
+    high = np.minimum(np.maximum(surely, low), limit)
     possible = hard & (low <= high) & (_per_device(hard_lengths, hard_owner, high, num_bins) <= capacity)
     while (active := possible & (low < high)).any():
         middle = (low + high) // 2

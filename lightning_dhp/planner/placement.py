@@ -65,7 +65,8 @@ def place(degrees: list[int], num_devices: int, node_size: int | None) -> list[i
         start, node_end = max(node_start, cursor), min(node_start + node_size, num_devices)
         if start < node_end:
             free[node_end - start].append(start)
-    for index in order[len(wide) :]:
+    singles_from = len(order) - degrees.count(1)  # groups of one rank come last (widest first)
+    for index in order[len(wide) : singles_from]:
         degree = degrees[index]
         # best fit: the narrowest range that holds the group, the lowest one among equals
         for width in range(degree, node_size + 1):
@@ -77,4 +78,13 @@ def place(degrees: list[int], num_devices: int, node_size: int | None) -> list[i
         starts[index] = heapq.heappop(free[width])
         if width > degree:
             heapq.heappush(free[width - degree], starts[index] + degree)
+    # best fit one group of one rank at a time takes the narrowest free range's first rank, and what is left of
+    # it is then the narrowest range: the ranges go whole, narrowest first (lowest first among equals)
+    free_ranks = (start + offset for width in range(1, node_size + 1) for start in sorted(free[width])
+                  for offset in range(width))
+    for index in order[singles_from:]:
+        rank = next(free_ranks, None)
+        if rank is None:
+            return PlacementFailure(index, 0)
+        starts[index] = rank
     return starts
