@@ -96,7 +96,7 @@ def subset_times(problem: Problem, extra_rows: tuple[np.ndarray, ...] = ()) -> S
     if problem.patches is not None:
         rows.append(problem.patches[None, :])
     # the sums that decide a bin (tokens, squares, patches, minimum degrees) are of integers: exact in float64
-    sums = np.vstack([row.astype(np.float64) for row in rows]) @ membership(len(lengths))
+    sums = np.vstack(rows).astype(np.float64, copy=False) @ membership(len(lengths))
     sum_padded, sum_squares, per_device = (sums[k * num_devices:(k + 1) * num_devices] for k in range(3))
     position = 3 * num_devices + len(thresholds)
     start = 1 + (sums[3 * num_devices:position] > 0).sum(axis=0)  # the largest member minimum degree
@@ -147,10 +147,10 @@ def exact_layout(problem: Problem) -> ExactLayout | None:
         if masks.size == 0:
             continue
         vectors = _degree_vectors(num_bins, num_devices)  # layout x bin
-        chosen_times = times[:, masks]  # degree x partition x bin
-        makespans = chosen_times[vectors[:, 0] - 1, :, 0]  # degree vector x partition
+        chosen_times = np.take(times, masks.T, axis=1)  # degree x bin x partition (rows gathered whole)
+        makespans = chosen_times[vectors[:, 0] - 1, 0]  # degree vector x partition
         for bin_index in range(1, num_bins):
-            makespans = np.maximum(makespans, chosen_times[vectors[:, bin_index] - 1, :, bin_index])
+            makespans = np.maximum(makespans, chosen_times[vectors[:, bin_index] - 1, bin_index])
         fastest = makespans.min(axis=0)
         index = int(np.argmin(fastest))
         if fastest[index] < best_time:

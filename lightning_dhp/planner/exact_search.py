@@ -62,7 +62,7 @@ def _submasks(num_samples: int) -> _Submasks:
         free_bit = (free >> bit) & 1
         bins |= free_bit * ((index >> rank) & 1) << bit
         rank += free_bit
-    submasks = _Submasks(first, count, bins.astype(np.int32), (owner ^ bins).astype(np.int32))
+    submasks = _Submasks(first, count, bins, owner ^ bins)
     for array in (submasks.first, submasks.count, submasks.bins, submasks.rests):
         array.flags.writeable = False
     return submasks
@@ -142,24 +142,26 @@ def search_layout(problem: Problem, pair_budget: int) -> ExactLayout | None:
         # slowest bin with it, a bound on the rest
         steps = int(devices_left.max()) - 1
         rest_devices = devices_left[pair_parent] - degree_steps[:steps]
-        with_bin = np.maximum(slowest[pair_parent], tables.times[:steps, bins])
+        with_bin = np.maximum(slowest[pair_parent], np.take(tables.times[:steps], bins, axis=1))
         rest_row = (np.maximum(rest_devices, 1) - 1) * subsets + rest  # the rest on its devices (at least one)
         bound = bound_flat[rest_row]
-        alive = (rest_devices >= 1) & (with_bin < best) & (bound < best)
-        finished = np.where(alive, np.maximum(with_bin, fastest_flat[rest_row]), np.inf)
+        can_win = (with_bin < best) & (bound < best)
+        finished = np.where((rest_devices >= 1) & can_win, np.maximum(with_bin, fastest_flat[rest_row]), np.inf)
         if finished.size:
             step, pair = divmod(int(np.argmin(finished)), finished.shape[1])
             if finished[step, pair] < best:
                 best, found = float(finished[step, pair]), (level, int(pair_parent[pair]), int(bins[pair]))
                 best_layout = None
+                can_win = (with_bin < best) & (bound < best)
         if level == num_devices - 2:
             break  # every partial layout is down to two devices: none can hold two bins more
         # the partial layouts that can still win and still hold two bins; of equal rest and devices the fastest
-        step, pair = np.nonzero((rest_devices >= 2) & (with_bin < best) & (bound < best))
+        step, pair = np.nonzero((rest_devices >= 2) & can_win)
         key = rest[pair] * (num_devices + 1) + rest_devices[step, pair]
         order = np.lexsort((with_bin[step, pair], key))  # per key the fastest first (then the first reached)
+        sorted_key = key[order]
         first = np.ones(order.size, dtype=bool)
-        first[1:] = key[order][1:] != key[order][:-1]
+        first[1:] = sorted_key[1:] != sorted_key[:-1]
         kept = order[first]
         step, pair = step[kept], pair[kept]
         history.append((pair_parent[pair], bins[pair]))
