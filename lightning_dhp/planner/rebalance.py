@@ -204,7 +204,7 @@ class _Groups:
                     back_sums, self.squares[slowest] - (own * own)[:, None] + here * here, slowest, back_patches
                 )
                 partner_group = bins.owner
-                there = need[:, partner_group]
+                there = np.take(need, partner_group, axis=1)  # (whole rows gathered: need[:, ...] is slower)
                 there_sums = sums[partner_group] - partner_own + there
                 there_patches = group_patches[partner_group] - bins.patches + leaving[:, None] if vision else None
                 there_time = self.times(
