@@ -91,22 +91,23 @@ def subset_times(problem: Problem, extra_rows: tuple[np.ndarray, ...] = ()) -> S
     degrees = np.arange(1, num_devices + 1)
     padded = padded_lengths(lengths[None, :], degrees[:, None])  # degree x sample
     thresholds = np.arange(2, int(problem.min_degree.max()) + 1)
-    rows = [padded, padded * padded, padded // degrees[:, None], problem.min_degree[None, :] >= thresholds[:, None],
+    rows = [padded, padded * padded, problem.min_degree[None, :] >= thresholds[:, None],
             *(row[None, :] for row in extra_rows)]
     if problem.patches is not None:
         rows.append(problem.patches[None, :])
     # the sums that decide a bin (tokens, squares, patches, minimum degrees) are of integers: exact in float64
-    sums = np.vstack([row.astype(np.float64) for row in rows]) @ membership(len(lengths))
-    sum_padded, sum_squares, per_device = (sums[k * num_devices:(k + 1) * num_devices] for k in range(3))
-    position = 3 * num_devices + len(thresholds)
-    start = 1 + (sums[3 * num_devices:position] > 0).sum(axis=0)  # the largest member minimum degree
+    sums = np.vstack(rows).astype(np.float64, copy=False) @ membership(len(lengths))
+    sum_padded, sum_squares = sums[:num_devices], sums[num_devices:2 * num_devices]
+    position = 2 * num_devices + len(thresholds)
+    start = 1 + (sums[2 * num_devices:position] > 0).sum(axis=0)  # the largest member minimum degree
     held = None if problem.patches is None else sums[-1]
     if problem.patch_budget is not None:
         start = np.maximum(start, vision_min_degrees(held.astype(np.int64), problem.patch_budget))
     times = problem.cost.times_from_sums(sum_padded, sum_squares, degrees[:, None], node_size=problem.node_size,
                                          sum_patches=held)
-    # bin_min_degrees: the smallest degree from the start that fits; every degree above it is allowed
-    allowed = (per_device <= problem.tokens_per_device) & (start <= degrees[:, None])
+    # bin_min_degrees: the smallest degree from the start that fits; every degree above it is allowed (padded
+    # lengths are multiples of the degree: a bin's tokens per device are its padded sum / degree)
+    allowed = (sum_padded <= degrees[:, None] * problem.tokens_per_device) & (start <= degrees[:, None])
     allowed[:, 0] = False  # the empty set is no bin
     for index in range(1, num_devices):  # (row by row: numpy's accumulate along the short axis is slower)
         allowed[index] |= allowed[index - 1]
@@ -147,10 +148,10 @@ def exact_layout(problem: Problem) -> ExactLayout | None:
         if masks.size == 0:
             continue
         vectors = _degree_vectors(num_bins, num_devices)  # layout x bin
-        chosen_times = times[:, masks]  # degree x partition x bin
-        makespans = chosen_times[vectors[:, 0] - 1, :, 0]  # degree vector x partition
+        chosen_times = np.take(times, masks.T, axis=1)  # degree x bin x partition (rows gathered whole)
+        makespans = chosen_times[vectors[:, 0] - 1, 0]  # degree vector x partition
         for bin_index in range(1, num_bins):
-            makespans = np.maximum(makespans, chosen_times[vectors[:, bin_index] - 1, :, bin_index])
+            makespans = np.maximum(makespans, chosen_times[vectors[:, bin_index] - 1, bin_index])
         fastest = makespans.min(axis=0)
         index = int(np.argmin(fastest))
         if fastest[index] < best_time:

@@ -17,7 +17,7 @@ samples and devices only the fastest is kept (a dynamic program over subsets, re
 still win).
 
 Complexity: the tables cost ``O(2^n (n + N))`` time for ``n`` samples on ``N`` devices, and every mask's
-bins (:func:`_submasks`, built once per ``n``) ``O(3^n)`` memory (2 MB at 12 samples); the search at most
+bins (:func:`_submasks`, built once per ``n``) ``O(3^n)`` memory (4 MB at 12 samples); the search at most
 ``min(n, N) - 1`` levels of at most ``pair_budget`` (partial layout, bin) pairs times ``N - 1`` degrees
 each: past the budget it gives up (None), and the caller plans the round from starts instead. Without
 the bounds the pairs would number ``O(3^n)``.
@@ -62,7 +62,7 @@ def _submasks(num_samples: int) -> _Submasks:
         free_bit = (free >> bit) & 1
         bins |= free_bit * ((index >> rank) & 1) << bit
         rank += free_bit
-    submasks = _Submasks(first, count, bins.astype(np.int32), (owner ^ bins).astype(np.int32))
+    submasks = _Submasks(first, count, bins, owner ^ bins)
     for array in (submasks.first, submasks.count, submasks.bins, submasks.rests):
         array.flags.writeable = False
     return submasks
@@ -134,36 +134,42 @@ def search_layout(problem: Problem, pair_budget: int) -> ExactLayout | None:
             pair_parent = np.repeat(np.arange(remaining.size), counts)
             entry = np.repeat(submasks.first[remaining] - (np.cumsum(counts) - counts), counts) + np.arange(total)
             bins, rest = submasks.bins[entry], submasks.rests[entry]
-        # first with one degree each: the bin at its fastest on all but one device, the rest on all but one
-        all_but_one = np.repeat((devices_left - 2) * subsets, counts)  # that row of the tables
-        hopeful = np.flatnonzero((fastest_flat[all_but_one + bins] < best) & (bound_flat[all_but_one + rest] < best))
-        pair_parent, bins, rest = pair_parent[hopeful], bins[hopeful], rest[hopeful]
-        # degree of the bin - 1 (up to all but one of the most devices left) x pair: the rest's devices, the
-        # slowest bin with it, a bound on the rest
-        steps = int(devices_left.max()) - 1
+        steps = int(devices_left.max()) - 1  # the bin's degrees: up to all but one of the most devices left
+        if steps > 1:  # (on two devices the check below is this one)
+            # first with one degree each: the bin at its fastest on all but one device, the rest on all but one
+            all_but_one = np.repeat((devices_left - 2) * subsets, counts)  # that row of the tables
+            hopeful = np.flatnonzero(
+                (fastest_flat[all_but_one + bins] < best) & (bound_flat[all_but_one + rest] < best)
+            )
+            pair_parent, bins, rest = pair_parent[hopeful], bins[hopeful], rest[hopeful]
+        # degree of the bin - 1 x pair: the rest's devices, the slowest bin with it, a bound on the rest
         rest_devices = devices_left[pair_parent] - degree_steps[:steps]
-        with_bin = np.maximum(slowest[pair_parent], tables.times[:steps, bins])
+        with_bin = np.maximum(slowest[pair_parent], np.take(tables.times[:steps], bins, axis=1))
         rest_row = (np.maximum(rest_devices, 1) - 1) * subsets + rest  # the rest on its devices (at least one)
         bound = bound_flat[rest_row]
-        alive = (rest_devices >= 1) & (with_bin < best) & (bound < best)
-        finished = np.where(alive, np.maximum(with_bin, fastest_flat[rest_row]), np.inf)
+        can_win = (with_bin < best) & (bound < best)
+        finished = np.where((rest_devices >= 1) & can_win, np.maximum(with_bin, fastest_flat[rest_row]), np.inf)
         if finished.size:
             step, pair = divmod(int(np.argmin(finished)), finished.shape[1])
             if finished[step, pair] < best:
                 best, found = float(finished[step, pair]), (level, int(pair_parent[pair]), int(bins[pair]))
                 best_layout = None
+                can_win = (with_bin < best) & (bound < best)
         if level == num_devices - 2:
             break  # every partial layout is down to two devices: none can hold two bins more
-        # the partial layouts that can still win and still hold two bins; of equal rest and devices the fastest
-        step, pair = np.nonzero((rest_devices >= 2) & (with_bin < best) & (bound < best))
-        key = rest[pair] * (num_devices + 1) + rest_devices[step, pair]
-        order = np.lexsort((with_bin[step, pair], key))  # per key the fastest first (then the first reached)
+        # the partial layouts that can still win and still hold two bins (flat: degree step x pair, one gather
+        # each); of equal rest and devices the fastest
+        flat = np.flatnonzero((rest_devices >= 2) & can_win)
+        flat_devices, flat_slowest, pair = rest_devices.ravel()[flat], with_bin.ravel()[flat], flat % bins.size
+        key = rest[pair] * (num_devices + 1) + flat_devices
+        order = np.lexsort((flat_slowest, key))  # per key the fastest first (then the first reached)
+        sorted_key = key[order]
         first = np.ones(order.size, dtype=bool)
-        first[1:] = key[order][1:] != key[order][:-1]
+        first[1:] = sorted_key[1:] != sorted_key[:-1]
         kept = order[first]
-        step, pair = step[kept], pair[kept]
+        pair = pair[kept]
         history.append((pair_parent[pair], bins[pair]))
-        remaining, devices_left, slowest = rest[pair], rest_devices[step, pair], with_bin[step, pair]
+        remaining, devices_left, slowest = rest[pair], flat_devices[kept], flat_slowest[kept]
     if math.isinf(best):
         return None
     masks = best_layout if best_layout is not None else _walk_back(history, found, everyone)

@@ -86,8 +86,8 @@ def rebalance(
 class _Groups:
     """Every group (:class:`~.bins.Bins`: members, padded token sums and vision patches, and the memory every
     change keeps to) with its sum of squared padded lengths and time, each sample's padded length at each
-    degree the plan uses (a group's time is linear in its padded sum, sum of squares and patches), and the
-    rounds the groups form."""
+    degree the plan uses and in each group (a group's time is linear in its padded sum, sum of squares and
+    patches), and the rounds the groups form."""
 
     def __init__(
         self,
@@ -112,8 +112,9 @@ class _Groups:
         first = np.array([group.first_rank for group in groups], dtype=np.int64)
         distinct = sorted({group.degree for group in groups})  # the degrees in use, and each group's column
         self.degrees = np.array(distinct, dtype=np.int64)
-        self.degree_column = np.array([distinct.index(group.degree) for group in groups], dtype=np.int64)
+        degree_column = np.array([distinct.index(group.degree) for group in groups], dtype=np.int64)
         self.padded = padded_lengths(lengths[:, None], self.degrees[None, :]).astype(np.float64)
+        self.padded_in_group = self.padded[:, degree_column]  # sample x group: its padded length there
         # token and patch sums in float64, as the times use them (vision patches: None without any)
         self.bins = Bins([list(group.samples) for group in groups], degree, self._padded_at, tokens_per_device,
                          None if patches is None else patches.astype(np.float64),
@@ -172,35 +173,38 @@ class _Groups:
             first = self.round_start[donor]
             slowest = first + int(np.argmax(time[first : self.round_start[donor + 1]]))
             samples = np.array(bins.members[slowest], dtype=np.int64)
-            own = self.padded[samples, self.degree_column[slowest]]
+            need = self.padded_in_group[samples]  # sample x group: what each would bring to each group
+            own = need[:, slowest]
             vision = bins.patches is not None
             leaving = bins.patches[samples] if vision else np.zeros(0)  # the slowest group's samples' patches
 
             # moves: the sample leaves, nothing comes back (emptying the group would idle its ranks for nothing)
-            left = self.times(sums[slowest] - own, self.squares[slowest] - own * own, slowest,
-                              group_patches[slowest] - leaving if vision else None)
-            need = self.padded[samples[:, None], self.degree_column[None, :]]
-            arrived = group_patches + leaving[:, None] if vision else None
-            need_sums = sums + need
-            arrive = self.times(need_sums, self.squares + need * need, every, arrived)
-            move_net = np.where(
-                (round_of != donor) & bins.fits(bins.degree, need_sums, arrived) & (len(samples) > 1),
-                (makespan[donor] - np.maximum(left, second[donor]))[:, None] - np.maximum(0.0, arrive - round_makespan),
-                -np.inf,
-            )
-            best_move = divmod(int(np.argmax(move_net)), move_net.shape[1])
-            move_gain = float(move_net[best_move])
+            move_gain, best_move = -np.inf, (0, 0)
+            if len(samples) > 1:
+                left = self.times(sums[slowest] - own, self.squares[slowest] - own * own, slowest,
+                                  group_patches[slowest] - leaving if vision else None)
+                arrived = group_patches + leaving[:, None] if vision else None
+                need_sums = sums + need
+                arrive = self.times(need_sums, self.squares + need * need, every, arrived)
+                move_net = np.where(
+                    (round_of != donor) & bins.fits(bins.degree, need_sums, arrived),
+                    (makespan[donor] - np.maximum(left, second[donor]))[:, None]
+                    - np.maximum(0.0, arrive - round_makespan),
+                    -np.inf,
+                )
+                best_move = divmod(int(np.argmax(move_net)), move_net.shape[1])
+                move_gain = float(move_net[best_move])
             swap_gain = -np.inf
             if self.options.rebalance_swaps and move_gain <= self.min_gain:
                 # swaps: the sample goes to a partner's group, the partner comes back to the slowest group
-                here = self.padded[:, self.degree_column[slowest]]
+                here = self.padded_in_group[:, slowest]
                 back_sums = sums[slowest] - own[:, None] + here
                 back_patches = group_patches[slowest] - leaving[:, None] + bins.patches if vision else None
                 back_time = self.times(
                     back_sums, self.squares[slowest] - (own * own)[:, None] + here * here, slowest, back_patches
                 )
                 partner_group = bins.owner
-                there = self.padded[samples[:, None], self.degree_column[partner_group]]
+                there = np.take(need, partner_group, axis=1)  # (whole rows gathered: need[:, ...] is slower)
                 there_sums = sums[partner_group] - partner_own + there
                 there_patches = group_patches[partner_group] - bins.patches + leaving[:, None] if vision else None
                 there_time = self.times(
