@@ -156,8 +156,8 @@ EXACT_COST = CostModel(attention_s_per_token2=0.0, linear_s_per_token=1.0, overh
 @pytest.mark.parametrize("seed", range(12))
 def test_pack_round_without_vision_matches_one_sample_at_a_time(seed, descending, monkeypatch):
     """Without a vision budget each class's first bin is kept one with room (``descending``) or, the needs' order
-    check turned off, bins too full are set aside: both choose as the oracle does, over many or few pool bins,
-    with tied lengths and finishing times, and memory that binds (bins leave and return)."""
+    check turned off, the earliest bin with room is searched for: both choose as the oracle does, over many or
+    few pool bins, with tied lengths and finishing times, and memory that binds (bins leave and return)."""
     if not descending:
         monkeypatch.setattr(packing, "_needs_descend", lambda needs: False)
     rng = np.random.default_rng(200 + seed)

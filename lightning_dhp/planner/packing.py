@@ -141,8 +141,9 @@ def pack_round(
     the ways of going faster with the same result: the first samples go in waves (:func:`_pack_in_waves`),
     then one at a time, each class's bins in a heap by time. Where no class's need grows from one sample to
     the next (always without a vision budget, the samples going longest first), each class's first bin is kept
-    one with room (:func:`_pack_by_descending_needs`); otherwise a bin too full for the sample at hand is set
-    aside (most room first) until a sample it has room for comes.
+    one with room (:func:`_pack_by_descending_needs`); otherwise (a vision budget, or a cost model under which
+    longer is not costlier) when a class's earliest bin is too full, one vectorised pass finds its earliest bin
+    with room.
     """
     capacity, patch_budget = problem.tokens_per_device, problem.patch_budget
     pool_bins = min(problem.num_devices - int(single_degrees.sum()), len(pool))
@@ -163,9 +164,9 @@ def pack_round(
     times_array, tokens_array = np.array(times), np.array(tokens, dtype=np.int64)
     class_bins = [np.flatnonzero(degrees == degree) for degree in classes]
     vision = patch_budget is not None
-    # under a vision budget, a class's bins as a slice where they are contiguous (the pool's): it copies nothing
+    # a class's bins as a slice where they are contiguous (the pool's): it copies nothing
     class_views = [slice(bins[0], bins[-1] + 1) if bins[-1] - bins[0] + 1 == len(bins) else bins
-                   for bins in class_bins] if vision else []
+                   for bins in class_bins]
     limits = [degree * capacity for degree in classes]
     patch_limits = [degree * patch_budget if vision else None for degree in classes]
     held_array = np.array(problem.patches[singles].tolist() + [0] * pool_bins, dtype=np.int64) if vision else None
@@ -186,9 +187,6 @@ def pack_round(
                                            pool_costs[rest].tolist(), rest_needs.T.tolist(), pool[rest].tolist())
         return [bin_members for bin_members in members if bin_members] if packed else None
     class_heaps = []
-    # without a vision budget, a bin too full for the sample at hand waits beside its class's heap, most room
-    # first, until a sample it has room for comes (then the heap's first bin with room is the class's choice)
-    class_aside: list[list[tuple[int, int]]] = [[] for _ in classes]
     for bins in class_bins:
         heap = [(times[bin_index], bin_index) for bin_index in bins.tolist()]
         heapq.heapify(heap)
@@ -199,43 +197,33 @@ def pack_round(
         held = held_array.tolist()
         patch_rows = problem.patches[pool].tolist()
         fewest_patches_left = fewest_patches.tolist()
-    class_rows = list(zip(range(len(classes)), class_heaps, class_aside, limits, patch_limits, strict=True))
+    class_rows = list(zip(range(len(classes)), class_heaps, limits, patch_limits, strict=True))
     for rank_in_order, item, item_costs, item_needs, sample in zip(
         range(start, len(order)), rest.tolist(), cost_rows, need_rows, rest_samples, strict=True
     ):
         smallest = smallest_left[rank_in_order]
         best_finish, best_class, best_bin = math.inf, -1, -1
-        for class_position, heap, aside, limit, patch_limit in class_rows:
+        for class_position, heap, limit, patch_limit in class_rows:
             need = item_needs[class_position]
-            while aside and -aside[0][0] >= need:  # set-aside bins with room for this sample return
-                bin_index = heapq.heappop(aside)[1]
-                heapq.heappush(heap, (times[bin_index], bin_index))
             # the heap's first time is at most that of any bin of the class with room: skip classes that cannot win
             cost = item_costs[class_position]
             if not heap or heap[0][0] + cost >= best_finish:
                 continue
-            while heap:
-                first_time, bin_index = heap[0]
-                room = limit - tokens[bin_index]
-                if (
-                    room < smallest  # full for good
-                    or first_time != times[bin_index]  # stale: the bin has grown since this entry
-                    or (vision and patch_limit - held[bin_index] < fewest_patches_left[rank_in_order])
-                ):
-                    heapq.heappop(heap)
-                elif not vision and room < need:  # too full for this sample: set aside
-                    heapq.heappush(aside, (-room, heapq.heappop(heap)[1]))
-                else:
-                    break
+            while heap and (
+                limit - tokens[heap[0][1]] < smallest  # full for good
+                or heap[0][0] != times[heap[0][1]]  # stale: the bin has grown since this entry
+                or (vision and patch_limit - held[heap[0][1]] < fewest_patches_left[rank_in_order])
+            ):
+                heapq.heappop(heap)
             if not heap:
                 continue
             candidate = heap[0][1]
-            if vision and (
-                tokens[candidate] + need > limit or held[candidate] + patch_rows[item] > patch_limit
+            if tokens[candidate] + need > limit or (
+                vision and held[candidate] + patch_rows[item] > patch_limit
             ):  # earliest bin too full: earliest one with room
                 view = class_views[class_position]
-                room_mask = fits_memory(tokens_array[view], limit - need, held_array[view] + patch_rows[item],
-                                        patch_limit)
+                room_mask = fits_memory(tokens_array[view], limit - need,
+                                        held_array[view] + patch_rows[item] if vision else None, patch_limit)
                 room_times = np.where(room_mask, times_array[view], np.inf)
                 position = int(room_times.argmin())
                 if room_times[position] == math.inf:  # no bin of the class has room
@@ -248,13 +236,13 @@ def pack_round(
             return None
         times[best_bin] = best_finish
         tokens[best_bin] += item_needs[best_class]
-        if vision:  # the arrays serve the vision budget's search for a bin with room
-            times_array[best_bin], tokens_array[best_bin] = best_finish, tokens[best_bin]
+        times_array[best_bin], tokens_array[best_bin] = best_finish, tokens[best_bin]  # for the search
+        if vision:
             held[best_bin] += patch_rows[item]
             held_array[best_bin] = held[best_bin]
         members[best_bin].append(sample)
         heap = class_heaps[best_class]
-        if heap[0][1] == best_bin:  # its entry is first (always without a vision budget): replace it in one step
+        if heap[0][1] == best_bin:  # its entry is first: replace it in one step
             heapq.heapreplace(heap, (best_finish, best_bin))
         else:  # its old entry goes stale
             heapq.heappush(heap, (best_finish, best_bin))
