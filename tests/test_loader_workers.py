@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import re
 import time
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from lightning_dhp import DHPStrategy
 from lightning_dhp.errors import DHPConfigError
 from lightning_dhp.lightning import DHPBatchSampler, DHPDataLoader, DHPDataModule, DHPPacking
 from lightning_dhp.lightning.planned_loader import PlanConfig
+from lightning_dhp.lightning.transfer import send_in_one_buffer
 from lightning_dhp.lightning.workers import POLL_S, WatchedIterator, stack_path
 from lightning_dhp.testing import run_distributed
 from tests.helpers import (
@@ -97,6 +99,59 @@ def test_a_dead_loader_worker_stops_every_rank_naming_it(misbehaving):
 def _loader(num_workers: int = 1, packing: DHPPacking | None = None, **kwargs) -> DHPDataLoader:
     return DHPDataLoader(TokenDataset(LENGTHS), DHPBatchSampler(LENGTHS, GLOBAL_BATCH), PlanConfig(1, 0, 64),
                          packing or DHPPacking(), {}, num_workers=num_workers, **kwargs)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors of a nest of dicts, lists and tuples, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return []
+
+
+def _assert_same_tensors(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected, strict=True):
+        assert (type(got), got.dtype, got.shape, got.requires_grad) == (type(want), want.dtype, want.shape,
+                                                                          want.requires_grad)
+        assert torch.equal(got.detach(), want.detach())
+
+
+def test_a_steps_tensors_cross_from_its_worker_in_one_shared_buffer_unchanged():
+    """Each tensor of a step in a buffer of its own cost a round trip to the worker per tensor (the main job's
+    batch wait); the worker's steps equal the same steps loaded without workers."""
+    with_workers, in_process = list(_loader()), list(_loader(num_workers=0))
+    assert len(with_workers) == len(in_process) > 1
+    for step, expected in zip(with_workers, in_process, strict=True):
+        assert step.plan.digest() == expected.plan.digest()
+        tensors = _tensors(step.rounds)
+        _assert_same_tensors(tensors, _tensors(expected.rounds))
+        assert len({tensor.untyped_storage().data_ptr() for tensor in tensors}) == 1
+        assert [r["dhp"] for r in step.rounds] == [r["dhp"] for r in expected.rounds]
+
+
+class _Holder:
+    def __init__(self, contents) -> None:
+        self.contents = contents
+
+
+def test_one_buffer_transfer_keeps_every_kind_of_tensor():
+    send_in_one_buffer(_Holder)
+    grid = torch.arange(12.0, dtype=torch.float64).reshape(3, 4)
+    contents = {"mask": torch.tensor([True, False, True]), "transposed": grid.t(), "scalar": torch.tensor(5),
+                "empty": torch.zeros(0, 7), "half": torch.linspace(-1, 1, 5, dtype=torch.bfloat16),
+                "strided": torch.arange(9, dtype=torch.int16)[::2], "trainable": torch.ones(2, requires_grad=True),
+                "parameter": torch.nn.Parameter(torch.ones(2)), "nested": [grid, (torch.tensor([7]),)], "text": "a"}
+    received = ForkingPickler.loads(ForkingPickler.dumps(_Holder(contents))).contents
+    assert received.keys() == contents.keys() and received["text"] == "a"
+    _assert_same_tensors(_tensors(received), _tensors(contents))
+    plain = [tensor for tensor in _tensors(received) if type(tensor) is torch.Tensor]
+    assert len({tensor.untyped_storage().data_ptr() for tensor in plain}) == 1  # the parameter pickles as usual
+    assert received["trainable"].is_leaf
+    assert ForkingPickler.loads(ForkingPickler.dumps(_Holder({"no": "tensors"}))).contents == {"no": "tensors"}
 
 
 def test_workers_start_from_a_forkserver_unless_the_dataloader_names_a_start_method():

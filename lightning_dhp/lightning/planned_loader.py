@@ -24,6 +24,7 @@ from lightning_dhp.lightning import _lightning
 from lightning_dhp.lightning.batch import RankRound
 from lightning_dhp.lightning.collate import DHPPacking, count_loss_tokens
 from lightning_dhp.lightning.sampler import DHPBatchSampler, check_one_length_per_item
+from lightning_dhp.lightning.transfer import send_in_one_buffer
 from lightning_dhp.lightning.workers import POLL_S, WatchedIterator, WorkerInit, default_context, new_stack_dir
 from lightning_dhp.planner import CostModel, Plan, plan_batch, static_plan
 
@@ -58,11 +59,13 @@ class StepRequest:
     sample_ids: tuple[int, ...]  # dataset indices of the global batch
 
 
+@send_in_one_buffer
 class PlannedStep:
     """One global batch as seen by one rank: the whole plan and this rank's collated rounds.
 
     A plain class on purpose: Lightning's device transfer leaves it alone, and the strategy moves one
-    round at a time to the device so that only one round's tensors are alive there. Each round's
+    round at a time to the device so that only one round's tensors are alive there. From a loader worker it
+    comes with its tensors in one shared-memory buffer (:mod:`.transfer`). Each round's
     ``batch["dhp"]`` is a :class:`RankRound`; the strategy replaces it by the complete
     :class:`~lightning_dhp.lightning.batch.DHPBatchInfo` once the ranks agreed on the global counts.
     """
