@@ -1,10 +1,15 @@
 import os
+import shutil
+import tempfile
 
 import pytest
 from hypothesis import settings
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+# Files that tests' rank processes write (they inherit the variable) go here, removed when the session ends.
+SESSION_TMP = tempfile.mkdtemp(prefix="dhp-tests-")
+os.environ["DHP_TEST_TMP"] = SESSION_TMP
 
 # Property tests draw the same examples on every run, so CI passes or fails on the code, not on the draw.
 # Explore new draws with `pytest --hypothesis-profile=explore` (and pin what it finds as a plain test).
@@ -18,6 +23,10 @@ settings.load_profile("deterministic")
 LONGEST_FIRST = ("test_hf_chat_example.py", "test_benchmarks_quick.py", "test_lightning_contract.py", "test_app.py",
                  "test_hf.py", "test_reliability.py", "test_sharding.py", "test_loader_workers.py",
                  "test_attention.py", "test_hf_example.py", "test_strategy.py", "test_chat.py")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -73,8 +73,10 @@ def token_data(global_batch: int = GLOBAL_BATCH) -> DHPDataModule:
 
 
 def plan_report() -> DHPPlanReport:
-    """A plan recorder whose end-of-training files go to a fresh temporary folder, not the working directory."""
-    return DHPPlanReport(dirpath=tempfile.mkdtemp(prefix="dhp-plans-"), log_metrics=False)
+    """A plan recorder whose end-of-training files go to a fresh folder of the session's temporary folder
+    (conftest's ``DHP_TEST_TMP``, removed at the end of the session), not the working directory."""
+    folder = tempfile.mkdtemp(prefix="dhp-plans-", dir=os.environ.get("DHP_TEST_TMP"))
+    return DHPPlanReport(dirpath=folder, log_metrics=False)
 
 
 def as_torchrun_rank(rank: int) -> None:
