@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import math
 import pickle
-from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -25,13 +24,9 @@ import torch
 
 _ALIGNMENT = 64  # bytes: every tensor starts at a multiple, so each dtype's view of the buffer is aligned
 
-
-@dataclass(frozen=True)
-class _TensorSpec:
-    offset: int  # bytes into the buffer
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    requires_grad: bool
+# where a tensor lies in the buffer: (dtype, shape, contiguous strides, offset in elements of its dtype, requires
+# grad); a plain tuple, as a step has hundreds of tensors to describe
+_TensorSpec = tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int, bool]
 
 
 class _TensorsAside(pickle.Pickler):
@@ -50,20 +45,18 @@ class _TensorsAside(pickle.Pickler):
 
 
 class _TensorsFromBuffer(pickle.Unpickler):
+    """Unpickles what :class:`_TensorsAside` pickled, each tensor a view of the buffer: one ``as_strided`` of the
+    buffer seen as its dtype."""
+
     def __init__(self, file: io.BytesIO, buffer: torch.Tensor | None, specs: list[_TensorSpec]) -> None:
         super().__init__(file)
-        self.buffer, self.specs = buffer, specs
+        self.specs = specs
+        self.as_dtype = {} if buffer is None else {spec[0]: buffer.view(spec[0]) for spec in specs}
 
     def persistent_load(self, pid: int) -> torch.Tensor:
-        spec = self.specs[pid]
-        tensor = _view(self.buffer, spec)
-        return tensor.detach().requires_grad_() if spec.requires_grad else tensor
-
-
-def _view(buffer: torch.Tensor, spec: _TensorSpec) -> torch.Tensor:
-    """The tensor ``spec`` describes, as a view of ``buffer``."""
-    size = spec.dtype.itemsize * math.prod(spec.shape)
-    return buffer[spec.offset:spec.offset + size].view(spec.dtype).view(spec.shape)
+        dtype, shape, stride, offset, requires_grad = self.specs[pid]
+        tensor = self.as_dtype[dtype].as_strided(shape, stride, offset)
+        return tensor.detach().requires_grad_() if requires_grad else tensor
 
 
 def _packed(obj: Any) -> tuple[bytes, torch.Tensor | None, list[_TensorSpec]]:
@@ -74,13 +67,18 @@ def _packed(obj: Any) -> tuple[bytes, torch.Tensor | None, list[_TensorSpec]]:
     pickler.dump(obj)
     if not pickler.tensors:
         return file.getvalue(), None, []
-    specs, offset = [], 0
+    specs: list[_TensorSpec] = []
+    offset = 0  # bytes
     for tensor in pickler.tensors:
-        specs.append(_TensorSpec(offset, tensor.dtype, tuple(tensor.shape), tensor.requires_grad))
-        offset += -(-tensor.numel() * tensor.element_size() // _ALIGNMENT) * _ALIGNMENT
-    buffer = torch.empty(max(offset, 1), dtype=torch.uint8).share_memory_()  # torch sends shared storage as is
-    for tensor, spec in zip(pickler.tensors, specs, strict=True):
-        _view(buffer, spec).copy_(tensor.detach())
+        shape, itemsize = tuple(tensor.shape), tensor.element_size()
+        stride = tuple(math.prod(shape[dim + 1:]) for dim in range(len(shape)))
+        specs.append((tensor.dtype, shape, stride, offset // itemsize, tensor.requires_grad))
+        offset += -(-tensor.numel() * itemsize // _ALIGNMENT) * _ALIGNMENT
+    buffer = torch.empty(max(offset, _ALIGNMENT), dtype=torch.uint8).share_memory_()  # torch sends it as is
+    as_dtype = {spec[0]: buffer.view(spec[0]) for spec in specs}
+    with torch.no_grad():
+        for tensor, (dtype, shape, stride, element_offset, _) in zip(pickler.tensors, specs, strict=True):
+            as_dtype[dtype].as_strided(shape, stride, element_offset).copy_(tensor)
     return file.getvalue(), buffer, specs
 
 
