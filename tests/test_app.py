@@ -46,8 +46,10 @@ def test_main_job_runs_on_two_processes_learns_and_leaves_its_results(tmp_path):
     assert summary["plan"]["groups_by_degree"].get("2", 0) > 0, "the long samples must have run context-parallel"
     with open(summary["metrics_csv"]) as metrics:
         rows = list(csv.DictReader(metrics))
-    assert any(row.get("dhp/loss") for row in rows), "the strategy's loss must reach the logger"
-    assert any(row.get("dhp/planner_cpu_ms") for row in rows), "plan statistics must reach the logger"
+    loss_steps = {row["step"] for row in rows if row.get("dhp/loss")}
+    assert loss_steps == {"0", "1", "2"}, "the strategy's loss must reach the logger every step"
+    assert {row["step"] for row in rows if row.get("dhp/planner_cpu_ms")} == loss_steps, \
+        "plan statistics must reach the logger under the steps Lightning logs the loss"
     assert (run / "plans.png").stat().st_size > 10_000
     assert any((tmp_path / "cache").glob("tiny_vlm_pretrained_*.pt")), "the starting checkpoint is cached"
     assert summary["cost_model"]["name"] == "profiled on this machine at the start of this run", summary

@@ -38,6 +38,7 @@ __all__ = [
     "_sync_ddp_if_available",
     "_sync_module_states",
     "disable_distributed_sampler",
+    "logging_step",
     "record_prediction_indices",
     "set_device_mesh",
     "unwrap_batch_sampler",
@@ -53,6 +54,15 @@ def set_device_mesh(module: Any, mesh: Any) -> None:
 def disable_distributed_sampler(trainer: Any) -> None:
     """Batches are split by the planner, never by an injected DistributedSampler."""
     trainer._accelerator_connector.use_distributed_sampler = False
+
+
+def logging_step(trainer: Any) -> int | None:
+    """The step Lightning logs this training batch's metrics under, or None when it does not log this batch
+    (``log_every_n_steps``): what its own LearningRateMonitor reads to send per-step statistics straight to the
+    loggers."""
+    if not trainer._logger_connector.should_update_logs:
+        return None
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 def unwrap_batch_sampler(batch_sampler: Any) -> Any:
