@@ -6,13 +6,15 @@ Batch sets on 64 devices (nodes of 8), ``CostModel.default()``, seeds held out f
 other benchmarks (500+):
 - short tails: the length distributions of ../shared/data at the planner benchmark's capacities,
   128 and 512 samples;
-- memory-bound: 512 EPIC-KITCHENS videos or Mooncake conversations at 16384 tokens per device (7-10 rounds).
+- memory-bound: 512 EPIC-KITCHENS videos or Mooncake conversations at 16384 tokens per device (7-10 rounds);
+and the main job's batches: 32 ``video_digits`` samples on 4 devices at 384 tokens per device, planned with the
+job's own model of this machine (``results/e2e/tiny_vlm_cpu_cost_model.json``), 8 per ``--batches``.
 
 Per variant and set: the predicted time over the baseline's (geometric mean over batches; > 1 means
 the variant plans worse), the gap to the lower bound, and the median process-CPU time per plan.
 Variants run interleaved per batch, in a rotating order.
 
-Usage: python benchmarks/planner_ablation.py [--batches 2] [--json PATH]
+Usage: python benchmarks/planner_ablation.py [--batches 2] [--sets NAME ...] [--json PATH]
 """
 
 from __future__ import annotations
@@ -26,19 +28,22 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.* tooling
 from benchmarks.planner_bench import CAPACITY, draw
 from lightning_dhp.data import sample_token_lengths
-from lightning_dhp.planner import PlannerOptions, plan_batch
+from lightning_dhp.data.video_digits import VideoDigits
+from lightning_dhp.planner import CostModel, PlannerOptions, plan_batch
 
 SHORT_TAILS = ("activitynet", "mooncake", "vlm_mix", "azure_conv", "epic_kitchens_segments")
 SIZES = (128, 512)  # samples per batch of the short tails
 MEMORY_BOUND = ("epic_kitchens_videos", "mooncake")
 MEMORY_BOUND_CAPACITY = 16384
+MAIN_JOB_MODEL = Path(__file__).resolve().parent / "results" / "e2e" / "tiny_vlm_cpu_cost_model.json"
+MAIN_JOB_BATCHES_PER_BATCH = 8  # main-job batches per --batches: they plan in milliseconds
 
 
 NO_REFINEMENT = {"refine_move": False, "refine_swap": False, "refine_merge": False, "refine_split": False}
@@ -85,29 +90,46 @@ VARIANTS: dict[str, dict[str, Any]] = {
 OPTIONS = {variant: dataclasses.replace(PlannerOptions(), **changes) for variant, changes in VARIANTS.items()}
 
 
-def batch_sets(batches: int) -> dict[str, list[tuple[str, np.ndarray, int]]]:
+class Case(NamedTuple):
+    """One batch of a set: where its lengths come from, and the machine it is planned for."""
+
+    distribution: str
+    lengths: np.ndarray
+    capacity: int  # tokens per device
+    devices: int = 64
+    node_size: int | None = 8
+    cost: CostModel | None = None  # None: CostModel.default()
+
+
+def batch_sets(batches: int) -> dict[str, list[Case]]:
+    main_job = VideoDigits(32 * MAIN_JOB_BATCHES_PER_BATCH * batches, seed=500, sample_fps=0.125, max_frames=64,
+                           frame_sizes=[16, 24, 32]).lengths
+    main_job_model = CostModel.load(MAIN_JOB_MODEL)
     return {
-        **{f"short tails, {size} samples": [(name, draw(name, size, 500 + b), CAPACITY[name])
+        **{f"short tails, {size} samples": [Case(name, draw(name, size, 500 + b), CAPACITY[name])
                                              for name in SHORT_TAILS for b in range(batches)] for size in SIZES},
-        "memory-bound": [(name, sample_token_lengths(name, 512, seed=500 + b), MEMORY_BOUND_CAPACITY)
+        "memory-bound": [Case(name, sample_token_lengths(name, 512, seed=500 + b), MEMORY_BOUND_CAPACITY)
                          for name in MEMORY_BOUND for b in range(batches)],
+        "main job": [Case("video_digits", main_job[32 * b:32 * (b + 1)], 384, devices=4, node_size=None,
+                          cost=main_job_model) for b in range(len(main_job) // 32)],
     }
 
 
-def run(batches: int, progress: Callable[[str], None]) -> dict[str, Any]:
-    sets = batch_sets(batches)
+def run(batches: int, progress: Callable[[str], None], set_names: list[str] | None = None) -> dict[str, Any]:
+    sets = {name: cases for name, cases in batch_sets(batches).items() if set_names is None or name in set_names}
     plan_batch([1, 2, 3], 2, 8)  # first-call imports out of the timings
     names = list(VARIANTS)
     results: dict[str, dict[str, dict[str, list[float]]]] = {
         set_name: {variant: {"time": [], "gap": [], "cpu_ms": []} for variant in names} for set_name in sets
     }
     for set_name, cases in sets.items():
-        for index, (distribution, lengths, capacity) in enumerate(cases):
-            progress(f"{set_name}: {distribution} batch {index}")
+        for index, case in enumerate(cases):
+            progress(f"{set_name}: {case.distribution} batch {index}")
             rotation = names[index % len(names):] + names[: index % len(names)]
             for variant in rotation:
                 started = time.process_time()
-                plan = plan_batch(lengths, 64, capacity, node_size=8, options=OPTIONS[variant])
+                plan = plan_batch(case.lengths, case.devices, case.capacity, case.cost, node_size=case.node_size,
+                                  options=OPTIONS[variant])
                 cpu = time.process_time() - started
                 plan.validate()
                 row = results[set_name][variant]
@@ -126,14 +148,17 @@ def run(batches: int, progress: Callable[[str], None]) -> dict[str, Any]:
             }
             for variant, row in variants.items()
         }
-    return {"batches_per_distribution": batches, "sets": {k: [c[0] for c in v] for k, v in sets.items()},
+    return {"batches_per_distribution": batches,
+            "sets": {name: {"distributions": [case.distribution for case in cases], "devices": cases[0].devices}
+                     for name, cases in sets.items()},
             "summary": summary}
 
 
 def report(result: dict[str, Any]) -> str:
     lines = []
     for set_name, variants in result["summary"].items():
-        lines += [f"\n{set_name} ({len(result['sets'][set_name])} batches on 64 devices):", "",
+        cases = result["sets"][set_name]
+        lines += [f"\n{set_name} ({len(cases['distributions'])} batches on {cases['devices']} devices):", "",
                   "| variant | time / baseline (geomean) | worst | gap to bound | CPU ms median |",
                   "|---|---:|---:|---:|---:|"]
         for variant, row in variants.items():
@@ -145,9 +170,11 @@ def report(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=2, help="batches per distribution (default %(default)s)")
+    parser.add_argument("--sets", nargs="+", choices=list(batch_sets(1)), help="the batch sets to run (default: all)")
     parser.add_argument("--json", help="write the results to this path")
     args = parser.parse_args()
-    result = run(args.batches, progress=lambda message: print(message, file=sys.stderr, flush=True))
+    result = run(args.batches, progress=lambda message: print(message, file=sys.stderr, flush=True),
+                 set_names=args.sets)
     print(report(result), end="")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
