@@ -2,9 +2,9 @@
 
 A DataLoader worker puts each batch on a multiprocessing queue, and torch shares every tensor's storage as a
 file descriptor of its own. The rank then fetches each descriptor from the worker over a socket, a round trip
-that waits until the worker's process gets a core. A DHP step holds every round's tensors (tens of them), so
-where ranks and workers share the cores those round trips were most of the step's wait for its batch: the main
-job on 2 cores waited 295 ms (median) per step for batches that its worker had finished seconds before.
+that waits until the worker's process gets a core. A DHP step holds every round's tensors (about 220 per rank in
+the main job), so where ranks and workers share the cores those round trips were most of the step's wait for its
+batch: the main job on 2 cores waited 295 ms (median) per step for batches its worker had finished seconds before.
 
 Here a step's tensors go into one shared-memory byte buffer, which torch sends as one descriptor; the rank
 reads them back as views of that buffer. The rest of the step is pickled as usual. Only the queue between
