@@ -51,12 +51,17 @@ class _TensorsFromBuffer(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, buffer: torch.Tensor | None, specs: list[_TensorSpec]) -> None:
         super().__init__(file)
         self.specs = specs
-        self.as_dtype = {} if buffer is None else {spec[0]: buffer.view(spec[0]) for spec in specs}
+        self.as_dtype = {} if buffer is None else _buffer_as_dtypes(buffer, specs)
 
     def persistent_load(self, pid: int) -> torch.Tensor:
         dtype, shape, stride, offset, requires_grad = self.specs[pid]
         tensor = self.as_dtype[dtype].as_strided(shape, stride, offset)
         return tensor.detach().requires_grad_() if requires_grad else tensor
+
+
+def _buffer_as_dtypes(buffer: torch.Tensor, specs: list[_TensorSpec]) -> dict[torch.dtype, torch.Tensor]:
+    """The buffer seen as each dtype its tensors have: one view per dtype, not per tensor."""
+    return {dtype: buffer.view(dtype) for dtype in {spec[0] for spec in specs}}
 
 
 def _packed(obj: Any) -> tuple[bytes, torch.Tensor | None, list[_TensorSpec]]:
@@ -75,7 +80,7 @@ def _packed(obj: Any) -> tuple[bytes, torch.Tensor | None, list[_TensorSpec]]:
         specs.append((tensor.dtype, shape, stride, offset // itemsize, tensor.requires_grad))
         offset += -(-tensor.numel() * itemsize // _ALIGNMENT) * _ALIGNMENT
     buffer = torch.empty(max(offset, _ALIGNMENT), dtype=torch.uint8).share_memory_()  # torch sends it as is
-    as_dtype = {spec[0]: buffer.view(spec[0]) for spec in specs}
+    as_dtype = _buffer_as_dtypes(buffer, specs)
     with torch.no_grad():
         for tensor, (dtype, shape, stride, element_offset, _) in zip(pickler.tensors, specs, strict=True):
             as_dtype[dtype].as_strided(shape, stride, element_offset).copy_(tensor)
