@@ -7,9 +7,12 @@ from hypothesis import settings
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
-# Files that tests' rank processes write (they inherit the variable) go here, removed when the session ends.
+# Files that tests' rank processes write (they inherit the variables) go here, removed when the session ends:
+# also the temporary folders of processes that die without cleaning up (a rank a test kills leaves its loader's
+# stack folder, a killed forkserver its socket folder).
 SESSION_TMP = tempfile.mkdtemp(prefix="dhp-tests-")
 os.environ["DHP_TEST_TMP"] = SESSION_TMP
+os.environ["TMPDIR"] = SESSION_TMP  # for the processes tests start; this one keeps its own (cached) folder
 
 # Property tests draw the same examples on every run, so CI passes or fails on the code, not on the draw.
 # Explore new draws with `pytest --hypothesis-profile=explore` (and pin what it finds as a plain test).
