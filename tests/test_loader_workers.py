@@ -152,6 +152,8 @@ def test_one_buffer_transfer_keeps_every_kind_of_tensor():
     assert len({tensor.untyped_storage().data_ptr() for tensor in plain}) == 1  # the parameter pickles as usual
     assert received["trainable"].is_leaf
     assert ForkingPickler.loads(ForkingPickler.dumps(_Holder({"no": "tensors"}))).contents == {"no": "tensors"}
+    with pytest.raises(RuntimeError, match=r"shape \(2,\) computed with autograd .*\(tensor\.detach\(\)\)"):
+        ForkingPickler.dumps(_Holder({"graph": torch.ones(2, requires_grad=True) * 2}))
 
 
 def test_workers_start_from_a_forkserver_unless_the_dataloader_names_a_start_method():

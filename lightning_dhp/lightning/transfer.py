@@ -31,7 +31,8 @@ _TensorSpec = tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int, bool]
 
 class _TensorsAside(pickle.Pickler):
     """Pickles an object with its dense CPU tensors left out (kept in ``tensors``, in order); any other tensor
-    (a subclass, sparse, on a device) pickles as usual."""
+    (a subclass, sparse, on a device) pickles as usual. A tensor inside an autograd graph is refused, as torch
+    refuses it between processes: the rank would get a leaf cut off from that graph."""
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
@@ -39,6 +40,12 @@ class _TensorsAside(pickle.Pickler):
 
     def persistent_id(self, obj: Any) -> int | None:
         if type(obj) is torch.Tensor and obj.layout is torch.strided and obj.device.type == "cpu":
+            if obj.grad_fn is not None:
+                raise RuntimeError(
+                    f"a DHP step from a DataLoader worker holds a tensor of shape {tuple(obj.shape)} computed with "
+                    "autograd (it requires grad and is not a leaf); autograd cannot cross between processes. Detach "
+                    "it in the dataset or collate function (tensor.detach()), or compute it in the training step"
+                )
             self.tensors.append(obj)
             return len(self.tensors) - 1
         return None
