@@ -84,7 +84,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "close_enough 0.03 -> 0.01": {"close_enough": 0.01},
     "start_margin 0.1 -> inf (refine every start)": {"start_margin": math.inf},
     "start_margin 0.1 -> 0.02": {"start_margin": 0.02},
-    "refine_max_samples 128 -> inf (refine every batch)": {"refine_max_samples": math.inf},
+    "refine_max_samples 128 -> inf (refine every batch)": {"refine_max_samples": 10**9},
     "refine_max_samples 128 -> 64": {"refine_max_samples": 64},
 }
 OPTIONS = {variant: dataclasses.replace(PlannerOptions(), **changes) for variant, changes in VARIANTS.items()}

@@ -81,6 +81,14 @@ def test_multirun_sweeps_strategies_each_job_with_its_own_world(tmp_path):
     assert strategies[0].startswith("DHP") and strategies[1] == "static ring CP, degree 2"
 
 
+def test_the_summary_names_the_planner_options_that_differ_from_the_defaults():
+    from lightning_dhp import DHPStrategy
+    from lightning_dhp.app.main import _describe
+    assert _describe(DHPStrategy(tokens_per_device=24)) == "DHP (ring, tokens_per_device=24)"
+    lighter = DHPStrategy(tokens_per_device=24, planner_options={"rebalance": False, "prune_margin": 0.02})
+    assert _describe(lighter) == "DHP (ring, tokens_per_device=24, rebalance=False)"  # 0.02 is the default
+
+
 def test_progress_bar_epochs_cover_max_steps():
     from lightning_dhp.app.main import epochs_to_cover
     assert epochs_to_cover(200, 128) == 2 and epochs_to_cover(128, 128) == 1 and epochs_to_cover(129, 128) == 2
@@ -101,8 +109,10 @@ def test_profiled_cost_model_is_calibrated_on_the_steps_cached_per_key_and_rank_
         cfg = compose(config_name="vlm_finetune", overrides=[f"profile_cache_dir={tmp_path}"])
         wider = compose(config_name="vlm_finetune", overrides=["model.config.hidden_size=128"])
         longer = compose(config_name="vlm_finetune", overrides=["trainer.max_steps=5"])
+        lighter = compose(config_name="vlm_finetune", overrides=["strategy.planner_options={rebalance:false}"])
     assert profile_key(cfg) != profile_key(wider), "another model must be profiled again"
     assert profile_key(cfg) == profile_key(longer), "the step count does not change the model"
+    assert profile_key(cfg) == profile_key(lighter), "how the planner searches does not change the model"
     monkeypatch.delenv(CHOICE_VARIABLE, raising=False)
     first = choose_cost_model(cfg, tmp_path)
     assert first.strategy_value == PROFILE and os.environ[CHOICE_VARIABLE] == PROFILE

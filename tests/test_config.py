@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_dhp import DHPConfig, DHPStrategy
 from lightning_dhp.errors import DHPConfigError
-from lightning_dhp.planner import CostModel
+from lightning_dhp.planner import CostModel, PlannerOptions, plan_batch
 from tests.tiny_lm import Block
 
 
@@ -30,6 +30,16 @@ from tests.tiny_lm import Block
     ({"data_wait_timeout": -1.0}, "data_wait_timeout must be a positive number of seconds"),
     ({"activation_checkpointing": "tests.tiny_lm.NoSuchBlock"}, "cannot import the module class"),
     ({"activation_checkpointing": "NoModulePath"}, "cannot import the module class 'NoModulePath'"),
+    ({"planner_options": {"rebalanc": False}}, "planner_options: PlannerOptions has no option 'rebalanc'; did you mean "
+                                               "rebalance"),
+    ({"planner_options": {"prune_margin": -0.1}}, r"PlannerOptions.prune_margin must be a number >= 0 \(inf allowed\), "
+                                                  "got -0.1"),
+    ({"planner_options": {"refine_passes": 2.5}}, "PlannerOptions.refine_passes must be a whole number >= 0"),
+    ({"planner_options": {"rebalance": "no"}}, "PlannerOptions.rebalance must be True or False, got 'no'"),
+    ({"planner_options": "light"}, "planner_options must be a PlannerOptions, a mapping of its fields or None, "
+                                   "got str"),
+    ({"planner_options": {"rebalance": False}, "static_degree": 2}, "planner_options tune the DHP planner, which "
+                                                                     "static_degree does not use"),
 ])
 def test_an_option_that_cannot_work_is_the_same_error_from_the_config_and_the_strategy(options, fragment):
     with pytest.raises(DHPConfigError, match=fragment) as from_config:
@@ -123,3 +133,38 @@ def test_the_planning_cost_model_is_resolved_from_what_was_passed_and_the_config
     assert resolve_at_setup(str(tmp_path / "model.json"), None) == model
     config = DHPConfig(cost_model=str(tmp_path / "model.json"))
     assert config.cost_model == str(tmp_path / "model.json")
+
+
+LIGHT_PLANNING = {"rebalance": False, "static_rounds_extra": 0}
+LENGTHS = [51, 38, 31, 16, 19, 3, 5, 1, 11, 48, 39, 54]  # three rounds on 4 devices at 32 tokens each
+
+
+def test_planner_options_from_a_config_mapping_reach_the_loaders_plans():
+    """Hydra passes ``strategy.planner_options`` as a mapping; the loader plans with exactly those options."""
+    import torch
+    from lightning.pytorch.plugins.environments import LightningEnvironment
+
+    from lightning_dhp.lightning import dhp_dataloader
+    from lightning_dhp.lightning.planned_loader import StepRequest
+
+    assert DHPConfig(planner_options={"extra_start_degrees": [1, 2]}).planner_options == PlannerOptions(
+        extra_start_degrees=(1, 2))
+    light = PlannerOptions(**LIGHT_PLANNING)
+    four_ranks = LightningEnvironment()
+    four_ranks.set_world_size(4)
+    strategy = DHPStrategy(tokens_per_device=32, planner_options=LIGHT_PLANNING, cluster_environment=four_ranks,
+                           parallel_devices=[torch.device("cpu")] * 4)
+    assert strategy.config.planner_options == light
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(LENGTHS)
+
+        def __getitem__(self, index: int) -> dict:
+            return {"input_ids": torch.zeros(LENGTHS[index], dtype=torch.long)}
+
+    loader = strategy.process_dataloader(dhp_dataloader(Tokens(), LENGTHS, len(LENGTHS)))
+    assert loader.plan_config.planner_options == light
+    planned = loader.dataset[StepRequest("x", 0, 0, tuple(range(len(LENGTHS))))].plan
+    assert planned.digest() == plan_batch(LENGTHS, 4, 32, options=light).digest()
+    assert planned.digest() != plan_batch(LENGTHS, 4, 32).digest()  # these options change this batch's plan

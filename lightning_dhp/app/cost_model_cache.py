@@ -125,7 +125,8 @@ def machine_fingerprint(accelerator: str) -> dict[str, Any]:
 def profile_key(cfg: DictConfig) -> str:
     """Hash of everything a profiled cost model depends on (not the step count, logging or evaluation)."""
     strategy = OmegaConf.to_container(cfg.strategy, resolve=True)
-    strategy.pop("cost_model", None)
+    for not_in_the_model in ("cost_model", "planner_options"):  # (what plans with the model, not what it models)
+        strategy.pop(not_in_the_model, None)
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     recipe = {"version": _KEY_VERSION, "model": OmegaConf.to_container(cfg.model, resolve=True),
               "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed, "strategy": strategy,

@@ -172,7 +172,9 @@ def _describe(strategy: DHPStrategy) -> str:
         return "data parallel (degree 1, no CP)"
     if strategy.static_degree is not None:
         return f"static ring CP, degree {strategy.static_degree}"
-    return f"DHP ({strategy.cp_implementation}, tokens_per_device={strategy.tokens_per_device})"
+    tuned = strategy.planner_options.changed() if strategy.planner_options is not None else {}
+    planner = "".join(f", {name}={value}" for name, value in tuned.items())
+    return f"DHP ({strategy.cp_implementation}, tokens_per_device={strategy.tokens_per_device}{planner})"
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="vlm_finetune", version_base="1.3")

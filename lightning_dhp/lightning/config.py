@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import KW_ONLY, dataclass
 from datetime import timedelta
+from typing import Any
 
 from torch import nn
 
 from lightning_dhp.distributed.context import CP_IMPLEMENTATIONS
-from lightning_dhp.errors import DHPConfigError
+from lightning_dhp.errors import DHPConfigError, PlanError
 from lightning_dhp.lightning.sharding import SHARDINGS, fsdp_unsupported_reason
 from lightning_dhp.lightning.workers import DEFAULT_DATA_WAIT_S
-from lightning_dhp.planner import CostModel, divisors
+from lightning_dhp.planner import CostModel, PlannerOptions, divisors
 
 ModuleClasses = type[nn.Module] | str | Collection[type[nn.Module] | str]
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
@@ -68,6 +69,9 @@ class DHPConfig:
             worker and its Python stack; ``None`` waits forever. A DataLoader's own ``timeout`` takes
             precedence. Keep it below the strategy's ``timeout`` (checked by :meth:`check_collective_timeout`),
             or the waiting peers' collective times out first.
+        planner_options: the DHP planner's tuning constants, a :class:`~lightning_dhp.planner.PlannerOptions` or a
+            mapping of some of its fields (e.g. ``{"rebalance": False}`` from a YAML config); ``None``: the defaults.
+            Other values trade plan quality for planner time (``benchmarks/planner_ablation.py`` measures each).
     """
 
     tokens_per_device: int | None = None
@@ -87,6 +91,7 @@ class DHPConfig:
     gradient_bucket_mb: float | None = 25.0
     vision_patches_per_device: int | None = None
     data_wait_timeout: float | None = DEFAULT_DATA_WAIT_S
+    planner_options: PlannerOptions | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.tokens_per_device is not None and self.tokens_per_device < 1:
@@ -115,6 +120,10 @@ class DHPConfig:
         if self.data_wait_timeout is not None and not self.data_wait_timeout > 0:
             raise DHPConfigError(f"data_wait_timeout must be a positive number of seconds or None, got "
                                  f"{self.data_wait_timeout!r}")
+        object.__setattr__(self, "planner_options", _planner_options(self.planner_options))
+        if self.planner_options is not None and self.static_degree is not None:
+            raise DHPConfigError("planner_options tune the DHP planner, which static_degree does not use (it lays "
+                                 "out groups of one degree); drop one of them")
         object.__setattr__(self, "activation_checkpointing", _classes(self.activation_checkpointing))
         object.__setattr__(self, "fsdp_modules", _classes(self.fsdp_modules))
 
@@ -142,6 +151,19 @@ class DHPConfig:
     @property
     def gradient_bucket_bytes(self) -> int | None:
         return None if self.gradient_bucket_mb is None else int(self.gradient_bucket_mb * 2**20)
+
+
+def _planner_options(options: PlannerOptions | Mapping[str, Any] | None) -> PlannerOptions | None:
+    """The planner options as :class:`PlannerOptions` (a mapping, as configs write them, converted)."""
+    if options is None or isinstance(options, PlannerOptions):
+        return options
+    if not isinstance(options, Mapping):
+        raise DHPConfigError(f"planner_options must be a PlannerOptions, a mapping of its fields or None, got "
+                             f"{type(options).__name__}")
+    try:
+        return PlannerOptions.from_mapping(options)
+    except PlanError as bad:
+        raise DHPConfigError(f"planner_options: {bad}") from None
 
 
 def _classes(classes: ModuleClasses | None) -> tuple[type[nn.Module], ...]:

@@ -26,7 +26,7 @@ from lightning_dhp.lightning.collate import DHPPacking, count_loss_tokens
 from lightning_dhp.lightning.sampler import DHPBatchSampler, check_one_length_per_item
 from lightning_dhp.lightning.transfer import send_in_one_buffer
 from lightning_dhp.lightning.workers import POLL_S, WatchedIterator, WorkerInit, default_context, new_stack_dir
-from lightning_dhp.planner import CostModel, Plan, plan_batch, static_plan
+from lightning_dhp.planner import CostModel, Plan, PlannerOptions, plan_batch, static_plan
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class PlanConfig:
     skip_bad_samples: bool = False
     static_degree: int | None = None  # plan like static ring CP: every group has this many ranks
     vision_patches_per_device: int | None = None
+    planner_options: PlannerOptions | None = None  # None: the defaults
 
     def plan(self, lengths: Sequence[int], vision_patches: Sequence[int] | None = None) -> Plan:
         memory = {"vision_patches": vision_patches, "vision_patches_per_device": self.vision_patches_per_device}
@@ -48,7 +49,7 @@ class PlanConfig:
             return static_plan(lengths, self.num_devices, self.tokens_per_device, self.static_degree,
                                self.cost_model, **memory)
         return plan_batch(lengths, self.num_devices, self.tokens_per_device, self.cost_model,
-                          node_size=self.node_size, **memory)
+                          node_size=self.node_size, options=self.planner_options, **memory)
 
 
 @dataclass(frozen=True)

@@ -255,7 +255,7 @@ class DHPStrategy(CheckpointHooks, ParallelStrategy):
             cost_model=self.planning_cost_model,
             node_size=config.node_size or (self.num_processes if self.num_nodes > 1 else None),
             skip_bad_samples=config.skip_bad_samples, static_degree=config.static_degree,
-            vision_patches_per_device=config.vision_patches_per_device)
+            vision_patches_per_device=config.vision_patches_per_device, planner_options=config.planner_options)
         return DHPDataLoader.like(dataloader, batch_sampler, plan_config, packing, self._trained,
                                   data_wait_timeout=config.data_wait_timeout)
 

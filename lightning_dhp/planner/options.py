@@ -8,13 +8,23 @@ experiment (plans differ).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from lightning_dhp.errors import PlanError
 
 
 @dataclass(frozen=True)
 class PlannerOptions:
-    """Tuning constants of the DHP planner, passed down explicitly (no module globals are read while planning)."""
+    """Tuning constants of the DHP planner, passed down explicitly (no module globals are read while planning).
+
+    Every option has its annotated type (numbers >= 0; ``extra_start_degrees``: degrees >= 1, given as any
+    sequence); anything else is a :class:`PlanError` naming the option.
+    """
 
     # -- candidates: round assignments and static CP's layouts --------------------------------------------------
     static_layouts: bool = True
@@ -151,6 +161,46 @@ class PlannerOptions:
     """Makespans the search tries side by side per pass ..."""
     sizing_entries: int = 1 << 21
     """... fewer when points x degree-table entries would exceed this (bounds the search's memory)."""
+
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "tuple[int, ...]":
+                if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not all(
+                        _is_whole(item) and item >= 1 for item in value):
+                    raise PlanError(f"PlannerOptions.{field.name} must be a sequence of whole numbers >= 1, got "
+                                    f"{value!r}")
+                object.__setattr__(self, field.name, tuple(int(item) for item in value))
+            elif field.type == "bool":
+                if not isinstance(value, bool):
+                    raise PlanError(f"PlannerOptions.{field.name} must be True or False, got {value!r}")
+            elif field.type == "int":
+                if not (_is_whole(value) and value >= 0):
+                    raise PlanError(f"PlannerOptions.{field.name} must be a whole number >= 0, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise PlanError(f"PlannerOptions.{field.name} must be a number >= 0 (inf allowed), got {value!r}")
+
+    def changed(self) -> dict[str, Any]:
+        """The options that differ from the defaults (name -> value), in field order."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if getattr(self, field.name) != field.default}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> PlannerOptions:
+        """The defaults with ``values`` (option name -> value, e.g. from a YAML config) in place; an unknown
+        name is a :class:`PlanError` that suggests the closest option."""
+        names = [field.name for field in dataclasses.fields(cls)]
+        for name in values:
+            if name not in names:
+                close = difflib.get_close_matches(str(name), names, n=3)
+                hint = f"did you mean {' or '.join(close)}? " if close else ""
+                raise PlanError(f"PlannerOptions has no option {name!r}; {hint}the options are {', '.join(names)}")
+        return cls(**dict(values))
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 DEFAULT_OPTIONS = PlannerOptions()
