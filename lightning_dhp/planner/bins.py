@@ -15,33 +15,37 @@ import numpy as np
 
 from lightning_dhp.planner.memory import fits_memory
 
+# (samples, degrees) -> each sample's padded length at its degree, and its cost there (None: costs not kept)
+Lookup = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+
 
 class Bins:
-    """Each bin's members, degree, padded tokens and vision patches, each sample's bin and padded length in
-    it, and the memory every change keeps to: a bin of degree ``d`` holds ``d x tokens_per_device`` padded
-    tokens and, under a vision budget, ``d x patch_budget`` vision patches."""
+    """Each bin's members, degree, padded tokens and vision patches, each sample's bin and padded length (and
+    cost, where kept) in it, and the memory every change keeps to: a bin of degree ``d`` holds
+    ``d x tokens_per_device`` padded tokens and, under a vision budget, ``d x patch_budget`` vision patches."""
 
     def __init__(
         self,
         members: list[list[int]],
         degree: np.ndarray,
-        padded: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        lookup: Lookup,
         tokens_per_device: int,
         patches: np.ndarray | None = None,
         patch_budget: int | None = None,
     ) -> None:
-        """``members``: every sample in exactly one bin; ``padded(samples, degrees)``: the padded length of
-        ``samples[i]`` at ``degrees[i]``, in the dtype the token sums keep; ``patches``: each sample's vision
+        """``members``: every sample in exactly one bin; ``lookup(samples, degrees)``: the padded length of
+        ``samples[i]`` at ``degrees[i]``, in the dtype the token sums keep, and its cost there (refinement adds
+        up per-sample costs; None where the caller keeps none); ``patches``: each sample's vision
         patches in the dtype their sums keep (None: not kept); ``patch_budget``: the vision patches per rank
         (None: not checked)."""
         self.members = [list(bin_members) for bin_members in members]
         self.degree = np.asarray(degree, dtype=np.int64).copy()
         self.tokens_per_device, self.patch_budget = tokens_per_device, patch_budget
-        self._padded = padded
+        self._lookup = lookup
         self.owner = np.empty(sum(map(len, self.members)), dtype=np.int64)
         for bin_index, bin_members in enumerate(self.members):
             self.owner[bin_members] = bin_index
-        self.own_padded = padded(np.arange(len(self.owner)), self.degree[self.owner])
+        self.own_padded, self.own_cost = lookup(np.arange(len(self.owner)), self.degree[self.owner])
         self.tokens = np.bincount(self.owner, weights=self.own_padded, minlength=len(self.members)).astype(
             self.own_padded.dtype)
         self.patches = patches
@@ -61,7 +65,10 @@ class Bins:
         self.members[target].append(sample)
         self.owner[sample] = target
         self.tokens[source] -= self.own_padded[sample]
-        self.own_padded[sample] = self._padded(np.array([sample]), self.degree[target])[0]
+        padded, cost = self._lookup(np.array([sample]), self.degree[target])
+        self.own_padded[sample] = padded[0]
+        if self.own_cost is not None:
+            self.own_cost[sample] = cost[0]
         self.tokens[target] += self.own_padded[sample]
         if self.held is not None:
             self.held[source] -= self.patches[sample]
@@ -100,11 +107,13 @@ class Bins:
         return new_bin
 
     def _repad(self, bin_index: int) -> None:
-        """Its members' padded lengths at the bin's degree, and their sum."""
+        """Its members' padded lengths (and costs) at the bin's degree, and their sum."""
         bin_members = self.members[bin_index]
         if not bin_members:
             self.tokens[bin_index] = 0
             return
-        padded = self._padded(np.array(bin_members), self.degree[bin_index])
+        padded, cost = self._lookup(np.array(bin_members), self.degree[bin_index])
         self.own_padded[bin_members] = padded
+        if self.own_cost is not None:
+            self.own_cost[bin_members] = cost
         self.tokens[bin_index] = padded.sum()

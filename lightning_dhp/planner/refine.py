@@ -38,11 +38,6 @@ class _Columns:
         classes = self._classes(degrees)
         return self.costs[classes, samples], self.padded[classes, samples]
 
-    def costs_at(self, samples: np.ndarray, degrees: np.ndarray) -> np.ndarray:
-        """Cost of ``samples[i]`` at ``degrees[i]``."""
-        classes = self._classes(degrees)  # first: it may extend the table
-        return self.costs[classes, samples]
-
     def _classes(self, degrees: np.ndarray) -> np.ndarray:
         """The rows of ``degrees``, computing those not seen yet."""
         classes = self.class_of[degrees]
@@ -63,17 +58,13 @@ class Refiner:
         self.problem = problem
         self._columns = problem.memo.setdefault("refine columns", _Columns(problem))
         budget = problem.patch_budget
-        self._looked_up = np.zeros(0)
-        self.bins = Bins(members, degrees, self._padded_at, problem.tokens_per_device,
+        self.bins = Bins(members, degrees, self._padded_and_cost, problem.tokens_per_device,
                          None if budget is None else problem.patches, budget)
         self.times = times.astype(np.float64).copy()
-        self.own_cost = self._looked_up  # every sample's, at its bin's degree
 
-    def _padded_at(self, samples: np.ndarray, degrees: np.ndarray) -> np.ndarray:
-        """Padded lengths for :class:`Bins`; the costs of the same samples and degrees stay in ``_looked_up``
-        for the refiner's own bookkeeping (one lookup for both)."""
-        self._looked_up, padded = self._columns.at(samples, degrees)
-        return padded
+    def _padded_and_cost(self, samples: np.ndarray, degrees: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cost, padded = self._columns.at(samples, degrees)
+        return padded, cost
 
     def _at_degrees(self, samples: np.ndarray, degrees: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cost and padded length of ``samples[i]`` at ``degrees[i]`` (any broadcastable shapes)."""
@@ -93,7 +84,7 @@ class Refiner:
         options = self.problem.options
         limit = self.times[slowest] * options.refine_improvement
         here = np.array(bins.members[slowest], dtype=np.int64)
-        relieved = self.times[slowest] - self.own_cost[here]
+        relieved = self.times[slowest] - bins.own_cost[here]
         candidates = [
             self._best_move(slowest, here, relieved, alive) if options.refine_move else _NONE,
             self._best_swap(slowest, here, relieved, alive) if options.refine_swap else _NONE,
@@ -135,7 +126,7 @@ class Refiner:
         to_slow_cost, to_slow_padded = self._at_degrees(others, bins.degree[slowest])
         to_other_cost, to_other_padded = self._at_degrees(here[:, None], bins.degree[other_bins][None, :])
         slow_after = relieved[:, None] + to_slow_cost[None, :]
-        other_after = (self.times[other_bins] - self.own_cost[others])[None, :] + to_other_cost
+        other_after = (self.times[other_bins] - bins.own_cost[others])[None, :] + to_other_cost
         slow_tokens = bins.tokens[slowest] - bins.own_padded[here][:, None] + to_slow_padded[None, :]
         other_tokens = (bins.tokens[other_bins] - bins.own_padded[others])[None, :] + to_other_padded
         slow_held = other_held = None
@@ -186,7 +177,6 @@ class Refiner:
             bins.merge(slowest, partner)  # looks up its members at the merged degree
             self.times[partner] = -np.inf
             self.times[slowest] = float(score[partner])
-            self.own_cost[bins.members[slowest]] = self._looked_up
 
         return float(score[partner]), merge
 
@@ -232,17 +222,14 @@ class Refiner:
 
         def split() -> None:
             kept, leaving = here[to_first[:, best]].tolist(), here[~to_first[:, best]].tolist()
-            new_bin = bins.split(slowest, kept, leaving, int(first[best]), int(second[best]))
+            bins.split(slowest, kept, leaving, int(first[best]), int(second[best]))  # looks up both parts
             self.times = np.append(self.times, load_second[best])
             self.times[slowest] = load_first[best]
-            for bin_index, bin_members in ((slowest, kept), (new_bin, leaving)):
-                if bin_members:
-                    self.own_cost[bin_members] = self._columns.costs_at(np.array(bin_members), bins.degree[bin_index])
 
         return float(score[best]), split
 
     def _transfer(self, sample: int, target: int) -> None:
+        left_behind = self.bins.own_cost[sample]
         source = self.bins.move(sample, target)  # looks the sample up at the target's degree
-        self.times[source] -= self.own_cost[sample]
-        self.own_cost[sample] = self._looked_up[0]
-        self.times[target] += self.own_cost[sample]
+        self.times[source] -= left_behind
+        self.times[target] += self.bins.own_cost[sample]
