@@ -1,7 +1,7 @@
 """Run a benchmark's worker mode under another checkout of the code: the harness of the before/after planner
-benchmarks (``planner_compare.py``, ``small_batches.py``), which alternate two checkouts in one session, either
-one fresh process per run (:func:`run_worker`) or two long-lived processes asked in turn (:class:`Worker`), so
-that the two versions alternate every few milliseconds and a shared machine's changes of speed hit both."""
+benchmarks (``planner_compare.py``, ``small_batches.py``), which keep one long-lived process per checkout
+(:class:`Worker`) and ask them in turn, so that the two versions alternate every few milliseconds and a shared
+machine's changes of speed hit both (with a fresh process per run, a swing of up to 1.7x fell on one)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,6 @@ def _environment(checkout: Path) -> dict[str, str]:
     """``lightning_dhp`` (and ``benchmarks``) from ``checkout``; the length metadata stays this checkout's
     (``DHP_DATA_DIR``), wherever ``checkout`` is."""
     return {"DHP_DATA_DIR": str(ROOT.parent / "shared" / "data"), **os.environ, "PYTHONPATH": str(checkout)}
-
-
-def run_worker(checkout: Path, script: str, *args: str) -> Any:
-    """``python script *args`` in a fresh process under ``checkout``; returns the JSON its last line of output
-    prints."""
-    output = subprocess.run([sys.executable, script, *args], env=_environment(checkout), cwd=checkout, check=True,
-                            capture_output=True, text=True).stdout
-    return json.loads(output.splitlines()[-1])
 
 
 class Worker:

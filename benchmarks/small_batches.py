@@ -7,10 +7,12 @@ in order; the longer batches use the dataset's defaults (``sample_fps=0.25, max_
 
 Time: ``--batches`` main-job batches per case, each planned ``--repeats`` times (the fastest process-CPU
 time counts), mean over the batches; the two checkouts alternate ``--alternations`` times (base first,
-then new first, ...), each run a fresh process whose ``PYTHONPATH`` is the checkout; per case the median
-of the per-alternation ratios new / base, with its range. Quality: ``--quality-batches`` main-job and
-longer batches per case, planned once by each checkout: the predicted step new / base per batch (its
-geometric mean, range, and how many are slower or faster) and how many plans changed (digest).
+then new first, ...), each checkout planning in one long-lived process whose ``PYTHONPATH`` is that checkout
+(:class:`checkouts.Worker`: a fresh process per run put a swing of the machine's speed on one checkout only);
+per case the median of the per-alternation ratios new / base, with its range. Quality:
+``--quality-batches`` main-job and longer batches per case, planned once by each checkout: the predicted step
+new / base per batch (its geometric mean, range, and how many are slower or faster) and how many plans changed
+(digest).
 
 Usage: python benchmarks/small_batches.py --base DIR [--new DIR] [--alternations 3] [--repeats 3]
 [--batches 16] [--quality-batches 64] [--json PATH]
@@ -28,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from checkouts import alternation_order, run_worker  # beside this script
+from checkouts import Worker, alternation_order  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_MODEL = ROOT / "benchmarks" / "results" / "cpu_cost_model.json"
@@ -51,14 +53,26 @@ def _cases(batches: list[list[int]], tag: str) -> list[dict]:
             for capacity in CAPACITIES for model in MODELS]
 
 
-def child(path: str, repeats: int) -> None:
-    """Plan every batch of the cases in ``path`` with the ``lightning_dhp`` on ``PYTHONPATH``; print JSON."""
+def serve() -> None:
+    """Answer each line of input, ``{"path": ..., "repeats": ...}``, with one JSON line: every batch of the
+    cases in ``path`` planned with the ``lightning_dhp`` on ``PYTHONPATH`` (:func:`_planned`)."""
     import lightning_dhp
     from lightning_dhp.planner import CostModel, plan_batch
 
-    cases = json.loads(Path(path).read_text())
     models = {"cpu": CostModel.load(CPU_MODEL), "default": CostModel.default()}
     plan_batch([1, 2, 3], 2, 8)  # first-call imports out of the timings
+    print(json.dumps({"package": lightning_dhp.__file__}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        print(json.dumps(_planned(json.loads(Path(request["path"]).read_text()), request["repeats"], models)),
+              flush=True)
+
+
+def _planned(cases: list[dict], repeats: int, models: dict) -> list[dict]:
+    """Per case: the mean over its batches of the fastest of ``repeats`` process-CPU times, each batch's
+    predicted step and digest."""
+    from lightning_dhp.planner import plan_batch
+
     results = []
     for case in cases:
         fastest, predicted, digests = [], [], []
@@ -73,13 +87,11 @@ def child(path: str, repeats: int) -> None:
             digests.append(plan.digest())
         results.append({"name": case["name"], "ms": 1e3 * statistics.fmean(fastest), "predicted": predicted,
                         "digests": digests})
-    print(json.dumps({"package": lightning_dhp.__file__, "cases": results}))
+    return results
 
 
-def _run(checkout: Path, path: str, repeats: int) -> dict:
-    result = run_worker(checkout, __file__, "--child", path, "--repeats", str(repeats))
-    assert result["package"].startswith(str(checkout)), (result["package"], checkout)
-    return {case["name"]: case for case in result["cases"]}
+def _run(worker: Worker, path: str, repeats: int) -> dict:
+    return {case["name"]: case for case in worker.ask({"path": path, "repeats": repeats})}
 
 
 def _quality(base: dict, new: dict) -> dict:
@@ -103,10 +115,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--quality-batches", type=int, default=64)
     parser.add_argument("--json", help="write the results to this path")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(args.child, args.repeats)
+    if args.serve:
+        serve()
         return
     if args.base is None:
         parser.error("--base is required")
@@ -118,10 +130,17 @@ def main() -> None:
         Path(quality_path).write_text(json.dumps(_cases(_batches(MAIN_JOB, args.quality_batches), "main job's")
                                                  + _cases(_batches(LONGER, args.quality_batches), "longer")))
         runs: dict[str, list[dict]] = {"base": [], "new": []}
-        for alternation in range(args.alternations):
-            for which in (("base", "new")[index] for index in alternation_order(alternation)):
-                runs[which].append(_run(checkouts[which], timing_path, args.repeats))
-        planned = {which: _run(checkout, quality_path, 1) for which, checkout in checkouts.items()}
+        with Worker(checkouts["base"], __file__, "--serve") as base, \
+                Worker(checkouts["new"], __file__, "--serve") as new:
+            workers = {"base": base, "new": new}
+            for which, worker in workers.items():
+                assert worker.ready["package"].startswith(str(checkouts[which])), (worker.ready, checkouts[which])
+            for worker in workers.values():  # one untimed pass each: the first plans of a process run cold
+                _run(worker, timing_path, 1)
+            for alternation in range(args.alternations):
+                for which in (("base", "new")[index] for index in alternation_order(alternation)):
+                    runs[which].append(_run(workers[which], timing_path, args.repeats))
+            planned = {which: _run(worker, quality_path, 1) for which, worker in workers.items()}
     timing = {}
     print("| case | base ms | new ms | new / base [range] | new ms / 0.42 s |\n|---|---:|---:|---:|---:|")
     for name in runs["base"][0]:
