@@ -15,8 +15,8 @@ import numpy as np
 
 from lightning_dhp.planner.memory import fits_memory
 
-# (samples, degrees) -> each sample's padded length at its degree, and its cost there (None: costs not kept)
-Lookup = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+# (samples, degrees) -> each sample's cost at its degree (None: costs not kept), and its padded length there
+Lookup = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray | None, np.ndarray]]
 
 
 class Bins:
@@ -33,9 +33,9 @@ class Bins:
         patches: np.ndarray | None = None,
         patch_budget: int | None = None,
     ) -> None:
-        """``members``: every sample in exactly one bin; ``lookup(samples, degrees)``: the padded length of
-        ``samples[i]`` at ``degrees[i]``, in the dtype the token sums keep, and its cost there (refinement adds
-        up per-sample costs; None where the caller keeps none); ``patches``: each sample's vision
+        """``members``: every sample in exactly one bin; ``lookup(samples, degrees)``: the cost of ``samples[i]``
+        at ``degrees[i]`` (refinement adds up per-sample costs; None where the caller keeps none) and its padded
+        length there, in the dtype the token sums keep; ``patches``: each sample's vision
         patches in the dtype their sums keep (None: not kept); ``patch_budget``: the vision patches per rank
         (None: not checked)."""
         self.members = [list(bin_members) for bin_members in members]
@@ -45,7 +45,7 @@ class Bins:
         self.owner = np.empty(sum(map(len, self.members)), dtype=np.int64)
         for bin_index, bin_members in enumerate(self.members):
             self.owner[bin_members] = bin_index
-        self.own_padded, self.own_cost = lookup(np.arange(len(self.owner)), self.degree[self.owner])
+        self.own_cost, self.own_padded = lookup(np.arange(len(self.owner)), self.degree[self.owner])
         self.tokens = np.bincount(self.owner, weights=self.own_padded, minlength=len(self.members)).astype(
             self.own_padded.dtype)
         self.patches = patches
@@ -65,7 +65,7 @@ class Bins:
         self.members[target].append(sample)
         self.owner[sample] = target
         self.tokens[source] -= self.own_padded[sample]
-        padded, cost = self._lookup(np.array([sample]), self.degree[target])
+        cost, padded = self._lookup(np.array([sample]), self.degree[target])
         self.own_padded[sample] = padded[0]
         if self.own_cost is not None:
             self.own_cost[sample] = cost[0]
@@ -112,7 +112,7 @@ class Bins:
         if not bin_members:
             self.tokens[bin_index] = 0
             return
-        padded, cost = self._lookup(np.array(bin_members), self.degree[bin_index])
+        cost, padded = self._lookup(np.array(bin_members), self.degree[bin_index])
         self.own_padded[bin_members] = padded
         if self.own_cost is not None:
             self.own_cost[bin_members] = cost

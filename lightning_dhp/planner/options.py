@@ -162,7 +162,6 @@ class PlannerOptions:
     sizing_entries: int = 1 << 21
     """... fewer when points x degree-table entries would exceed this (bounds the search's memory)."""
 
-
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)

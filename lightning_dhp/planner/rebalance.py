@@ -134,9 +134,9 @@ class _Groups:
             self._update_round(round_index)
         self.min_gain = options.rebalance_min_gain * float(self.makespan.sum())
 
-    def _padded_at(self, samples: np.ndarray, degrees: np.ndarray) -> tuple[np.ndarray, None]:
-        """For :class:`Bins`: the padded lengths; groups are timed from their sums, not per-sample costs."""
-        return self.padded[samples, np.searchsorted(self.degrees, degrees)], None
+    def _padded_at(self, samples: np.ndarray, degrees: np.ndarray) -> tuple[None, np.ndarray]:
+        """For :class:`Bins`: no per-sample costs (groups are timed from their sums), the padded lengths."""
+        return None, self.padded[samples, np.searchsorted(self.degrees, degrees)]
 
     def times(
         self, sums: np.ndarray, squares: np.ndarray, groups: np.ndarray | int | slice, patches: np.ndarray | None = None

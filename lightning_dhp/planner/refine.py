@@ -58,13 +58,9 @@ class Refiner:
         self.problem = problem
         self._columns = problem.memo.setdefault("refine columns", _Columns(problem))
         budget = problem.patch_budget
-        self.bins = Bins(members, degrees, self._padded_and_cost, problem.tokens_per_device,
+        self.bins = Bins(members, degrees, self._columns.at, problem.tokens_per_device,
                          None if budget is None else problem.patches, budget)
         self.times = times.astype(np.float64).copy()
-
-    def _padded_and_cost(self, samples: np.ndarray, degrees: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        cost, padded = self._columns.at(samples, degrees)
-        return padded, cost
 
     def _at_degrees(self, samples: np.ndarray, degrees: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cost and padded length of ``samples[i]`` at ``degrees[i]`` (any broadcastable shapes)."""
